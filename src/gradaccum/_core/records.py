@@ -1,0 +1,36 @@
+"""The per-step record that every backend emits, ready to log as a dict."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class StepRecord:
+    """What happened in one completed window.
+
+    Attributes:
+      step: index of this window (0-based), counting skipped windows too.
+      items: items (samples or tokens) the applied gradient averages over.
+      micro_batches: micro-batches in the window (on this process).
+      skipped: True when the optimizer step was skipped (GradScaler found inf/nan,
+        or the non-finite policy dropped the window).
+      reason: why the window closed: "rule", "flush", or "nonfinite".
+      grad_norm: total norm of the mean gradient before clipping, when clipping is on.
+      lr: learning rate of each parameter group used for this step.
+      info: the stopping rule's info (for example the statistic it tested).
+    """
+
+    step: int
+    items: int
+    micro_batches: int
+    skipped: bool
+    reason: str
+    grad_norm: float | None = None
+    lr: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON-serialisable) of this record."""
+        return asdict(self)

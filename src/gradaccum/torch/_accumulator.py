@@ -1,0 +1,304 @@
+"""The PyTorch Accumulator: exact gradient accumulation with pluggable stopping rules."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from .._core import Decision, StepRecord, StoppingRule, WindowView, check_rule
+from .._core.validation import check_choice, check_positive_float
+from ._checks import check_count, check_loss, tracked_parameters
+from ._distributed import all_reduce_sums, disable_ddp_sync, is_ddp
+
+NonFinitePolicy = Literal["raise", "skip_micro_batch", "skip_window"]
+_POLICIES: tuple[str, ...] = ("raise", "skip_micro_batch", "skip_window")
+_STATE_VERSION = 1
+
+
+class NonFiniteError(FloatingPointError):
+    """A micro-batch produced a NaN or Inf loss or gradient (policy ``"raise"``)."""
+
+
+class Accumulator:
+    """Accumulate micro-batch gradients into windows whose step sees the exact mean gradient.
+
+    Each ``backward(loss, count)`` adds the gradient of ``loss * count`` (the *sum* of
+    the micro-batch's per-item losses) to a window sum. When the stopping rule closes
+    the window, the sum is divided by the window's total item count, so the optimizer
+    sees the gradient of the mean loss over every item of the window, whatever the
+    micro-batch sizes or token counts (DESIGN.md section 1).
+
+    Args:
+      model: the module being trained (plain or DistributedDataParallel).
+      optimizer: an optimizer that owns every trainable parameter of ``model``.
+      rule: a stopping rule, for example ``gradaccum.FixedSteps(4)``.
+      scheduler: optional LR scheduler, stepped once per optimizer step that happened.
+      scaler: optional ``torch.amp.GradScaler``; the window is unscaled once, and a window
+        whose gradient has inf/nan is skipped with the scheduler step, as in one big batch.
+      clip_grad_norm: optional max total norm, applied to the window's mean gradient.
+      nonfinite: what a NaN/Inf loss or gradient of a micro-batch does: ``"raise"``
+        (default, NonFiniteError), ``"skip_micro_batch"`` (drop its items and gradient),
+        or ``"skip_window"`` (no optimizer step for the window it fell in). The
+        accumulated window is never touched by the bad micro-batch. With a scaler,
+        non-finite *gradients* are the scaler's business (the window is skipped and the
+        scale reduced); non-finite losses still follow this policy.
+      keep_history: keep a ``StepRecord`` for every window in ``history``.
+
+    Under DistributedDataParallel the Accumulator owns gradient synchronisation: DDP's
+    per-backward all-reduce is switched off and the window's gradient sums and item
+    counts are all-reduced once, when the window closes, so the step equals a single
+    process run over the union of all ranks' micro-batches. Every rank must call
+    ``backward`` the same number of times per window, and ``flush`` together.
+
+    Memory: the window sum is kept apart from ``param.grad`` (one extra gradient-sized
+    buffer), so that a bad micro-batch can be dropped without touching the sum.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        rule: StoppingRule,
+        *,
+        scheduler: Any | None = None,
+        scaler: Any | None = None,
+        clip_grad_norm: float | None = None,
+        nonfinite: NonFinitePolicy = "raise",
+        keep_history: bool = True,
+    ) -> None:
+        self._params = tracked_parameters(model, optimizer)
+        self.model = model
+        self.optimizer = optimizer
+        self.rule = check_rule(rule)
+        if scheduler is not None and not callable(getattr(scheduler, "step", None)):
+            raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
+        self.scheduler = scheduler
+        if scaler is not None and not all(
+            callable(getattr(scaler, m, None)) for m in ("scale", "unscale_", "step", "update")
+        ):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler
+        self.clip_grad_norm = None if clip_grad_norm is None else check_positive_float("clip_grad_norm", clip_grad_norm)
+        self.nonfinite = check_choice("nonfinite", nonfinite, _POLICIES)
+        self.keep_history = bool(keep_history)
+        self._ddp = is_ddp(model)
+        if self._ddp:
+            disable_ddp_sync(model)  # type: ignore[arg-type]
+        self.history: list[StepRecord] = []
+        self.last_record: StepRecord | None = None
+        self._steps = 0
+        self._reset_window()
+
+    # ------------------------------------------------------------------ window state
+    def _reset_window(self) -> None:
+        self._sums: list[torch.Tensor | None] = [None] * len(self._params)
+        self._micro_batches = 0
+        self._items = 0
+        self._poisoned = False
+
+    @property
+    def window_items(self) -> int:
+        """Items accumulated in the open window (on this process)."""
+        return self._items
+
+    @property
+    def window_micro_batches(self) -> int:
+        """Micro-batches received in the open window, skipped ones included."""
+        return self._micro_batches
+
+    @property
+    def steps(self) -> int:
+        """Windows closed so far, skipped ones included."""
+        return self._steps
+
+    # ------------------------------------------------------------------ public API
+    def backward(self, loss: torch.Tensor, count: Any, *, reduction: Literal["mean", "sum"] = "mean") -> bool:
+        """Add one micro-batch and step when the rule closes the window.
+
+        Args:
+          loss: the micro-batch loss, a scalar: the *mean* over its ``count`` items
+            (``reduction="mean"``, as ``nn.CrossEntropyLoss()`` returns) or their sum.
+          count: the number of items the loss is over: samples, or tokens that count
+            (for example ``(labels != ignore_index).sum()``).
+          reduction: how ``loss`` was reduced over the items.
+
+        Returns:
+          True when this call completed a window and the optimizer stepped.
+        """
+        count = check_count(count)
+        loss = check_loss(loss)
+        check_choice("reduction", reduction, ("mean", "sum"))
+        self._check_no_stray_grads()
+        self._micro_batches += 1
+        if self._poisoned:
+            pass  # the window will be skipped; its remaining micro-batches need no backward
+        elif not bool(torch.isfinite(loss.detach()).all()):
+            self._on_nonfinite("loss", count)
+        else:
+            total = loss * count if reduction == "mean" else loss
+            if self.scaler is not None:
+                total = self.scaler.scale(total)
+            total.backward()
+            grads = [p.grad for p in self._params]
+            if self.scaler is None and not _all_finite(grads):
+                self._on_nonfinite("gradient", count)
+            else:
+                self._add_to_window(grads)
+                self._items += count
+        decision = self.rule.decide(WindowView(self._micro_batches, self._items, None))
+        if decision.stop:
+            return self._close_window("rule", decision)
+        return False
+
+    def flush(self, *, drop: bool = False) -> bool:
+        """Close a partial window at the end of the data.
+
+        With ``drop=False`` (default) the partial window is applied, averaged over the
+        items it really holds. With ``drop=True`` it is discarded, as a dataloader's
+        ``drop_last`` would. Returns True when the optimizer stepped.
+        """
+        if self._micro_batches == 0:
+            return False
+        if drop:
+            self._clear_grads()
+            self._reset_window()
+            return False
+        return self._close_window("flush", Decision(True, {}))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The open window (gradient sums, counts) and counters, for a mid-window checkpoint.
+
+        Save it with the model, optimizer, scheduler and scaler state dicts; after
+        ``load_state_dict`` in a fresh process the run continues bitwise identically.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "sums": [None if s is None else s.detach().clone() for s in self._sums],
+            "shapes": [tuple(p.shape) for p in self._params],
+            "micro_batches": self._micro_batches,
+            "items": self._items,
+            "poisoned": self._poisoned,
+            "steps": self._steps,
+            "history": [r.as_dict() for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` saved; checks it fits the tracked parameters first."""
+        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state must be a dict saved by Accumulator.state_dict() (version {_STATE_VERSION})")
+        sums = state["sums"]
+        if len(sums) != len(self._params):
+            raise ValueError(f"state holds {len(sums)} gradient sums but the optimizer tracks {len(self._params)} parameters")
+        restored: list[torch.Tensor | None] = []
+        for i, (s, p) in enumerate(zip(sums, self._params)):
+            if s is not None and tuple(s.shape) != tuple(p.shape):
+                raise ValueError(f"state gradient sum {i} has shape {tuple(s.shape)}, parameter has {tuple(p.shape)}")
+            restored.append(None if s is None else s.detach().to(device=p.device, dtype=p.dtype).clone())
+        self._sums = restored
+        self._micro_batches = int(state["micro_batches"])
+        self._items = int(state["items"])
+        self._poisoned = bool(state["poisoned"])
+        self._steps = int(state["steps"])
+        self.history = [StepRecord(**r) for r in state["history"]]
+        self.last_record = self.history[-1] if self.history else None
+
+    # ------------------------------------------------------------------ internals
+    def _check_no_stray_grads(self) -> None:
+        for p in self._params:
+            if p.grad is not None:
+                raise RuntimeError(
+                    "a parameter already has a .grad before Accumulator.backward(): run backward only "
+                    "through the Accumulator (a stray loss.backward() would leak into the window)"
+                )
+
+    def _clear_grads(self) -> None:
+        for p in self._params:
+            p.grad = None
+
+    def _add_to_window(self, grads: list[torch.Tensor | None]) -> None:
+        adds_to: list[torch.Tensor] = []
+        added: list[torch.Tensor] = []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if self._sums[i] is None:
+                self._sums[i] = g  # the first gradient of a window becomes its sum: no copy
+            else:
+                adds_to.append(self._sums[i])  # type: ignore[arg-type]
+                added.append(g)
+        if adds_to:
+            torch._foreach_add_(adds_to, added)
+        self._clear_grads()
+
+    def _on_nonfinite(self, what: str, count: int) -> None:
+        self._clear_grads()
+        if self.nonfinite == "raise":
+            self._micro_batches -= 1
+            raise NonFiniteError(
+                f"non-finite {what} in micro-batch of {count} items (window {self._steps}, "
+                f"micro-batch {self._micro_batches + 1}); the accumulated window is unchanged. "
+                "Pass nonfinite='skip_micro_batch' or 'skip_window' to go on instead."
+            )
+        if self.nonfinite == "skip_window":
+            self._poisoned = True
+        # skip_micro_batch: the micro-batch counts toward the window's length, its items don't
+
+    def _close_window(self, reason: str, decision: Decision) -> bool:
+        items, poisoned = self._items, self._poisoned
+        if self._ddp:
+            items, poisoned = self._all_reduce_window()
+        skipped = poisoned or items == 0
+        grad_norm: float | None = None
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        if not skipped:
+            for p, s in zip(self._params, self._sums):
+                p.grad = None if s is None else s.div_(items)
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if self.clip_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm))
+            if self.scaler is not None:
+                skipped = not _all_finite([p.grad for p in self._params])
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            if not skipped and self.scheduler is not None:
+                self.scheduler.step()
+        self._clear_grads()
+        record = StepRecord(
+            step=self._steps,
+            items=items,
+            micro_batches=self._micro_batches,
+            skipped=skipped,
+            reason="nonfinite" if poisoned else reason,
+            grad_norm=grad_norm,
+            lr=lrs,
+            info=dict(decision.info),
+        )
+        self.last_record = record
+        if self.keep_history:
+            self.history.append(record)
+        self._steps += 1
+        self._reset_window()
+        return not skipped
+
+    def _all_reduce_window(self) -> tuple[int, bool]:
+        group = getattr(self.model, "process_group", None)
+        sums = [torch.zeros_like(p) if s is None else s for p, s in zip(self._params, self._sums)]
+        counts = torch.tensor([self._items, int(self._poisoned)], dtype=torch.int64, device=sums[0].device)
+        all_reduce_sums(sums, group)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+        self._sums = list(sums)
+        return int(counts[0]), bool(counts[1] > 0)
+
+
+def _all_finite(grads: list[torch.Tensor | None]) -> bool:
+    present = [g for g in grads if g is not None]
+    if not present:
+        return True
+    norms = torch._foreach_norm(present, ord=math.inf)
+    return bool(torch.isfinite(torch.stack(norms)).all())

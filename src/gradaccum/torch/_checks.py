@@ -1,0 +1,80 @@
+"""Checks of the PyTorch objects users hand to the Accumulator."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import torch
+
+
+def check_count(count: Any) -> int:
+    """Return the item count of a micro-batch as an int >= 1.
+
+    Accepts a Python or NumPy integer or an integer 0-d tensor (for example
+    ``(labels != -100).sum()``).
+    """
+    if isinstance(count, torch.Tensor):
+        if count.numel() != 1 or count.is_floating_point() or count.is_complex() or count.dtype == torch.bool:
+            raise TypeError(
+                f"count must be a positive int or a one-element integer tensor, got a tensor of shape "
+                f"{tuple(count.shape)} and dtype {count.dtype}"
+            )
+        count = int(count.item())
+    elif isinstance(count, bool) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count must be a positive int (items in this micro-batch), got {count!r}")
+    if count < 1:
+        raise ValueError(
+            f"count must be a positive int (items in this micro-batch), got {count}; "
+            "a micro-batch with no items (for example every label ignored) has no loss to average"
+        )
+    return int(count)
+
+
+def check_loss(loss: Any) -> torch.Tensor:
+    """Return ``loss`` if it is a one-element tensor that autograd can differentiate."""
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError(
+            f"loss must be a scalar (the mean loss of the micro-batch), got shape {tuple(loss.shape)}; "
+            "reduce it with .mean() (or .sum() and reduction='sum')"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss does not require grad: it was computed under torch.no_grad(), detached, "
+            "or from a model with no trainable parameters"
+        )
+    if not loss.is_floating_point():
+        raise TypeError(f"loss must be a floating-point tensor, got dtype {loss.dtype}")
+    return loss
+
+
+def tracked_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """The parameters whose gradients the Accumulator manages, in optimizer order.
+
+    Every trainable parameter of ``model`` must belong to ``optimizer``: otherwise it
+    would receive gradients that no step ever consumes (typically an optimizer built
+    for another instance of the model).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    params: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"optimizer does not own the model's trainable parameters ({len(missing)} missing: {shown}); "
+            "build the optimizer from this model's parameters, or set requires_grad=False on frozen ones"
+        )
+    if not params:
+        raise ValueError("optimizer has no trainable parameters (all have requires_grad=False)")
+    return params
