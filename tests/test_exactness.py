@@ -15,7 +15,17 @@ from hypothesis import strategies as st
 from gradaccum import FixedSteps
 from gradaccum.torch import Accumulator
 
-from .reference import GradCapture, ce_mean, classification, full_batch_grad, mlp, split, take, tokens, TinySeqModel
+from .reference import (
+    GradCapture,
+    TinySeqModel,
+    ce_mean,
+    classification,
+    full_batch_grad,
+    mlp,
+    split,
+    take,
+    tokens,
+)
 
 
 def assert_grads_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float = 1e-10) -> None:

@@ -1,0 +1,70 @@
+"""DDP with 2 gloo processes on loopback equals one process over the union of the data.
+
+The ranks see different micro-batch sizes, so DDP's plain average over ranks would
+not be the mean over items; gradients are reduced once per window, never on the
+other micro-steps (DeepSpeed #2252, Transformers PR #34645).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from . import _ddp_worker as worker
+from .reference import full_batch_grad, mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def windows_of(sizes: list[int], k: int) -> list[slice]:
+    out, start = [], 0
+    for w in range(0, len(sizes), k):
+        n = sum(sizes[w:w + k])
+        out.append(slice(start, start + n))
+        start += n
+    return out
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(port), str(tmp_path)],
+                              cwd=ROOT) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    # single-process reference: window w = rank 0's window w + rank 1's window w
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [worker.rank_data(r) for r in range(2)]
+    wins = [windows_of(worker.SIZES[r], worker.K) for r in range(2)]
+    assert len(wins[0]) == len(wins[1]) == 3
+    for w in range(3):
+        x = torch.cat([data[r].x[wins[r][w]] for r in range(2)])
+        y = torch.cat([data[r].y[wins[r][w]] for r in range(2)])
+        window = type(data[0])(x, y)
+        want = full_batch_grad(model, window)
+        for r in range(2):
+            for got, g in zip(ranks[r]["seen"][w], want):
+                torch.testing.assert_close(got, g, rtol=1e-10, atol=1e-10)
+        assert ranks[0]["items"][w] == len(y)
+        opt.zero_grad()
+        for p, g in zip(model.parameters(), want):
+            p.grad = g
+        opt.step()
+    for r in range(2):
+        for got, p in zip(ranks[r]["params"], model.parameters()):
+            torch.testing.assert_close(got, p.detach(), rtol=1e-10, atol=1e-10)
+        # all-reduces only when a window closes (micro 2, 5, and the flush), none from DDP's reducer
+        assert sorted(set(ranks[r]["calls"])) == [2, 5, 8]
+        assert ranks[r]["ddp_hook_calls"] == 0
