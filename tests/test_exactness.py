@@ -8,6 +8,7 @@ uneven-split and ignore_index cases; dividing a short last window by k (Lightnin
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -53,9 +54,9 @@ def _composition(n: int, cuts: list[bool]) -> list[int]:
     return sizes
 
 
-def run_one_window(model, data, sizes) -> list[torch.Tensor]:
+def run_one_window(model, data, sizes, nonfinite: str = "raise") -> list[torch.Tensor]:
     opt = GradCapture(model.parameters())
-    acc = Accumulator(model, opt, FixedSteps(len(sizes)))
+    acc = Accumulator(model, opt, FixedSteps(len(sizes)), nonfinite=nonfinite)
     stepped = []
     for sl in split(len(data), sizes):
         loss, count = ce_mean(model, take(data, sl))
@@ -74,12 +75,14 @@ def test_mlp_any_split_equals_full_batch(sizes: list[int]) -> None:
     assert_grads_close(run_one_window(model, data, sizes), want)
 
 
-def test_mlp_named_splits() -> None:
+@pytest.mark.parametrize("nonfinite", ["raise", "skip_micro_batch", "skip_window"])
+def test_mlp_named_splits(nonfinite: str) -> None:
+    """Every policy (buffered window sums, or in place in .grad for skip_window) is exact."""
     data = classification(12)
     for sizes in ([1] * 12, [12], [5, 1, 6], [11, 1], [3, 3, 3, 3]):
         model = mlp()
         want = full_batch_grad(model, data)
-        assert_grads_close(run_one_window(model, data, sizes), want)
+        assert_grads_close(run_one_window(model, data, sizes, nonfinite), want)
 
 
 @settings(max_examples=15, deadline=None)
@@ -171,4 +174,23 @@ def test_count_accepts_integer_tensor() -> None:
         part = take(data, sl)
         loss, _ = ce_mean(model, part)
         acc.backward(loss, (part.labels != -100).sum())
+    assert_grads_close(opt.seen[0], want)
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip_window"])
+def test_state_dict_round_trip_mid_window(nonfinite: str) -> None:
+    data = classification(12)
+    model = mlp()
+    want = full_batch_grad(model, data)
+    acc = Accumulator(model, GradCapture(model.parameters()), FixedSteps(3), nonfinite=nonfinite)
+    acc.backward(*ce_mean(model, take(data, slice(0, 5))))
+    state = acc.state_dict()
+    fresh = mlp()
+    fresh.load_state_dict(model.state_dict())
+    opt = GradCapture(fresh.parameters())
+    acc2 = Accumulator(fresh, opt, FixedSteps(3), nonfinite=nonfinite)
+    acc2.load_state_dict(state)
+    assert acc2.window_items == 5 and acc2.window_micro_batches == 1
+    for sl in (slice(5, 9), slice(9, 12)):
+        acc2.backward(*ce_mean(fresh, take(data, sl)))
     assert_grads_close(opt.seen[0], want)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
@@ -84,6 +83,10 @@ class Accumulator:
         self.clip_grad_norm = None if clip_grad_norm is None else check_positive_float("clip_grad_norm", clip_grad_norm)
         self.nonfinite = check_choice("nonfinite", nonfinite, _POLICIES)
         self.keep_history = bool(keep_history)
+        # Only "skip_window" may let autograd accumulate straight into .grad (the hand-written
+        # loop's way, the fastest): the other policies must be able to drop one micro-batch,
+        # so they keep the window sum in a buffer of its own.
+        self._in_place = self.nonfinite == "skip_window"
         self._ddp = is_ddp(model)
         if self._ddp:
             disable_ddp_sync(model)  # type: ignore[arg-type]
@@ -131,11 +134,11 @@ class Accumulator:
         count = check_count(count)
         loss = check_loss(loss)
         check_choice("reduction", reduction, ("mean", "sum"))
-        self._check_no_stray_grads()
+        self._check_grads_untouched()
         self._micro_batches += 1
         if self._poisoned:
             pass  # the window will be skipped; its remaining micro-batches need no backward
-        elif not bool(torch.isfinite(loss.detach()).all()):
+        elif (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
             self._on_nonfinite("loss", count)
         else:
             total = loss * count if reduction == "mean" else loss
@@ -143,8 +146,12 @@ class Accumulator:
                 total = self.scaler.scale(total)
             total.backward()
             grads = [p.grad for p in self._params]
-            if self.scaler is None and not _all_finite(grads):
-                self._on_nonfinite("gradient", count)
+            if self._in_place:
+                self._sums = grads
+            # With a scaler, non-finite gradients are overflow: the scaler skips the window. In
+            # place, the window sum is checked once when it closes (a bad micro-batch dooms it).
+            if self.scaler is None and not self._in_place and not _all_finite([loss.detach(), *grads]):
+                self._on_nonfinite("loss or gradient", count)
             else:
                 self._add_to_window(grads)
                 self._items += count
@@ -204,13 +211,16 @@ class Accumulator:
         self._steps = int(state["steps"])
         self.history = [StepRecord(**r) for r in state["history"]]
         self.last_record = self.history[-1] if self.history else None
+        if self._in_place:
+            for p, window_sum in zip(self._params, self._sums):
+                p.grad = window_sum
 
     # ------------------------------------------------------------------ internals
-    def _check_no_stray_grads(self) -> None:
-        for p in self._params:
-            if p.grad is not None:
+    def _check_grads_untouched(self) -> None:
+        for p, window_sum in zip(self._params, self._sums):
+            if p.grad is not None and not (self._in_place and p.grad is window_sum):
                 raise RuntimeError(
-                    "a parameter already has a .grad before Accumulator.backward(): run backward only "
+                    "a parameter has a .grad that the Accumulator did not put there: run backward only "
                     "through the Accumulator (a stray loss.backward() would leak into the window)"
                 )
 
@@ -219,6 +229,8 @@ class Accumulator:
             p.grad = None
 
     def _add_to_window(self, grads: list[torch.Tensor | None]) -> None:
+        if self._in_place:
+            return  # autograd accumulated into the window sums, which .grad holds
         adds_to: list[torch.Tensor] = []
         added: list[torch.Tensor] = []
         for i, g in enumerate(grads):
@@ -234,6 +246,9 @@ class Accumulator:
         self._clear_grads()
 
     def _on_nonfinite(self, what: str, count: int) -> None:
+        if self.nonfinite == "skip_window":
+            self._poisoned = True  # the whole window is dropped, so in-place sums may be poisoned
+            return
         self._clear_grads()
         if self.nonfinite == "raise":
             self._micro_batches -= 1
@@ -242,14 +257,14 @@ class Accumulator:
                 f"micro-batch {self._micro_batches + 1}); the accumulated window is unchanged. "
                 "Pass nonfinite='skip_micro_batch' or 'skip_window' to go on instead."
             )
-        if self.nonfinite == "skip_window":
-            self._poisoned = True
         # skip_micro_batch: the micro-batch counts toward the window's length, its items don't
 
     def _close_window(self, reason: str, decision: Decision) -> bool:
         items, poisoned = self._items, self._poisoned
         if self._ddp:
             items, poisoned = self._all_reduce_window()
+        if self._in_place and self.scaler is None and not poisoned:
+            poisoned = not _all_finite(self._sums)
         skipped = poisoned or items == 0
         grad_norm: float | None = None
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -297,8 +312,15 @@ class Accumulator:
 
 
 def _all_finite(grads: list[torch.Tensor | None]) -> bool:
+    """Whether every element of every gradient is finite, in one synchronisation.
+
+    A tensor's sum is NaN or Inf whenever one of its elements is, and summing is a fast,
+    vectorised read; only when a sum is not finite (which a sum of huge finite values
+    can also cause) do the exact, slower per-element checks run.
+    """
     present = [g for g in grads if g is not None]
     if not present:
         return True
-    norms = torch._foreach_norm(present, ord=math.inf)
-    return bool(torch.isfinite(torch.stack(norms)).all())
+    if bool(torch.isfinite(torch.stack([g.sum() for g in present])).all()):
+        return True
+    return all(bool(torch.isfinite(g).all()) for g in present)

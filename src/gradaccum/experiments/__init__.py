@@ -1,0 +1,1 @@
+"""Experiments and demos built on the library; the CLI runs them."""
