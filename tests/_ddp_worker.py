@@ -1,6 +1,6 @@
 """One rank of the DDP test (tests/test_ddp.py): gloo on loopback, float64.
 
-Usage: python -m tests._ddp_worker RANK WORLD PORT OUT_DIR
+Usage: python -m tests._ddp_worker RANK WORLD PORT OUT_DIR NONFINITE_POLICY
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ def rank_data(rank: int):
     return classification(sum(SIZES[rank]), seed=10 + rank)
 
 
-def main(rank: int, world: int, port: int, out: Path) -> None:
+def main(rank: int, world: int, port: int, out: Path, nonfinite: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     model = DistributedDataParallel(mlp())
     opt = GradCapture(model.parameters())
-    acc = Accumulator(model, opt, FixedSteps(K))
+    acc = Accumulator(model, opt, FixedSteps(K), nonfinite=nonfinite)
 
     calls: list[int] = []
     current = {"micro": -1}
@@ -71,4 +71,4 @@ def main(rank: int, world: int, port: int, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5])

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from . import _ddp_worker as worker
@@ -35,10 +36,11 @@ def windows_of(sizes: list[int], k: int) -> list[slice]:
     return out
 
 
-def test_two_gloo_ranks_equal_one_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("nonfinite", ["raise", "skip_window"])  # buffered and in-place window sums
+def test_two_gloo_ranks_equal_one_process(tmp_path: Path, nonfinite: str) -> None:
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(port), str(tmp_path)],
-                              cwd=ROOT) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(port), str(tmp_path),
+                               nonfinite], cwd=ROOT) for r in range(2)]
     for p in procs:
         assert p.wait(timeout=300) == 0
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -5,12 +5,14 @@ the backends live in ``gradaccum.torch`` (and, later, ``gradaccum.jax``) so that
 importing ``gradaccum`` imports neither framework.
 """
 
+from ._core import GSNR as GSNR
 from ._core import Decision as Decision
 from ._core import FixedSteps as FixedSteps
+from ._core import NormTest as NormTest
 from ._core import StepRecord as StepRecord
 from ._core import StoppingRule as StoppingRule
 from ._core import WindowView as WindowView
 
 __version__ = "0.1.0"
 
-__all__ = ["Decision", "FixedSteps", "StepRecord", "StoppingRule", "WindowView", "__version__"]
+__all__ = ["GSNR", "Decision", "FixedSteps", "NormTest", "StepRecord", "StoppingRule", "WindowView", "__version__"]

@@ -3,9 +3,14 @@
 Nothing here imports torch or jax; both backends build on it.
 """
 
+from .moments import Moments as Moments
+from .moments import merge as merge_moments
+from .moments import moments_from_sums as moments_from_sums
 from .records import StepRecord as StepRecord
+from .rules import GSNR as GSNR
 from .rules import Decision as Decision
 from .rules import FixedSteps as FixedSteps
+from .rules import NormTest as NormTest
 from .rules import StoppingRule as StoppingRule
 from .rules import WindowView as WindowView
 from .rules import check_rule as check_rule

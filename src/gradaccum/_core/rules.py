@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Protocol, runtime_checkable
 
-from .validation import check_positive_int
+from .statistics import mean_gsnr, norm_test_terms
+from .validation import check_choice, check_positive_float, check_positive_int
 
 
 class WindowView(NamedTuple):
@@ -81,3 +82,93 @@ def check_rule(rule: Any) -> StoppingRule:
             f"`decide(window)` method (for example gradaccum.FixedSteps(4)), got {rule!r}"
         )
     return rule
+
+
+_SCALES = ("sample", "mean")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _SampleRule:
+    """Shared fields of rules that add ``increment`` samples until a test passes or the cap."""
+
+    increment: int = 32
+    max_samples: int = 512
+    min_samples: int | None = None
+
+    def _check_sizes(self) -> None:
+        check_positive_int("increment", self.increment)
+        check_positive_int("max_samples", self.max_samples)
+        if self.increment > self.max_samples:
+            raise ValueError(f"increment ({self.increment}) must be <= max_samples ({self.max_samples})")
+        if self.min_samples is not None:
+            check_positive_int("min_samples", self.min_samples)
+            if self.min_samples > self.max_samples:
+                raise ValueError(f"min_samples ({self.min_samples}) must be <= max_samples ({self.max_samples})")
+
+    def _bounds(self, window: WindowView) -> tuple[int, bool | None]:
+        """The window's sample count, and a forced decision (cap / too few) or None."""
+        stats = window.statistics
+        if stats is None:
+            raise ValueError(f"{type(self).__name__} needs per-sample statistics in window.statistics")
+        n = stats[0].n
+        if n >= self.max_samples:
+            return n, True
+        if n < max(2, self.min_samples or 0):
+            return n, False
+        return n, None
+
+
+@dataclass(frozen=True)
+class GSNR(_SampleRule):
+    """GSNR-adaptive accumulation (GAGA): stop when the mean gradient SNR exceeds ``tau``.
+
+    ``scale="sample"`` tests the per-sample GSNR ``mean_j mu_j^2 / var_j`` (the original
+    GAGA, tau = 0.0984 in the reference experiment); it tends to the true value plus
+    1/n, so a fixed tau tends to stop at the first increment or run to the cap.
+    ``scale="mean"`` tests ``n mu_j^2 / var_j``, the SNR of the accumulated mean
+    gradient, whose no-signal floor is about 1: useful tau are > 1. Elements with zero
+    variance are left out of the mean (see ``statistics.mean_gsnr``). The window always
+    closes at ``max_samples``.
+    """
+
+    tau: float
+    scale: str = field(default="sample", kw_only=True)
+    needs_statistics: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        check_positive_float("tau", self.tau)
+        check_choice("scale", self.scale, _SCALES)
+        self._check_sizes()
+
+    def decide(self, window: WindowView) -> Decision:
+        n, forced = self._bounds(window)
+        if n < 2:
+            return Decision(bool(forced), {"samples": n, "gsnr": float("nan"), "capped": bool(forced)})
+        g = mean_gsnr(window.statistics, self.scale)
+        stop = g.value > self.tau if forced is None else forced
+        return Decision(stop, {"samples": n, "gsnr": g.value, "capped": n >= self.max_samples,
+                               "zero_variance_elements": g.skipped})
+
+
+@dataclass(frozen=True)
+class NormTest(_SampleRule):
+    """The norm test (Byrd et al. 2012; De et al. 2017): stop when
+    ``sum_j var_j / n <= theta^2 * |mu|^2``, i.e. once n exceeds the gradient noise
+    scale ``B_simple / theta^2`` (McCandlish et al. 2018)."""
+
+    theta: float
+    needs_statistics: bool = field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        check_positive_float("theta", self.theta)
+        self._check_sizes()
+
+    def decide(self, window: WindowView) -> Decision:
+        n, forced = self._bounds(window)
+        if n < 2:
+            return Decision(bool(forced), {"samples": n, "norm_test": float("nan"), "capped": bool(forced)})
+        terms = norm_test_terms(window.statistics)
+        bound = self.theta**2 * terms.squared_norm
+        ratio = terms.variance_of_mean / bound if bound > 0 else float("inf")
+        stop = ratio <= 1.0 if forced is None else forced
+        return Decision(stop, {"samples": n, "norm_test": ratio, "capped": n >= self.max_samples})
