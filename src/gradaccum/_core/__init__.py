@@ -4,7 +4,7 @@ Nothing here imports torch or jax; both backends build on it.
 """
 
 from .moments import Moments as Moments
-from .moments import merge as merge_moments
+from .moments import merge as merge
 from .moments import moments_from_sums as moments_from_sums
 from .records import StepRecord as StepRecord
 from .rules import GSNR as GSNR
