@@ -3,5 +3,6 @@
 from ._accumulator import Accumulator as Accumulator
 from ._accumulator import NonFiniteError as NonFiniteError
 from ._accumulator import NonFinitePolicy as NonFinitePolicy
+from ._stats import PerSampleGradStats as PerSampleGradStats
 
-__all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy"]
+__all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy", "PerSampleGradStats"]

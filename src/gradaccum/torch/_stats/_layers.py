@@ -1,0 +1,141 @@
+"""Per-layer statistics: Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm.
+
+Notation: X is a layer's input, D the gradient of the *sum* of per-sample losses with
+respect to its output, both with the batch on dim 0. Every function is exact; the
+tests compare each against a loop over samples in float64 (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import Grads, LayerStats, register
+
+
+def _with_bias(module: nn.Module, grads: Grads, bias: torch.Tensor) -> Grads:
+    if getattr(module, "bias", None) is not None and module.bias.requires_grad:
+        grads["bias"] = bias
+    return grads
+
+
+def _own(module: nn.Module, grads: Grads) -> Grads:
+    """Keep only the parameters that train."""
+    return {k: v for k, v in grads.items() if getattr(module, k).requires_grad}
+
+
+# ---------------------------------------------------------------- Linear
+def _linear_per_sample(module: nn.Linear, args: tuple, d: torch.Tensor) -> Grads:
+    x = args[0]
+    b = x.shape[0]
+    x3, d3 = x.reshape(b, -1, x.shape[-1]), d.reshape(b, -1, d.shape[-1])  # positions folded
+    weight = torch.einsum("bto,bti->boi", d3, x3)
+    return _own(module, _with_bias(module, {"weight": weight}, d3.sum(1)))
+
+
+def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor) -> Grads | None:
+    x = args[0]
+    if x.dim() != 2:
+        return None  # several positions per sample: the square does not factor
+    weight = (d * d).T @ (x * x)  # sum_i (d_i x_i^T)^2 elementwise = one extra GEMM
+    return _own(module, _with_bias(module, {"weight": weight}, (d * d).sum(0)))
+
+
+register(nn.Linear)(LayerStats("linear", _linear_per_sample, _linear_sum_squares))
+
+
+# ---------------------------------------------------------------- Conv1d / Conv2d
+def _conv_input_padded(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The input padded as the convolution pads it, and the padding left to unfold."""
+    if module.padding_mode != "zeros":
+        return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode), (0,) * len(module.kernel_size)
+    if module.padding == "valid":
+        return x, (0,) * len(module.kernel_size)
+    if module.padding == "same":
+        pads: list[int] = []
+        for k, dil in zip(reversed(module.kernel_size), reversed(module.dilation)):
+            total = dil * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return F.pad(x, pads), (0,) * len(module.kernel_size)
+    return x, tuple(module.padding)
+
+
+def _conv_per_sample(module: nn.Module, args: tuple, d: torch.Tensor) -> Grads:
+    x, padding = _conv_input_padded(module, args[0])
+    one_d = isinstance(module, nn.Conv1d)
+    if one_d:  # a Conv1d is a Conv2d of height 1
+        x, d = x.unsqueeze(2), d.unsqueeze(2)
+        kernel, dilation, stride, padding = (1, *module.kernel_size), (1, *module.dilation), (1, *module.stride), (0, *padding)
+    else:
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    b, g = x.shape[0], module.groups
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C_in*k, L)
+    cols = cols.reshape(b, g, -1, cols.shape[-1])
+    dd = d.reshape(b, g, -1, cols.shape[-1])
+    weight = torch.einsum("bgol,bgil->bgoi", dd, cols).reshape(b, *module.weight.shape)
+    return _own(module, _with_bias(module, {"weight": weight}, d.sum(dim=tuple(range(2, d.dim())))))
+
+
+register(nn.Conv1d, nn.Conv2d)(LayerStats("conv", _conv_per_sample))
+
+
+# ---------------------------------------------------------------- Embedding
+def _embedding_rows(module: nn.Embedding, args: tuple, d: torch.Tensor):
+    """Per (sample, token id) gradient rows: unique keys, their rows, and the token ids."""
+    if module.sparse:
+        raise ValueError("per-sample statistics do not support nn.Embedding(sparse=True)")
+    idx = args[0]
+    b, vocab = idx.shape[0], module.num_embeddings
+    keys = (torch.arange(b, device=idx.device).view(-1, *[1] * (idx.dim() - 1)) * vocab + idx).reshape(-1)
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    rows = torch.zeros(len(unique), d.shape[-1], dtype=d.dtype, device=d.device)
+    rows.index_add_(0, inverse, d.reshape(-1, d.shape[-1]))
+    tokens = unique % vocab
+    if module.padding_idx is not None:
+        rows[tokens == module.padding_idx] = 0  # nn.Embedding gives padding_idx no gradient
+    return unique // vocab, tokens, rows
+
+
+def _embedding_per_sample(module: nn.Embedding, args: tuple, d: torch.Tensor) -> Grads:
+    sample, tokens, rows = _embedding_rows(module, args, d)
+    out = torch.zeros(args[0].shape[0], *module.weight.shape, dtype=d.dtype, device=d.device)
+    out[sample, tokens] = rows
+    return _own(module, {"weight": out})
+
+
+def _embedding_sum_squares(module: nn.Embedding, args: tuple, d: torch.Tensor) -> Grads:
+    _, tokens, rows = _embedding_rows(module, args, d)
+    out = torch.zeros_like(module.weight, dtype=d.dtype).index_add_(0, tokens, rows * rows)
+    return _own(module, {"weight": out})
+
+
+register(nn.Embedding)(LayerStats("embedding", _embedding_per_sample, _embedding_sum_squares))
+
+
+# ---------------------------------------------------------------- LayerNorm / GroupNorm
+def _layer_norm_per_sample(module: nn.LayerNorm, args: tuple, d: torch.Tensor) -> Grads:
+    x = args[0]
+    x_hat = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+    inner = tuple(range(1, x.dim() - len(module.normalized_shape)))  # positions within a sample
+    grads: Grads = {}
+    if module.weight is not None:
+        grads["weight"] = (d * x_hat).sum(dim=inner) if inner else d * x_hat
+    if getattr(module, "bias", None) is not None:
+        grads["bias"] = d.sum(dim=inner) if inner else d
+    return _own(module, grads)
+
+
+def _group_norm_per_sample(module: nn.GroupNorm, args: tuple, d: torch.Tensor) -> Grads:
+    x = args[0]
+    x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
+    spatial = tuple(range(2, x.dim()))
+    grads: Grads = {}
+    if module.affine:
+        grads["weight"] = (d * x_hat).sum(dim=spatial) if spatial else d * x_hat
+        grads["bias"] = d.sum(dim=spatial) if spatial else d
+    return _own(module, grads)
+
+
+register(nn.LayerNorm)(LayerStats("layer_norm", _layer_norm_per_sample))
+register(nn.GroupNorm)(LayerStats("group_norm", _group_norm_per_sample))
