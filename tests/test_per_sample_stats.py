@@ -10,8 +10,6 @@ from gradaccum.torch import PerSampleGradStats
 
 from .reference import IGNORE, TinySeqModel, classification, tokens
 
-torch.set_default_dtype(torch.float64)
-
 
 class ConvNet(nn.Module):
     """Conv1d (zeros, reflect padding, groups, stride), GroupNorm, Conv2d, Linear."""
@@ -24,6 +22,7 @@ class ConvNet(nn.Module):
         self.norm = nn.GroupNorm(2, 4)
         self.c3 = nn.Conv2d(1, 2, 3, padding="same", dilation=(1, 2))
         self.head = nn.Linear(2 * 4 * 6, 3)
+        self.double()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(torch.relu(self.c2(torch.relu(self.c1(x)))))  # (B, 4, 6)
@@ -38,6 +37,7 @@ class TinyTransformer(nn.Module):
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
         self.encoder = nn.TransformerEncoderLayer(dim, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
         self.head = nn.Linear(dim, vocab)
+        self.double()
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(t)))
@@ -53,6 +53,7 @@ class TiedLM(nn.Module):
         self.mix = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, vocab, bias=False)
         self.out.weight = self.embed.weight
+        self.double()
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.out(torch.tanh(self.mix(torch.tanh(self.mix(self.embed(t))))))
@@ -60,7 +61,7 @@ class TiedLM(nn.Module):
 
 def mlp() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)).double()
 
 
 def sample_losses(model: nn.Module, batch) -> torch.Tensor:
@@ -98,7 +99,7 @@ def reference_moments(model: nn.Module, batch, n: int) -> list[tuple[torch.Tenso
 
 def conv_batch(n: int):
     g = torch.Generator().manual_seed(5)
-    return torch.randn(n, 2, 12, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return torch.randn(n, 2, 12, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
 
 
 def mlp_batch(n: int):
@@ -142,9 +143,9 @@ def test_moments_match_loop_over_samples(case: str, chunk_elements: int) -> None
 
 def test_batchnorm_in_train_mode_is_refused_and_eval_mode_is_exact() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2))
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)).double()
     stats = PerSampleGradStats(model)
-    x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,))
     with pytest.raises(ValueError, match="BatchNorm in train mode"):
         model(x)
     model.eval()
@@ -185,6 +186,6 @@ def test_batch_dimension_mismatch_is_refused() -> None:
 
     model = Folding()
     stats = PerSampleGradStats(model)
-    model(torch.randn(4, 5, 3)).sum().backward()
+    model(torch.randn(4, 5, 3)).sum().backward()  # float32 is fine: this checks shapes
     with pytest.raises(ValueError, match="layers saw different batch sizes"):
         stats.commit()

@@ -14,3 +14,6 @@ from .rules import NormTest as NormTest
 from .rules import StoppingRule as StoppingRule
 from .rules import WindowView as WindowView
 from .rules import check_rule as check_rule
+from .lr_scaling import LR_SCALINGS as LR_SCALINGS
+from .lr_scaling import lr_factor as lr_factor
+from .monitor import DecisionMonitor as DecisionMonitor

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
-from .._core import Decision, StepRecord, StoppingRule, WindowView, check_rule
-from .._core.validation import check_choice, check_positive_float
+from .._core import Decision, DecisionMonitor, StepRecord, StoppingRule, WindowView, check_rule
+from .._core.lr_scaling import LR_SCALINGS, lr_factor
+from .._core.validation import check_choice, check_positive_float, check_positive_int
 from ._checks import check_count, check_loss, tracked_parameters
-from ._distributed import all_reduce_sums, disable_ddp_sync, is_ddp
+from ._distributed import all_reduce_count, all_reduce_sums, disable_ddp_sync, is_ddp
+from ._stats import PerSampleGradStats
 
 NonFinitePolicy = Literal["raise", "skip_micro_batch", "skip_window"]
 _POLICIES: tuple[str, ...] = ("raise", "skip_micro_batch", "skip_window")
@@ -45,6 +49,17 @@ class Accumulator:
         non-finite *gradients* are the scaler's business (the window is skipped and the
         scale reduced); non-finite losses still follow this policy.
       keep_history: keep a ``StepRecord`` for every window in ``history``.
+      lr_scaling: opt-in coupling of the learning rate to the window's realized size:
+        ``"linear"`` (lr * items / reference_batch) or ``"sqrt"``; applied to every
+        parameter group for the step only, on top of any scheduler.
+      reference_batch: the batch size at which the optimizer's learning rate applies
+        unchanged (required with ``lr_scaling``).
+
+    A rule that needs per-sample statistics (``GSNR``, ``NormTest``) gets them from a
+    ``PerSampleGradStats`` on the model, merged after every micro-batch (one micro-batch
+    is one increment); ``FixedSteps`` pays nothing for them. The rule's info of each
+    window (samples, the statistic) goes into the step record, and a warning says when
+    the rule closes every window after one increment or at the cap.
 
     Under DistributedDataParallel the Accumulator owns gradient synchronisation: DDP's
     per-backward all-reduce is switched off and the window's gradient sums and item
@@ -67,6 +82,8 @@ class Accumulator:
         clip_grad_norm: float | None = None,
         nonfinite: NonFinitePolicy = "raise",
         keep_history: bool = True,
+        lr_scaling: str | None = None,
+        reference_batch: int | None = None,
     ) -> None:
         self._params = tracked_parameters(model, optimizer)
         self.model = model
@@ -90,6 +107,17 @@ class Accumulator:
         self._ddp = is_ddp(model)
         if self._ddp:
             disable_ddp_sync(model)  # type: ignore[arg-type]
+        self.lr_scaling = None if lr_scaling is None else check_choice("lr_scaling", lr_scaling, LR_SCALINGS)
+        if self.lr_scaling is not None and reference_batch is None:
+            raise ValueError("reference_batch must be given with lr_scaling (the batch size the lr was set for)")
+        self.reference_batch = None if reference_batch is None else check_positive_int("reference_batch", reference_batch)
+        self.stats: PerSampleGradStats | None = None
+        if self.rule.needs_statistics:
+            if scaler is not None:
+                raise ValueError("scaler: a GradScaler together with a statistics rule is not supported yet")
+            self.stats = PerSampleGradStats(model.module if self._ddp else model)  # type: ignore[arg-type]
+            self._in_place = False  # the rule needs each micro-batch's own gradient sum
+        self.monitor = DecisionMonitor()
         self.history: list[StepRecord] = []
         self.last_record: StepRecord | None = None
         self._steps = 0
@@ -97,6 +125,8 @@ class Accumulator:
 
     # ------------------------------------------------------------------ window state
     def _reset_window(self) -> None:
+        if getattr(self, "stats", None) is not None:
+            self.stats.reset()  # type: ignore[union-attr]
         self._sums: list[torch.Tensor | None] = [None] * len(self._params)
         self._micro_batches = 0
         self._items = 0
@@ -137,7 +167,7 @@ class Accumulator:
         self._check_grads_untouched()
         self._micro_batches += 1
         if self._poisoned:
-            pass  # the window will be skipped; its remaining micro-batches need no backward
+            self._discard_statistics()  # the window will be skipped: no backward needed
         elif (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
             self._on_nonfinite("loss", count)
         else:
@@ -153,9 +183,15 @@ class Accumulator:
             if self.scaler is None and not self._in_place and not _all_finite([loss.detach(), *grads]):
                 self._on_nonfinite("loss or gradient", count)
             else:
+                if self.stats is not None:
+                    self.stats.commit(grads, reduce=self._reduce_increment if self._ddp else None)
                 self._add_to_window(grads)
                 self._items += count
-        decision = self.rule.decide(WindowView(self._micro_batches, self._items, None))
+        if self.stats is not None and self.stats.count == 0:
+            decision = Decision(False, {})  # no statistics yet (every micro-batch so far was skipped)
+        else:
+            stats = None if self.stats is None else self.stats.moments()
+            decision = self.rule.decide(WindowView(self._micro_batches, self._items, stats))
         if decision.stop:
             return self._close_window("rule", decision)
         return False
@@ -190,6 +226,8 @@ class Accumulator:
             "poisoned": self._poisoned,
             "steps": self._steps,
             "history": [r.as_dict() for r in self.history],
+            "statistics": None if self.stats is None else self.stats.state_dict(),
+            "monitor": vars(self.monitor).copy(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -211,6 +249,9 @@ class Accumulator:
         self._steps = int(state["steps"])
         self.history = [StepRecord(**r) for r in state["history"]]
         self.last_record = self.history[-1] if self.history else None
+        if self.stats is not None:
+            self.stats.load_state_dict(state["statistics"])
+        self.monitor = DecisionMonitor(**state["monitor"])
         if self._in_place:
             for p, window_sum in zip(self._params, self._sums):
                 p.grad = window_sum
@@ -245,7 +286,12 @@ class Accumulator:
             torch._foreach_add_(adds_to, added)
         self._clear_grads()
 
+    def _discard_statistics(self) -> None:
+        if self.stats is not None:
+            self.stats.discard()
+
     def _on_nonfinite(self, what: str, count: int) -> None:
+        self._discard_statistics()
         if self.nonfinite == "skip_window":
             self._poisoned = True  # the whole window is dropped, so in-place sums may be poisoned
             return
@@ -267,6 +313,11 @@ class Accumulator:
             poisoned = not _all_finite(self._sums)
         skipped = poisoned or items == 0
         grad_norm: float | None = None
+        base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        if self.lr_scaling is not None and items > 0:
+            factor = lr_factor(self.lr_scaling, items, self.reference_batch)  # type: ignore[arg-type]
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["lr"] * factor
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         if not skipped:
             for p, s in zip(self._params, self._sums):
@@ -281,8 +332,10 @@ class Accumulator:
                 self.scaler.update()
             else:
                 self.optimizer.step()
-            if not skipped and self.scheduler is not None:
-                self.scheduler.step()
+        for g, lr in zip(self.optimizer.param_groups, base_lrs):
+            g["lr"] = lr  # the scaling holds for this step only; the scheduler owns the base lr
+        if not skipped and self.scheduler is not None:
+            self.scheduler.step()
         self._clear_grads()
         record = StepRecord(
             step=self._steps,
@@ -294,12 +347,21 @@ class Accumulator:
             lr=lrs,
             info=dict(decision.info),
         )
+        if self.stats is not None and reason == "rule":
+            message = self.monitor.observe(self._micro_batches, bool(decision.info.get("capped", False)))
+            if message:
+                warnings.warn(f"gradaccum: {message}", RuntimeWarning, stacklevel=3)
         self.last_record = record
         if self.keep_history:
             self.history.append(record)
         self._steps += 1
         self._reset_window()
         return not skipped
+
+    def _reduce_increment(self, tensors: list[torch.Tensor], n: int) -> int:
+        group = getattr(self.model, "process_group", None)
+        all_reduce_sums(tensors, group)
+        return all_reduce_count(n, group, tensors[0].device)
 
     def _all_reduce_window(self) -> tuple[int, bool]:
         group = getattr(self.model, "process_group", None)

@@ -40,3 +40,10 @@ def all_reduce_sums(tensors: list[torch.Tensor], group: Any) -> None:
             n = t.numel()
             t.copy_(flat[offset : offset + n].view_as(t))
             offset += n
+
+
+def all_reduce_count(n: int, group: Any, device: torch.device) -> int:
+    """Sum an integer count across ``group``."""
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return int(t[0])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -143,12 +143,16 @@ class PerSampleGradStats:
         """Forget the increment recorded since the last ``commit`` (for a skipped micro-batch)."""
         self._reset_increment()
 
-    def commit(self, sums: list[torch.Tensor | None] | None = None) -> int:
+    def commit(self, sums: list[torch.Tensor | None] | None = None,
+               reduce: Callable[[list[torch.Tensor], int], int] | None = None) -> int:
         """Merge the increment whose backward just ran; returns its sample count.
 
         Args:
           sums: this increment's gradient of the summed loss per parameter (in the order
             of ``params``). By default ``p.grad``, which must then hold this increment only.
+          reduce: under data parallelism, sums the increment's gradient sums, sums of
+            squares (in place, given copies) and sample count over processes and returns
+            the total count, so every process merges the same global increment.
         """
         calls = [c for c in self._calls if any(g is not None for g in c.grads)]
         if not calls:
@@ -168,13 +172,20 @@ class PerSampleGradStats:
             squares[i] = (per_sample * per_sample).sum(0)
         if sums is None:
             sums = [p.grad for p in self.params]
-        increment: list[Moments] = []
+        firsts: list[torch.Tensor] = []
+        seconds: list[torch.Tensor] = []
         for p, s1, s2 in zip(self.params, sums, squares):
             if s1 is not None and s2 is None:
+                self._reset_increment()
                 raise ValueError(f"parameter {self._names.get(id(p), '?')} got a gradient outside the forward of "
                                  "its module, so no hook saw its per-sample gradients")
-            s1 = torch.zeros_like(p) if s1 is None else s1.detach()
-            s2 = torch.zeros_like(p) if s2 is None else s2
+            firsts.append(torch.zeros_like(p) if s1 is None else s1.detach())
+            seconds.append(torch.zeros_like(p) if s2 is None else s2)
+        if reduce is not None:
+            firsts = [s1.clone() for s1 in firsts]
+            n = reduce(firsts + seconds, n)
+        increment: list[Moments] = []
+        for s1, s2 in zip(firsts, seconds):
             mean = s1 / n
             m2 = (s2 - s1 * mean).clamp_(min=0)
             increment.append(Moments(n, mean, m2))
@@ -238,6 +249,20 @@ class PerSampleGradStats:
     def reset(self) -> None:
         """Start a new window: forget the running moments."""
         self._moments = None
+        self._reset_increment()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running moments (for a checkpoint taken mid-window)."""
+        if self._moments is None:
+            return {"moments": None}
+        return {"moments": [(m.n, m.mean.clone(), m.m2.clone()) for m in self._moments]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``'s moments."""
+        moments = state["moments"]
+        if moments is not None and len(moments) != len(self.params):
+            raise ValueError(f"state holds moments of {len(moments)} parameters, the model has {len(self.params)}")
+        self._moments = None if moments is None else [Moments(n, mean, m2) for n, mean, m2 in moments]
         self._reset_increment()
 
 
