@@ -1,6 +1,9 @@
 """One rank of the DDP test (tests/test_ddp.py): gloo on loopback, float64.
 
-Usage: python -m tests._ddp_worker RANK WORLD PORT OUT_DIR NONFINITE_POLICY
+Usage: python -m tests._ddp_worker RANK WORLD PORT OUT_DIR MODE
+
+MODE is a non-finite policy ("raise", "skip_window") for FixedSteps over uneven
+micro-batches, or "gsnr" for the adaptive rule over increments of GSNR_INC per rank.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gradaccum import FixedSteps
+from gradaccum import GSNR, FixedSteps
 from gradaccum.torch import Accumulator
 
 from .reference import GradCapture, ce_mean, classification, mlp, take
@@ -23,13 +26,45 @@ K = 3
 SIZES = {0: [2, 5, 1, 4, 3, 2, 6, 1], 1: [3, 1, 4, 4, 2, 5, 1, 2]}
 
 
+GSNR_INC = 4
+GSNR_SAMPLES = 96  # global samples: each rank takes its half of every increment
+
+
+def gsnr_rule():
+    return GSNR(1.3, increment=2 * GSNR_INC, max_samples=32, scale="mean")
+
+
+def gsnr_data():
+    return classification(GSNR_SAMPLES, seed=20)
+
+
 def rank_data(rank: int):
     return classification(sum(SIZES[rank]), seed=10 + rank)
 
 
-def main(rank: int, world: int, port: int, out: Path, nonfinite: str) -> None:
+def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    if mode == "gsnr":
+        run_gsnr(rank, out)
+    else:
+        run_fixed(rank, out, mode)
+    dist.destroy_process_group()
+
+
+def run_gsnr(rank: int, out: Path) -> None:
+    model = DistributedDataParallel(mlp())
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), gsnr_rule())
+    data = gsnr_data()
+    for start in range(0, GSNR_SAMPLES, 2 * GSNR_INC):
+        part = take(data, slice(start + rank * GSNR_INC, start + (rank + 1) * GSNR_INC))
+        acc.backward(*ce_mean(model, part))
+    acc.flush()
+    torch.save({"history": [(r.items, r.info.get("gsnr"), r.info.get("samples")) for r in acc.history],
+                "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
+
+
+def run_fixed(rank: int, out: Path, nonfinite: str) -> None:
     model = DistributedDataParallel(mlp())
     opt = GradCapture(model.parameters())
     acc = Accumulator(model, opt, FixedSteps(K), nonfinite=nonfinite)
@@ -67,7 +102,6 @@ def main(rank: int, world: int, port: int, out: Path, nonfinite: str) -> None:
     torch.save({"seen": opt.seen, "params": [p.detach() for p in model.module.parameters()],
                 "calls": calls, "ddp_hook_calls": len(ddp_hook_calls),
                 "items": [r.items for r in acc.history]}, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from gradaccum.torch import Accumulator
+
 from . import _ddp_worker as worker
-from .reference import full_batch_grad, mlp
+from .reference import ce_mean, full_batch_grad, mlp, take
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,14 +38,18 @@ def windows_of(sizes: list[int], k: int) -> list[slice]:
     return out
 
 
-@pytest.mark.parametrize("nonfinite", ["raise", "skip_window"])  # buffered and in-place window sums
-def test_two_gloo_ranks_equal_one_process(tmp_path: Path, nonfinite: str) -> None:
+def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(port), str(tmp_path),
-                               nonfinite], cwd=ROOT) for r in range(2)]
+                               mode], cwd=ROOT) for r in range(2)]
     for p in procs:
         assert p.wait(timeout=300) == 0
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("nonfinite", ["raise", "skip_window"])  # buffered and in-place window sums
+def test_two_gloo_ranks_equal_one_process(tmp_path: Path, nonfinite: str) -> None:
+    ranks = run_two_ranks(tmp_path, nonfinite)
 
     # single-process reference: window w = rank 0's window w + rank 1's window w
     model = mlp()
@@ -70,3 +76,25 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path, nonfinite: str) -> Non
         # all-reduces only when a window closes (micro 2, 5, and the flush), none from DDP's reducer
         assert sorted(set(ranks[r]["calls"])) == [2, 5, 8]
         assert ranks[r]["ddp_hook_calls"] == 0
+
+
+def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_path: Path) -> None:
+    """Statistics are reduced over ranks at every increment: both ranks take the same
+    decisions, at the same increments, as one process that sees both halves at once."""
+    ranks = run_two_ranks(tmp_path, "gsnr")
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), worker.gsnr_rule())
+    data = worker.gsnr_data()
+    for start in range(0, worker.GSNR_SAMPLES, 2 * worker.GSNR_INC):
+        acc.backward(*ce_mean(model, take(data, slice(start, start + 2 * worker.GSNR_INC))))
+    acc.flush()
+    history = [(r.items, r.info.get("gsnr"), r.info.get("samples")) for r in acc.history]
+    assert len({items for items, _, _ in history}) > 1  # the windows really differ in size
+    for r in range(2):
+        got = ranks[r]["history"]
+        assert [h[0] for h in got] == [h[0] for h in history]
+        assert [h[2] for h in got] == [h[2] for h in history]
+        for (_, a, _), (_, b, _) in zip(got, history):
+            assert (a is None and b is None) or a == pytest.approx(b, rel=1e-9)
+        for p, q in zip(ranks[r]["params"], model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)

@@ -3,9 +3,12 @@
 Nothing here imports torch or jax; both backends build on it.
 """
 
+from .lr_scaling import LR_SCALINGS as LR_SCALINGS
+from .lr_scaling import lr_factor as lr_factor
 from .moments import Moments as Moments
 from .moments import merge as merge
 from .moments import moments_from_sums as moments_from_sums
+from .monitor import DecisionMonitor as DecisionMonitor
 from .records import StepRecord as StepRecord
 from .rules import GSNR as GSNR
 from .rules import Decision as Decision
@@ -14,6 +17,3 @@ from .rules import NormTest as NormTest
 from .rules import StoppingRule as StoppingRule
 from .rules import WindowView as WindowView
 from .rules import check_rule as check_rule
-from .lr_scaling import LR_SCALINGS as LR_SCALINGS
-from .lr_scaling import lr_factor as lr_factor
-from .monitor import DecisionMonitor as DecisionMonitor

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
 import warnings
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 
-from .._core import Decision, DecisionMonitor, StepRecord, StoppingRule, WindowView, check_rule
+from .._core import (
+    Decision,
+    DecisionMonitor,
+    StepRecord,
+    StoppingRule,
+    WindowView,
+    check_rule,
+)
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int
 from ._checks import check_count, check_loss, tracked_parameters
