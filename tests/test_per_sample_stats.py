@@ -189,3 +189,25 @@ def test_batch_dimension_mismatch_is_refused() -> None:
     model(torch.randn(4, 5, 3)).sum().backward()  # float32 is fine: this checks shapes
     with pytest.raises(ValueError, match="layers saw different batch sizes"):
         stats.commit()
+
+
+@pytest.mark.parametrize("scale", ["sample", "mean"])
+def test_fused_torch_reductions_equal_the_core_definitions(scale: str) -> None:
+    """TorchMoments' fused statistics give the numbers of gradaccum._core.statistics."""
+    from gradaccum._core import statistics as core
+    from gradaccum._core.moments import Moments
+    from gradaccum.torch._stats._reductions import TorchMoments
+
+    g = torch.Generator().manual_seed(3)
+    moments = [Moments(12, torch.randn(5, 4, generator=g, dtype=torch.float64),
+                       torch.rand(5, 4, generator=g, dtype=torch.float64)) for _ in range(3)]
+    moments[0].mean[0, :2] = 0.0
+    moments[0].m2[0, :2] = 0.0  # dead units: skipped
+    fused = TorchMoments(moments, [torch.empty_like(m.mean) for m in moments])
+    plain = list(moments)
+    got, want = core.mean_gsnr(fused, scale), core.mean_gsnr(plain, scale)
+    assert got.value == pytest.approx(want.value, rel=1e-12)
+    assert (got.elements, got.skipped) == (want.elements, want.skipped) == (58, 2)
+    got_n, want_n = core.norm_test_terms(fused), core.norm_test_terms(plain)
+    assert got_n.variance_of_mean == pytest.approx(want_n.variance_of_mean, rel=1e-12)
+    assert got_n.squared_norm == pytest.approx(want_n.squared_norm, rel=1e-12)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, NamedTuple, Protocol, runtime_checkable
 
-from .statistics import mean_gsnr, norm_test_terms
+from .statistics import mean_gsnr, norm_test_terms, sample_count
 from .validation import check_choice, check_positive_float, check_positive_int
 
 
@@ -110,7 +110,7 @@ class _SampleRule:
         stats = window.statistics
         if stats is None:
             raise ValueError(f"{type(self).__name__} needs per-sample statistics in window.statistics")
-        n = stats[0].n
+        n = sample_count(stats)
         if n >= self.max_samples:
             return n, True
         if n < max(2, self.min_samples or 0):

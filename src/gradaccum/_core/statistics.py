@@ -2,7 +2,10 @@
 
 DESIGN.md sections 2 and 3 define them. Each function reduces over every parameter
 element and returns Python floats, so rules can compare them with thresholds
-whatever backend produced the moments.
+whatever backend produced the moments. The functions here are the readable,
+array-agnostic definitions; a backend may hand the rules a sequence of moments that
+also has ``mean_gsnr(scale)`` and ``norm_test_terms()`` methods computing the same
+numbers in fewer passes, and then those are used (the tests hold both to agree).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ def mean_gsnr(stats: Sequence[Moments], scale: str) -> GSNRValue:
     ratio is undefined), and counting them as 0 or as infinite would let dead units
     decide the window.
     """
+    fast = getattr(stats, "mean_gsnr", None)
+    if fast is not None:
+        return fast(scale)
     total, elements, skipped = 0.0, 0, 0
     n = _common_count(stats)
     for m in stats:
@@ -57,10 +63,18 @@ class NormTestValue(NamedTuple):
 def norm_test_terms(stats: Sequence[Moments]) -> NormTestValue:
     """The two sides of the norm test (Byrd et al. 2012): stop when
     ``variance_of_mean <= theta^2 * squared_norm``."""
+    fast = getattr(stats, "norm_test_terms", None)
+    if fast is not None:
+        return fast()
     n = _common_count(stats)
     trace = sum(float(variance(m).sum()) for m in stats)
     squared = sum(float((m.mean * m.mean).sum()) for m in stats)
     return NormTestValue(trace / n, squared)
+
+
+def sample_count(stats: Sequence[Moments]) -> int:
+    """The number of samples the moments cover (the same for every parameter)."""
+    return _common_count(stats)
 
 
 def _common_count(stats: Sequence[Moments]) -> int:

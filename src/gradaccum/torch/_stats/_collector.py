@@ -10,8 +10,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..._core.moments import Moments, merge
+from ..._core.moments import Moments
 from ._fallback import batch_dims, loop_per_sample
+from ._merge import merge_sums_into
+from ._reductions import TorchMoments
 from ._registry import LayerStats, lookup
 
 log = logging.getLogger("gradaccum")
@@ -73,6 +75,7 @@ class PerSampleGradStats:
         self._handles = [u.module.register_forward_hook(self._forward_hook(u), with_kwargs=True) for u in self._units]
         self._replaying = False
         self._moments: list[Moments] | None = None
+        self._scratch: list[torch.Tensor] | None = None
         self._reset_increment()
 
     # ------------------------------------------------------------------ setup
@@ -184,12 +187,7 @@ class PerSampleGradStats:
         if reduce is not None:
             firsts = [s1.clone() for s1 in firsts]
             n = reduce(firsts + seconds, n)
-        increment: list[Moments] = []
-        for s1, s2 in zip(firsts, seconds):
-            mean = s1 / n
-            m2 = (s2 - s1 * mean).clamp_(min=0)
-            increment.append(Moments(n, mean, m2))
-        self._moments = increment if self._moments is None else [merge(a, b) for a, b in zip(self._moments, increment)]
+        self._moments = merge_sums_into(self._moments, firsts, seconds, n)
         self._reset_increment()
         return n
 
@@ -241,10 +239,13 @@ class PerSampleGradStats:
         return 0 if self._moments is None else self._moments[0].n
 
     def moments(self) -> list[Moments]:
-        """Running moments per parameter (order of ``params``)."""
+        """Running moments per parameter (order of ``params``), as a list that also
+        computes the rules' statistics in fused passes."""
         if self._moments is None:
             raise ValueError("no increment has been committed yet")
-        return self._moments
+        if self._scratch is None:
+            self._scratch = [torch.empty_like(m.mean) for m in self._moments]
+        return TorchMoments(self._moments, self._scratch)
 
     def reset(self) -> None:
         """Start a new window: forget the running moments."""

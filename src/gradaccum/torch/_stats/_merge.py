@@ -1,0 +1,36 @@
+"""Chan's merge of an increment into the running moments, in place, for torch tensors.
+
+The core's ``merge`` is the readable definition; this is the same algebra arranged
+so that an increment given by its sums S1 and S2 merges in five fused passes and no
+new allocation (on a 21M-parameter model every temporary would cost 84 MB of fresh
+pages). With D = S1 - n_b * mean_a = n_b * (mean_b - mean_a):
+
+    M2_b = S2 - S1^2 / n_b
+    mean = mean_a + D / n
+    M2   = M2_a + M2_b + D^2 * n_a / (n_b * n)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..._core.moments import Moments
+
+
+def merge_sums_into(state: list[Moments] | None, firsts: list[torch.Tensor], seconds: list[torch.Tensor],
+                    n_b: int) -> list[Moments]:
+    """Merge an increment of ``n_b`` samples with sums ``firsts`` and sums of squares
+    ``seconds`` into ``state``. ``seconds`` (and ``state``) are overwritten; ``firsts`` are not."""
+    torch._foreach_addcmul_(seconds, firsts, firsts, value=-1.0 / n_b)  # seconds := M2_b
+    torch._foreach_clamp_min_(seconds, 0.0)  # rounding can leave tiny negatives
+    if state is None:
+        return [Moments(n_b, mean, m2) for mean, m2 in zip(torch._foreach_div(firsts, n_b), seconds)]
+    n_a = state[0].n
+    n = n_a + n_b
+    means, m2s = [m.mean for m in state], [m.m2 for m in state]
+    torch._foreach_add_(m2s, seconds)
+    torch._foreach_copy_(seconds, firsts)  # seconds := D
+    torch._foreach_add_(seconds, means, alpha=-n_b)
+    torch._foreach_add_(means, seconds, alpha=1.0 / n)
+    torch._foreach_addcmul_(m2s, seconds, seconds, value=n_a / (n_b * n))
+    return [Moments(n, mean, m2) for mean, m2 in zip(means, m2s)]
