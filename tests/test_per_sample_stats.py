@@ -43,6 +43,28 @@ class TinyTransformer(nn.Module):
         return self.head(self.encoder(self.embed(t)))
 
 
+class AttentionVariants(nn.Module):
+    """Masked causal self-attention (registered path) and a sequence-first cross-attention (fallback)."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim)
+        self.self_attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(dim, 2)  # batch on dim 1: not the registered path
+        self.head = nn.Linear(dim, vocab)
+        self.double()
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        x = self.embed(t)
+        pad = t == 0
+        pad[:, 0] = False  # every query keeps a key it may attend to
+        causal = torch.ones(t.shape[1], t.shape[1], dtype=torch.bool).triu(1)
+        h, _ = self.self_attn(x, x, x, key_padding_mask=pad, attn_mask=causal, need_weights=False)
+        c, _ = self.cross(h.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1), need_weights=False)
+        return self.head(c.transpose(0, 1) + h)
+
+
 class TiedLM(nn.Module):
     """Output projection tied to the embedding, and one Linear applied twice."""
 
@@ -112,9 +134,10 @@ CASES = {
     "conv1d_net": (ConvNet, conv_batch, {"c1": "conv", "c2": "conv", "norm": "group_norm", "c3": "conv"}),
     "gru": (TinySeqModel, lambda n: tokens(n), {"gru": "loop", "embed": "embedding:sum_squares",
                                                  "head": "linear:per_sample"}),
-    "transformer": (TinyTransformer, lambda n: tokens(n), {"encoder.self_attn": "loop",
+    "transformer": (TinyTransformer, lambda n: tokens(n), {"encoder.self_attn": "attention",
                                                            "encoder.linear1": "linear:per_sample",
                                                            "encoder.norm1": "layer_norm"}),
+    "attention_variants": (AttentionVariants, lambda n: tokens(n), {"self_attn": "attention", "cross": "vmap"}),
     "tied_weights": (TiedLM, lambda n: tokens(n), {"embed": "embedding:per_sample", "out": "linear:per_sample",
                                                    "mix": "linear:per_sample"}),
 }

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..._core.moments import Moments
-from ._fallback import batch_dims, loop_per_sample
+from ._fallback import BATCHED_KWARGS, batch_dims, loop_per_sample, vmap_per_sample
 from ._merge import merge_sums_into
 from ._reductions import TorchMoments
 from ._registry import LayerStats, lookup
@@ -87,7 +87,13 @@ class PerSampleGradStats:
                 continue
             own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
             entry = lookup(module)
-            if entry is not None and own:
+            if entry is not None and entry.subtree:
+                subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
+                if subtree:
+                    units.append(_Unit(name, module, entry, subtree))
+                    covered.append(name)
+                    self.paths[name or type(module).__name__] = entry.name
+            elif entry is not None and own:
                 units.append(_Unit(name, module, entry, own))
                 self.paths[name or type(module).__name__] = entry.name
             elif own:
@@ -95,8 +101,8 @@ class PerSampleGradStats:
                 units.append(_Unit(name, module, None, subtree))
                 covered.append(name)
                 label = name or type(module).__name__
-                self.paths[label] = "loop"
-                log.info("gradaccum: %s (%s) has no registered statistics; using the exact per-sample loop",
+                self.paths[label] = "fallback"
+                log.info("gradaccum: %s (%s) has no registered statistics; using the exact vmap/loop fallback",
                          label, type(module).__name__)
         return units
 
@@ -116,7 +122,7 @@ class PerSampleGradStats:
                     f"per-sample statistics are not defined for BatchNorm in train mode ({unit.name}): it "
                     "normalises over the batch, mixing samples; use GroupNorm/LayerNorm or put it in eval mode"
                 )
-            in_dim = 0 if unit.entry is not None else batch_dims(module, 1)[0]
+            in_dim = batch_dims(module, 1)[0]
             first = args[0] if args else next(iter(kwargs.values()))
             call = _Call(unit, tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()},
                          int(first.shape[in_dim]))
@@ -195,12 +201,7 @@ class PerSampleGradStats:
         unit = call.unit
         needs_per_sample = {k for k, p in unit.params.items() if self._uses.get(id(p), 0) > 1}
         if unit.entry is None:
-            self._replaying = True
-            try:
-                per_sample = loop_per_sample(unit.module, call.args, call.kwargs, call.grads, n)
-            finally:
-                self._replaying = False
-            self._add_per_sample(unit, per_sample, squares, tied, needs_per_sample)
+            self._add_per_sample(unit, self._fallback(unit, call, n), squares, tied, needs_per_sample)
             return
         d = call.grads[0]
         if d is None:
@@ -212,13 +213,37 @@ class PerSampleGradStats:
                 _add(squares, self._index[id(unit.params[k])], s)
             return
         self.paths[unit.name or type(unit.module).__name__] = f"{unit.entry.name}:per_sample"
+        if unit.entry.subtree and any(g is not None for g in call.grads[1:]):
+            raise ValueError(f"{unit.name}: per-sample statistics use only the module's first output; "
+                             "its other outputs (attention weights?) must not reach the loss")
         numel = sum(p.numel() for p in unit.params.values())
         chunk = max(1, self.chunk_elements // numel)
         for start in range(0, n, chunk):
-            args = tuple(a.narrow(0, start, min(chunk, n - start)) if isinstance(a, torch.Tensor) else a
-                         for a in call.args)
-            per_sample = unit.entry.per_sample(unit.module, args, d.narrow(0, start, min(chunk, n - start)))
+            size = min(chunk, n - start)
+            args = tuple(a.narrow(0, start, size) if isinstance(a, torch.Tensor) else a for a in call.args)
+            extra: tuple = ()
+            if unit.entry.subtree:
+                extra = ({k: v.narrow(0, start, size) if k in BATCHED_KWARGS and isinstance(v, torch.Tensor) else v
+                          for k, v in call.kwargs.items()},)
+            per_sample = unit.entry.per_sample(unit.module, args, d.narrow(0, start, size), *extra)
             self._add_per_sample(unit, per_sample, squares, tied, needs_per_sample, offset=start, batch=n)
+
+    def _fallback(self, unit: _Unit, call: _Call, n: int) -> dict[str, torch.Tensor]:
+        """vmap over samples where it works for this module, else the per-sample loop."""
+        label = unit.name or type(unit.module).__name__
+        self._replaying = True
+        try:
+            if self.paths[label] != "loop":
+                try:
+                    result = vmap_per_sample(unit.module, call.args, call.kwargs, call.grads, n)
+                    self.paths[label] = "vmap"
+                    return result
+                except Exception as error:  # no batching rule, random ops, data-dependent control flow
+                    log.info("gradaccum: vmap failed on %s (%s); using the per-sample loop", label, error)
+                    self.paths[label] = "loop"
+            return loop_per_sample(unit.module, call.args, call.kwargs, call.grads, n)
+        finally:
+            self._replaying = False
 
     def _add_per_sample(self, unit: _Unit, per_sample: dict[str, torch.Tensor], squares: list[torch.Tensor | None],
                         tied: dict[int, torch.Tensor], needs_per_sample: set[str], offset: int = 0,

@@ -30,11 +30,18 @@ class LayerStats:
         respect to its output, all with the batch on dim 0. Called on batch chunks.
       sum_squares: optional fast path: ``{name: sum_i g_i**2}`` without per-sample
         gradients in memory, or None when it does not apply to these inputs.
+      applies: optional test of a module's configuration; where it says False the
+        module takes the exact fallback instead.
+      subtree: the entry covers the parameters of the module's children too (a module
+        that uses its children's weights itself, as MultiheadAttention uses out_proj);
+        its functions then take the call's keyword arguments as a fourth argument.
     """
 
     name: str
     per_sample: PerSample
     sum_squares: SumSquares | None = None
+    subtree: bool = False
+    applies: Callable[[nn.Module], bool] | None = None
 
 
 REGISTRY: dict[type[nn.Module], LayerStats] = {}
@@ -55,5 +62,6 @@ def lookup(module: nn.Module) -> LayerStats | None:
     """The entry for ``module``'s type, or the nearest registered base class."""
     for t in type(module).__mro__:
         if t in REGISTRY:
-            return REGISTRY[t]
+            entry = REGISTRY[t]
+            return entry if entry.applies is None or entry.applies(module) else None
     return None
