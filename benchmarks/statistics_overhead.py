@@ -154,15 +154,19 @@ def main() -> None:
     for config in CONFIGS:
         runners, n_params = make(config)
         names = ["plain", "ours"] + (["vmap"] if n_params <= args.skip_vmap_above else [])
+        repeats = {}
         for name in names:
-            runners[name]()  # warm-up
+            t = time.perf_counter()
+            runners[name]()  # warm-up, and how many calls make a round of >= 50 ms
+            repeats[name] = max(1, int(0.05 / (time.perf_counter() - t)))
         times: dict[str, list[float]] = {name: [] for name in names}
         for r in range(args.rounds):
             for i in range(len(names)):
                 name = names[(i + r) % len(names)]
                 t = time.perf_counter()
-                runners[name]()
-                times[name].append(time.perf_counter() - t)
+                for _ in range(repeats[name]):
+                    runners[name]()
+                times[name].append((time.perf_counter() - t) / repeats[name])
         med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
         mem = {name: peak_memory_child(config, name) for name in names}
         vm = f"{med['vmap']:.1f} | {med['vmap'] / med['ours']:.1f}x" if "vmap" in med else "skipped | -"

@@ -214,13 +214,16 @@ def test_batch_dimension_mismatch_is_refused() -> None:
         stats.commit()
 
 
+@pytest.mark.parametrize("flat_below", [1 << 20, 0], ids=["flat", "per_tensor"])
 @pytest.mark.parametrize("scale", ["sample", "mean"])
-def test_fused_torch_reductions_equal_the_core_definitions(scale: str) -> None:
+def test_fused_torch_reductions_equal_the_core_definitions(scale: str, flat_below: int, monkeypatch) -> None:
     """TorchMoments' fused statistics give the numbers of gradaccum._core.statistics."""
     from gradaccum._core import statistics as core
     from gradaccum._core.moments import Moments
+    from gradaccum.torch._stats import _reductions
     from gradaccum.torch._stats._reductions import TorchMoments
 
+    monkeypatch.setattr(_reductions, "_FLAT_BELOW", flat_below)
     g = torch.Generator().manual_seed(3)
     moments = [Moments(12, torch.randn(5, 4, generator=g, dtype=torch.float64),
                        torch.rand(5, 4, generator=g, dtype=torch.float64)) for _ in range(3)]

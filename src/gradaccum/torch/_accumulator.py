@@ -25,6 +25,7 @@ from ._stats import PerSampleGradStats
 NonFinitePolicy = Literal["raise", "skip_micro_batch", "skip_window"]
 _POLICIES: tuple[str, ...] = ("raise", "skip_micro_batch", "skip_window")
 _STATE_VERSION = 1
+_FOREACH_BELOW = 1 << 20  # gradient elements below which the finiteness check uses one foreach call
 
 
 class NonFiniteError(FloatingPointError):
@@ -382,13 +383,17 @@ class Accumulator:
 def _all_finite(grads: list[torch.Tensor | None]) -> bool:
     """Whether every element of every gradient is finite, in one synchronisation.
 
-    A tensor's sum is NaN or Inf whenever one of its elements is, and summing is a fast,
-    vectorised read; only when a sum is not finite (which a sum of huge finite values
-    can also cause) do the exact, slower per-element checks run.
+    A tensor's sum (or norm) is NaN or Inf whenever one of its elements is, and is a
+    fast, vectorised read; only when one is not finite (which huge finite values can
+    also cause) do the exact, slower per-element checks run.
     """
     present = [g for g in grads if g is not None]
     if not present:
         return True
-    if bool(torch.isfinite(torch.stack([g.sum() for g in present])).all()):
+    if sum(g.numel() for g in present) <= _FOREACH_BELOW:
+        reduced = torch.stack(torch._foreach_norm(present, 1))  # one dispatch for many small tensors
+    else:
+        reduced = torch.stack([g.sum() for g in present])  # large tensors: the fastest kernel
+    if bool(torch.isfinite(reduced).all()):
         return True
     return all(bool(torch.isfinite(g).all()) for g in present)

@@ -12,6 +12,9 @@ from ..._core.moments import Moments
 from ..._core.statistics import GSNRValue, NormTestValue
 
 
+_FLAT_BELOW = 1 << 20  # parameter elements below which the reductions run on one flat copy
+
+
 class TorchMoments(list):
     """A list of per-parameter ``Moments`` whose statistics run as fused torch reductions."""
 
@@ -23,20 +26,25 @@ class TorchMoments(list):
         n = self[0].n
         if n < 2:
             raise ValueError(f"variance needs at least 2 samples, got n={n}")
-        total = 0.0
-        elements = 0
-        numel = 0
         with torch.no_grad():
-            for m, r in zip(self, self._scratch):
-                torch.mul(m.mean, m.mean, out=r)
-                r.div_(m.m2)  # M2 >= 0; where it is 0 the element is skipped below
-                r.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-                total += float(r.sum())  # pairwise summation in the tensor dtype: fast and accurate
-                elements += int(torch.count_nonzero(m.m2))
-                numel += m.m2.numel()
+            means, m2s = [m.mean for m in self], [m.m2 for m in self]
+            torch._foreach_copy_(self._scratch, means)
+            torch._foreach_mul_(self._scratch, means)
+            torch._foreach_div_(self._scratch, m2s)  # M2 >= 0; where it is 0 the element is skipped below
+            if sum(r.numel() for r in self._scratch) <= _FLAT_BELOW:
+                # small models: one kernel each over all parameters beats one per parameter
+                ratios, m2_flat = torch.cat([r.view(-1) for r in self._scratch]), torch.cat([m.view(-1) for m in m2s])
+                total = float(ratios.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).sum())
+                elements, numel = int(torch.count_nonzero(m2_flat)), m2_flat.numel()
+            else:
+                total, elements, numel = 0.0, 0, 0
+                for r, m2 in zip(self._scratch, m2s):
+                    total += float(r.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).sum())
+                    elements += int(torch.count_nonzero(m2))
+                    numel += m2.numel()
         if elements == 0:
             return GSNRValue(0.0, 0, numel)
-        value = float(total) * (n - 1) / elements  # mu^2 / var = (n - 1) mu^2 / M2
+        value = total * (n - 1) / elements  # mu^2 / var = (n - 1) mu^2 / M2
         return GSNRValue(value * n if scale == "mean" else value, elements, numel - elements)
 
     def norm_test_terms(self) -> NormTestValue:
