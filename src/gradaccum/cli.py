@@ -1,10 +1,127 @@
-"""The `gradaccum` command."""
+"""The `gradaccum` command: reproduce, tune, train, report, demo."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
+from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ExperimentConfig field (the YAML names, with dashes)."""
+    from .experiments.config import ARMS, ExperimentConfig
+
+    parser.add_argument("--config", type=Path, help="YAML file with any of the settings below")
+    parser.add_argument("--quick", action="store_true", help="a small run for smoke tests (2 trials, 2 seeds, "
+                        "6,400 samples); explicit flags still win")
+    for f in fields(ExperimentConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        text = f"{f.metadata['help']} (default: {default})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=None, help=text)
+        elif f.type in ("list", list):
+            parser.add_argument(flag, nargs="+", choices=ARMS, default=None, help=text)
+        elif f.type in ("int", int):
+            parser.add_argument(flag, type=int, default=None, help=text)
+        elif f.type in ("float", float):
+            parser.add_argument(flag, type=float, default=None, help=text)
+        else:
+            parser.add_argument(flag, type=str, default=None, help=text)
+
+
+def _config(args: argparse.Namespace, **fixed: Any):
+    from .experiments.config import ExperimentConfig
+
+    names = {f.name for f in fields(ExperimentConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    overrides.update(fixed)
+    if args.config is not None:
+        if args.quick:
+            quick = ExperimentConfig.quick().to_dict()
+            base = ExperimentConfig.from_yaml(args.config).to_dict()
+            return ExperimentConfig(**{**base, **{k: quick[k] for k in ("trials", "seeds", "budget", "eval_every")},
+                                       **overrides})
+        return ExperimentConfig.from_yaml(args.config, **overrides)
+    return ExperimentConfig.quick(**overrides) if args.quick else ExperimentConfig(**overrides)
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from .experiments.report import load_results, summarize
+    from .experiments.reproduce import reproduce
+
+    cfg = _config(args)
+    out = reproduce(cfg)
+    summary = summarize(load_results(out), {})
+    print("\nbest settings, test accuracy over seeds:")
+    for arm, s in summary.items():
+        tuned = ", ".join(f"{k}={v:.4g}" for k, v in s["params"].items())
+        print(f"  {arm:12s} {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} %  ({tuned}; "
+              f"mean effective batch {s['mean_batch']:.0f})")
+    print(f"\nreport: {out / 'report.md'}\nresults: {out / 'results.json'}, {out / 'runs.csv'}; plots: {out}/*.png")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .experiments.reproduce import prepare_output
+    from .experiments.tuning import tune_arm
+
+    cfg = _config(args, arms=[args.arm])
+    _, data = prepare_output(cfg)
+    study = tune_arm(args.arm, cfg, data)
+    print(f"{args.arm}: best final validation accuracy {study.best_value:.4f} with {study.best_trial.params} "
+          f"(storage {cfg.storage_url})")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .experiments.report import write_atomic
+    from .experiments.reproduce import prepare_output
+    from .experiments.runs import train_run
+
+    cfg = _config(args, arms=[args.arm])
+    params = {"lr": args.lr}
+    if args.arm in ("gaga", "gaga_mean"):
+        if args.tau is None:
+            raise ValueError(f"tau: the {args.arm} arm needs --tau")
+        params["tau"] = args.tau
+    if args.arm == "normtest":
+        if args.theta is None:
+            raise ValueError("theta: the normtest arm needs --theta")
+        params["theta"] = args.theta
+    out, data = prepare_output(cfg)
+    result = train_run(args.arm, params, cfg.seed, data, cfg)
+    path = out / f"train-{args.arm}-seed{cfg.seed}.json"
+    write_atomic(path, json.dumps(result.as_dict(), indent=1) + "\n")
+    batches = result.batch_sizes or [result.flushed_items]
+    mean_batch = sum(batches) / len(batches)
+    print(f"{args.arm}: test accuracy {result.test_accuracy:.4f}, final validation {result.final_val_accuracy:.4f}, "
+          f"{result.steps} steps, mean effective batch {mean_batch:.0f}, {result.wall_seconds:.1f} s -> {path}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .experiments.report import load_results, write_report
+
+    out = Path(args.out)
+    write_report(load_results(out), out)
+    print(f"rebuilt {out / 'report.md'}, {out / 'runs.csv'} and the plots")
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -18,19 +135,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from .experiments.config import ARMS
+
     parser = argparse.ArgumentParser(prog="gradaccum", description="Exact and adaptive gradient accumulation.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    reproduce = sub.add_parser("reproduce", help="tune baseline and GAGA with Optuna on mnist1d, train the best "
+                               "settings over seeds, write the report")
+    _add_config_flags(reproduce)
+    reproduce.set_defaults(func=_reproduce)
+
+    tune = sub.add_parser("tune", help="run (or resume, or join) one arm's Optuna study")
+    tune.add_argument("--arm", required=True, choices=ARMS)
+    _add_config_flags(tune, skip=("arms",))
+    tune.set_defaults(func=_tune)
+
+    train = sub.add_parser("train", help="one training run with given settings")
+    train.add_argument("--arm", required=True, choices=ARMS)
+    train.add_argument("--lr", type=float, required=True, help="Adam learning rate")
+    train.add_argument("--tau", type=float, help="GSNR threshold (gaga, gaga_mean)")
+    train.add_argument("--theta", type=float, help="norm-test theta (normtest)")
+    _add_config_flags(train, skip=("arms", "trials", "seeds", "storage", "n_jobs"))
+    train.set_defaults(func=_train)
+
+    report = sub.add_parser("report", help="rebuild report.md, runs.csv and plots from saved results.json")
+    report.add_argument("--out", default="gradaccum-out/reproduce", help="the results directory (default: %(default)s)")
+    report.set_defaults(func=_report)
+
     demo = sub.add_parser("demo", help="check exactness and train a small model with accumulation")
     demo.add_argument("--out", default="gradaccum-out/demo", help="output directory (default: %(default)s)")
     demo.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default: %(default)s)")
@@ -41,8 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ValueError as error:  # bad settings, unwritable output, unreadable config or storage
+        print(f"gradaccum {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import torch
 from ..._core.moments import Moments
 from ..._core.statistics import GSNRValue, NormTestValue
 
-
 _FLAT_BELOW = 1 << 20  # parameter elements below which the reductions run on one flat copy
 
 

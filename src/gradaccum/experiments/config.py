@@ -1,0 +1,103 @@
+"""The experiment's settings: one typed, documented dataclass shared by the CLI and YAML.
+
+Each field's ``help`` is the text of its command-line flag; ``--config file.yaml`` takes
+the same names. The resolved settings are saved next to the results (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARMS = ("baseline", "gaga", "gaga_mean", "baseline512", "normtest")
+DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings of `gradaccum reproduce` / `tune` / `train` (DESIGN.md section 6)."""
+
+    out: str = _f("gradaccum-out/reproduce", "output directory (results, report, plots, Optuna storage)")
+    data_dir: str = _f("gradaccum-out/data", "where the generated mnist1d splits are cached")
+    arms: list = _f(list(DEFAULT_ARMS), f"arms to run, from {', '.join(ARMS)}")
+    trials: int = _f(20, "Optuna trials per arm")
+    seeds: int = _f(5, "seeds the best settings of each arm are trained over")
+    budget: int = _f(96_000, "training samples per run")
+    eval_every: int = _f(3_200, "validate every this many training samples")
+    increment: int = _f(32, "samples per micro-batch (the baseline's batch, GAGA's increment)")
+    max_samples: int = _f(512, "cap of an adaptive window, in samples")
+    lr_low: float = _f(1e-4, "lower end of the log-uniform lr search range")
+    lr_high: float = _f(3e-2, "upper end of the log-uniform lr search range")
+    tau_low: float = _f(1e-3, "lower end of the log-uniform tau range, per-sample GSNR scale")
+    tau_high: float = _f(3.0, "upper end of the log-uniform tau range, per-sample GSNR scale")
+    tau_mean_low: float = _f(0.5, "lower end of the log-uniform tau range, mean-gradient GSNR scale")
+    tau_mean_high: float = _f(20.0, "upper end of the log-uniform tau range, mean-gradient GSNR scale")
+    theta_low: float = _f(0.1, "lower end of the log-uniform theta range of the norm test")
+    theta_high: float = _f(3.0, "upper end of the log-uniform theta range of the norm test")
+    storage: str = _f("", "Optuna storage URL (default: sqlite:///<out>/optuna.db)")
+    n_jobs: int = _f(1, "parallel Optuna trials in this process")
+    seed: int = _f(0, "base seed (tuning sampler, data order, initialisation)")
+    quiet: bool = _f(False, "no progress bars")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown or not self.arms:
+            raise ValueError(f"arms must be a non-empty list from {', '.join(ARMS)}, got {self.arms!r}")
+        for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.increment > self.max_samples:
+            raise ValueError(f"increment ({self.increment}) must be <= max_samples ({self.max_samples})")
+        if self.budget < self.increment:
+            raise ValueError(f"budget ({self.budget}) must be at least one increment ({self.increment})")
+        for low, high in (("lr_low", "lr_high"), ("tau_low", "tau_high"), ("tau_mean_low", "tau_mean_high"),
+                          ("theta_low", "theta_high")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(lo)
+                    and math.isfinite(hi) and 0 < lo < hi):
+                raise ValueError(f"{low} and {high} must satisfy 0 < {low} < {high}, got {lo!r} and {hi!r}")
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.out).resolve() / 'optuna.db'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: Path, **overrides: Any) -> ExperimentConfig:
+        """Settings from a YAML file, then ``overrides`` (flags given on the command line)."""
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise ValueError(f"config: cannot read {path}: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config: {path} must hold a mapping of settings, got {type(loaded).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(loaded) - names)
+        if unknown:
+            raise ValueError(f"config: unknown settings in {path}: {', '.join(unknown)}")
+        return cls(**{**loaded, **overrides})
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> ExperimentConfig:
+        """A small version for smoke tests: few trials, seeds and samples."""
+        return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 1_600, **overrides})

@@ -1,0 +1,198 @@
+"""results.json -> runs.csv, report.md and PNG plots. `gradaccum report` reruns just this."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from scipy import stats as scipy_stats  # noqa: E402
+
+REFERENCE = {  # DESIGN.md section 6
+    "baseline": {"lr": 0.00589, "test_accuracy": 0.6630},
+    "gaga": {"lr": 0.00307, "tau": 0.0984, "test_accuracy": 0.6620},
+}
+LABELS = {"baseline": "baseline (batch 32)", "baseline512": "fixed batch 512", "gaga": "GAGA (per-sample GSNR)",
+          "gaga_mean": "GSNR, mean-gradient scale", "normtest": "norm test"}
+STABILITY_LAST = 10
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a crash never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def effective_batches(run: dict[str, Any]) -> list[int]:
+    """The windows the rule closed, or the one flushed window of a run too short to close any."""
+    return run["batch_sizes"] or [run["flushed_items"]]
+
+
+def summarize(results: dict[str, Any], timings: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """Per arm: test accuracy mean, std and 95 % t-interval; stability; effective batch."""
+    out = {}
+    for arm, entry in results["arms"].items():
+        runs = entry["runs"]
+        tests = [r["test_accuracy"] for r in runs]
+        mean = statistics.fmean(tests)
+        std = statistics.stdev(tests) if len(tests) > 1 else 0.0
+        half = scipy_stats.t.ppf(0.975, len(tests) - 1) * std / math.sqrt(len(tests)) if len(tests) > 1 else math.nan
+        stability = [statistics.pstdev([a for _, a in r["val_curve"][-STABILITY_LAST:]]) for r in runs
+                     if len(r["val_curve"]) >= 2]
+        batches = [b for r in runs for b in effective_batches(r)]
+        out[arm] = {
+            "test_mean": mean, "test_std": std, "ci95": (mean - half, mean + half),
+            "stability": statistics.fmean(stability) if stability else math.nan,
+            "mean_batch": statistics.fmean(batches), "median_batch": statistics.median(batches),
+            "min_batch": min(batches), "max_batch": max(batches),
+            "steps": statistics.fmean([r["steps"] for r in runs]),
+            "wall": statistics.fmean(timings[arm]) if timings.get(arm) else math.nan,
+            "params": entry["best_params"], "warnings": sorted({w for r in runs for w in r["warnings"]}),
+        }
+    return out
+
+
+def write_runs_csv(results: dict[str, Any], timings: dict[str, list[float]], path: Path) -> None:
+    rows = []
+    for arm, entry in results["arms"].items():
+        for k, r in enumerate(entry["runs"]):
+            b = sorted(effective_batches(r))
+            rows.append({"arm": arm, "seed": r["seed"], "test_accuracy": r["test_accuracy"],
+                         "final_val_accuracy": r["final_val_accuracy"], "optimizer_steps": r["steps"],
+                         "mean_batch": statistics.fmean(b), "p10_batch": b[len(b) // 10],
+                         "median_batch": b[len(b) // 2], "p90_batch": b[(9 * len(b)) // 10],
+                         "wall_seconds": timings.get(arm, [math.nan] * (k + 1))[k]})
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def verdict(summary: dict[str, dict[str, Any]]) -> str:
+    if "baseline" not in summary:
+        return "No baseline arm was run, so there is nothing to compare against."
+    base = summary["baseline"]
+    lines = []
+    for arm, s in summary.items():
+        if arm == "baseline":
+            continue
+        overlap = s["ci95"][0] <= base["ci95"][1] and base["ci95"][0] <= s["ci95"][1]
+        accuracy = ("matches the baseline's test accuracy (95 % intervals overlap)" if overlap else
+                    "is " + ("better" if s["test_mean"] > base["test_mean"] else "worse") +
+                    " than the baseline (95 % intervals do not overlap)")
+        steadier = s["stability"] < base["stability"]
+        adapting = s["min_batch"] != s["max_batch"]
+        lines.append(f"- **{LABELS.get(arm, arm)}** {accuracy}; its late validation curve is "
+                     f"{'steadier' if steadier else 'not steadier'} (std of the last {STABILITY_LAST} evaluations "
+                     f"{s['stability']:.4f} vs {base['stability']:.4f}); its effective batch "
+                     + (f"adapted between {s['min_batch']} and {s['max_batch']} (mean {s['mean_batch']:.0f})."
+                        if adapting else f"was always {s['min_batch']}: it did not adapt."))
+    return "\n".join(lines)
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    """Write runs.csv, report.md and the plots from ``results`` (and timings.json, if there)."""
+    try:
+        timings = json.loads((out / "timings.json").read_text())["wall_seconds"]
+    except (OSError, ValueError, KeyError):
+        timings = {}
+    summary = summarize(results, timings)
+    write_runs_csv(results, timings, out / "runs.csv")
+    plots = write_plots(results, out)
+    cfg = results["config"]
+    lines = [
+        "# gradaccum reproduce: GAGA vs fixed-batch Adam on mnist1d", "",
+        f"MLP 40-256-256-10, Adam, {cfg['budget']:,} training samples per run, validation every "
+        f"{cfg['eval_every']:,} samples; Optuna TPE, {cfg['trials']} trials per arm (objective: final validation "
+        f"accuracy); the best settings trained over {cfg['seeds']} seeds and evaluated on the 1000 test samples.", "",
+        "| arm | test accuracy (mean ± std) | 95 % CI | tuned | stability (std of last "
+        f"{STABILITY_LAST} val. acc.) | effective batch mean (min-max) | optimizer steps | wall s / run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, s in summary.items():
+        tuned = ", ".join(f"{k} {v:.4g}" for k, v in s["params"].items())
+        lines.append(f"| {LABELS.get(arm, arm)} | {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} % | "
+                     f"{100 * s['ci95'][0]:.2f} – {100 * s['ci95'][1]:.2f} % | {tuned} | {s['stability']:.4f} | "
+                     f"{s['mean_batch']:.0f} ({s['min_batch']}-{s['max_batch']}) | {s['steps']:.0f} | {s['wall']:.1f} |")
+    lines += ["", "Reference values (DESIGN.md section 6, one run each):", "",
+              "| arm | lr | tau | test accuracy |", "|---|---|---|---|"]
+    for arm, ref in REFERENCE.items():
+        lines.append(f"| {LABELS[arm]} | {ref['lr']} | {ref.get('tau', '-')} | {100 * ref['test_accuracy']:.2f} % |")
+    lines += ["", "## Verdict", "", verdict(summary), ""]
+    warned = {arm: s["warnings"] for arm, s in summary.items() if s["warnings"]}
+    if warned:
+        lines += ["## Warnings during the final runs", ""]
+        lines += [f"- {LABELS.get(arm, arm)}: {w}" for arm, ws in warned.items() for w in ws]
+        lines.append("")
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    write_atomic(out / "report.md", "\n".join(lines))
+
+
+def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, entry in results["arms"].items():
+        curves = [r["val_curve"] for r in entry["runs"]]
+        length = min(len(c) for c in curves)
+        xs = [c[0] for c in curves[0][:length]]
+        ys = [[c[i][1] for c in curves] for i in range(length)]
+        mean = [statistics.fmean(v) for v in ys]
+        std = [statistics.pstdev(v) for v in ys]
+        ax.plot(xs, mean, label=LABELS.get(arm, arm))
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ax.set(xlabel="training samples seen", ylabel="validation accuracy", title="Validation accuracy (mean ± std over seeds)")
+    ax.legend()
+    paths.append(_save(fig, out / "val_accuracy.png"))
+
+    adaptive = [a for a in results["arms"] if a in ("gaga", "gaga_mean", "normtest")]
+    if adaptive:
+        fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        for arm in adaptive:
+            run = results["arms"][arm]["runs"][0]
+            axes[0].plot(run["batch_sizes"], label=LABELS.get(arm, arm), lw=0.8)
+            stat = [math.nan if v is None else v for v in run["statistic"]]
+            axes[1].plot(stat, label=LABELS.get(arm, arm), lw=0.8)
+        axes[0].set(ylabel="effective batch (samples)", title="Adaptive arms, first seed")
+        axes[1].set(xlabel="optimizer step", ylabel="rule statistic at the stop", yscale="log")
+        axes[0].legend()
+        paths.append(_save(fig, out / "effective_batch_and_statistic.png"))
+
+    arms = list(results["arms"])
+    fig, axes = plt.subplots(1, len(arms), figsize=(3.2 * len(arms), 3), squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        values = [t["value"] for t in results["arms"][arm]["trials"]]
+        best = [max(values[:i + 1]) for i in range(len(values))]
+        ax.plot(values, "o", ms=3, label="trial")
+        ax.plot(best, "-", label="best so far")
+        ax.set(title=LABELS.get(arm, arm), xlabel="trial", ylabel="final val. accuracy")
+    axes[0][0].legend()
+    paths.append(_save(fig, out / "optuna_history.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(out: Path) -> dict[str, Any]:
+    path = out / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"out: no readable results.json in {out}: {error}") from None

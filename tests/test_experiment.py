@@ -1,0 +1,153 @@
+"""`gradaccum reproduce / tune / train / report`: outputs, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from gradaccum.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--quick", "--budget", "1600", "--eval-every", "400", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> Path:
+    out = tmp_path_factory.mktemp("reproduce")
+    assert main(["reproduce", *TINY, "--out", str(out), "--data-dir", data_dir, "--arms", "baseline", "gaga"]) == 0
+    return out
+
+
+def test_reproduce_writes_every_output(reproduced: Path) -> None:
+    for name in ("config.yaml", "results.json", "runs.csv", "report.md", "timings.json", "optuna.db",
+                 "val_accuracy.png", "effective_batch_and_statistic.png", "optuna_history.png"):
+        assert (reproduced / name).stat().st_size > 0, name
+    results = json.loads((reproduced / "results.json").read_text())
+    assert results["config"]["trials"] == 2 and results["config"]["budget"] == 1600
+    for arm in ("baseline", "gaga"):
+        entry = results["arms"][arm]
+        assert set(entry) == {"best_params", "best_value", "trials", "runs"}
+        assert len(entry["trials"]) == 2 and len(entry["runs"]) == 2
+        run = entry["runs"][0]
+        assert 0 <= run["test_accuracy"] <= 1 and len(run["val_curve"]) == 4
+        assert sum(run["batch_sizes"]) + run["flushed_items"] == 1600
+    assert "tau" in results["arms"]["gaga"]["best_params"]
+    assert set(results["arms"]["baseline"]["runs"][0]["batch_sizes"]) == {32}
+    with (reproduced / "runs.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {"arm", "seed", "test_accuracy", "final_val_accuracy", "optimizer_steps",
+                               "mean_batch", "median_batch", "wall_seconds"} <= set(rows[0])
+    report = (reproduced / "report.md").read_text()
+    for needle in ("95 % CI", "stability", "Reference values", "66.30 %", "## Verdict", "optuna_history.png"):
+        assert needle in report
+
+
+def test_same_seed_gives_the_same_results(reproduced: Path, tmp_path: Path, data_dir: str) -> None:
+    assert main(["reproduce", *TINY, "--out", str(tmp_path), "--data-dir", data_dir, "--arms", "baseline", "gaga"]) == 0
+    first = json.loads((reproduced / "results.json").read_text())
+    second = json.loads((tmp_path / "results.json").read_text())
+    first["config"].pop("out"), second["config"].pop("out")
+    assert first == second
+
+
+def test_report_rebuilt_from_saved_results_equals_the_original(reproduced: Path) -> None:
+    original = {name: (reproduced / name).read_bytes() for name in ("report.md", "runs.csv")}
+    for name in original:
+        (reproduced / name).unlink()
+    assert main(["report", "--out", str(reproduced)]) == 0
+    for name, content in original.items():
+        assert (reproduced / name).read_bytes() == content
+
+
+def test_train_one_run(tmp_path: Path, data_dir: str) -> None:
+    assert main(["train", "--arm", "gaga_mean", "--lr", "0.003", "--tau", "1.5", "--budget", "960",
+                 "--eval-every", "320", "--out", str(tmp_path), "--data-dir", data_dir, "--quiet"]) == 0
+    result = json.loads((tmp_path / "train-gaga_mean-seed0.json").read_text())
+    assert result["params"] == {"lr": 0.003, "tau": 1.5} and len(result["val_curve"]) == 3
+
+
+def test_killed_study_resumes_without_repeating_finished_trials(tmp_path: Path, data_dir: str) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "4", "--budget", "6400",
+            "--eval-every", "3200", "--out", str(tmp_path), "--data-dir", data_dir, "--storage", storage, "--quiet"]
+    proc = subprocess.Popen(args, cwd=ROOT)
+    study = None
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for the first finished trial, then kill mid-study
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="gradaccum-baseline", storage=storage)
+            done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+        except Exception:
+            continue
+        if done:
+            break
+    proc.kill()
+    proc.wait()
+    before = {t.number: (t.params, t.value) for t in study.get_trials()
+              if t.state == optuna.trial.TrialState.COMPLETE}
+    assert 1 <= len(before) < 4
+    assert subprocess.run(args, cwd=ROOT, timeout=300).returncode == 0
+    study = optuna.load_study(study_name="gradaccum-baseline", storage=storage)
+    after = {t.number: (t.params, t.value) for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(after) == 4
+    for number, finished in before.items():
+        assert after[number] == finished  # kept, not rerun
+    assert len(study.get_trials()) <= 4 + 1  # at most the one killed trial was left unfinished
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["reproduce", "--budget", "-5"], "budget must be a positive integer"),
+     (["reproduce", "--config", "/nonexistent/settings.yaml"], "config: cannot read"),
+     (["reproduce", "--lr-low", "0.1", "--lr-high", "0.01"], "lr_low and lr_high must satisfy"),
+     (["train", "--arm", "gaga", "--lr", "0.01"], "tau: the gaga arm needs --tau"),
+     (["report", "--out", "/nonexistent/results"], "out: no readable results.json")],
+)
+def test_bad_settings_exit_nonzero_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_arm_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["reproduce", "--arms", "adamw"])
+    assert info.value.code == 2 and "invalid choice: 'adamw'" in capsys.readouterr().err
+
+
+def test_unwritable_output_and_unopenable_storage(tmp_path: Path, data_dir: str, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["reproduce", *TINY, "--out", str(blocker / "out"), "--data-dir", data_dir]) == 2
+    assert "out: cannot write to output directory" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["reproduce", *TINY, "--out", str(out), "--data-dir", data_dir,
+                 "--storage", "sqlite:////nonexistent-dir/x/optuna.db"]) == 2
+    assert "storage: cannot open Optuna storage" in capsys.readouterr().err
+    assert not (out / "results.json").exists() and not (out / "report.md").exists()
+
+
+def test_config_file_and_flags(tmp_path: Path) -> None:
+    from gradaccum.experiments.config import ExperimentConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("trials: 3\narms: [baseline, normtest]\nbudget: 3200\n")
+    cfg = ExperimentConfig.from_yaml(path, budget=6400)
+    assert cfg.trials == 3 and cfg.arms == ["baseline", "normtest"] and cfg.budget == 6400
+    path.write_text("trails: 3\n")
+    with pytest.raises(ValueError, match="unknown settings in .*: trails"):
+        ExperimentConfig.from_yaml(path)
+    cfg.save(tmp_path / "saved.yaml")
+    assert ExperimentConfig.from_yaml(tmp_path / "saved.yaml") == cfg
