@@ -151,3 +151,17 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
         ExperimentConfig.from_yaml(path)
     cfg.save(tmp_path / "saved.yaml")
     assert ExperimentConfig.from_yaml(tmp_path / "saved.yaml") == cfg
+
+
+def test_parallel_tune_workers_share_one_study(tmp_path: Path, data_dir: str) -> None:
+    storage = f"journal:{tmp_path / 'journal.log'}"
+    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "gaga", "--trials", "4", "--budget", "1600",
+            "--eval-every", "800", "--out", str(tmp_path), "--data-dir", data_dir, "--storage", storage, "--quiet"]
+    workers = [subprocess.Popen(args, cwd=ROOT) for _ in range(2)]
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+    from gradaccum.experiments.tuning import storage as open_storage
+
+    study = optuna.load_study(study_name="gradaccum-gaga", storage=open_storage(storage))
+    complete = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(complete) <= 5  # a worker may finish the trial it started as the other reached 4
+    assert len({t.number for t in complete}) == len(complete)

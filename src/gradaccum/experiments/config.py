@@ -44,7 +44,8 @@ class ExperimentConfig:
     tau_mean_high: float = _f(20.0, "upper end of the log-uniform tau range, mean-gradient GSNR scale")
     theta_low: float = _f(0.1, "lower end of the log-uniform theta range of the norm test")
     theta_high: float = _f(3.0, "upper end of the log-uniform theta range of the norm test")
-    storage: str = _f("", "Optuna storage URL (default: sqlite:///<out>/optuna.db)")
+    storage: str = _f("", "Optuna storage: an RDB URL (default: sqlite:///<out>/optuna.db; postgresql://... "
+                          "for several machines) or journal:PATH (a file several local processes can share)")
     n_jobs: int = _f(1, "parallel Optuna trials in this process")
     seed: int = _f(0, "base seed (tuning sampler, data order, initialisation)")
     quiet: bool = _f(False, "no progress bars")

@@ -37,11 +37,23 @@ def suggest(trial: optuna.Trial, arm: str, cfg: ExperimentConfig) -> dict[str, f
     return params
 
 
+def storage(url: str) -> Any:
+    """An Optuna storage: an RDB URL (``sqlite:///...``, ``postgresql://...``) as Optuna takes
+    it, or ``journal:PATH``, a journal file that several processes on one machine can share
+    without a database server (Optuna's JournalFileBackend)."""
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    return url
+
+
 def open_study(arm: str, cfg: ExperimentConfig) -> optuna.Study:
     """Create or load the arm's study; a storage that cannot be opened raises ValueError."""
     optuna.logging.set_verbosity(logging.WARNING)
     try:
-        return optuna.create_study(study_name=f"gradaccum-{arm}", storage=cfg.storage_url, load_if_exists=True,
+        return optuna.create_study(study_name=f"gradaccum-{arm}", storage=storage(cfg.storage_url), load_if_exists=True,
                                    direction="maximize",
                                    sampler=optuna.samplers.TPESampler(seed=cfg.seed + ARMS.index(arm)))
     except Exception as error:  # SQLAlchemy / driver errors carry the useful message
