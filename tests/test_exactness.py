@@ -151,29 +151,21 @@ def test_flush_drop_discards_partial_window() -> None:
         assert torch.equal(p, b)
 
 
-def test_sum_reduction_matches_mean_reduction() -> None:
-    data = classification(8)
-    model = mlp()
+@pytest.mark.parametrize("form", ["sum_reduction", "tensor_count"])
+def test_sum_reduced_losses_and_tensor_counts_are_exact(form: str) -> None:
+    """``reduction="sum"`` losses, and counts given as integer tensors (counted tokens)."""
+    data = classification(8) if form == "sum_reduction" else tokens(8)
+    model = mlp() if form == "sum_reduction" else TinySeqModel()
     opt = GradCapture(model.parameters())
     acc = Accumulator(model, opt, FixedSteps(2))
     want = full_batch_grad(model, data)
     for sl in split(8, [3, 5]):
         part = take(data, sl)
-        loss = torch.nn.functional.cross_entropy(model(part.x), part.y, reduction="sum")
-        acc.backward(loss, len(part), reduction="sum")
-    assert_grads_close(opt.seen[0], want)
-
-
-def test_count_accepts_integer_tensor() -> None:
-    data = tokens(6)
-    model = TinySeqModel()
-    opt = GradCapture(model.parameters())
-    acc = Accumulator(model, opt, FixedSteps(2))
-    want = full_batch_grad(model, data)
-    for sl in split(6, [2, 4]):
-        part = take(data, sl)
-        loss, _ = ce_mean(model, part)
-        acc.backward(loss, (part.labels != -100).sum())
+        if form == "sum_reduction":
+            loss = torch.nn.functional.cross_entropy(model(part.x), part.y, reduction="sum")
+            acc.backward(loss, len(part), reduction="sum")
+        else:
+            acc.backward(ce_mean(model, part)[0], (part.labels != -100).sum())
     assert_grads_close(opt.seen[0], want)
 
 
