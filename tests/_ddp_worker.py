@@ -45,20 +45,25 @@ def rank_data(rank: int):
 def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    if mode == "gsnr":
-        run_gsnr(rank, out)
+    if mode in ("gsnr", "gsnr_skip"):
+        run_gsnr(rank, out, skip=mode == "gsnr_skip")
     else:
         run_fixed(rank, out, mode)
     dist.destroy_process_group()
 
 
-def run_gsnr(rank: int, out: Path) -> None:
+def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:
+    """With ``skip``, rank 1's third micro-batch has a NaN loss and is skipped."""
     model = DistributedDataParallel(mlp())
-    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), gsnr_rule())
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), gsnr_rule(),
+                      nonfinite="skip_micro_batch")
     data = gsnr_data()
-    for start in range(0, GSNR_SAMPLES, 2 * GSNR_INC):
+    for k, start in enumerate(range(0, GSNR_SAMPLES, 2 * GSNR_INC)):
         part = take(data, slice(start + rank * GSNR_INC, start + (rank + 1) * GSNR_INC))
-        acc.backward(*ce_mean(model, part))
+        loss, count = ce_mean(model, part)
+        if skip and rank == 1 and k == 2:
+            loss = loss * float("nan")
+        acc.backward(loss, count)
     acc.flush()
     torch.save({"history": [(r.items, r.info.get("gsnr"), r.info.get("samples")) for r in acc.history],
                 "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")

@@ -78,15 +78,18 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path, nonfinite: str) -> Non
         assert ranks[r]["ddp_hook_calls"] == 0
 
 
-def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_path: Path) -> None:
+@pytest.mark.parametrize("skip", [False, True], ids=["all_finite", "rank1_skips_a_micro_batch"])
+def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_path: Path, skip: bool) -> None:
     """Statistics are reduced over ranks at every increment: both ranks take the same
-    decisions, at the same increments, as one process that sees both halves at once."""
-    ranks = run_two_ranks(tmp_path, "gsnr")
+    decisions, at the same increments, as one process that sees both halves at once. A
+    rank that skips a non-finite micro-batch still joins the increment (no deadlock)."""
+    ranks = run_two_ranks(tmp_path, "gsnr_skip" if skip else "gsnr")
     model = mlp()
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), worker.gsnr_rule())
     data = worker.gsnr_data()
-    for start in range(0, worker.GSNR_SAMPLES, 2 * worker.GSNR_INC):
-        acc.backward(*ce_mean(model, take(data, slice(start, start + 2 * worker.GSNR_INC))))
+    for k, start in enumerate(range(0, worker.GSNR_SAMPLES, 2 * worker.GSNR_INC)):
+        end = start + (worker.GSNR_INC if skip and k == 2 else 2 * worker.GSNR_INC)  # rank 1's half dropped
+        acc.backward(*ce_mean(model, take(data, slice(start, end))))
     acc.flush()
     history = [(r.items, r.info.get("gsnr"), r.info.get("samples")) for r in acc.history]
     assert len({items for items, _, _ in history}) > 1  # the windows really differ in size

@@ -7,6 +7,8 @@ the last 800 validate. ``get_dataset`` (which may download) is never called.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,7 +43,10 @@ def load_mnist1d(cache: Path | None = None) -> MNIST1D:
                      data["y_test"].astype(np.int64))
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, **splits._asdict())
-        tmp.replace(cache)  # never leave a half-written cache that a rerun would trust
+        # a private temporary file, then an atomic rename: never a half-written cache that a
+        # rerun would trust, and no collision between workers generating it at once
+        with tempfile.NamedTemporaryFile(dir=cache.parent, prefix=cache.stem + ".", suffix=".tmp.npz",
+                                         delete=False) as f:
+            np.savez(f, **splits._asdict())
+        os.replace(f.name, cache)
     return splits

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import statistics
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +28,12 @@ STABILITY_LAST = 10
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write ``path`` whole or not at all: a crash never leaves a half-written file, and
+    concurrent writers (parallel tune workers) never share a temporary file."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp",
+                                     delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
 
 
 def effective_batches(run: dict[str, Any]) -> list[int]:
@@ -71,12 +75,11 @@ def write_runs_csv(results: dict[str, Any], timings: dict[str, list[float]], pat
                          "mean_batch": statistics.fmean(b), "p10_batch": b[len(b) // 10],
                          "median_batch": b[len(b) // 2], "p90_batch": b[(9 * len(b)) // 10],
                          "wall_seconds": timings.get(arm, [math.nan] * (k + 1))[k]})
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
 
 
 def verdict(summary: dict[str, dict[str, Any]]) -> str:
@@ -183,10 +186,10 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.png", delete=False) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    os.replace(f.name, path)
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,11 @@ def prepare_output(cfg: ExperimentConfig) -> tuple[Path, MNIST1D]:
     out = Path(cfg.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=out):  # a probe no other worker can collide with
+            pass
     except OSError as error:
         raise ValueError(f"out: cannot write to output directory {out}: {error}") from None
-    cfg.save(out / "config.yaml")
+    write_atomic(out / "config.yaml", cfg.to_yaml())
     return out, load_mnist1d(Path(cfg.data_dir) / "mnist1d.npz")
 
 

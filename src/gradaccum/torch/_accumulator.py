@@ -72,7 +72,11 @@ class Accumulator:
     per-backward all-reduce is switched off and the window's gradient sums and item
     counts are all-reduced once, when the window closes, so the step equals a single
     process run over the union of all ranks' micro-batches. Every rank must call
-    ``backward`` the same number of times per window, and ``flush`` together.
+    ``backward`` the same number of times per window, and ``flush`` together. With a
+    statistics rule, every micro-batch is one collective increment: a rank whose
+    micro-batch was skipped as non-finite contributes zeros, so no rank waits; the
+    ``"raise"`` policy raises on the rank that saw the bad micro-batch only, so use a
+    skip policy under DDP.
 
     Memory: the window sum is kept apart from ``param.grad`` (one extra gradient-sized
     buffer), so that a bad micro-batch can be dropped without touching the sum.
@@ -173,6 +177,7 @@ class Accumulator:
         check_choice("reduction", reduction, ("mean", "sum"))
         self._check_grads_untouched()
         self._micro_batches += 1
+        committed = False
         if self._poisoned:
             self._discard_statistics()  # the window will be skipped: no backward needed
         elif (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
@@ -192,8 +197,11 @@ class Accumulator:
             else:
                 if self.stats is not None:
                     self.stats.commit(grads, reduce=self._reduce_increment if self._ddp else None)
+                    committed = True
                 self._add_to_window(grads)
                 self._items += count
+        if self.stats is not None and self._ddp and not committed:
+            self.stats.commit_empty(self._reduce_increment)  # every rank joins every increment
         if self.stats is not None and self.stats.count == 0:
             decision = Decision(False, {})  # no statistics yet (every micro-batch so far was skipped)
         else:

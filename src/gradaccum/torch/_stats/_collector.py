@@ -197,6 +197,17 @@ class PerSampleGradStats:
         self._reset_increment()
         return n
 
+    def commit_empty(self, reduce: Callable[[list[torch.Tensor], int], int]) -> int:
+        """Take part in a data-parallel increment for which this process has no samples
+        (its micro-batch was skipped): contribute zeros, merge what the others saw."""
+        self._reset_increment()
+        firsts = [torch.zeros_like(p) for p in self.params]
+        seconds = [torch.zeros_like(p) for p in self.params]
+        n = reduce(firsts + seconds, 0)
+        if n > 0:
+            self._moments = merge_sums_into(self._moments, firsts, seconds, n)
+        return n
+
     def _add_call(self, call: _Call, n: int, squares: list[torch.Tensor | None], tied: dict[int, torch.Tensor]) -> None:
         unit = call.unit
         needs_per_sample = {k for k, p in unit.params.items() if self._uses.get(id(p), 0) > 1}
