@@ -3,7 +3,8 @@
 Usage: python -m tests._ddp_worker RANK WORLD PORT OUT_DIR MODE
 
 MODE is a non-finite policy ("raise", "skip_window") for FixedSteps over uneven
-micro-batches, or "gsnr" for the adaptive rule over increments of GSNR_INC per rank.
+micro-batches, "gsnr" / "gsnr_skip" for the adaptive rule over increments of GSNR_INC
+per rank, or "probe" for find_micro_batch_size with a different memory limit per rank.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gradaccum import GSNR, FixedSteps
-from gradaccum.torch import Accumulator
+from gradaccum.torch import Accumulator, find_micro_batch_size
 
 from .reference import GradCapture, ce_mean, classification, mlp, take
 
@@ -47,6 +48,8 @@ def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     if mode in ("gsnr", "gsnr_skip"):
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
+    elif mode == "probe":
+        run_probe(rank, out)
     else:
         run_fixed(rank, out, mode)
     dist.destroy_process_group()
@@ -67,6 +70,17 @@ def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:
     acc.flush()
     torch.save({"history": [(r.items, r.info.get("gsnr"), r.info.get("samples")) for r in acc.history],
                 "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
+
+
+PROBE_LIMITS = {0: 37, 1: 20}  # the largest micro-batch that fits, per rank
+
+
+def run_probe(rank: int, out: Path) -> None:
+    def step(m: int) -> None:
+        if m > PROBE_LIMITS[rank]:
+            raise RuntimeError("CUDA out of memory (injected)")
+
+    torch.save({"size": find_micro_batch_size(step, 4)}, out / f"rank{rank}.pt")
 
 
 def run_fixed(rank: int, out: Path, nonfinite: str) -> None:

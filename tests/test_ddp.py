@@ -101,3 +101,8 @@ def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_pat
             assert (a is None and b is None) or a == pytest.approx(b, rel=1e-9)
         for p, q in zip(ranks[r]["params"], model.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)
+
+
+def test_ranks_agree_on_the_smallest_micro_batch_that_fits(tmp_path: Path) -> None:
+    ranks = run_two_ranks(tmp_path, "probe")
+    assert [r["size"] for r in ranks] == [min(worker.PROBE_LIMITS.values())] * 2

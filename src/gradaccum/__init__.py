@@ -12,7 +12,9 @@ from ._core import NormTest as NormTest
 from ._core import StepRecord as StepRecord
 from ._core import StoppingRule as StoppingRule
 from ._core import WindowView as WindowView
+from ._core import lr_factor as lr_factor
+from ._core import plan_micro_batches as plan_micro_batches
 
 __version__ = "0.1.0"
 
-__all__ = ["GSNR", "Decision", "FixedSteps", "NormTest", "StepRecord", "StoppingRule", "WindowView", "__version__"]
+__all__ = ["GSNR", "Decision", "FixedSteps", "NormTest", "StepRecord", "StoppingRule", "WindowView", "lr_factor", "plan_micro_batches", "__version__"]

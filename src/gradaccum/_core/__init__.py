@@ -9,6 +9,7 @@ from .moments import Moments as Moments
 from .moments import merge as merge
 from .moments import moments_from_sums as moments_from_sums
 from .monitor import DecisionMonitor as DecisionMonitor
+from .planning import plan_micro_batches as plan_micro_batches
 from .records import StepRecord as StepRecord
 from .rules import GSNR as GSNR
 from .rules import Decision as Decision
