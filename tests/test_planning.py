@@ -116,3 +116,65 @@ def test_other_errors_propagate_and_arguments_are_checked() -> None:
         find_micro_batch_size(lambda m: None, 0)
     with pytest.raises(ValueError, match=r"max_size \(2\) must be >= start \(4\)"):
         find_micro_batch_size(lambda m: None, 4, max_size=2)
+
+
+def _allocate(m: int) -> None:
+    """A step whose memory grows with m: 4 MiB per sample, twice over."""
+    x = torch.ones(m, 1 << 20)
+    (x * 2).sum()
+
+
+def test_cpu_memory_budget_is_measured_and_respected() -> None:
+    from gradaccum.torch import measure_peak_memory
+
+    budget = 120 * 2**20
+    m = find_micro_batch_size(_allocate, 1, max_memory=budget)
+    assert measure_peak_memory(_allocate, m) <= budget < measure_peak_memory(_allocate, m + 1)
+    assert 8 <= m <= 15  # about 8 MiB per sample, plus what the child's interpreter touches
+
+
+def test_measured_child_reports_out_of_memory_and_propagates_other_errors() -> None:
+    from gradaccum.torch import measure_peak_memory
+
+    def oom(m: int) -> None:
+        raise RuntimeError("out of memory (injected)")
+
+    def broken(m: int) -> None:
+        raise KeyError("bad batch")
+
+    assert measure_peak_memory(oom, 4) is None
+    with pytest.raises(KeyError, match="bad batch"):
+        measure_peak_memory(broken, 4)
+
+
+def test_spiking_network_gradient_is_the_same_at_micro_batch_1_4_16() -> None:
+    """The memory proof's exactness half, in float64: one window of 16, three ways."""
+    from gradaccum.experiments.snn import SpikingClassifier
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 40, generator=g, dtype=torch.float64) * 2, torch.randint(0, 10, (16,), generator=g)
+    seen = {}
+    for micro in (1, 4, 16):
+        torch.manual_seed(0)
+        model = SpikingClassifier(hidden=32, steps=12).double()
+        opt = GradCapture(model.parameters())
+        acc = Accumulator(model, opt, FixedSteps(16 // micro))
+        for i in range(0, 16, micro):
+            acc.backward(torch.nn.functional.cross_entropy(model(x[i:i + micro]), y[i:i + micro]), micro)
+        seen[micro] = opt.seen[0]
+    assert any(float(g.abs().max()) > 0 for g in seen[16])
+    for micro in (1, 4):
+        assert_grads_close(seen[micro], seen[16])
+
+
+def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from gradaccum.cli import main
+
+    assert main(["plan", "--model", "tests.test_planning:_allocate", "--effective-batch", "40",
+                 "--max-memory", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch" in out and "FixedSteps(" in out
+    assert main(["plan", "--model", "nope", "--max-memory", "100"]) == 2
+    assert "model must be one of mlp, snn or module:function" in capsys.readouterr().err
+    assert main(["plan", "--max-memory", "0"]) == 2
+    assert "max_memory must be a positive number of MiB" in capsys.readouterr().err

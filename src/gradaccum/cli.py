@@ -1,4 +1,4 @@
-"""The `gradaccum` command: reproduce, tune, train, report, demo."""
+"""The `gradaccum` command: reproduce, tune, train, report, plan, demo."""
 
 from __future__ import annotations
 
@@ -124,6 +124,17 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .experiments.plan import plan
+
+    result = plan(args.model, args.effective_batch, args.max_memory, args.start, args.max_size)
+    print(f"micro-batch {result['micro_batch']} (peak memory {result['peak_memory_mib']:.1f} MiB of "
+          f"{args.max_memory:g} MiB); effective batch {args.effective_batch} = "
+          f"{result['micro_batches_per_window']} micro-batches {result['sizes']}: "
+          f"Accumulator(..., FixedSteps({result['micro_batches_per_window']}))")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .experiments.demo import run_demo
 
@@ -162,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.md, runs.csv and plots from saved results.json")
     report.add_argument("--out", default="gradaccum-out/reproduce", help="the results directory (default: %(default)s)")
     report.set_defaults(func=_report)
+
+    plan = sub.add_parser("plan", help="the largest micro-batch within a memory budget, and the window plan")
+    plan.add_argument("--model", default="snn", help="mlp, snn (built in) or module:function, a callable "
+                      "step(m) running one forward and backward at micro-batch m (default: %(default)s)")
+    plan.add_argument("--effective-batch", type=_positive_int, default=64, help="target effective batch "
+                      "(default: %(default)s)")
+    plan.add_argument("--max-memory", type=float, required=True, help="memory budget in MiB, measured per try "
+                      "in a child process")
+    plan.add_argument("--start", type=_positive_int, default=1, help="first micro-batch to try (default: 1)")
+    plan.add_argument("--max-size", type=_positive_int, help="largest micro-batch to try (default: the "
+                      "effective batch)")
+    plan.set_defaults(func=_plan)
 
     demo = sub.add_parser("demo", help="check exactness and train a small model with accumulation")
     demo.add_argument("--out", default="gradaccum-out/demo", help="output directory (default: %(default)s)")

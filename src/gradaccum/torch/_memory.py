@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
-from typing import Callable
+import multiprocessing
+import resource
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -26,7 +28,7 @@ def _free_memory() -> None:
 
 
 def find_micro_batch_size(step: Callable[[int], object], start: int = 1, max_size: int | None = None, *,
-                          process_group: object | None = None) -> int:
+                          max_memory: int | None = None, process_group: object | None = None) -> int:
     """The largest micro-batch ``m`` for which ``step(m)`` runs without running out of memory.
 
     ``step(m)`` should run one forward and backward at micro-batch ``m``. Sizes are probed
@@ -35,6 +37,11 @@ def find_micro_batch_size(step: Callable[[int], object], start: int = 1, max_siz
     tries. Errors other than out-of-memory propagate. Under torch.distributed every rank
     probes and all agree on the smallest result. Raises RuntimeError when even ``start``
     does not fit.
+
+    With ``max_memory`` (bytes), a size fits only if its measured peak memory stays within
+    the budget: each try runs in a forked child process (``measure_peak_memory``), which
+    is how a CPU limit must be handled, since the operating system kills a process that
+    exceeds memory instead of raising.
     """
     start = check_positive_int("start", start)
     if max_size is not None:
@@ -42,7 +49,13 @@ def find_micro_batch_size(step: Callable[[int], object], start: int = 1, max_siz
         if max_size < start:
             raise ValueError(f"max_size ({max_size}) must be >= start ({start})")
 
+    if max_memory is not None:
+        max_memory = check_positive_int("max_memory", max_memory)
+
     def fits(m: int) -> bool:
+        if max_memory is not None:
+            peak = measure_peak_memory(step, m)
+            return peak is not None and peak <= max_memory
         try:
             step(m)
             return True
@@ -72,3 +85,58 @@ def find_micro_batch_size(step: Callable[[int], object], start: int = 1, max_siz
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=process_group)
         good = int(agreed)
     return good
+
+
+def measure_peak_memory(step: Callable[[int], object], m: int) -> int | None:
+    """Peak resident memory (bytes) that ``step(m)`` adds, measured in a forked child.
+
+    The child resets its peak resident size (Linux ``/proc/self/clear_refs``), runs the
+    step and reports how far the peak rose above what it held at the fork. Returns None
+    when the child dies (the operating system's out-of-memory killer) or the step runs
+    out of memory. The parent never runs the step, so a size that does not fit cannot
+    kill it. Linux only.
+    """
+    check_positive_int("m", m)
+    context = multiprocessing.get_context("fork")
+    reader, writer = context.Pipe(duplex=False)
+    child = context.Process(target=_measure_child, args=(step, m, writer), daemon=True)
+    child.start()
+    writer.close()
+    result = None
+    try:
+        if reader.poll(timeout=None):
+            result = reader.recv()
+    except EOFError:
+        result = None  # killed before it could answer
+    child.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _measure_child(step: Callable[[int], object], m: int, writer: Any) -> None:
+    # A forked child inherits the parent's OpenMP state but not its threads: entering a
+    # parallel region would hang, so the child computes on one thread (same memory).
+    torch.set_num_threads(1)
+    try:
+        baseline = _rss_bytes()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+        try:
+            step(m)
+        except BaseException as error:  # noqa: B902
+            writer.send(None if is_out_of_memory(error) else error)
+            return
+        writer.send(_peak_bytes() - baseline)
+    finally:
+        writer.close()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
