@@ -178,3 +178,13 @@ def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "model must be one of mlp, snn or module:function" in capsys.readouterr().err
     assert main(["plan", "--max-memory", "0"]) == 2
     assert "max_memory must be a positive number of MiB" in capsys.readouterr().err
+
+
+def test_lr_scaling_helper() -> None:
+    from gradaccum import lr_factor
+
+    assert lr_factor("linear", 256, 64) == 4.0 and lr_factor("sqrt", 256, 64) == 2.0
+    with pytest.raises(ValueError, match="lr_scaling must be one of 'linear', 'sqrt'"):
+        lr_factor("cubic", 256, 64)
+    with pytest.raises(ValueError, match="reference_batch must be a positive int"):
+        lr_factor("linear", 256, 0)
