@@ -188,3 +188,18 @@ def test_lr_scaling_helper() -> None:
         lr_factor("cubic", 256, 64)
     with pytest.raises(ValueError, match="reference_batch must be a positive int"):
         lr_factor("linear", 256, 0)
+
+
+def test_plan_accumulation_in_one_call_and_budget_checks() -> None:
+    from gradaccum.torch import plan_accumulation
+
+    def step(m: int) -> None:
+        if m > 96:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    assert plan_accumulation(step, 256) == [96, 96, 64]
+    assert plan_accumulation(step, 64) == [64]
+    with pytest.raises(ValueError, match="max_memory must be a positive int"):
+        find_micro_batch_size(step, 1, max_memory=0)
+    with pytest.raises(ValueError, match="effective_batch must be a positive int"):
+        plan_accumulation(step, 0)

@@ -6,7 +6,8 @@ from ._accumulator import NonFinitePolicy as NonFinitePolicy
 from ._memory import find_micro_batch_size as find_micro_batch_size
 from ._memory import is_out_of_memory as is_out_of_memory
 from ._memory import measure_peak_memory as measure_peak_memory
+from ._memory import plan_accumulation as plan_accumulation
 from ._stats import PerSampleGradStats as PerSampleGradStats
 
 __all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy", "PerSampleGradStats", "find_micro_batch_size",
-           "is_out_of_memory", "measure_peak_memory"]
+           "is_out_of_memory", "measure_peak_memory", "plan_accumulation"]

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from .._core.planning import plan_micro_batches
 from .._core.validation import check_positive_int
 
 
@@ -140,3 +141,21 @@ def _rss_bytes() -> int:
 def _peak_bytes() -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def plan_accumulation(step: Callable[[int], object], effective_batch: int, *, start: int = 1,
+                      max_memory: int | None = None) -> list[int]:
+    """One call from "my model runs out of memory at this batch" to a window plan.
+
+    Finds the largest micro-batch ``step`` runs at (up to ``effective_batch``; within
+    ``max_memory`` bytes when given, as ``find_micro_batch_size``), then returns this
+    rank's micro-batch sizes adding up (over all ranks, under torch.distributed) to exactly
+    ``effective_batch``. Train with ``Accumulator(model, opt, FixedSteps(len(sizes)))``.
+    """
+    effective_batch = check_positive_int("effective_batch", effective_batch)
+    world, rank = 1, 0
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    cap = max(start, -(-effective_batch // world))
+    micro = find_micro_batch_size(step, start, cap, max_memory=max_memory)
+    return plan_micro_batches(effective_batch, micro, world)[rank]
