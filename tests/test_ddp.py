@@ -42,8 +42,8 @@ def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(port), str(tmp_path),
                                mode], cwd=ROOT) for r in range(2)]
-    for p in procs:
-        assert p.wait(timeout=300) == 0
+    codes = [p.wait(timeout=300) for p in procs]  # wait for both before judging: no orphan left behind
+    assert codes == [0, 0]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
