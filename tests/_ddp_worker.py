@@ -1,6 +1,6 @@
 """One rank of the DDP test (tests/test_ddp.py): gloo on loopback, float64.
 
-Usage: python -m tests._ddp_worker RANK WORLD PORT OUT_DIR MODE
+Usage: python -m tests._ddp_worker RANK WORLD OUT_DIR MODE
 
 MODE is a non-finite policy ("raise", "skip_window") for FixedSteps over uneven
 micro-batches, "gsnr" / "gsnr_skip" for the adaptive rule over increments of GSNR_INC
@@ -43,15 +43,18 @@ def rank_data(rank: int):
     return classification(sum(SIZES[rank]), seed=10 + rank)
 
 
-def main(rank: int, world: int, port: int, out: Path, mode: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def main(rank: int, world: int, out: Path, mode: str) -> None:
+    # gloo on loopback only; rendezvous through a file in the test's own directory, so no
+    # port has to be picked in advance (and raced for)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
     if mode in ("gsnr", "gsnr_skip"):
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
     elif mode == "probe":
         run_probe(rank, out)
     else:
         run_fixed(rank, out, mode)
+    dist.barrier()  # both ranks done before either tears gloo down (else one can abort at exit)
     dist.destroy_process_group()
 
 
@@ -124,4 +127,4 @@ def run_fixed(rank: int, out: Path, nonfinite: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5])
+    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])

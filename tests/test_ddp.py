@@ -7,7 +7,6 @@ other micro-steps (DeepSpeed #2252, Transformers PR #34645).
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +22,6 @@ from .reference import ce_mean, full_batch_grad, mlp, take
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def windows_of(sizes: list[int], k: int) -> list[slice]:
     out, start = [], 0
     for w in range(0, len(sizes), k):
@@ -39,9 +32,8 @@ def windows_of(sizes: list[int], k: int) -> list[slice]:
 
 
 def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(port), str(tmp_path),
-                               mode], cwd=ROOT) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path), mode],
+                              cwd=ROOT) for r in range(2)]
     codes = [p.wait(timeout=300) for p in procs]  # wait for both before judging: no orphan left behind
     assert codes == [0, 0]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
