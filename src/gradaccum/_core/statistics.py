@@ -38,7 +38,7 @@ def mean_gsnr(stats: Sequence[Moments], scale: str) -> GSNRValue:
     if fast is not None:
         return fast(scale)
     total, elements, skipped = 0.0, 0, 0
-    n = _common_count(stats)
+    n = sample_count(stats)
     for m in stats:
         var = variance(m)
         valid = var > 0
@@ -66,7 +66,7 @@ def norm_test_terms(stats: Sequence[Moments]) -> NormTestValue:
     fast = getattr(stats, "norm_test_terms", None)
     if fast is not None:
         return fast()
-    n = _common_count(stats)
+    n = sample_count(stats)
     trace = sum(float(variance(m).sum()) for m in stats)
     squared = sum(float((m.mean * m.mean).sum()) for m in stats)
     return NormTestValue(trace / n, squared)
@@ -74,10 +74,6 @@ def norm_test_terms(stats: Sequence[Moments]) -> NormTestValue:
 
 def sample_count(stats: Sequence[Moments]) -> int:
     """The number of samples the moments cover (the same for every parameter)."""
-    return _common_count(stats)
-
-
-def _common_count(stats: Sequence[Moments]) -> int:
     if not stats:
         raise ValueError("statistics must hold the moments of at least one parameter")
     n = stats[0].n

@@ -136,8 +136,8 @@ class Accumulator:
 
     # ------------------------------------------------------------------ window state
     def _reset_window(self) -> None:
-        if getattr(self, "stats", None) is not None:
-            self.stats.reset()  # type: ignore[union-attr]
+        if self.stats is not None:
+            self.stats.reset()
         self._sums: list[torch.Tensor | None] = [None] * len(self._params)
         self._micro_batches = 0
         self._items = 0
