@@ -1,11 +1,12 @@
 """gradaccum: gradient accumulation that is exact, adaptive and fast.
 
 The top level holds the framework-agnostic pieces (stopping rules and records);
-the backends live in ``gradaccum.torch`` (and, later, ``gradaccum.jax``) so that
+the backends live in ``gradaccum.torch`` and ``gradaccum.jax`` so that
 importing ``gradaccum`` imports neither framework.
 """
 
 from ._core import GSNR as GSNR
+from ._core import AccumulationConfig as AccumulationConfig
 from ._core import Decision as Decision
 from ._core import FixedSteps as FixedSteps
 from ._core import NormTest as NormTest
@@ -17,4 +18,4 @@ from ._core import plan_micro_batches as plan_micro_batches
 
 __version__ = "0.1.0"
 
-__all__ = ["GSNR", "Decision", "FixedSteps", "NormTest", "StepRecord", "StoppingRule", "WindowView", "lr_factor", "plan_micro_batches", "__version__"]
+__all__ = ["GSNR", "AccumulationConfig", "Decision", "FixedSteps", "NormTest", "StepRecord", "StoppingRule", "WindowView", "lr_factor", "plan_micro_batches", "__version__"]

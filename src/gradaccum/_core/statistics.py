@@ -11,9 +11,9 @@ numbers in fewer passes, and then those are used (the tests hold both to agree).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
-from .moments import Moments, variance
+from .moments import Moments
 
 
 class GSNRValue(NamedTuple):
@@ -39,18 +39,34 @@ def mean_gsnr(stats: Sequence[Moments], scale: str) -> GSNRValue:
         return fast(scale)
     total, elements, skipped = 0.0, 0, 0
     n = sample_count(stats)
+    if n < 2:
+        raise ValueError(f"the GSNR needs at least 2 samples, got n={n}")
     for m in stats:
-        var = variance(m)
-        valid = var > 0
-        ratio = (m.mean * m.mean) / (var + (~valid)) * valid
-        count = int(valid.sum())
-        total += float(ratio.sum())
-        elements += count
-        skipped += math.prod(valid.shape) - count
-    if elements == 0:
-        return GSNRValue(0.0, 0, skipped)
-    value = total / elements
-    return GSNRValue(value * n if scale == "mean" else value, elements, skipped)
+        ratio_sum, count = gsnr_terms(m.mean, m.m2, n)
+        total += float(ratio_sum)
+        elements += int(count)
+        skipped += math.prod(m.mean.shape) - int(count)
+    return GSNRValue(gsnr_value(total, elements, n, scale), elements, skipped)
+
+
+def gsnr_terms(mean: Any, m2: Any, n: Any) -> tuple[Any, Any]:
+    """One parameter's share of the mean GSNR: the sum of ``mu_j^2 / var_j`` over its
+    elements with ``var_j > 0``, and how many those are.
+
+    Only array arithmetic, so the JAX backend traces the same formula under ``jit``;
+    ``n`` (>= 2) may be a traced count.
+    """
+    var = m2 / (n - 1)
+    valid = var > 0
+    ratio = (mean * mean) / (var + ~valid) * valid
+    return ratio.sum(), valid.sum()
+
+
+def gsnr_value(total: Any, elements: Any, n: Any, scale: str) -> Any:
+    """The mean GSNR from summed ``gsnr_terms``: 0 when every element had zero variance,
+    times ``n`` on the mean-gradient scale."""
+    value = total / (elements + (elements == 0)) * (elements > 0)
+    return value * n if scale == "mean" else value
 
 
 class NormTestValue(NamedTuple):
@@ -67,9 +83,18 @@ def norm_test_terms(stats: Sequence[Moments]) -> NormTestValue:
     if fast is not None:
         return fast()
     n = sample_count(stats)
-    trace = sum(float(variance(m).sum()) for m in stats)
-    squared = sum(float((m.mean * m.mean).sum()) for m in stats)
-    return NormTestValue(trace / n, squared)
+    trace, squared = 0.0, 0.0
+    for m in stats:
+        m2_sum, mean_sq = norm_test_sums(m.mean, m.m2)
+        trace += float(m2_sum)
+        squared += float(mean_sq)
+    return NormTestValue(trace / (n - 1) / n, squared)
+
+
+def norm_test_sums(mean: Any, m2: Any) -> tuple[Any, Any]:
+    """One parameter's share of the norm test: ``sum_j M2_j`` and ``sum_j mu_j^2``
+    (array arithmetic only, traceable like ``gsnr_terms``)."""
+    return m2.sum(), (mean * mean).sum()
 
 
 def sample_count(stats: Sequence[Moments]) -> int:

@@ -1,0 +1,20 @@
+"""JAX backend: an optax accumulation wrapper, a Flax ``AccumulatingTrainState`` with a
+jitted step, adaptive (GSNR / norm test) windows under ``jit``, and data parallelism.
+
+Needs the ``jax`` extra: ``pip install "gradaccum[jax]"``.
+"""
+
+from ._decisions import register_decision as register_decision
+from ._decisions import traced_decision as traced_decision
+from ._sharding import data_mesh as data_mesh
+from ._sharding import replicate as replicate
+from ._sharding import shard_batch as shard_batch
+from ._train_state import AccumulatingTrainState as AccumulatingTrainState
+from ._train_state import flush as flush
+from ._train_state import make_train_step as make_train_step
+from ._transform import AccumulationState as AccumulationState
+from ._transform import accumulate as accumulate
+from ._window import Window as Window
+
+__all__ = ["AccumulatingTrainState", "AccumulationState", "Window", "accumulate", "data_mesh", "flush",
+           "make_train_step", "register_decision", "replicate", "shard_batch", "traced_decision"]

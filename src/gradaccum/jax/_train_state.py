@@ -1,0 +1,149 @@
+"""A Flax ``TrainState`` that accumulates, and the jitted step that drives it.
+
+The window lives in the state (``state.window``), so checkpointing the state keeps a
+partial window; the optimizer update runs under ``jax.lax.cond`` only when the rule
+closes the window, so a micro-step that only accumulates never pays for it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from flax.training import train_state
+
+from .._core.config import AccumulationConfig
+from .._core.rules import StoppingRule, check_rule
+from .._core.validation import check_choice
+from ._decisions import traced_decision
+from ._window import Window, all_finite, increment_moments
+
+NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
+LossFn = Callable[[Any, Any], jax.Array]
+
+
+class AccumulatingTrainState(train_state.TrainState):
+    """``TrainState`` plus a partial accumulation window and the rule that closes it.
+
+    ``step`` counts optimizer steps (windows applied), as in Flax. Create it with
+    ``AccumulatingTrainState.create(apply_fn=..., params=..., tx=..., rule=...)``; ``rule``
+    is a stopping rule (``FixedSteps(k)``, ``GSNR(...)``, ``NormTest(...)``) or an
+    ``AccumulationConfig``. ``nonfinite`` says what a micro-batch with a non-finite
+    gradient does: ``"skip_micro_batch"`` (it counts toward the window's length, its
+    items and gradient are dropped) or ``"skip_window"`` (the whole window is dropped
+    without an optimizer step).
+    """
+
+    rule: StoppingRule = struct.field(pytree_node=False)
+    nonfinite: str = struct.field(pytree_node=False)
+    window: Window
+
+    @classmethod
+    def create(cls, *, apply_fn: Any, params: Any, tx: Any, rule: StoppingRule | AccumulationConfig | None = None,
+               nonfinite: str = "skip_micro_batch", **kwargs: Any) -> AccumulatingTrainState:
+        """A new state with ``step=0``, ``tx.init(params)`` and an empty window shaped like ``params``."""
+        if isinstance(rule, AccumulationConfig):
+            rule = rule.make_rule()
+        if rule is None:
+            raise TypeError("rule is required: a stopping rule such as gradaccum.FixedSteps(4) or an AccumulationConfig")
+        check_rule(rule)
+        traced_decision(rule)
+        check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
+        leaves = jax.tree.leaves(params)
+        if not leaves:
+            raise ValueError("params must hold at least one array")
+        for leaf in leaves:
+            if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+                raise TypeError(f"params must hold floating-point arrays, got one of dtype {jnp.asarray(leaf).dtype}")
+        window = Window.empty(params, rule.needs_statistics)
+        return super().create(apply_fn=apply_fn, params=params, tx=tx, rule=rule, nonfinite=nonfinite,
+                              window=window, **kwargs)
+
+    def close_window(self) -> AccumulatingTrainState:
+        """Apply the window's mean gradient (unless it is empty or poisoned) and start a new one."""
+        window = self.window
+        apply = (window.items > 0) & ~window.poisoned
+        stepped = jax.lax.cond(apply, lambda s: s.apply_gradients(grads=window.mean_gradient()), lambda s: s, self)
+        return stepped.replace(window=Window.empty(self.params, self.rule.needs_statistics))
+
+
+def make_train_step(loss_fn: LossFn, *, jit: bool = True) -> Callable[..., tuple[AccumulatingTrainState, dict]]:
+    """The step ``(state, batch, mask=None) -> (state, metrics)`` for one micro-batch.
+
+    ``loss_fn(params, batch)`` returns the per-example losses, shape ``(B,)``; every leaf
+    of ``batch`` has the examples on its leading axis. ``mask`` (shape ``(B,)``, 0/1)
+    marks padding to leave out, so a short last micro-batch need not change shapes.
+    The window's gradient is the mean over all its unmasked examples, whatever the
+    micro-batch sizes. With a rule that needs statistics the per-example gradients
+    come from ``jax.vmap(jax.grad(...))``; their moments are merged into the window.
+
+    ``metrics`` holds ``loss`` (mean over this micro-batch), ``stop`` (the window
+    closed), ``finite``, ``items`` and ``micro_batches`` of the window so far (before
+    a close resets it), ``step``, and the rule's info (``gsnr``, ``norm_test``, ...).
+    """
+    step = partial(_train_step, loss_fn)
+    return jax.jit(step) if jit else step
+
+
+def _check_batch(batch: Any, mask: jax.Array | None) -> int:
+    leaves = jax.tree.leaves(batch)
+    if not leaves:
+        raise ValueError("batch must hold at least one array")
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if None in sizes or len(sizes) != 1:
+        raise ValueError(f"every array in batch must have the examples on its leading axis, got leading sizes {sizes}")
+    (size,) = sizes
+    if size < 1:
+        raise ValueError("batch must hold at least one example, got an empty micro-batch")
+    if mask is not None and jnp.shape(mask) != (size,):
+        raise ValueError(f"mask must have shape ({size},) like the batch, got {jnp.shape(mask)}")
+    return size
+
+
+def _summed_loss(loss_fn: LossFn, params: Any, batch: Any, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    losses = loss_fn(params, batch)
+    if jnp.shape(losses) != weights.shape:
+        raise ValueError(f"loss_fn must return per-example losses of shape {weights.shape}, got {jnp.shape(losses)}")
+    total = (losses * weights.astype(losses.dtype)).sum()
+    return total, total
+
+
+def _example_loss(loss_fn: LossFn, params: Any, example: Any) -> jax.Array:
+    return loss_fn(params, jax.tree.map(lambda x: x[None], example))[0]
+
+
+def _train_step(loss_fn: LossFn, state: AccumulatingTrainState, batch: Any,
+                mask: jax.Array | None = None) -> tuple[AccumulatingTrainState, dict[str, Any]]:
+    size = _check_batch(batch, mask)
+    weights = jnp.ones((size,), jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
+    window = state.window
+    if state.rule.needs_statistics:
+        losses, per_sample = jax.vmap(jax.value_and_grad(partial(_example_loss, loss_fn)),
+                                      in_axes=(None, 0))(state.params, batch)
+        loss_sum = (losses * weights.astype(losses.dtype)).sum()
+        n, mean, m2 = increment_moments(per_sample, weights)
+        finite = jnp.isfinite(loss_sum) & all_finite(mean) & all_finite(m2)
+        added = jax.lax.cond(finite, lambda w: w.add_moments(n, mean, m2), Window.count_only, window)
+    else:
+        grad_sum, loss_sum = jax.grad(partial(_summed_loss, loss_fn), has_aux=True)(state.params, batch, weights)
+        n = weights.sum(dtype=jnp.int32)
+        finite = jnp.isfinite(loss_sum) & all_finite(grad_sum)
+        added = jax.lax.cond(finite, lambda w: w.add_sum(grad_sum, n), Window.count_only, window)
+    if state.nonfinite == "skip_window":
+        added = added.replace(poisoned=added.poisoned | ~finite)
+    stop, info = traced_decision(state.rule)(state.rule, added)
+    stop = jnp.asarray(stop)
+    grown = state.replace(window=added)
+    new_state = jax.lax.cond(stop, AccumulatingTrainState.close_window, lambda s: s, grown)
+    metrics = {"loss": loss_sum / jnp.maximum(n, 1).astype(loss_sum.dtype), "stop": stop, "finite": finite,
+               "items": added.items, "micro_batches": added.micro_batches, "step": new_state.step, **info}
+    return new_state, metrics
+
+
+@jax.jit
+def flush(state: AccumulatingTrainState) -> AccumulatingTrainState:
+    """Close the current window now (the short last window of a run); a no-op when it is empty."""
+    return state.close_window()
