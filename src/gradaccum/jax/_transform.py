@@ -99,6 +99,8 @@ def _check_items(items: Any) -> None:
     """Check a concrete ``items`` (a traced one is the caller's to get right)."""
     if isinstance(items, jax.core.Tracer):
         return
+    if isinstance(items, (str, bytes)):
+        raise TypeError(f"items must be a scalar count of the micro-batch's items, got {items!r}")
     value = jnp.asarray(items)
     if value.shape != () or not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
         raise TypeError(f"items must be a scalar count of the micro-batch's items, got {items!r}")

@@ -1,0 +1,199 @@
+"""JAX backend with statistics rules: the traced decision equals the core's, the torch and
+JAX backends agree on the same data and weights, non-finite micro-batches, resume mid-window."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import serialization
+
+from gradaccum import GSNR, FixedSteps, NormTest, WindowView
+from gradaccum._core.moments import Moments
+from gradaccum.jax import AccumulatingTrainState, Window, accumulate, make_train_step, traced_decision
+from gradaccum.torch import Accumulator
+
+from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff, take
+from .reference import mlp
+
+STEP = make_train_step(loss_fn)
+SGD = optax.sgd(0.1)
+RULES = [
+    GSNR(0.3, increment=4, max_samples=40),
+    GSNR(1.5, increment=4, max_samples=40, scale="mean"),
+    GSNR(0.1, increment=4, max_samples=40, min_samples=12),
+    NormTest(0.8, increment=4, max_samples=40),
+]
+
+
+def random_window(n: int, seed: int) -> tuple[Window, list[Moments]]:
+    """Moments of ``n`` random per-sample gradients, with a block of dead (all-zero) elements."""
+    rng = np.random.default_rng(seed)
+    shapes = [(5, 3), (3,), (4,)]
+    means, m2s = [], []
+    for shape in shapes:
+        g = rng.normal(loc=rng.normal(size=shape) * 0.3, size=(n, *shape))
+        g[:, 0] = 0.0  # a dead unit: mean 0 and variance 0
+        means.append(g.mean(0))
+        m2s.append(((g - g.mean(0)) ** 2).sum(0))
+    window = Window(micro_batches=jnp.asarray(n // 4, jnp.int32), items=jnp.asarray(n, jnp.int32), grad_sum=None,
+                    mean=[jnp.asarray(m) for m in means], m2=[jnp.asarray(m) for m in m2s],
+                    poisoned=jnp.asarray(False))
+    return window, [Moments(n, m, m2) for m, m2 in zip(means, m2s)]
+
+
+@pytest.mark.parametrize("rule", RULES + [FixedSteps(3)], ids=repr)
+@pytest.mark.parametrize("n", [1, 2, 4, 12, 36, 40])
+def test_traced_decision_equals_the_core_rule(rule, n: int) -> None:
+    for seed in range(3):
+        window, moments = random_window(n, seed)
+        stop, info = jax.jit(traced_decision(rule), static_argnums=0)(rule, window)
+        want = rule.decide(WindowView(n // 4, n, moments if rule.needs_statistics else None))
+        assert bool(stop) == want.stop
+        for key, value in want.info.items():
+            np.testing.assert_allclose(float(info[key]), float(value), rtol=1e-12, equal_nan=True)
+
+
+def test_traced_decisions_stop_on_both_sides_of_tau() -> None:
+    """The comparison itself: the same window stops for a tau just below its GSNR, not just above."""
+    window, moments = random_window(12, 0)
+    value = GSNR(1.0, increment=4, max_samples=40).decide(WindowView(3, 12, moments)).info["gsnr"]
+    for tau, expected in ((value * 0.999, True), (value * 1.001, False)):
+        rule = GSNR(tau, increment=4, max_samples=40)
+        assert bool(traced_decision(rule)(rule, window)[0]) is expected
+
+
+# --- the torch and JAX backends on the same data and weights ----------------------------------
+
+
+def torch_twin(params) -> torch.nn.Module:
+    """The torch MLP of tests.reference with the flax parameters copied in (kernel = weight.T)."""
+    model = mlp()
+    layers = [m for m in model if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for layer, name in zip(layers, ("Dense_0", "Dense_1", "Dense_2")):
+            layer.weight.copy_(torch.from_numpy(np.array(params[name]["kernel"]).T))
+            layer.bias.copy_(torch.from_numpy(np.array(params[name]["bias"])))
+    return model
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_torch_and_jax_give_the_same_windows_statistics_and_weights(rule) -> None:
+    batch, params = data(480, seed=11), init_params()
+    model = torch_twin(params)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule)
+    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=params, tx=SGD, rule=rule)
+    x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
+    jax_windows = []
+    for a in range(0, 480, 4):
+        acc.backward(torch.nn.functional.cross_entropy(model(x[a:a + 4]), y[a:a + 4]), 4)
+        state, metrics = STEP(state, take(batch, slice(a, a + 4)))
+        if bool(metrics["stop"]):
+            jax_windows.append(metrics)
+    torch_windows = [r for r in acc.history if r.reason == "rule"]
+    sizes = [int(m["items"]) for m in jax_windows]
+    assert sizes == [r.items for r in torch_windows]
+    assert len(set(sizes)) > 1, f"the rule should adapt on this problem, got windows {sizes}"
+    key = "gsnr" if isinstance(rule, GSNR) else "norm_test"
+    np.testing.assert_allclose([float(m[key]) for m in jax_windows], [r.info[key] for r in torch_windows],
+                               rtol=1e-9)
+    assert max_abs_diff(state.params, {k: v for k, v in init_params().items()}) > 1e-3
+    twin = torch_twin(state.params)
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
+# --- non-finite micro-batches ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", [FixedSteps(3), GSNR(1e9, increment=4, max_samples=12)], ids=repr)
+def test_skip_micro_batch_drops_its_items_and_gradient(rule) -> None:
+    batch = data(12, seed=12)
+    bad = {"x": batch["x"][4:8].copy(), "y": batch["y"][4:8]}
+    bad["x"][1, 2] = np.nan
+    clean = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=SGD, rule=FixedSteps(2))
+    for part in (take(batch, slice(0, 4)), take(batch, slice(8, 12))):
+        clean, _ = STEP(clean, part)
+    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=SGD, rule=rule)
+    state, _ = STEP(state, take(batch, slice(0, 4)))
+    state, metrics = STEP(state, bad)
+    assert not bool(metrics["finite"]) and int(metrics["items"]) == 4 and int(metrics["micro_batches"]) == 2
+    if isinstance(rule, FixedSteps):
+        state, metrics = STEP(state, take(batch, slice(8, 12)))
+    else:  # the statistics rule needs the cap of 12 samples: give it one more micro-batch
+        state, metrics = STEP(state, take(batch, slice(8, 12)))
+        assert not bool(metrics["stop"])
+        state = jax.jit(AccumulatingTrainState.close_window)(state)
+    assert int(state.step) == 1
+    assert max_abs_diff(state.params, clean.params) < 1e-12  # the window of the 8 finite samples
+
+
+def test_skip_window_drops_the_whole_window_without_a_step() -> None:
+    batch = data(12, seed=13)
+    bad = {"x": batch["x"][4:8].copy(), "y": batch["y"][4:8]}
+    bad["x"][0, 0] = np.inf
+    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=SGD, rule=FixedSteps(3),
+                                          nonfinite="skip_window")
+    for part in (take(batch, slice(0, 4)), bad, take(batch, slice(8, 12))):
+        state, metrics = STEP(state, part)
+    assert bool(metrics["stop"]) and int(state.step) == 0  # closed, dropped, no optimizer step
+    assert max_abs_diff(state.params, init_params()) == 0
+    assert int(state.window.items) == 0 and not bool(state.window.poisoned)  # the next window is clean
+    state, _ = STEP(state, take(batch, slice(0, 4)))
+    assert int(state.window.items) == 4
+
+
+# --- checkpoint mid-window ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", [FixedSteps(4), GSNR(1.5, increment=4, max_samples=16, scale="mean")], ids=repr)
+def test_train_state_resumes_mid_window_exactly(rule) -> None:
+    batch = data(64, seed=14)
+    parts = [take(batch, slice(a, a + 4)) for a in range(0, 64, 4)]
+    straight = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=optax.adam(0.01),
+                                             rule=rule)
+    for part in parts:
+        straight, _ = STEP(straight, part)
+    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=optax.adam(0.01), rule=rule)
+    cut = 0
+    while cut < 6 or int(state.window.micro_batches) == 0:  # checkpoint where a window is partial
+        state, _ = STEP(state, parts[cut])
+        cut += 1
+    assert int(state.step) >= 1 and cut < len(parts) - 4
+    saved = serialization.to_bytes(state)
+    template = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(seed=99), tx=optax.adam(0.01),
+                                             rule=rule)
+    resumed = serialization.from_bytes(template, saved)
+    for part in parts[cut:]:
+        resumed, _ = STEP(resumed, part)
+    assert int(resumed.step) == int(straight.step) > 1
+    assert max_abs_diff(resumed.params, straight.params) == 0
+    # the control: resuming with the partial window dropped does not give the same weights
+    dropped = jax.jit(lambda s: s.replace(window=Window.empty(s.params, rule.needs_statistics)))(
+        serialization.from_bytes(template, saved))
+    for part in parts[cut:]:
+        dropped, _ = STEP(dropped, part)
+    assert max_abs_diff(dropped.params, straight.params) > 1e-6
+
+
+def test_optax_state_resumes_mid_window_exactly() -> None:
+    params, batch = init_params(), data(40, seed=15)
+    tx = accumulate(optax.adam(0.01), 3)
+    update = jax.jit(tx.update)
+    grads = [jax.grad(lambda p: loss_fn(p, take(batch, slice(a, a + 5))).mean())(params) for a in range(0, 40, 5)]
+
+    def run(state, p, gs):
+        for g in gs:
+            u, state = update(g, state, p, items=5)
+            p = optax.apply_updates(p, u)
+        return state, p
+
+    _, straight = run(tx.init(params), params, grads)
+    half_state, half_params = run(tx.init(params), params, grads[:4])
+    assert int(half_state.mini_step) == 1
+    restored = serialization.from_bytes(tx.init(init_params(seed=5)), serialization.to_bytes(half_state))
+    _, resumed = run(restored, half_params, grads[4:])
+    assert max_abs_diff(resumed, straight) == 0
