@@ -78,6 +78,28 @@ def test_train_one_run(tmp_path: Path, data_dir: str) -> None:
     assert result["params"] == {"lr": 0.003, "tau": 1.5} and len(result["val_curve"]) == 3
 
 
+@pytest.mark.parametrize(("arm", "extra"), [("gaga_mean", ["--tau", "1.5"]), ("baseline512", [])])
+def test_train_one_run_on_the_jax_backend(arm: str, extra: list[str], tmp_path: Path, data_dir: str) -> None:
+    """``--backend jax``: the Flax MLP through AccumulatingTrainState, same budget and outputs, deterministic."""
+    results = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert main(["train", "--arm", arm, "--lr", "0.003", *extra, "--budget", "1000", "--eval-every", "320",
+                     "--backend", "jax", "--out", str(out), "--data-dir", data_dir, "--quiet"]) == 0
+        results.append(json.loads((out / f"train-{arm}-seed0.json").read_text()))
+    first, second = results
+    assert len(first["val_curve"]) == 3 and 0.1 < first["test_accuracy"] <= 1
+    assert sum(first["batch_sizes"]) + first["flushed_items"] == 1000  # the short last increment included
+    assert first["steps"] == len(first["batch_sizes"]) + (first["flushed_items"] > 0)
+    if arm == "baseline512":
+        # 31 increments of 32 and a last one of 8: the 16th micro-batch closes the second window
+        assert first["batch_sizes"] == [512, 488] and first["flushed_items"] == 0
+    else:
+        assert all(32 <= b <= 512 and b % 32 == 0 for b in first["batch_sizes"])
+        assert all(isinstance(v, float) for v in first["statistic"][:len(first["batch_sizes"])])
+    first.pop("wall_seconds"), second.pop("wall_seconds")
+    assert first == second
+
+
 def test_killed_study_resumes_without_repeating_finished_trials(tmp_path: Path, data_dir: str) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "4", "--budget", "6400",
@@ -114,7 +136,8 @@ def test_killed_study_resumes_without_repeating_finished_trials(tmp_path: Path, 
      (["reproduce", "--config", "/nonexistent/settings.yaml"], "config: cannot read"),
      (["reproduce", "--lr-low", "0.1", "--lr-high", "0.01"], "lr_low and lr_high must satisfy"),
      (["train", "--arm", "gaga", "--lr", "0.01"], "tau: the gaga arm needs --tau"),
-     (["report", "--out", "/nonexistent/results"], "out: no readable results.json")],
+     (["report", "--out", "/nonexistent/results"], "out: no readable results.json"),
+     (["reproduce", "--config", str(ROOT / "tests" / "data" / "backend_pytorch.yaml")], "backend must be one of")],
 )
 def test_bad_settings_exit_nonzero_with_a_message(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2

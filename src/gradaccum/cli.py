@@ -42,7 +42,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         elif f.type in ("float", float):
             parser.add_argument(flag, type=float, default=None, help=text)
         else:
-            parser.add_argument(flag, type=str, default=None, help=text)
+            parser.add_argument(flag, type=str, default=None, choices=f.metadata.get("choices"), help=text)
 
 
 def _config(args: argparse.Namespace, **fixed: Any):

@@ -15,6 +15,7 @@ import yaml
 
 ARMS = ("baseline", "gaga", "gaga_mean", "baseline512", "normtest")
 DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
+BACKENDS = ("torch", "jax")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -49,6 +50,7 @@ class ExperimentConfig:
     n_jobs: int = _f(1, "parallel Optuna trials in this process")
     seed: int = _f(0, "base seed (tuning sampler, data order, initialisation)")
     quiet: bool = _f(False, "no progress bars")
+    backend: str = _f("torch", "training backend (jax needs the jax extra)", choices=BACKENDS)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -58,6 +60,8 @@ class ExperimentConfig:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"arms must be a non-empty list from {', '.join(ARMS)}, got {self.arms!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -79,7 +79,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_run(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg: ExperimentConfig) -> RunResult:
-    """Train the reference MLP with Adam for ``cfg.budget`` samples; validate every ``cfg.eval_every``."""
+    """Train the reference MLP with Adam for ``cfg.budget`` samples; validate every ``cfg.eval_every``.
+
+    ``cfg.backend`` picks the PyTorch Accumulator or the JAX train state (``runs_jax``).
+    """
+    if cfg.backend == "jax":
+        try:
+            from .runs_jax import train_run_jax  # jax is an optional extra
+        except ImportError as error:
+            raise ValueError(f"backend: 'jax' needs the jax extra (pip install 'gradaccum[jax]'): {error}") from None
+
+        return train_run_jax(arm, params, seed, data, cfg)
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     x_val, y_val = torch.from_numpy(data.x_val), torch.from_numpy(data.y_val)
     torch.manual_seed(seed)

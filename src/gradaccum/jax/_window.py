@@ -76,7 +76,10 @@ class Window:
 def increment_moments(per_sample: Any, mask: jax.Array | None) -> tuple[jax.Array, Any, Any]:
     """Count, mean and M2 of per-sample gradients (leading axis = samples), two-pass.
 
-    ``mask`` (0/1 per sample) leaves padded samples out of every moment.
+    ``mask`` (0/1 per sample) leaves padded samples out of every moment (padding must
+    still be finite: 0 * nan is nan). The sums over samples are written as products
+    with the weight vector: XLA's CPU backend runs a reduction over the leading axis of
+    a (B, d_in, d_out) array about 15x slower than the equivalent matrix-vector product.
     """
     leaves = jax.tree.leaves(per_sample)
     batch = leaves[0].shape[0]
@@ -84,10 +87,11 @@ def increment_moments(per_sample: Any, mask: jax.Array | None) -> tuple[jax.Arra
     n = weights.sum(dtype=jnp.int32)
 
     def moments(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-        w = weights.astype(g.dtype).reshape((batch,) + (1,) * (g.ndim - 1))
-        mean = (g * w).sum(0) / jnp.maximum(n, 1).astype(g.dtype)
-        deviation = (g - mean) * w
-        return mean, (deviation * deviation).sum(0)
+        w = weights.astype(g.dtype)
+        rows = g.reshape(batch, -1)
+        mean = (w @ rows) / jnp.maximum(n, 1).astype(g.dtype)
+        deviation = rows - mean
+        return mean.reshape(g.shape[1:]), (w @ (deviation * deviation)).reshape(g.shape[1:])
 
     mean, m2 = _unzip(jax.tree.map(moments, per_sample), per_sample)
     return n, mean, m2
