@@ -9,6 +9,8 @@ from ._decisions import traced_decision as traced_decision
 from ._sharding import data_mesh as data_mesh
 from ._sharding import replicate as replicate
 from ._sharding import shard_batch as shard_batch
+from ._sum_squares import register_sum_squares as register_sum_squares
+from ._sum_squares import statistics_path as statistics_path
 from ._train_state import AccumulatingTrainState as AccumulatingTrainState
 from ._train_state import flush as flush
 from ._train_state import make_train_step as make_train_step
@@ -17,4 +19,5 @@ from ._transform import accumulate as accumulate
 from ._window import Window as Window
 
 __all__ = ["AccumulatingTrainState", "AccumulationState", "Window", "accumulate", "data_mesh", "flush",
-           "make_train_step", "register_decision", "replicate", "shard_batch", "traced_decision"]
+           "make_train_step", "register_decision", "register_sum_squares", "replicate", "shard_batch",
+           "statistics_path", "traced_decision"]

@@ -16,12 +16,15 @@ from flax import struct
 from flax.training import train_state
 
 from .._core.config import AccumulationConfig
+from .._core.moments import Moments, moments_from_sums
 from .._core.rules import StoppingRule, check_rule
 from .._core.validation import check_choice
 from ._decisions import traced_decision
-from ._window import Window, all_finite, increment_moments
+from ._sum_squares import LOG, statistics_path, sums_and_squares
+from ._window import Window, unzip, all_finite, increment_moments
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
+STATISTICS = ("auto", "vmap")
 LossFn = Callable[[Any, Any], jax.Array]
 
 
@@ -70,21 +73,27 @@ class AccumulatingTrainState(train_state.TrainState):
         return stepped.replace(window=Window.empty(self.params, self.rule.needs_statistics))
 
 
-def make_train_step(loss_fn: LossFn, *, jit: bool = True) -> Callable[..., tuple[AccumulatingTrainState, dict]]:
+def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", jit: bool = True
+                    ) -> Callable[..., tuple[AccumulatingTrainState, dict]]:
     """The step ``(state, batch, mask=None) -> (state, metrics)`` for one micro-batch.
 
     ``loss_fn(params, batch)`` returns the per-example losses, shape ``(B,)``; every leaf
     of ``batch`` has the examples on its leading axis. ``mask`` (shape ``(B,)``, 0/1)
     marks padding to leave out, so a short last micro-batch need not change shapes.
     The window's gradient is the mean over all its unmasked examples, whatever the
-    micro-batch sizes. With a rule that needs statistics the per-example gradients
-    come from ``jax.vmap(jax.grad(...))``; their moments are merged into the window.
+    micro-batch sizes. With a rule that needs statistics, each micro-batch is an
+    increment whose moments are merged into the window's (Chan et al.):
+    ``statistics="auto"`` takes the per-sample sums of squares from one backward pass
+    when every parameter belongs to a registered Flax layer (``nn.Dense``; see
+    ``statistics_path``), else per-example gradients from ``jax.vmap(jax.grad(...))``;
+    ``statistics="vmap"`` always uses the latter (exact two-pass moments in float32 too).
 
     ``metrics`` holds ``loss`` (mean over this micro-batch), ``stop`` (the window
     closed), ``finite``, ``items`` and ``micro_batches`` of the window so far (before
     a close resets it), ``step``, and the rule's info (``gsnr``, ``norm_test``, ...).
     """
-    step = partial(_train_step, loss_fn)
+    check_choice("statistics", statistics, STATISTICS)
+    step = partial(_train_step, loss_fn, statistics)
     return jax.jit(step) if jit else step
 
 
@@ -115,23 +124,49 @@ def _example_loss(loss_fn: LossFn, params: Any, example: Any) -> jax.Array:
     return loss_fn(params, jax.tree.map(lambda x: x[None], example))[0]
 
 
-def _train_step(loss_fn: LossFn, state: AccumulatingTrainState, batch: Any,
+def _zero_unless(finite: jax.Array, tree: Any) -> Any:
+    """``tree`` where ``finite``, else zeros: a dropped micro-batch adds nothing but its length.
+
+    A select XLA fuses into the addition that follows, where a ``lax.cond`` would copy
+    the window's buffers on every micro-step.
+    """
+    return jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), tree)
+
+
+def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weights: jax.Array
+               ) -> tuple[jax.Array, jax.Array, Any, Any]:
+    """Per-example losses and the count, mean and M2 of this micro-batch's per-sample gradients."""
+    path = statistics_path(loss_fn, params, batch) if statistics == "auto" else "vmap: asked for"
+    LOG.info("per-sample statistics by %s", path)
+    if path == "sum_of_squares":
+        losses, s1, s2 = sums_and_squares(loss_fn, params, batch, weights)
+        n = weights.sum(dtype=jnp.int32)
+        moments = jax.tree.map(lambda a, b: moments_from_sums(n, a, b), s1, s2)
+        return losses, n, *unzip(jax.tree.map(lambda m: (m.mean, m.m2), moments, is_leaf=_is_moments), params)
+    losses, per_sample = jax.vmap(jax.value_and_grad(partial(_example_loss, loss_fn)),
+                                  in_axes=(None, 0))(params, batch)
+    return losses, *increment_moments(per_sample, weights)
+
+
+def _is_moments(x: Any) -> bool:
+    return isinstance(x, Moments)
+
+
+def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState, batch: Any,
                 mask: jax.Array | None = None) -> tuple[AccumulatingTrainState, dict[str, Any]]:
     size = _check_batch(batch, mask)
     weights = jnp.ones((size,), jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
     window = state.window
     if state.rule.needs_statistics:
-        losses, per_sample = jax.vmap(jax.value_and_grad(partial(_example_loss, loss_fn)),
-                                      in_axes=(None, 0))(state.params, batch)
+        losses, n, mean, m2 = _increment(loss_fn, statistics, state.params, batch, weights)
         loss_sum = (losses * weights.astype(losses.dtype)).sum()
-        n, mean, m2 = increment_moments(per_sample, weights)
         finite = jnp.isfinite(loss_sum) & all_finite(mean) & all_finite(m2)
-        added = jax.lax.cond(finite, lambda w: w.add_moments(n, mean, m2), Window.count_only, window)
+        added = window.add_moments(*_zero_unless(finite, (n, mean, m2)))
     else:
         grad_sum, loss_sum = jax.grad(partial(_summed_loss, loss_fn), has_aux=True)(state.params, batch, weights)
         n = weights.sum(dtype=jnp.int32)
         finite = jnp.isfinite(loss_sum) & all_finite(grad_sum)
-        added = jax.lax.cond(finite, lambda w: w.add_sum(grad_sum, n), Window.count_only, window)
+        added = window.add_sum(*_zero_unless(finite, (grad_sum, n)))
     if state.nonfinite == "skip_window":
         added = added.replace(poisoned=added.poisoned | ~finite)
     stop, info = traced_decision(state.rule)(state.rule, added)

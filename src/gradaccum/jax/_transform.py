@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from .._core.rules import FixedSteps
@@ -101,8 +102,8 @@ def _check_items(items: Any) -> None:
         return
     if isinstance(items, (str, bytes)):
         raise TypeError(f"items must be a scalar count of the micro-batch's items, got {items!r}")
-    value = jnp.asarray(items)
-    if value.shape != () or not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)):
+    value = np.asarray(items)  # numpy, not jnp: inside jit a jnp op on a constant is traced too
+    if value.shape != () or not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
         raise TypeError(f"items must be a scalar count of the micro-batch's items, got {items!r}")
-    if not bool(jnp.isfinite(value)) or float(value) < 0:
+    if not np.isfinite(value) or value < 0:
         raise ValueError(f"items must be a finite count >= 0, got {items!r}")

@@ -65,12 +65,8 @@ class Window:
             return ma + delta * w, m2a + m2b + delta * delta * (self.items.astype(ma.dtype) * w)
 
         pairs = jax.tree.map(merged, self.mean, self.m2, mean, m2)
-        new_mean, new_m2 = _unzip(pairs, self.mean)
+        new_mean, new_m2 = unzip(pairs, self.mean)
         return self.replace(micro_batches=self.micro_batches + 1, items=total, mean=new_mean, m2=new_m2)
-
-    def count_only(self) -> Window:
-        """Count a micro-batch whose gradient is dropped (non-finite): length, not items."""
-        return self.replace(micro_batches=self.micro_batches + 1)
 
 
 def increment_moments(per_sample: Any, mask: jax.Array | None) -> tuple[jax.Array, Any, Any]:
@@ -93,11 +89,11 @@ def increment_moments(per_sample: Any, mask: jax.Array | None) -> tuple[jax.Arra
         deviation = rows - mean
         return mean.reshape(g.shape[1:]), (w @ (deviation * deviation)).reshape(g.shape[1:])
 
-    mean, m2 = _unzip(jax.tree.map(moments, per_sample), per_sample)
+    mean, m2 = unzip(jax.tree.map(moments, per_sample), per_sample)
     return n, mean, m2
 
 
-def _unzip(pairs: Any, like: Any) -> tuple[Any, Any]:
+def unzip(pairs: Any, like: Any) -> tuple[Any, Any]:
     """Split a tree of (a, b) tuples, shaped like ``like``, into two trees."""
     structure = jax.tree.structure(like)
     leaves = structure.flatten_up_to(pairs)

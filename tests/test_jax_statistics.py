@@ -1,0 +1,113 @@
+"""JAX per-sample statistics: the sum-of-squares path and the vmap path against a loop over samples."""
+
+from __future__ import annotations
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gradaccum import GSNR
+from gradaccum.jax import AccumulatingTrainState, make_train_step, statistics_path
+
+from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff
+
+F64 = {"param_dtype": jnp.float64}
+
+
+class SequenceNet(fnn.Module):
+    """Dense on (B, T, d) inputs (per-sample squares do not factor), pooled, then a 2-D Dense."""
+
+    @fnn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = fnn.tanh(fnn.Dense(5, **F64)(x.reshape(x.shape[0], 3, 2)))
+        return fnn.Dense(3, **F64)(h.mean(1))
+
+
+class ConvNet(fnn.Module):
+    """A Conv layer: no sum-of-squares entry, so the whole model goes through vmap."""
+
+    @fnn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = fnn.relu(fnn.Conv(2, (3,), **F64)(x[..., None]))
+        return fnn.Dense(3, **F64)(h.reshape(h.shape[0], -1))
+
+
+class SharedDense(fnn.Module):
+    """One Dense applied twice: its per-sample gradient is a sum of two outer products."""
+
+    @fnn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        layer = fnn.Dense(6, **F64)
+        return fnn.Dense(3, **F64)(layer(fnn.tanh(layer(x))))
+
+
+MODELS = {"mlp": MODEL, "sequence": SequenceNet(), "conv": ConvNet(), "shared": SharedDense()}
+PATHS = {"mlp": "sum_of_squares", "sequence": "sum_of_squares", "conv": "vmap: parameters outside",
+         "shared": "vmap: a registered layer is called more than once"}
+
+
+def losses_of(model: fnn.Module):
+    def losses(params, batch):
+        logits = model.apply({"params": params}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    return losses
+
+
+def reference_moments(losses, params, batch, mask):
+    """One jax.grad per kept sample, then mean and M2 by their definitions."""
+    grads = [jax.grad(lambda p, i=i: losses(p, {k: v[i:i + 1] for k, v in batch.items()})[0])(params)
+             for i in np.flatnonzero(mask)]
+    stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
+    mean = jax.tree.map(lambda g: g.mean(0), stacked)
+    m2 = jax.tree.map(lambda g, m: ((g - m) ** 2).sum(0), stacked, mean)
+    return mean, m2
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("statistics", ["auto", "vmap"])
+def test_window_moments_equal_a_loop_over_samples(name: str, statistics: str) -> None:
+    model, batch = MODELS[name], data(10, seed=31)
+    losses = losses_of(model)
+    params = model.init(jax.random.key(1), batch["x"][:1])["params"]
+    assert statistics_path(losses, params, batch).startswith(PATHS[name])
+    mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1])
+    rule = GSNR(1e9, increment=10, max_samples=100)
+    state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rule=rule)
+    step = make_train_step(losses, statistics=statistics)
+    half = {k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}
+    state, _ = step(state, half[0], mask[:5])
+    state, metrics = step(state, half[1], mask[5:])  # two increments, merged
+    mean, m2 = reference_moments(losses, params, batch, mask)
+    assert int(metrics["items"]) == 8
+    assert max_abs_diff(state.window.mean, mean) < 1e-12
+    assert max_abs_diff(state.window.m2, m2) < 1e-10 * max(1.0, max(float(jnp.abs(x).max()) for x in
+                                                                     jax.tree.leaves(m2)))
+
+
+def test_sum_of_squares_and_vmap_windows_decide_alike() -> None:
+    """Both paths give the same GSNR and windows on a run of the reference MLP."""
+    batch = data(240, seed=32)
+    rule = GSNR(1.5, increment=4, max_samples=40, scale="mean")
+    runs = {}
+    for statistics in ("auto", "vmap"):
+        step = make_train_step(loss_fn, statistics=statistics)
+        state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=optax.sgd(0.1),
+                                              rule=rule)
+        closed = []
+        for a in range(0, 240, 4):
+            state, metrics = step(state, {k: v[a:a + 4] for k, v in batch.items()})
+            if bool(metrics["stop"]):
+                closed.append((int(metrics["items"]), float(metrics["gsnr"])))
+        runs[statistics] = (closed, state.params)
+    assert [c[0] for c in runs["auto"][0]] == [c[0] for c in runs["vmap"][0]]
+    np.testing.assert_allclose([c[1] for c in runs["auto"][0]], [c[1] for c in runs["vmap"][0]], rtol=1e-9)
+    assert max_abs_diff(runs["auto"][1], runs["vmap"][1]) < 1e-12
+
+
+def test_statistics_choice_is_checked() -> None:
+    with pytest.raises(ValueError, match="statistics must be one of"):
+        make_train_step(loss_fn, statistics="ghost")
