@@ -12,6 +12,9 @@ rotate the order so machine noise hits all alike; medians are printed as Markdow
 - the same with ``GSNR`` (per-sample gradients by ``vmap(grad)``, moments, decision
   under jit), against the plain step (the cost of the statistics).
 
+Each model runs twice: with the carried state copied by every step, and donated to it
+(``donate_argnums=0``, ``make_train_step(..., donate=True)``), where XLA updates in place.
+
     python benchmarks/jax_accumulation.py [--rounds 9] [--windows 25]
 """
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
+from itertools import product
 from typing import Any, Callable
 
 import flax.linen as fnn
@@ -47,8 +52,8 @@ class MLP(fnn.Module):
         return fnn.Dense(self.widths[-1])(x)
 
 
-def competitors(widths: tuple[int, ...], micro: int, k: int) -> dict[str, tuple[Callable, Any]]:
-    """name -> (jitted step(carry, batch) -> carry, initial carry)."""
+def competitors(widths: tuple[int, ...], micro: int, k: int, donate: bool) -> dict[str, tuple[Callable, Any]]:
+    """name -> (jitted step(carry, batch) -> carry, initial carry); ``donate``: carries donated to the step."""
     model = MLP(widths)
     params = model.init(jax.random.key(0), jnp.zeros((1, widths[0])))["params"]
 
@@ -59,17 +64,19 @@ def competitors(widths: tuple[int, ...], micro: int, k: int) -> dict[str, tuple[
         return jax.grad(lambda q: losses(q, batch).mean())(p)
 
     def optax_step(tx: optax.GradientTransformation, **kwargs: Any) -> tuple[Callable, Any]:
-        @jax.jit
+        @partial(jax.jit, donate_argnums=0 if donate else ())
         def step(carry: tuple, batch: dict) -> tuple:
             p, s = carry
             updates, s = tx.update(mean_grad(p, batch), s, p, **{k: v(batch) for k, v in kwargs.items()})
             return optax.apply_updates(p, updates), s
 
-        return step, (params, tx.init(params))
+        own = jax.tree.map(jnp.copy, params)  # a donated carry must not share buffers with another
+        return step, (own, tx.init(own))
 
     def state_step(rule: Any) -> tuple[Callable, Any]:
-        train_step = make_train_step(losses)
-        state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3), rule=rule)
+        train_step = make_train_step(losses, donate=donate)
+        state = AccumulatingTrainState.create(apply_fn=model.apply, params=jax.tree.map(jnp.copy, params),
+                                              tx=optax.adam(1e-3), rule=rule)
         return (lambda s, batch: train_step(s, batch)[0]), state
 
     return {
@@ -88,14 +95,14 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=25, help="optimizer steps per timed round")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, optax {optax.__version__}, {jax.devices()[0].platform}, float32\n")
-    print("| model | micro-batch x k | plain ms/micro | MultiSteps ms/micro | `accumulate` | ratio | "
+    print("| model | micro-batch x k | donated | plain ms/micro | MultiSteps ms/micro | `accumulate` | ratio | "
           "train state FixedSteps | ratio | train state GSNR | ratio vs plain |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, widths, micro, k in CONFIGS:
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (name, widths, micro, k), donate in product(CONFIGS, (False, True)):
         rng = np.random.default_rng(0)
         batches = [{"x": jnp.asarray(rng.normal(size=(micro, widths[0])), jnp.float32),
                     "y": jnp.asarray(rng.integers(0, widths[-1], micro), jnp.int32)} for _ in range(k * args.windows)]
-        runs = competitors(widths, micro, k)
+        runs = competitors(widths, micro, k, donate)
         times: dict[str, list[float]] = {n: [] for n in runs}
         carries = {n: c for n, (_, c) in runs.items()}
         for n, (step, _) in runs.items():  # compile and warm up
@@ -111,7 +118,7 @@ def main() -> None:
                 times[n].append((time.perf_counter() - start) / len(batches) * 1e3)
                 carries[n] = carry
         med = {n: statistics.median(t) for n, t in times.items()}
-        print(f"| {name} | {micro} x {k} | {med['plain']:.3f} | {med['multisteps']:.3f} | {med['accumulate']:.3f} | "
+        print(f"| {name} | {micro} x {k} | {'yes' if donate else 'no'} | {med['plain']:.3f} | {med['multisteps']:.3f} | {med['accumulate']:.3f} | "
               f"{med['accumulate'] / med['multisteps']:.3f}x | {med['train_state']:.3f} | "
               f"{med['train_state'] / med['multisteps']:.3f}x | {med['gaga']:.3f} | {med['gaga'] / med['plain']:.2f}x |")
 

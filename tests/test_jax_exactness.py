@@ -194,3 +194,16 @@ def test_accumulate_last_closes_a_short_window_and_empty_windows_are_dropped() -
     assert max_abs_diff(optax.apply_updates(params, updates), want) < 1e-12
     updates, state = tx.update(grads[0][0], state, params, items=0, last=True)  # a window of 0 items
     assert int(state.gradient_step) == 1 and max_abs_diff(updates, jax.tree.map(jnp.zeros_like, params)) == 0
+
+
+def test_donated_step_gives_the_same_state_and_consumes_the_old_one() -> None:
+    batch = data(16, seed=9)
+    donated_step = make_train_step(loss_fn, donate=True)
+    plain = new_state(FixedSteps(2))
+    donated = new_state(FixedSteps(2), params=jax.tree.map(jnp.copy, init_params()))
+    for a in range(0, 16, 4):
+        plain, _ = STEP(plain, take(batch, slice(a, a + 4)))
+        old = donated
+        donated, _ = donated_step(donated, take(batch, slice(a, a + 4)))
+    assert max_abs_diff(donated.params, plain.params) == 0 and int(donated.step) == 2
+    assert jax.tree.leaves(old.params)[0].is_deleted()  # the input state was updated in place

@@ -52,7 +52,7 @@ def accuracy(params: Any, x: np.ndarray, y: np.ndarray) -> float:
     return float(_correct(params, x, y)) / len(y)
 
 
-_STEP = make_train_step(per_example_loss)
+_STEP = make_train_step(per_example_loss, donate=True)
 
 
 def train_run_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg: ExperimentConfig) -> RunResult:

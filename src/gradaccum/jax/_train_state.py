@@ -73,7 +73,7 @@ class AccumulatingTrainState(train_state.TrainState):
         return stepped.replace(window=Window.empty(self.params, self.rule.needs_statistics))
 
 
-def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", jit: bool = True
+def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool = False, jit: bool = True
                     ) -> Callable[..., tuple[AccumulatingTrainState, dict]]:
     """The step ``(state, batch, mask=None) -> (state, metrics)`` for one micro-batch.
 
@@ -88,13 +88,20 @@ def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", jit: bool = Tr
     ``statistics_path``), else per-example gradients from ``jax.vmap(jax.grad(...))``;
     ``statistics="vmap"`` always uses the latter (exact two-pass moments in float32 too).
 
+    ``donate=True`` donates the state passed in to the step (``donate_argnums=0``): XLA then
+    updates params, optimizer state and window in place instead of copying them through
+    the ``lax.cond`` (measured 1.6x faster on a 1.6M-parameter MLP); the old state and
+    every array it shares (the ``params`` it was created from) are invalid afterwards.
+
     ``metrics`` holds ``loss`` (mean over this micro-batch), ``stop`` (the window
     closed), ``finite``, ``items`` and ``micro_batches`` of the window so far (before
     a close resets it), ``step``, and the rule's info (``gsnr``, ``norm_test``, ...).
     """
     check_choice("statistics", statistics, STATISTICS)
     step = partial(_train_step, loss_fn, statistics)
-    return jax.jit(step) if jit else step
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=0) if donate else jax.jit(step)
 
 
 def _check_batch(batch: Any, mask: jax.Array | None) -> int:
