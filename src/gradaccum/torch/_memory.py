@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import multiprocessing
 import resource
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -101,7 +102,11 @@ def measure_peak_memory(step: Callable[[int], object], m: int) -> int | None:
     context = multiprocessing.get_context("fork")
     reader, writer = context.Pipe(duplex=False)
     child = context.Process(target=_measure_child, args=(step, m, writer), daemon=True)
-    child.start()
+    with warnings.catch_warnings():
+        # JAX, when imported, warns at every fork that a child using JAX may deadlock; this
+        # child runs a torch step on one thread and never enters JAX.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        child.start()
     writer.close()
     result = None
     try:
