@@ -129,3 +129,25 @@ def test_accumulate_rejects_bad_items_and_keeps_its_state(items, error: type) ->
         tx.update(grads, state, params, items=items)
     assert int(state.mini_step) == 1 and float(state.items) == 2
     assert max_abs_diff(state.grad_sum, grads) == 0
+
+
+def test_the_same_config_drives_accumulate_and_the_torch_accumulator() -> None:
+    import torch
+
+    from gradaccum.torch import Accumulator
+
+    from .reference import mlp
+
+    config = AccumulationConfig.from_yaml("batch_size: 4\ngradient_accumulation_steps: 3\n")
+    params = init_params()
+    tx = accumulate(optax.sgd(0.1), config)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(optax.tree.zeros_like(params), state, params, items=4)
+    assert int(state.gradient_step) == 1
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), config)
+    assert acc.rule == FixedSteps(3)
+    adaptive = AccumulationConfig.from_mapping({"batch_size": 4, "rule": {"name": "gsnr", "tau": 1.0}})
+    with pytest.raises(ValueError, match="every_k: accumulate closes windows by count only"):
+        accumulate(optax.sgd(0.1), adaptive)

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .rules import GSNR, FixedSteps, NormTest, StoppingRule
+from .rules import GSNR, FixedSteps, NormTest, StoppingRule, check_rule
 from .validation import check_positive_int
 
 _RULES: dict[str, tuple[type, tuple[str, ...]]] = {
@@ -102,3 +102,10 @@ class AccumulationConfig:
         except (OSError, yaml.YAMLError) as error:
             raise ValueError(f"accumulation config: cannot read {source}: {error}") from None
         return cls.from_mapping(loaded or {})
+
+
+def as_rule(rule: StoppingRule | AccumulationConfig) -> StoppingRule:
+    """The stopping rule itself, or the one an ``AccumulationConfig`` describes (checked)."""
+    if isinstance(rule, AccumulationConfig):
+        return rule.make_rule()
+    return check_rule(rule)

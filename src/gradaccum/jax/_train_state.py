@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training import train_state
 
-from .._core.config import AccumulationConfig
+from .._core.config import AccumulationConfig, as_rule
 from .._core.moments import Moments, moments_from_sums
-from .._core.rules import StoppingRule, check_rule
+from .._core.rules import StoppingRule
 from .._core.validation import check_choice
 from ._decisions import traced_decision
 from ._sum_squares import LOG, statistics_path, sums_and_squares
@@ -48,11 +48,9 @@ class AccumulatingTrainState(train_state.TrainState):
     def create(cls, *, apply_fn: Any, params: Any, tx: Any, rule: StoppingRule | AccumulationConfig | None = None,
                nonfinite: str = "skip_micro_batch", **kwargs: Any) -> AccumulatingTrainState:
         """A new state with ``step=0``, ``tx.init(params)`` and an empty window shaped like ``params``."""
-        if isinstance(rule, AccumulationConfig):
-            rule = rule.make_rule()
         if rule is None:
             raise TypeError("rule is required: a stopping rule such as gradaccum.FixedSteps(4) or an AccumulationConfig")
-        check_rule(rule)
+        rule = as_rule(rule)
         traced_decision(rule)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         leaves = jax.tree.leaves(params)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .._core.config import AccumulationConfig
 from .._core.rules import FixedSteps
 from .._core.validation import check_positive_int
 
@@ -38,17 +39,23 @@ class AccumulationState(NamedTuple):
     gradient_step: jax.Array
 
 
-def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedSteps,
+def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedSteps | AccumulationConfig,
                accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
     """Wrap ``optimizer`` to step once per ``every_k`` micro-batches on the items' mean gradient.
 
     ``update(updates, state, params=None, *, items=1, last=False, **extra_args)``:
     ``updates`` is the micro-batch's *mean* gradient over its ``items`` items; ``last=True``
     closes the window after this micro-batch whatever its length (the end of an epoch
-    or a run). Between steps the returned updates are zeros, as with ``optax.MultiSteps``.
+    or a run). ``every_k`` may be an int, ``FixedSteps(k)`` or an ``AccumulationConfig``
+    with the fixed rule. Between steps the returned updates are zeros, as with ``optax.MultiSteps``.
     A window whose items add up to 0 is dropped without a step. ``accumulator_dtype``
     defaults to the dtype of each parameter.
     """
+    if isinstance(every_k, AccumulationConfig):
+        every_k = every_k.make_rule()
+        if not isinstance(every_k, FixedSteps):
+            raise ValueError(f"every_k: accumulate closes windows by count only, got the rule {every_k!r}; "
+                             "use AccumulatingTrainState for adaptive rules")
     k = every_k.k if isinstance(every_k, FixedSteps) else check_positive_int("every_k", every_k)
     inner = optax.with_extra_args_support(optimizer)
 

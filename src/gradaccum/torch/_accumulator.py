@@ -14,8 +14,8 @@ from .._core import (
     StepRecord,
     StoppingRule,
     WindowView,
-    check_rule,
 )
+from .._core.config import AccumulationConfig, as_rule
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int
 from ._checks import check_count, check_loss, tracked_parameters
@@ -44,7 +44,7 @@ class Accumulator:
     Args:
       model: the module being trained (plain or DistributedDataParallel).
       optimizer: an optimizer that owns every trainable parameter of ``model``.
-      rule: a stopping rule, for example ``gradaccum.FixedSteps(4)``.
+      rule: a stopping rule, for example ``gradaccum.FixedSteps(4)``, or an ``AccumulationConfig``.
       scheduler: optional LR scheduler, stepped once per optimizer step that happened.
       scaler: optional ``torch.amp.GradScaler``; the window is unscaled once, and a window
         whose gradient has inf/nan is skipped with the scheduler step, as in one big batch.
@@ -86,7 +86,7 @@ class Accumulator:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        rule: StoppingRule,
+        rule: StoppingRule | AccumulationConfig,
         *,
         scheduler: Any | None = None,
         scaler: Any | None = None,
@@ -99,7 +99,7 @@ class Accumulator:
         self._params = tracked_parameters(model, optimizer)
         self.model = model
         self.optimizer = optimizer
-        self.rule = check_rule(rule)
+        self.rule = as_rule(rule)
         if scheduler is not None and not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
         self.scheduler = scheduler
