@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -31,9 +33,13 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> Path:
 
 
 def test_reproduce_writes_every_output(reproduced: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("config.yaml", "results.json", "runs.csv", "report.md", "timings.json", "optuna.db",
                  "val_accuracy.png", "effective_batch_and_statistic.png", "optuna_history.png"):
         assert (reproduced / name).stat().st_size > 0, name
+        if name != "optuna.db":  # written atomically, yet with the permissions a plain open() gives
+            assert stat.S_IMODE((reproduced / name).stat().st_mode) == 0o666 & ~umask, name
     results = json.loads((reproduced / "results.json").read_text())
     assert results["config"]["trials"] == 2 and results["config"]["budget"] == 1600
     for arm in ("baseline", "gaga"):
@@ -50,7 +56,8 @@ def test_reproduce_writes_every_output(reproduced: Path) -> None:
     assert len(rows) == 4 and {"arm", "seed", "test_accuracy", "final_val_accuracy", "optimizer_steps",
                                "mean_batch", "median_batch", "wall_seconds"} <= set(rows[0])
     report = (reproduced / "report.md").read_text()
-    for needle in ("95 % CI", "stability", "Reference values", "66.30 %", "## Verdict", "optuna_history.png"):
+    for needle in ("95 % CI", "stability", "Reference values", "66.30 %", "## Verdict", "optuna_history.png",
+                   "(PyTorch)"):
         assert needle in report
 
 

@@ -90,7 +90,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .experiments.report import write_atomic
+    from .experiments.files import write_atomic
     from .experiments.reproduce import prepare_output
     from .experiments.runs import train_run
 

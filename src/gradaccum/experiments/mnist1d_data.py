@@ -7,12 +7,12 @@ the last 800 validate. ``get_dataset`` (which may download) is never called.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from .files import atomic_file
 
 TRAIN, VALIDATION = 3200, 800
 
@@ -45,8 +45,6 @@ def load_mnist1d(cache: Path | None = None) -> MNIST1D:
         cache.parent.mkdir(parents=True, exist_ok=True)
         # a private temporary file, then an atomic rename: never a half-written cache that a
         # rerun would trust, and no collision between workers generating it at once
-        with tempfile.NamedTemporaryFile(dir=cache.parent, prefix=cache.stem + ".", suffix=".tmp.npz",
-                                         delete=False) as f:
+        with atomic_file(cache) as f:
             np.savez(f, **splits._asdict())
-        os.replace(f.name, cache)
     return splits

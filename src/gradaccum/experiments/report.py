@@ -6,9 +6,7 @@ import csv
 import io
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
+from .files import atomic_file, write_atomic  # noqa: E402
+
+BACKEND_NAMES = {"torch": "PyTorch", "jax": "JAX/Flax"}
 REFERENCE = {  # DESIGN.md section 6
     "baseline": {"lr": 0.00589, "test_accuracy": 0.6630},
     "gaga": {"lr": 0.00307, "tau": 0.0984, "test_accuracy": 0.6620},
@@ -25,15 +26,6 @@ REFERENCE = {  # DESIGN.md section 6
 LABELS = {"baseline": "baseline (batch 32)", "baseline512": "fixed batch 512", "gaga": "GAGA (per-sample GSNR)",
           "gaga_mean": "GSNR, mean-gradient scale", "normtest": "norm test"}
 STABILITY_LAST = 10
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a crash never leaves a half-written file, and
-    concurrent writers (parallel tune workers) never share a temporary file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name + ".", suffix=".tmp",
-                                     delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def effective_batches(run: dict[str, Any]) -> list[int]:
@@ -116,7 +108,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     cfg = results["config"]
     lines = [
         "# gradaccum reproduce: GAGA vs fixed-batch Adam on mnist1d", "",
-        f"MLP 40-256-256-10, Adam, {cfg['budget']:,} training samples per run, validation every "
+        f"MLP 40-256-256-10 ({BACKEND_NAMES[cfg.get('backend', 'torch')]}), Adam, {cfg['budget']:,} training "
+        f"samples per run, validation every "
         f"{cfg['eval_every']:,} samples; Optuna TPE, {cfg['trials']} trials per arm (objective: final validation "
         f"accuracy); the best settings trained over {cfg['seeds']} seeds and evaluated on the 1000 test samples.", "",
         "| arm | test accuracy (mean ± std) | 95 % CI | tuned | stability (std of last "
@@ -186,10 +179,9 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem + ".", suffix=".tmp.png", delete=False) as f:
+    with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(f.name, path)
     return path
 
 

@@ -10,8 +10,9 @@ from typing import Any
 from tqdm import tqdm
 
 from .config import ExperimentConfig
+from .files import write_atomic
 from .mnist1d_data import MNIST1D, load_mnist1d
-from .report import write_atomic, write_report
+from .report import write_report
 from .runs import train_run
 from .tuning import best_params, completed, open_study, trial_table, tune_arm
 

@@ -16,12 +16,12 @@ from flax import struct
 from flax.training import train_state
 
 from .._core.config import AccumulationConfig, as_rule
-from .._core.moments import Moments, moments_from_sums
+from .._core.moments import moments_from_sums
 from .._core.rules import StoppingRule
 from .._core.validation import check_choice
 from ._decisions import traced_decision
 from ._sum_squares import LOG, statistics_path, sums_and_squares
-from ._window import Window, unzip, all_finite, increment_moments
+from ._window import Window, all_finite, increment_moments, unzip
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
 STATISTICS = ("auto", "vmap")
@@ -146,15 +146,11 @@ def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weight
     if path == "sum_of_squares":
         losses, s1, s2 = sums_and_squares(loss_fn, params, batch, weights)
         n = weights.sum(dtype=jnp.int32)
-        moments = jax.tree.map(lambda a, b: moments_from_sums(n, a, b), s1, s2)
-        return losses, n, *unzip(jax.tree.map(lambda m: (m.mean, m.m2), moments, is_leaf=_is_moments), params)
+        pairs = jax.tree.map(lambda a, b: moments_from_sums(n, a, b)[1:], s1, s2)  # (mean, m2) per leaf
+        return losses, n, *unzip(pairs, params)
     losses, per_sample = jax.vmap(jax.value_and_grad(partial(_example_loss, loss_fn)),
                                   in_axes=(None, 0))(params, batch)
     return losses, *increment_moments(per_sample, weights)
-
-
-def _is_moments(x: Any) -> bool:
-    return isinstance(x, Moments)
 
 
 def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState, batch: Any,
