@@ -151,3 +151,20 @@ def test_the_same_config_drives_accumulate_and_the_torch_accumulator() -> None:
     adaptive = AccumulationConfig.from_mapping({"batch_size": 4, "rule": {"name": "gsnr", "tau": 1.0}})
     with pytest.raises(ValueError, match="every_k: accumulate closes windows by count only"):
         accumulate(optax.sgd(0.1), adaptive)
+
+
+def test_missing_jax_extra_is_named(tmp_path: Path) -> None:
+    """Without the extra, importing gradaccum.jax and ``--backend jax`` say what to install."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['optax'] = None\n"
+            "from gradaccum.cli import main\n"
+            f"code = main(['train', '--arm', 'baseline', '--lr', '0.01', '--backend', 'jax', '--budget', '64', "
+            f"'--eval-every', '64', '--out', {str(tmp_path)!r}, '--data-dir', {str(tmp_path / 'data')!r}])\n"
+            "assert code == 2, code\n"
+            "import gradaccum.jax\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "backend: 'jax' needs the jax extra" in done.stderr
+    assert "gradaccum.jax needs jax, flax and optax: pip install 'gradaccum[jax]'" in done.stderr

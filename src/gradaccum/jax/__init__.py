@@ -4,6 +4,13 @@ jitted step, adaptive (GSNR / norm test) windows under ``jit``, and data paralle
 Needs the ``jax`` extra: ``pip install "gradaccum[jax]"``.
 """
 
+try:
+    import flax  # noqa: F401
+    import jax  # noqa: F401
+    import optax  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(f"gradaccum.jax needs jax, flax and optax: pip install 'gradaccum[jax]' ({error})") from error
+
 from ._decisions import register_decision as register_decision
 from ._decisions import traced_decision as traced_decision
 from ._sharding import data_mesh as data_mesh
