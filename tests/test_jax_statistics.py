@@ -44,14 +44,59 @@ class SharedDense(fnn.Module):
         return fnn.Dense(3, **F64)(layer(fnn.tanh(layer(x))))
 
 
-MODELS = {"mlp": MODEL, "sequence": SequenceNet(), "conv": ConvNet(), "shared": SharedDense()}
-PATHS = {"mlp": "sum_of_squares", "sequence": "sum_of_squares", "conv": "vmap: parameters outside",
-         "shared": "vmap: a registered layer is called more than once"}
+def tokens(x: jax.Array) -> jax.Array:
+    """Integer tokens in [0, 7) from the float features: a sequence of 6 per sample."""
+    return (jnp.abs(x) * 3).astype(jnp.int32) % 7
 
 
-def losses_of(model: fnn.Module):
+class TokenNet(fnn.Module):
+    """Embed -> LayerNorm -> mean over positions -> Dense: layers with per-layer VJPs."""
+
+    @fnn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = fnn.LayerNorm(param_dtype=jnp.float64)(fnn.Embed(7, 4, param_dtype=jnp.float64)(tokens(x)))
+        return fnn.Dense(3, **F64)(h.mean(1))
+
+
+class TiedTokenNet(fnn.Module):
+    """Embedding tied to the output (``Embed.attend``): the table is used twice per sample."""
+
+    @fnn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        embed = fnn.Embed(3, 4, param_dtype=jnp.float64)
+        h = jnp.tanh(fnn.Dense(4, **F64)(embed(tokens(x) % 3).mean(1)))
+        return embed.attend(h)
+
+
+class OwnParam(fnn.Module):
+    """A parameter declared next to submodules: no leaf layer owns it."""
+
+    @fnn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", fnn.initializers.ones, (6,), jnp.float64)
+        return fnn.Dense(3, **F64)(x * scale)
+
+
+class FrozenBatchNorm(fnn.Module):
+    """BatchNorm on running averages (per-sample well defined) holds a second collection."""
+
+    @fnn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = fnn.BatchNorm(use_running_average=True, dtype=jnp.float64, param_dtype=jnp.float64)(fnn.Dense(5, **F64)(x))
+        return fnn.Dense(3, **F64)(h)
+
+
+MODELS = {"mlp": MODEL, "sequence": SequenceNet(), "conv": ConvNet(), "shared": SharedDense(), "tokens": TokenNet(),
+          "tied": TiedTokenNet(), "own_param": OwnParam(), "batch_norm": FrozenBatchNorm()}
+PATHS = {"mlp": "sum_of_squares", "sequence": "layers", "conv": "layers",
+         "shared": "vmap: a layer with parameters is called more than once", "tokens": "layers",
+         "tied": "vmap: Embed at Embed_0 is called through attend", "own_param": "vmap: parameters outside leaf layers",
+         "batch_norm": "vmap: BatchNorm at BatchNorm_0"}
+
+
+def losses_of(model: fnn.Module, extra=None):
     def losses(params, batch):
-        logits = model.apply({"params": params}, batch["x"])
+        logits = model.apply({"params": params, **(extra or {})}, batch["x"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
 
     return losses
@@ -71,8 +116,11 @@ def reference_moments(losses, params, batch, mask):
 @pytest.mark.parametrize("statistics", ["auto", "vmap"])
 def test_window_moments_equal_a_loop_over_samples(name: str, statistics: str) -> None:
     model, batch = MODELS[name], data(10, seed=31)
-    losses = losses_of(model)
-    params = model.init(jax.random.key(1), batch["x"][:1])["params"]
+    variables = model.init(jax.random.key(1), batch["x"][:1])
+    params = variables["params"]
+    # BatchNorm keeps its statistics in float32 whatever param_dtype says: cast them for a float64 test
+    extra = jax.tree.map(lambda v: v.astype(jnp.float64), {k: v for k, v in variables.items() if k != "params"})
+    losses = losses_of(model, extra)
     assert statistics_path(losses, params, batch).startswith(PATHS[name])
     mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1])
     rule = GSNR(1e9, increment=10, max_samples=100)

@@ -16,8 +16,8 @@ from ._decisions import traced_decision as traced_decision
 from ._sharding import data_mesh as data_mesh
 from ._sharding import replicate as replicate
 from ._sharding import shard_batch as shard_batch
-from ._sum_squares import register_sum_squares as register_sum_squares
-from ._sum_squares import statistics_path as statistics_path
+from ._layer_stats import register_sum_squares as register_sum_squares
+from ._layer_stats import statistics_path as statistics_path
 from ._train_state import AccumulatingTrainState as AccumulatingTrainState
 from ._train_state import flush as flush
 from ._train_state import make_train_step as make_train_step

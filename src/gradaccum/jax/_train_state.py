@@ -20,7 +20,7 @@ from .._core.moments import moments_from_sums
 from .._core.rules import StoppingRule
 from .._core.validation import check_choice
 from ._decisions import traced_decision
-from ._sum_squares import LOG, statistics_path, sums_and_squares
+from ._layer_stats import LOG, statistics_path, sums_and_squares
 from ._window import Window, all_finite, increment_moments, unzip
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
@@ -82,8 +82,9 @@ def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool =
     micro-batch sizes. With a rule that needs statistics, each micro-batch is an
     increment whose moments are merged into the window's (Chan et al.):
     ``statistics="auto"`` takes the per-sample sums of squares from one backward pass
-    when every parameter belongs to a registered Flax layer (``nn.Dense``; see
-    ``statistics_path``), else per-example gradients from ``jax.vmap(jax.grad(...))``;
+    when every parameter belongs to a leaf Flax layer called once (closed form for
+    ``nn.Dense``, a per-layer vmap for others; see ``statistics_path``), else per-example
+    gradients from ``jax.vmap(jax.grad(...))``;
     ``statistics="vmap"`` always uses the latter (exact two-pass moments in float32 too).
 
     ``donate=True`` donates the state passed in to the step (``donate_argnums=0``): XLA then
@@ -143,7 +144,7 @@ def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weight
     """Per-example losses and the count, mean and M2 of this micro-batch's per-sample gradients."""
     path = statistics_path(loss_fn, params, batch) if statistics == "auto" else "vmap: asked for"
     LOG.info("per-sample statistics by %s", path)
-    if path == "sum_of_squares":
+    if not path.startswith("vmap"):
         losses, s1, s2 = sums_and_squares(loss_fn, params, batch, weights)
         n = weights.sum(dtype=jnp.int32)
         pairs = jax.tree.map(lambda a, b: moments_from_sums(n, a, b)[1:], s1, s2)  # (mean, m2) per leaf
