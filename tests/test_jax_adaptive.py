@@ -146,6 +146,32 @@ def test_skip_window_drops_the_whole_window_without_a_step() -> None:
     assert int(state.window.items) == 4
 
 
+def nan_gradient_loss(params, batch):
+    """Finite losses (sqrt(0) = 0) whose gradient is nan (0/0): only the gradient check can tell."""
+    bias = params["Dense_0"]["bias"][0]
+    return loss_fn(params, batch) + jnp.sqrt(bias - bias)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip_micro_batch", "skip_window"])
+@pytest.mark.parametrize("rule", [FixedSteps(3), GSNR(1e9, increment=4, max_samples=12)], ids=repr)
+def test_finite_loss_with_a_nan_gradient_is_caught(rule, nonfinite: str) -> None:
+    batch = data(12, seed=16)
+    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=SGD, rule=rule,
+                                          nonfinite=nonfinite)
+    state, _ = STEP(state, take(batch, slice(0, 4)))
+    state, bad = make_train_step(nan_gradient_loss)(state, take(batch, slice(4, 8)))
+    assert np.isfinite(float(bad["loss"]))
+    assert bool(bad["finite"]) == (nonfinite == "skip_window")  # skip_window checks the gradient at the close
+    state, metrics = STEP(state, take(batch, slice(8, 12)))
+    if nonfinite == "skip_window":  # the window closes at 12 samples / 3 micro-batches, without a step
+        assert bool(metrics["stop"]) and int(state.step) == 0
+        assert max_abs_diff(state.params, init_params()) == 0
+    else:  # the bad micro-batch was dropped: 8 samples over 3 micro-batches
+        assert int(metrics["items"]) == 8 and int(metrics["micro_batches"]) == 3
+        state = jax.jit(AccumulatingTrainState.close_window)(state)
+        assert int(state.step) == 1 and all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
 # --- checkpoint mid-window ---------------------------------------------------------------------
 
 

@@ -34,10 +34,11 @@ class AccumulatingTrainState(train_state.TrainState):
     ``step`` counts optimizer steps (windows applied), as in Flax. Create it with
     ``AccumulatingTrainState.create(apply_fn=..., params=..., tx=..., rule=...)``; ``rule``
     is a stopping rule (``FixedSteps(k)``, ``GSNR(...)``, ``NormTest(...)``) or an
-    ``AccumulationConfig``. ``nonfinite`` says what a micro-batch with a non-finite
-    gradient does: ``"skip_micro_batch"`` (it counts toward the window's length, its
-    items and gradient are dropped) or ``"skip_window"`` (the whole window is dropped
-    without an optimizer step).
+    ``AccumulationConfig``. ``nonfinite`` says what a micro-batch with a non-finite loss
+    or gradient does: ``"skip_micro_batch"`` (checked per micro-batch: it counts toward
+    the window's length, its items and gradient are dropped) or ``"skip_window"`` (the
+    whole window is dropped without an optimizer step; the loss is checked per
+    micro-batch, the gradient once when the window closes, which is cheaper).
     """
 
     rule: StoppingRule = struct.field(pytree_node=False)
@@ -66,8 +67,9 @@ class AccumulatingTrainState(train_state.TrainState):
     def close_window(self) -> AccumulatingTrainState:
         """Apply the window's mean gradient (unless it is empty or poisoned) and start a new one."""
         window = self.window
-        apply = (window.items > 0) & ~window.poisoned
-        stepped = jax.lax.cond(apply, lambda s: s.apply_gradients(grads=window.mean_gradient()), lambda s: s, self)
+        grads = window.mean_gradient()
+        apply = (window.items > 0) & ~window.poisoned & all_finite(grads)
+        stepped = jax.lax.cond(apply, lambda s: s.apply_gradients(grads=grads), lambda s: s, self)
         return stepped.replace(window=Window.empty(self.params, self.rule.needs_statistics))
 
 
@@ -93,7 +95,7 @@ def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool =
     every array it shares (the ``params`` it was created from) are invalid afterwards.
 
     ``metrics`` holds ``loss`` (mean over this micro-batch), ``stop`` (the window
-    closed), ``finite``, ``items`` and ``micro_batches`` of the window so far (before
+    closed), ``finite`` (loss and gradient; the loss only under ``"skip_window"``), ``items`` and ``micro_batches`` of the window so far (before
     a close resets it), ``step``, and the rule's info (``gsnr``, ``norm_test``, ...).
     """
     check_choice("statistics", statistics, STATISTICS)
@@ -162,15 +164,19 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
     if state.rule.needs_statistics:
         losses, n, mean, m2 = _increment(loss_fn, statistics, state.params, batch, weights)
         loss_sum = (losses * weights.astype(losses.dtype)).sum()
-        finite = jnp.isfinite(loss_sum) & all_finite(mean) & all_finite(m2)
-        added = window.add_moments(*_zero_unless(finite, (n, mean, m2)))
+        add, increment, gradient = window.add_moments, (n, mean, m2), (mean, m2)
     else:
         grad_sum, loss_sum = jax.grad(partial(_summed_loss, loss_fn), has_aux=True)(state.params, batch, weights)
         n = weights.sum(dtype=jnp.int32)
-        finite = jnp.isfinite(loss_sum) & all_finite(grad_sum)
-        added = window.add_sum(*_zero_unless(finite, (grad_sum, n)))
+        add, increment, gradient = window.add_sum, (grad_sum, n), grad_sum
     if state.nonfinite == "skip_window":
-        added = added.replace(poisoned=added.poisoned | ~finite)
+        # the whole window goes if anything is non-finite: add unchecked and test the window's
+        # gradient once, when it closes (a per-micro-batch test costs ~0.2x of a step)
+        finite = jnp.isfinite(loss_sum)
+        added = add(*increment).replace(poisoned=window.poisoned | ~finite)
+    else:
+        finite = jnp.isfinite(loss_sum) & all_finite(gradient)
+        added = add(*_zero_unless(finite, increment))
     stop, info = traced_decision(state.rule)(state.rule, added)
     stop = jnp.asarray(stop)
     grown = state.replace(window=added)
