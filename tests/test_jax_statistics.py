@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from gradaccum import GSNR
+from gradaccum import GSNR, FixedSteps
 from gradaccum.jax import AccumulatingTrainState, make_train_step, statistics_path
 
 from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff
@@ -159,3 +159,30 @@ def test_sum_of_squares_and_vmap_windows_decide_alike() -> None:
 def test_statistics_choice_is_checked() -> None:
     with pytest.raises(ValueError, match="statistics must be one of"):
         make_train_step(loss_fn, statistics="ghost")
+
+
+class TrainBatchNorm(fnn.Module):
+    @fnn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = fnn.BatchNorm(use_running_average=False, dtype=jnp.float64, param_dtype=jnp.float64)(x)
+        return fnn.Dense(3, **F64)(h)
+
+
+@pytest.mark.parametrize("statistics", ["auto", "vmap"])
+def test_train_mode_batch_norm_is_refused_for_statistics_but_fine_for_fixed_steps(statistics: str) -> None:
+    model, batch = TrainBatchNorm(), data(8, seed=33)
+    variables = model.init(jax.random.key(0), batch["x"])
+
+    def losses(params, b):
+        logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, b["x"],
+                                mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b["y"])
+
+    def fresh(rule):
+        return AccumulatingTrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.sgd(0.1),
+                                             rule=rule)
+
+    with pytest.raises(ValueError, match="BatchNorm at BatchNorm_0 normalises with batch statistics"):
+        make_train_step(losses, statistics=statistics)(fresh(GSNR(1.0, increment=8, max_samples=16)), batch)
+    state, metrics = make_train_step(losses)(fresh(FixedSteps(1)), batch)
+    assert int(state.step) == 1 and bool(metrics["finite"])

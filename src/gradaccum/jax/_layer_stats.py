@@ -93,9 +93,22 @@ def _owns_params(module: fnn.Module) -> bool:
     return bool(params) and all(not hasattr(v, "keys") for v in params.values())
 
 
+def _uses_batch_statistics(module: fnn.Module, args: tuple, kwargs: dict) -> bool:
+    """A BatchNorm normalising with the batch's own statistics (train mode)."""
+    if not isinstance(module, fnn.BatchNorm):
+        return False
+    flag = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    return not fnn.merge_param("use_running_average", module.use_running_average, flag)
+
+
 def _record(calls: list[_Call], context: Any, args: tuple, kwargs: dict, y: Any) -> bool:
     """Append the call if it is a leaf layer's; say whether it can be perturbed."""
     module = context.module
+    if context.method_name == "__call__" and _uses_batch_statistics(module, args, kwargs):
+        raise ValueError(f"BatchNorm at {'/'.join(module.path)} normalises with batch statistics (train mode): "
+                         "it mixes the samples, so per-sample gradients do not exist; use a rule without "
+                         "statistics (FixedSteps), use_running_average=True, or a per-sample normalisation "
+                         "such as LayerNorm or GroupNorm")
     if context.method_name == "setup" or not _owns_params(module):  # setup creates, it does not compute
         return False
     simple = (context.method_name == "__call__" and len(args) == 1 and not kwargs and isinstance(y, jax.Array)
@@ -119,11 +132,16 @@ def _calls(loss_fn: Callable, params: Any, batch: Any) -> list[_Call]:
     return calls
 
 
-def statistics_path(loss_fn: Callable, params: Any, batch: Any) -> str:
-    """How ``make_train_step(statistics="auto")`` gets per-sample statistics for this model:
+def statistics_path(loss_fn: Callable, params: Any, batch: Any, statistics: str = "auto") -> str:
+    """How ``make_train_step(statistics=...)`` gets per-sample statistics for this model:
     ``"sum_of_squares"`` (every layer has a closed form), ``"layers"`` (some layers by
-    their own per-sample VJP), or ``"vmap: <why>"`` (per-sample gradients of the model)."""
+    their own per-sample VJP), or ``"vmap: <why>"`` (per-sample gradients of the model).
+
+    Raises ValueError for a model whose samples are not independent (train-mode BatchNorm).
+    """
     calls = _calls(loss_fn, params, batch)
+    if statistics == "vmap":
+        return "vmap: asked for"
     odd = [c for c in calls if not c.simple]
     if odd:
         c = odd[0]

@@ -144,7 +144,7 @@ def _zero_unless(finite: jax.Array, tree: Any) -> Any:
 def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weights: jax.Array
                ) -> tuple[jax.Array, jax.Array, Any, Any]:
     """Per-example losses and the count, mean and M2 of this micro-batch's per-sample gradients."""
-    path = statistics_path(loss_fn, params, batch) if statistics == "auto" else "vmap: asked for"
+    path = statistics_path(loss_fn, params, batch, statistics)
     LOG.info("per-sample statistics by %s", path)
     if not path.startswith("vmap"):
         losses, s1, s2 = sums_and_squares(loss_fn, params, batch, weights)
