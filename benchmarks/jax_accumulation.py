@@ -23,8 +23,6 @@ Each model runs twice: with the carried state copied by every step, and donated 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from functools import partial
 from itertools import product
 from typing import Any, Callable
@@ -34,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _jax_timing import median_ms  # benchmarks/ is on sys.path when run as a script
 
 from gradaccum import GSNR, FixedSteps
 from gradaccum.jax import AccumulatingTrainState, accumulate, make_train_step
@@ -106,21 +105,7 @@ def main() -> None:
         batches = [{"x": jnp.asarray(rng.normal(size=(micro, widths[0])), jnp.float32),
                     "y": jnp.asarray(rng.integers(0, widths[-1], micro), jnp.int32)} for _ in range(k * args.windows)]
         runs = competitors(widths, micro, k, donate)
-        times: dict[str, list[float]] = {n: [] for n in runs}
-        carries = {n: c for n, (_, c) in runs.items()}
-        for n, (step, _) in runs.items():  # compile and warm up
-            carries[n] = jax.block_until_ready(step(carries[n], batches[0]))
-        names = list(runs)
-        for r in range(args.rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:
-                step, carry = runs[n][0], carries[n]
-                start = time.perf_counter()
-                for batch in batches:
-                    carry = step(carry, batch)
-                jax.block_until_ready(carry)
-                times[n].append((time.perf_counter() - start) / len(batches) * 1e3)
-                carries[n] = carry
-        med = {n: statistics.median(t) for n, t in times.items()}
+        med = median_ms(runs, batches, args.rounds)
         print(f"| {name} | {micro} x {k} | {'yes' if donate else 'no'} | {med['plain']:.3f} | {med['multisteps']:.3f} | {med['accumulate']:.3f} | "
               f"{med['accumulate'] / med['multisteps']:.3f}x | {med['train_state']:.3f} | "
               f"{med['train_state'] / med['multisteps']:.3f}x | {med['train_state_sw']:.3f} | "

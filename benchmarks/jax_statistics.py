@@ -14,8 +14,6 @@ statistics' cost, not the optimizer's.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Any, Callable
 
 import flax.linen as fnn
@@ -23,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _jax_timing import median_ms  # benchmarks/ is on sys.path when run as a script
 
 from gradaccum import GSNR
 from gradaccum.jax import AccumulatingTrainState, make_train_step, statistics_path
@@ -93,21 +92,7 @@ def main() -> None:
     for name, model in MODELS:
         runs, path = steps(model, args.batch)
         size = sum(x.size for x in jax.tree.leaves(runs["plain"][1][0]))
-        carries = {n: c for n, (_, c) in runs.items()}
-        for n, (f, _) in runs.items():
-            carries[n] = jax.block_until_ready(f(carries[n], batches[0]))
-        times: dict[str, list[float]] = {n: [] for n in runs}
-        names = list(runs)
-        for r in range(args.rounds):
-            for n in names[r % len(names):] + names[:r % len(names)]:
-                f, carry = runs[n][0], carries[n]
-                start = time.perf_counter()
-                for batch in batches:
-                    carry = f(carry, batch)
-                jax.block_until_ready(carry)
-                times[n].append((time.perf_counter() - start) / len(batches) * 1e3)
-                carries[n] = carry
-        med = {n: statistics.median(t) for n, t in times.items()}
+        med = median_ms(runs, batches, args.rounds)
         print(f"| {name} | {size:,} | {path} | {med['plain']:.3f} | {med['auto']:.3f} | "
               f"{med['auto'] / med['plain']:.2f}x | {med['vmap']:.3f} | {med['vmap'] / med['plain']:.2f}x | "
               f"{med['vmap'] / med['auto']:.2f}x |")

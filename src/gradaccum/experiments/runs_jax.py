@@ -58,6 +58,7 @@ _STEP = make_train_step(per_example_loss, donate=True)
 def train_run_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg: ExperimentConfig) -> RunResult:
     """Train the Flax MLP with Adam for ``cfg.budget`` samples; validate every ``cfg.eval_every``."""
     x, y = data.x_train.astype(np.float32), data.y_train.astype(np.int32)
+    x_val = data.x_val.astype(np.float32)  # converted once, validated every eval_every samples
     rule = make_rule(arm, params, cfg)
     state = AccumulatingTrainState.create(
         apply_fn=MODEL.apply, params=MODEL.init(jax.random.key(seed), jnp.zeros((1, x.shape[1]), jnp.float32))["params"],
@@ -77,7 +78,7 @@ def train_run_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, 
         closed.append(metrics)  # device arrays: read once at the end, no host sync per micro-batch
         seen += len(idx)
         if seen >= next_eval:
-            curve.append((seen, accuracy(state.params, data.x_val.astype(np.float32), data.y_val)))
+            curve.append((seen, accuracy(state.params, x_val, data.y_val)))
             next_eval += cfg.eval_every
     flushed_items = int(state.window.items)
     state = flush(state)
@@ -93,7 +94,7 @@ def train_run_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, 
     return RunResult(
         arm=arm, params=dict(params), seed=seed,
         test_accuracy=accuracy(state.params, data.x_test.astype(np.float32), data.y_test),
-        final_val_accuracy=accuracy(state.params, data.x_val.astype(np.float32), data.y_val),
+        final_val_accuracy=accuracy(state.params, x_val, data.y_val),
         val_curve=curve, steps=int(state.step), batch_sizes=[int(m["items"]) for m in windows],
         flushed_items=flushed_items, statistic=statistic, wall_seconds=wall, warnings=sorted(caught),
     )
