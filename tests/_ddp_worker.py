@@ -56,6 +56,9 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_fixed(rank, out, mode)
     dist.barrier()  # both ranks done before either tears gloo down (else one can abort at exit)
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
 
 
 def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:

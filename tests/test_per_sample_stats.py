@@ -196,8 +196,9 @@ def test_bad_input() -> None:
         stats.moments()
 
 
-def test_batch_dimension_mismatch_is_refused() -> None:
-    """A model that folds positions into the batch for one layer gives no per-sample gradients."""
+def test_layer_that_folds_positions_into_the_batch_takes_the_model_fallback() -> None:
+    """A layer that sees (B*T, .) has no per-sample rows of its own: it used to be refused
+    ("layers saw different batch sizes"); now the whole model runs per sample for it."""
 
     class Folding(nn.Module):
         def __init__(self) -> None:
@@ -207,11 +208,20 @@ def test_batch_dimension_mismatch_is_refused() -> None:
         def forward(self, x):  # x: (B, T, 3); b sees (B*T, 3)
             return self.b(self.a(x).reshape(-1, 3)).reshape(x.shape[0], -1).sum(1)
 
-    model = Folding()
+    torch.manual_seed(0)
+    model = Folding().double()
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    params = list(model.parameters())
+    per_sample = [torch.stack(g) for g in zip(*(torch.autograd.grad(model(x[i:i + 1]).sum(), params)
+                                                for i in range(4)))]
     stats = PerSampleGradStats(model)
-    model(torch.randn(4, 5, 3)).sum().backward()  # float32 is fine: this checks shapes
-    with pytest.raises(ValueError, match="layers saw different batch sizes"):
-        stats.commit()
+    model(x).sum().backward()
+    stats.commit()
+    assert stats.paths["b"] == "broadcast -> model"
+    for g, got in zip(per_sample, stats.moments()):
+        mean = g.mean(0)
+        torch.testing.assert_close(got.mean, mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(got.m2, ((g - mean) ** 2).sum(0), rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("flat_below", [1 << 20, 0], ids=["flat", "per_tensor"])

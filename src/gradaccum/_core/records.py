@@ -16,7 +16,8 @@ class StepRecord:
       micro_batches: micro-batches in the window (on this process).
       skipped: True when the optimizer step was skipped (GradScaler found inf/nan,
         or the non-finite policy dropped the window).
-      reason: why the window closed: "rule", "flush", or "nonfinite".
+      reason: why the window closed: "rule", "flush", "nonfinite" (dropped for a non-finite
+        micro-batch) or "failed" (dropped: a backward raised half-way into in-place sums).
       grad_norm: total norm of the mean gradient before clipping, when clipping is on.
       lr: learning rate of each parameter group used for this step.
       info: the stopping rule's info (for example the statistic it tested).

@@ -124,9 +124,8 @@ class Accumulator:
         self.reference_batch = None if reference_batch is None else check_positive_int("reference_batch", reference_batch)
         self.stats: PerSampleGradStats | None = None
         if self.rule.needs_statistics:
-            if scaler is not None:
-                raise ValueError("scaler: a GradScaler together with a statistics rule is not supported yet")
-            self.stats = PerSampleGradStats(model.module if self._ddp else model)  # type: ignore[arg-type]
+            # matched to the optimizer's parameters by identity: its groups may list them in any order
+            self.stats = PerSampleGradStats(model.module if self._ddp else model, params=self._params)  # type: ignore[arg-type]
             self._in_place = False  # the rule needs each micro-batch's own gradient sum
         self.monitor = DecisionMonitor()
         self.history: list[StepRecord] = []
@@ -142,6 +141,7 @@ class Accumulator:
         self._micro_batches = 0
         self._items = 0
         self._poisoned = False
+        self._failed = False  # a backward raised half-way into in-place sums
 
     @property
     def window_items(self) -> int:
@@ -159,50 +159,54 @@ class Accumulator:
         return self._steps
 
     # ------------------------------------------------------------------ public API
-    def backward(self, loss: torch.Tensor, count: Any, *, reduction: Literal["mean", "sum"] = "mean") -> bool:
+    def backward(self, loss: torch.Tensor, count: Any, *, reduction: Literal["mean", "sum"] = "mean",
+                 samples: int | None = None) -> bool:
         """Add one micro-batch and step when the rule closes the window.
 
         Args:
           loss: the micro-batch loss, a scalar: the *mean* over its ``count`` items
             (``reduction="mean"``, as ``nn.CrossEntropyLoss()`` returns) or their sum.
           count: the number of items the loss is over: samples, or tokens that count
-            (for example ``(labels != ignore_index).sum()``).
+            (for example ``(labels != ignore_index).sum()``). The window's gradient is
+            the mean over its items.
           reduction: how ``loss`` was reduced over the items.
+          samples: for a statistics rule, the number of samples (sequences, images) in
+            the micro-batch: the units per-sample gradients are taken over. By default
+            the leading size of the model's input. Items and samples differ for a
+            language model: ``count`` tokens in ``samples`` sequences.
 
         Returns:
           True when this call completed a window and the optimizer stepped.
+
+        If the call raises (a refused statistic, an error inside the backward), the
+        micro-batch is not counted and its gradient is cleared; the window is as before.
         """
         count = check_count(count)
         loss = check_loss(loss)
         check_choice("reduction", reduction, ("mean", "sum"))
+        if samples is not None:
+            check_positive_int("samples", samples)
         self._check_grads_untouched()
         self._micro_batches += 1
-        committed = False
-        if self._poisoned:
-            self._discard_statistics()  # the window will be skipped: no backward needed
-        elif (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
-            self._on_nonfinite("loss", count)
-        else:
-            total = loss * count if reduction == "mean" else loss
-            if self.scaler is not None:
-                total = self.scaler.scale(total)
-            total.backward()
-            grads = [p.grad for p in self._params]
+        try:
+            committed, overflow = self._take_micro_batch(loss, count, reduction, samples)
+        except NonFiniteError:
+            raise  # already handled: the micro-batch is not counted and the window is unchanged
+        except BaseException:
+            self._micro_batches -= 1
+            self._discard_statistics()
             if self._in_place:
-                self._sums = grads
-            # With a scaler, non-finite gradients are overflow: the scaler skips the window. In
-            # place, the window sum is checked once when it closes (a bad micro-batch dooms it).
-            if self.scaler is None and not self._in_place and not _all_finite([loss.detach(), *grads]):
-                self._on_nonfinite("loss or gradient", count)
+                # autograd may have added part of this micro-batch to the window sum (.grad):
+                # that cannot be undone bitwise, so the window is dropped when it closes
+                self._poisoned = self._failed = True
             else:
-                if self.stats is not None:
-                    self.stats.commit(grads, reduce=self._reduce_increment if self._ddp else None)
-                    committed = True
-                self._add_to_window(grads)
-                self._items += count
+                self._clear_grads()  # the window sum is kept apart: it is exactly as before
+            raise
         if self.stats is not None and self._ddp and not committed:
             self.stats.commit_empty(self._reduce_increment)  # every rank joins every increment
-        if self.stats is not None and self.stats.count == 0:
+        if overflow:
+            decision = Decision(True, {"overflow": True})
+        elif self.stats is not None and self.stats.count == 0:
             decision = Decision(False, {})  # no statistics yet (every micro-batch so far was skipped)
         else:
             stats = None if self.stats is None else self.stats.moments()
@@ -210,6 +214,45 @@ class Accumulator:
         if decision.stop:
             return self._close_window("rule", decision)
         return False
+
+    def _take_micro_batch(self, loss: torch.Tensor, count: int, reduction: str, samples: int | None
+                          ) -> tuple[bool, bool]:
+        """Backward, non-finite policy, statistics and the window sum for one micro-batch.
+
+        Returns (statistics committed, the scaler's loss scale overflowed). Until the
+        window sum is added to, nothing of the window has changed.
+        """
+        if self._poisoned:
+            self._discard_statistics()  # the window will be skipped: no backward needed
+            return False, False
+        if (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
+            self._on_nonfinite("loss", count)
+            return False, False
+        total = loss * count if reduction == "mean" else loss
+        if self.scaler is not None:
+            total = self.scaler.scale(total)
+        total.backward()
+        grads = [p.grad for p in self._params]
+        if self._in_place:
+            self._sums = grads
+        # With a scaler, non-finite gradients are overflow: the scaler skips the window. In
+        # place, the window sum is checked once when it closes (a bad micro-batch dooms it).
+        if self.scaler is None and not self._in_place and not _all_finite([loss.detach(), *grads]):
+            self._on_nonfinite("loss or gradient", count)
+            return False, False
+        committed = overflow = False
+        if self.stats is not None:
+            scale = None if self.scaler is None else float(self.scaler.get_scale())
+            if scale is not None and not _all_finite(grads):
+                overflow = True  # the scaler will skip this window: close it now, statistics untouched
+                self._discard_statistics()
+            else:
+                self.stats.commit(grads, reduce=self._reduce_increment if self._ddp else None,
+                                  samples=samples, scale=scale)
+                committed = True
+        self._add_to_window(grads)
+        self._items += count
+        return committed, overflow
 
     def flush(self, *, drop: bool = False) -> bool:
         """Close a partial window at the end of the data.
@@ -307,10 +350,11 @@ class Accumulator:
 
     def _on_nonfinite(self, what: str, count: int) -> None:
         self._discard_statistics()
+        if not self._in_place:
+            self._clear_grads()  # the window sum is apart from .grad: the bad gradient goes
         if self.nonfinite == "skip_window":
             self._poisoned = True  # the whole window is dropped, so in-place sums may be poisoned
             return
-        self._clear_grads()
         if self.nonfinite == "raise":
             self._micro_batches -= 1
             raise NonFiniteError(
@@ -357,7 +401,7 @@ class Accumulator:
             items=items,
             micro_batches=self._micro_batches,
             skipped=skipped,
-            reason="nonfinite" if poisoned else reason,
+            reason=("failed" if self._failed else "nonfinite") if poisoned else reason,
             grad_norm=grad_norm,
             lr=lrs,
             info=dict(decision.info),

@@ -4,4 +4,4 @@ from . import _attention, _layers  # noqa: F401  (fill the registry)
 from ._collector import PerSampleGradStats as PerSampleGradStats
 from ._registry import REGISTRY as REGISTRY
 from ._registry import LayerStats as LayerStats
-from ._registry import register as register
+from ._registry import register_layer_stats as register_layer_stats

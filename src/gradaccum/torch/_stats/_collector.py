@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..._core.moments import Moments
-from ._fallback import BATCHED_KWARGS, batch_dims, loop_per_sample, vmap_per_sample
+from ..._core.validation import check_positive_int
+from ._explained import Projector, magnitude, mismatch
+from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap_per_sample
 from ._merge import merge_sums_into
 from ._reductions import TorchMoments
 from ._registry import LayerStats, lookup
 
 log = logging.getLogger("gradaccum")
+MODEL = "<model>"  # the label of the whole-model fallback in ``paths``
 
 
 @dataclass
@@ -26,17 +29,36 @@ class _Unit:
 
     name: str
     module: nn.Module
-    entry: LayerStats | None  # None: the per-sample loop
+    entry: LayerStats | None  # None: the per-sample fallback
     params: dict[str, nn.Parameter]  # local name -> parameter
+
+    @property
+    def label(self) -> str:
+        return self.name or type(self.module).__name__
 
 
 @dataclass
 class _Call:
-    unit: _Unit
+    unit: _Unit | None  # None: the whole model's call
     args: tuple
     kwargs: dict[str, Any]
-    batch: int
+    in_size: int | None  # leading size of the first tensor input on its batch dim
+    out_size: int | None = None
     grads: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def reached_loss(self) -> bool:
+        return any(g is not None for g in self.grads)
+
+
+@dataclass
+class _Increment:
+    """What one increment's backward produced, per parameter (order of ``params``)."""
+
+    squares: list[torch.Tensor | None]
+    hooked: list[torch.Tensor | None]  # projected sums over samples of the hooked per-sample gradients
+    floor: list[float]  # magnitude of the terms the hooked calls summed (see _explained)
+    tied: dict[int, torch.Tensor] = field(default_factory=dict)  # per-sample gradients summed over calls
 
 
 class PerSampleGradStats:
@@ -44,36 +66,66 @@ class PerSampleGradStats:
 
     Run a backward of the **sum** of per-sample losses (or ``mean * count``) of an
     increment, then call ``commit()``: the increment's count, mean and M2 are merged
-    into the running moments with Chan's formula (DESIGN.md section 2). Hooks on each
-    layer see its input and output gradient; a registry maps layer types to exact
+    into the running moments with Chan's formula (docs/design.md, "Moments"). Hooks on
+    each layer see its input and output gradient; a registry maps layer types to exact
     formulas (``nn.Linear`` on 2-D input needs one extra GEMM and no per-sample
-    gradient), and modules no entry covers (recurrent layers, attention, custom ones)
-    take an exact per-sample loop. ``paths`` tells which layer took which path.
+    gradient), and modules no entry covers (recurrent layers, custom ones) take an
+    exact per-sample fallback (vmap, else a loop).
+
+    Exact or refused (docs/design.md, "Exact or refused"):
+
+    - the number of samples is the leading size of the model's input (or ``samples=``);
+      a layer whose input or output does not carry that many samples on its batch
+      dimension (``wpe(arange(T))`` added to a (B, T, C) tensor) is broadcast over the
+      batch, and so is one whose sizes do not follow the batch when the model is run
+      once more on a single sample (the test that tells ``B == T`` apart);
+    - after every backward the hooked per-sample gradients of each parameter must add up
+      to its real gradient (checked on cheap projections, ``_explained``); where they do
+      not (a weight used outside its module, such as ``F.linear(h, self.wte.weight)``)
+      or the layer is broadcast, the parameter's per-sample gradients come from the
+      whole model run again per sample (vmap, else a loop). If even that does not
+      explain the gradient (a penalty on the weights in the loss, a random forward), the
+      commit raises ValueError naming the parameter;
+    - statistics are computed in the parameters' dtype, so bfloat16/float16 activations
+      under autocast are accumulated in float32; BatchNorm in train mode, sparse
+      embeddings and compiled modules raise ValueError naming the layer.
+
+    ``paths`` says which path each layer (and each parameter on the model fallback) took
+    in the last increment.
 
     Args:
       model: the module whose trainable parameters get statistics.
+      params: the parameters to keep statistics for, in the order ``moments()`` returns
+        them and ``commit(sums)`` takes them (default: the model's trainable parameters);
+        matched by identity, so an optimizer's parameter groups in any order work.
       chunk_elements: bound on the elements of per-sample gradients held at once by
         the per-sample paths (the batch is processed in chunks below it).
-
-    BatchNorm in train mode mixes the samples of a batch, so per-sample gradients are
-    not defined: a forward through one raises ValueError.
     """
 
-    def __init__(self, model: nn.Module, *, chunk_elements: int = 1 << 24) -> None:
+    def __init__(self, model: nn.Module, *, params: Iterable[nn.Parameter] | None = None,
+                 chunk_elements: int = 1 << 24) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        _refuse_compiled(model)
+        self.params = [p for p in model.parameters() if p.requires_grad] if params is None else list(params)
         if not self.params:
             raise ValueError("model has no trainable parameters: there are no gradients to gather statistics of")
         if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
         self.chunk_elements = chunk_elements
+        self.model = model
         self.paths: dict[str, str] = {}
         self._index = {id(p): i for i, p in enumerate(self.params)}
-        self._names = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        self._names = [names.get(id(p), f"parameter #{i} (not in the model)") for i, p in enumerate(self.params)]
         self._units = self._find_units(model)
         self._handles = [u.module.register_forward_hook(self._forward_hook(u), with_kwargs=True) for u in self._units]
+        self._handles.append(model.register_forward_hook(self._model_hook, with_kwargs=True))
+        self._project = Projector()
+        self._batched: dict[int, bool] = {}  # id(module) -> its calls follow the batch (probed once)
+        self._on_model: set[int] = set()  # parameters whose statistics come from the whole-model fallback
         self._replaying = False
+        self._probe: dict[int, list[tuple[int | None, int | None]]] | None = None
         self._moments: list[Moments] | None = None
         self._scratch: list[torch.Tensor] | None = None
         self._reset_increment()
@@ -82,28 +134,28 @@ class PerSampleGradStats:
     def _find_units(self, model: nn.Module) -> list[_Unit]:
         units: list[_Unit] = []
         covered: list[str] = []
+        tracked = set(self._index)
         for name, module in model.named_modules():
             if any(name.startswith(prefix + ".") for prefix in covered):
                 continue
-            own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            own = {n: p for n, p in module.named_parameters(recurse=False) if id(p) in tracked}
             entry = lookup(module)
             if entry is not None and entry.subtree:
-                subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
+                subtree = {n: p for n, p in module.named_parameters() if id(p) in tracked}
                 if subtree:
                     units.append(_Unit(name, module, entry, subtree))
                     covered.append(name)
-                    self.paths[name or type(module).__name__] = entry.name
+                    self.paths[units[-1].label] = entry.name
             elif entry is not None and own:
                 units.append(_Unit(name, module, entry, own))
-                self.paths[name or type(module).__name__] = entry.name
+                self.paths[units[-1].label] = entry.name
             elif own:
-                subtree = {n: p for n, p in module.named_parameters() if p.requires_grad}
+                subtree = {n: p for n, p in module.named_parameters() if id(p) in tracked}
                 units.append(_Unit(name, module, None, subtree))
                 covered.append(name)
-                label = name or type(module).__name__
-                self.paths[label] = "fallback"
+                self.paths[units[-1].label] = "fallback"
                 log.info("gradaccum: %s (%s) has no registered statistics; using the exact vmap/loop fallback",
-                         label, type(module).__name__)
+                         units[-1].label, type(module).__name__)
         return units
 
     def remove(self) -> None:
@@ -115,46 +167,56 @@ class PerSampleGradStats:
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, unit: _Unit):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-            if self._replaying or not torch.is_grad_enabled():
+            if self._replaying:
+                return
+            in_dim, out_dims = batch_dims(module, 1)
+            if self._probe is not None:  # the single-sample replay: record sizes only
+                self._probe.setdefault(id(module), []).append(
+                    (_leading(args, kwargs, in_dim), _leading_out(output, out_dims[0])))
+                return
+            if not torch.is_grad_enabled():
                 return
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
                 raise ValueError(
-                    f"per-sample statistics are not defined for BatchNorm in train mode ({unit.name}): it "
+                    f"per-sample statistics are not defined for BatchNorm in train mode ({unit.label}): it "
                     "normalises over the batch, mixing samples; use GroupNorm/LayerNorm or put it in eval mode"
                 )
-            in_dim = batch_dims(module, 1)[0]
-            first = args[0] if args else next(iter(kwargs.values()))
-            call = _Call(unit, tuple(_detach(a) for a in args), {k: _detach(v) for k, v in kwargs.items()},
-                         int(first.shape[in_dim]))
-            outputs, _ = tree_flatten(output)
-            call.grads = [None] * len(outputs)
-            for p in unit.params.values():
-                self._uses[id(p)] = self._uses.get(id(p), 0) + 1
+            self._record(_Call(unit, _detach_all(args), {k: _detach(v) for k, v in kwargs.items()},
+                               _leading(args, kwargs, in_dim), _leading_out(output, out_dims[0])), output)
+
+        return hook
+
+    def _model_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        if self._replaying or self._probe is not None or not torch.is_grad_enabled():
+            return
+        call = _Call(None, _detach_all(args), {k: _detach(v) for k, v in kwargs.items()}, _leading(args, kwargs, 0))
+        self._model_call = call
+        self._record(call, output, keep=False)
+
+    def _record(self, call: _Call, output: Any, keep: bool = True) -> None:
+        outputs, _ = tree_flatten(output)
+        call.grads = [None] * len(outputs)
+        if keep:
             self._calls.append(call)
-            for k, o in enumerate(outputs):
-                if isinstance(o, torch.Tensor) and o.requires_grad:
-                    o.register_hook(self._grad_hook(call, k))
-
-        return hook
-
-    def _grad_hook(self, call: _Call, k: int):
-        def hook(grad: torch.Tensor) -> None:
-            call.grads[k] = grad.detach()
-
-        return hook
+        for k, o in enumerate(outputs):
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                o.register_hook(_store_grad(call, k))
 
     # ------------------------------------------------------------------ increments
     def _reset_increment(self) -> None:
         self._calls: list[_Call] = []
-        self._uses: dict[int, int] = {}
+        self._model_call: _Call | None = None
 
     def discard(self) -> None:
         """Forget the increment recorded since the last ``commit`` (for a skipped micro-batch)."""
         self._reset_increment()
 
     def commit(self, sums: list[torch.Tensor | None] | None = None,
-               reduce: Callable[[list[torch.Tensor], int], int] | None = None) -> int:
+               reduce: Callable[[list[torch.Tensor], int], int] | None = None, *,
+               samples: int | None = None, scale: float | None = None) -> int:
         """Merge the increment whose backward just ran; returns its sample count.
+
+        On any error the running moments are left as they were.
 
         Args:
           sums: this increment's gradient of the summed loss per parameter (in the order
@@ -162,39 +224,28 @@ class PerSampleGradStats:
           reduce: under data parallelism, sums the increment's gradient sums, sums of
             squares (in place, given copies) and sample count over processes and returns
             the total count, so every process merges the same global increment.
+          samples: the number of samples in the increment (default: the leading size of
+            the model's first tensor input).
+          scale: the loss scale the backward ran with (a GradScaler's), divided out of
+            the sums (and its square out of the sums of squares) before merging.
         """
-        calls = [c for c in self._calls if any(g is not None for g in c.grads)]
-        if not calls:
-            raise ValueError("no layer saw a backward since the last commit: run the increment's backward first")
-        batch = {c.batch for c in calls}
-        if len(batch) != 1:
-            raise ValueError(
-                f"layers saw different batch sizes {sorted(batch)} in one increment: per-sample statistics need "
-                "every layer to see the samples on the batch dimension (dim 0, or batch_first=False recurrent dims)"
-            )
-        n = batch.pop()
-        squares: list[torch.Tensor | None] = [None] * len(self.params)
-        tied: dict[int, torch.Tensor] = {}
-        for call in calls:
-            self._add_call(call, n, squares, tied)
-        for i, per_sample in tied.items():
-            squares[i] = (per_sample * per_sample).sum(0)
-        if sums is None:
-            sums = [p.grad for p in self.params]
-        firsts: list[torch.Tensor] = []
-        seconds: list[torch.Tensor] = []
-        for p, s1, s2 in zip(self.params, sums, squares):
-            if s1 is not None and s2 is None:
-                self._reset_increment()
-                raise ValueError(f"parameter {self._names.get(id(p), '?')} got a gradient outside the forward of "
-                                 "its module, so no hook saw its per-sample gradients")
-            firsts.append(torch.zeros_like(p) if s1 is None else s1.detach())
-            seconds.append(torch.zeros_like(p) if s2 is None else s2)
+        try:
+            if sums is None:
+                sums = [p.grad for p in self.params]
+            calls = [c for c in self._calls if c.reached_loss]
+            if not calls and all(s is None for s in sums):
+                raise ValueError("no layer saw a backward since the last commit: run the increment's backward first")
+            n = self._sample_count(samples)
+            firsts, seconds = self._sums_and_squares(calls, sums, n)
+        finally:
+            self._reset_increment()
+        if scale is not None and scale != 1.0:
+            firsts = torch._foreach_div(firsts, scale)
+            torch._foreach_div_(seconds, scale * scale)
         if reduce is not None:
             firsts = [s1.clone() for s1 in firsts]
             n = reduce(firsts + seconds, n)
         self._moments = merge_sums_into(self._moments, firsts, seconds, n)
-        self._reset_increment()
         return n
 
     def commit_empty(self, reduce: Callable[[list[torch.Tensor], int], int]) -> int:
@@ -208,65 +259,211 @@ class PerSampleGradStats:
             self._moments = merge_sums_into(self._moments, firsts, seconds, n)
         return n
 
-    def _add_call(self, call: _Call, n: int, squares: list[torch.Tensor | None], tied: dict[int, torch.Tensor]) -> None:
+    def _sample_count(self, samples: int | None) -> int:
+        seen = None if self._model_call is None else self._model_call.in_size
+        if samples is not None:
+            return check_positive_int("samples", samples)
+        if seen is None:
+            raise ValueError("samples: the model's forward was not seen with a tensor input carrying the batch on "
+                             "dim 0; pass the increment's sample count (commit(samples=...) or "
+                             "Accumulator.backward(..., samples=...))")
+        return seen
+
+    def _sums_and_squares(self, calls: list[_Call], sums: list[torch.Tensor | None], n: int
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        on_model = set(self._on_model)
+        for unit in self._broadcast_units(calls, n):
+            on_model.update(self._index[id(p)] for p in unit.params.values())
+        inc = _Increment([None] * len(self.params), [None] * len(self.params), [0.0] * len(self.params))
+        uses: dict[int, int] = {}
+        for call in calls:
+            for p in call.unit.params.values():  # type: ignore[union-attr]
+                uses[id(p)] = uses.get(id(p), 0) + 1
+        for call in calls:
+            self._add_call(call, n, inc, uses, on_model)
+            floor = magnitude(call.args, call.grads, list(call.unit.params.values()))  # type: ignore[union-attr]
+            for p in call.unit.params.values():  # type: ignore[union-attr]
+                inc.floor[self._index[id(p)]] += floor
+        for i, per_sample in inc.tied.items():
+            inc.squares[i] = (per_sample * per_sample).sum(0)
+            inc.hooked[i] = self._project(per_sample.sum(0))
+        dtype = _compute_dtype(calls)
+        unexplained = [i for i, s1 in enumerate(sums) if s1 is not None and i not in on_model
+                       and mismatch(s1, inc.hooked[i], inc.squares[i], n, self._project, dtype, inc.floor[i]) > 1]
+        if unexplained:
+            log.info("gradaccum: the layer hooks do not explain the gradients of %s; using the whole-model fallback",
+                     ", ".join(self._names[i] for i in unexplained))
+            self._on_model.update(unexplained)
+            on_model.update(unexplained)
+        needed = sorted(i for i in on_model if sums[i] is not None)
+        if needed:
+            self._add_model(needed, n, inc)
+            call = self._model_call
+            floor = magnitude(call.args, call.grads, [self.params[i] for i in needed])  # type: ignore[union-attr]
+            wrong = [i for i in needed
+                     if mismatch(sums[i], inc.hooked[i], inc.squares[i], n, self._project, dtype, floor) > 1]  # type: ignore[arg-type]
+            if wrong:
+                raise ValueError(
+                    f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in wrong)}: "
+                    "even the whole model run again per sample does not add up to it. Is it used in the loss "
+                    "outside the model's forward (a weight penalty: put it in the optimizer's weight_decay instead), "
+                    "is the forward random (dropout: set p=0 or eval mode), or does a layer mix samples? Use a rule "
+                    "without statistics (FixedSteps) for this model")
+        firsts = [torch.zeros_like(p) if s1 is None else s1.detach() for p, s1 in zip(self.params, sums)]
+        seconds = [torch.zeros_like(p) if s2 is None else s2.to(p.dtype) for p, s2 in zip(self.params, inc.squares)]
+        return firsts, seconds
+
+    # ------------------------------------------------------------------ batch dimension
+    def _broadcast_units(self, calls: list[_Call], n: int) -> list[_Unit]:
+        """Units with a call that does not carry the increment's samples on its batch dims.
+
+        Sizes that differ from n settle it; where they equal n (``B == T``), the model is
+        run once more on one sample, without gradients, and a layer whose sizes stay put
+        is broadcast. That probe runs once per layer; its verdict is kept.
+        """
+        broadcast: dict[int, _Unit] = {}
+        unknown = []
+        for c in calls:
+            unit = c.unit
+            if c.in_size != n or c.out_size not in (n, None) or self._batched.get(id(unit.module)) is False:  # type: ignore[union-attr]
+                broadcast[id(unit)] = unit  # type: ignore[assignment]
+            elif n > 1 and id(unit.module) not in self._batched:  # type: ignore[union-attr]
+                unknown.append(c)
+        if unknown:
+            seen = self._probe_one_sample(n)
+            for c in unknown:
+                unit = c.unit
+                sizes = seen.get(id(unit.module))  # type: ignore[union-attr]
+                if sizes is None:
+                    continue  # not called on the probe (data-dependent): sizes decide, asked again next time
+                follows = all(a == 1 and b in (1, None) for a, b in sizes)
+                self._batched[id(unit.module)] = follows  # type: ignore[union-attr]
+                if not follows:
+                    broadcast[id(unit)] = unit  # type: ignore[assignment]
+        for unit in broadcast.values():
+            self.paths[unit.label] = "broadcast -> model"
+        return list(broadcast.values())
+
+    def _probe_one_sample(self, n: int) -> dict[int, list[tuple[int | None, int | None]]]:
+        call = self._model_call
+        if call is None:
+            raise ValueError("samples: the model's forward was not seen, so layers that see the batch cannot be told "
+                             "from layers broadcast over it; call the model the statistics were built on")
+        one = Replay.of_model(self.model, call.args, call.kwargs, [], n)
+        args = tuple(a.narrow(0, 0, 1) if d is not None else a for a, d in zip(one.args, one.arg_dims))
+        kwargs = {k: v.narrow(0, 0, 1) if one.kwarg_dims[k] is not None else v for k, v in one.kwargs.items()}
+        devices = sorted({p.device.index for p in self.params if p.device.type == "cuda"})
+        self._probe = {}
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                self.model(*args, **kwargs)
+            return self._probe
+        except Exception as error:
+            raise ValueError(
+                f"samples: to tell layers that see the batch from layers broadcast over it, the model is run once "
+                f"more on its first sample (every input with leading size {n} cut to 1), and that failed: "
+                f"{type(error).__name__}: {error}") from error
+        finally:
+            self._probe = None
+
+    # ------------------------------------------------------------------ paths
+    def _add_call(self, call: _Call, n: int, inc: _Increment, uses: dict[int, int], on_model: set[int]) -> None:
         unit = call.unit
-        needs_per_sample = {k for k, p in unit.params.items() if self._uses.get(id(p), 0) > 1}
+        assert unit is not None
+        wanted = {k for k, p in unit.params.items() if self._index[id(p)] not in on_model}
+        if not wanted:
+            return
+        dtype = next(iter(unit.params.values())).dtype
+        needs_per_sample = {k for k in wanted if uses.get(id(unit.params[k]), 0) > 1}
         if unit.entry is None:
-            self._add_per_sample(unit, self._fallback(unit, call, n), squares, tied, needs_per_sample)
+            self._add_per_sample(unit, self._fallback(unit, call, n, sorted(wanted), dtype), inc, needs_per_sample)
             return
         d = call.grads[0]
         if d is None:
             return
-        fast = unit.entry.sum_squares(unit.module, call.args, d) if unit.entry.sum_squares and not needs_per_sample else None
+        d = d.to(dtype)
+        args = tuple(_cast(a, dtype) for a in call.args)
+        fast = unit.entry.sum_squares(unit.module, args, d, self._project) \
+            if unit.entry.sum_squares and not needs_per_sample else None
         if fast is not None:
-            self.paths[unit.name or type(unit.module).__name__] = f"{unit.entry.name}:sum_squares"
-            for k, s in fast.items():
-                _add(squares, self._index[id(unit.params[k])], s)
+            self.paths[unit.label] = f"{unit.entry.name}:sum_squares"
+            squares, sums = fast
+            for k in wanted & set(squares):
+                i = self._index[id(unit.params[k])]
+                inc.squares[i] = _plus(inc.squares[i], squares[k])
+                inc.hooked[i] = _plus(inc.hooked[i], sums[k])
             return
-        self.paths[unit.name or type(unit.module).__name__] = f"{unit.entry.name}:per_sample"
+        self.paths[unit.label] = f"{unit.entry.name}:per_sample"
         if unit.entry.subtree and any(g is not None for g in call.grads[1:]):
-            raise ValueError(f"{unit.name}: per-sample statistics use only the module's first output; "
+            raise ValueError(f"{unit.label}: per-sample statistics use only the module's first output; "
                              "its other outputs (attention weights?) must not reach the loss")
         numel = sum(p.numel() for p in unit.params.values())
         chunk = max(1, self.chunk_elements // numel)
+        kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
         for start in range(0, n, chunk):
             size = min(chunk, n - start)
-            args = tuple(a.narrow(0, start, size) if isinstance(a, torch.Tensor) else a for a in call.args)
+            part = tuple(a.narrow(0, start, size) if isinstance(a, torch.Tensor) else a for a in args)
             extra: tuple = ()
             if unit.entry.subtree:
                 extra = ({k: v.narrow(0, start, size) if k in BATCHED_KWARGS and isinstance(v, torch.Tensor) else v
-                          for k, v in call.kwargs.items()},)
-            per_sample = unit.entry.per_sample(unit.module, args, d.narrow(0, start, size), *extra)
-            self._add_per_sample(unit, per_sample, squares, tied, needs_per_sample, offset=start, batch=n)
+                          for k, v in kwargs.items()},)
+            per_sample = unit.entry.per_sample(unit.module, part, d.narrow(0, start, size), *extra)
+            self._add_per_sample(unit, {k: g for k, g in per_sample.items() if k in wanted}, inc,
+                                 needs_per_sample, offset=start, batch=n)
 
-    def _fallback(self, unit: _Unit, call: _Call, n: int) -> dict[str, torch.Tensor]:
+    def _fallback(self, unit: _Unit, call: _Call, n: int, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """vmap over samples where it works for this module, else the per-sample loop."""
-        label = unit.name or type(unit.module).__name__
+        replay = Replay.of_layer(unit.module, call.args, call.kwargs, call.grads).cast_to(dtype)
+        return self._replay(unit.label, replay, names, n)
+
+    def _replay(self, label: str, replay: Replay, names: list[str], n: int) -> dict[str, torch.Tensor]:
         self._replaying = True
         try:
-            if self.paths[label] != "loop":
+            if self.paths.get(label) != "loop":
                 try:
-                    result = vmap_per_sample(unit.module, call.args, call.kwargs, call.grads, n)
+                    with torch.no_grad():  # torch.func differentiates inside; no outer graph is wanted
+                        result = vmap_per_sample(replay, names, n)
                     self.paths[label] = "vmap"
                     return result
                 except Exception as error:  # no batching rule, random ops, data-dependent control flow
                     log.info("gradaccum: vmap failed on %s (%s); using the per-sample loop", label, error)
                     self.paths[label] = "loop"
-            return loop_per_sample(unit.module, call.args, call.kwargs, call.grads, n)
+            return loop_per_sample(replay, names, n)
         finally:
             self._replaying = False
 
-    def _add_per_sample(self, unit: _Unit, per_sample: dict[str, torch.Tensor], squares: list[torch.Tensor | None],
-                        tied: dict[int, torch.Tensor], needs_per_sample: set[str], offset: int = 0,
-                        batch: int | None = None) -> None:
+    def _add_model(self, needed: list[int], n: int, inc: _Increment) -> None:
+        """Per-sample gradients of ``needed`` parameters from the whole model run again per sample."""
+        call = self._model_call
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        missing = [self._names[i] for i in needed if id(self.params[i]) not in names]
+        if missing or call is None or not call.reached_loss:
+            why = (f"{', '.join(missing)} not in the model" if missing else
+                   "the model's forward was not seen (a compiled model runs no hooks)" if call is None else
+                   "the model's outputs did not reach the loss")
+            raise ValueError(
+                f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in needed)} "
+                f"from the layers that used it, and cannot run the whole model per sample instead: {why}")
+        local = [names[id(self.params[i])] for i in needed]
+        replay = Replay.of_model(self.model, call.args, call.kwargs, call.grads, n).cast_to(self.params[needed[0]].dtype)
+        per_sample = self._replay(MODEL, replay, local, n)
+        for i, name in zip(needed, local):
+            g = per_sample[name]
+            inc.squares[i] = (g * g).sum(0)
+            inc.hooked[i] = self._project(g.sum(0))
+            self.paths[self._names[i]] = f"model:{self.paths[MODEL]}"
+
+    def _add_per_sample(self, unit: _Unit, per_sample: dict[str, torch.Tensor], inc: _Increment,
+                        needs_per_sample: set[str], offset: int = 0, batch: int | None = None) -> None:
         for k, g in per_sample.items():
             i = self._index[id(unit.params[k])]
             if k in needs_per_sample:  # used more than once: sum per-sample gradients before squaring
-                if i not in tied:
-                    tied[i] = torch.zeros((batch or len(g)), *g.shape[1:], dtype=g.dtype, device=g.device)
-                tied[i][offset:offset + len(g)] += g
+                if i not in inc.tied:
+                    inc.tied[i] = torch.zeros((batch or len(g)), *g.shape[1:], dtype=g.dtype, device=g.device)
+                inc.tied[i][offset:offset + len(g)] += g
             else:
-                _add(squares, i, (g * g).sum(0))
+                inc.squares[i] = _plus(inc.squares[i], (g * g).sum(0))
+                inc.hooked[i] = _plus(inc.hooked[i], self._project(g.sum(0)))
 
     # ------------------------------------------------------------------ results
     @property
@@ -295,17 +492,90 @@ class PerSampleGradStats:
         return {"moments": [(m.n, m.mean.clone(), m.m2.clone()) for m in self._moments]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict``'s moments."""
-        moments = state["moments"]
-        if moments is not None and len(moments) != len(self.params):
-            raise ValueError(f"state holds moments of {len(moments)} parameters, the model has {len(self.params)}")
-        self._moments = None if moments is None else [Moments(n, mean, m2) for n, mean, m2 in moments]
+        """Restore ``state_dict``'s moments (checked against the parameters first)."""
+        self._moments = self.check_state(state)
         self._reset_increment()
+
+    def check_state(self, state: Any) -> list[Moments] | None:
+        """The moments ``state`` holds, validated against the parameters; nothing is assigned."""
+        if not isinstance(state, dict) or "moments" not in state:
+            raise ValueError("statistics state must be a dict with 'moments' (from PerSampleGradStats.state_dict())")
+        moments = state["moments"]
+        if moments is None:
+            return None
+        if not isinstance(moments, (list, tuple)) or len(moments) != len(self.params):
+            raise ValueError(f"statistics state must hold moments of {len(self.params)} parameters")
+        out = []
+        counts = set()
+        for name, p, entry in zip(self._names, self.params, moments):
+            n, mean, m2 = entry
+            counts.add(n)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"statistics state: sample count must be a positive int, got {n!r}")
+            for what, t in (("mean", mean), ("m2", m2)):
+                if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"statistics state: {what} of {name} must be a tensor of shape {tuple(p.shape)}")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"statistics state: {what} of {name} is not finite")
+            if bool((m2 < 0).any()):
+                raise ValueError(f"statistics state: m2 of {name} has negative entries")
+            out.append(Moments(n, mean.detach().to(p.device, p.dtype).clone(), m2.detach().to(p.device, p.dtype).clone()))
+        if len(counts) != 1:
+            raise ValueError("statistics state: every parameter's moments must cover the same samples")
+        return out
+
+
+def _refuse_compiled(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        compiled = isinstance(module, torch._dynamo.eval_frame.OptimizedModule) or \
+            getattr(module, "_compiled_call_impl", None) is not None
+        if compiled:
+            raise ValueError(
+                f"per-sample statistics cannot run on a torch.compile'd module ({name or type(module).__name__}): "
+                "compiled code does not run the layer hooks the statistics need. Build the Accumulator on the "
+                "uncompiled model, or use a rule without statistics (FixedSteps) with the compiled one")
+
+
+def _leading(args: tuple, kwargs: dict[str, Any], dim: int) -> int | None:
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor):
+            return int(v.shape[dim]) if v.dim() > dim else None
+    return None
+
+
+def _leading_out(output: Any, dim: int) -> int | None:
+    leaves, _ = tree_flatten(output)
+    first = next((o for o in leaves if isinstance(o, torch.Tensor)), None)
+    if first is None:
+        return None
+    return int(first.shape[dim]) if first.dim() > dim else -1
+
+
+def _store_grad(call: _Call, k: int):
+    def hook(grad: torch.Tensor) -> None:
+        call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
+
+    return hook
+
+
+def _compute_dtype(calls: list[_Call]) -> torch.dtype:
+    """The least precise floating dtype among the recorded inputs and output gradients."""
+    dtypes = [t.dtype for c in calls for t in (*c.args, *c.grads) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float64)
 
 
 def _detach(value: Any) -> Any:
     return value.detach() if isinstance(value, torch.Tensor) else value
 
 
-def _add(squares: list[torch.Tensor | None], i: int, s: torch.Tensor) -> None:
-    squares[i] = s if squares[i] is None else squares[i] + s
+def _detach_all(args: tuple) -> tuple:
+    return tuple(_detach(a) for a in args)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a + b
+

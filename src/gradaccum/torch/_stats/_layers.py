@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Grads, LayerStats, register
+from ._registry import Grads, LayerStats, Projector
+from ._registry import register_layer_stats as register
 
 
 def _with_bias(module: nn.Module, grads: Grads, bias: torch.Tensor) -> Grads:
@@ -34,12 +35,15 @@ def _linear_per_sample(module: nn.Linear, args: tuple, d: torch.Tensor) -> Grads
     return _own(module, _with_bias(module, {"weight": weight}, d3.sum(1)))
 
 
-def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor) -> Grads | None:
+def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project: Projector
+                        ) -> tuple[Grads, Grads] | None:
     x = args[0]
     if x.dim() != 2:
         return None  # several positions per sample: the square does not factor
-    weight = (d * d).T @ (x * x)  # sum_i (d_i x_i^T)^2 elementwise = one extra GEMM
-    return _own(module, _with_bias(module, {"weight": weight}, (d * d).sum(0)))
+    d2 = d * d
+    squares = {"weight": d2.T @ (x * x)}  # sum_i (d_i x_i^T)^2 elementwise = one extra GEMM
+    sums = {"weight": d.T @ (x @ project.vector(x.shape[-1], x.dtype, x.device))}  # (D^T X) v, two GEMVs
+    return _own(module, _with_bias(module, squares, d2.sum(0))), _own(module, _with_bias(module, sums, d.sum(0)))
 
 
 register(nn.Linear)(LayerStats("linear", _linear_per_sample, _linear_sum_squares))
@@ -84,7 +88,8 @@ register(nn.Conv1d, nn.Conv2d)(LayerStats("conv", _conv_per_sample))
 def _embedding_rows(module: nn.Embedding, args: tuple, d: torch.Tensor):
     """Per (sample, token id) gradient rows: unique keys, their rows, and the token ids."""
     if module.sparse:
-        raise ValueError("per-sample statistics do not support nn.Embedding(sparse=True)")
+        raise ValueError("per-sample statistics do not support nn.Embedding(sparse=True): its gradient is a "
+                         "sparse tensor; use sparse=False with a statistics rule")
     idx = args[0]
     b, vocab = idx.shape[0], module.num_embeddings
     keys = (torch.arange(b, device=idx.device).view(-1, *[1] * (idx.dim() - 1)) * vocab + idx).reshape(-1)
@@ -104,10 +109,13 @@ def _embedding_per_sample(module: nn.Embedding, args: tuple, d: torch.Tensor) ->
     return _own(module, {"weight": out})
 
 
-def _embedding_sum_squares(module: nn.Embedding, args: tuple, d: torch.Tensor) -> Grads:
+def _embedding_sum_squares(module: nn.Embedding, args: tuple, d: torch.Tensor, project: Projector
+                           ) -> tuple[Grads, Grads]:
     _, tokens, rows = _embedding_rows(module, args, d)
-    out = torch.zeros_like(module.weight, dtype=d.dtype).index_add_(0, tokens, rows * rows)
-    return _own(module, {"weight": out})
+    squares = torch.zeros_like(module.weight, dtype=d.dtype).index_add_(0, tokens, rows * rows)
+    projected = rows @ project.vector(rows.shape[-1], rows.dtype, rows.device)
+    sums = torch.zeros(module.num_embeddings, dtype=d.dtype, device=d.device).index_add_(0, tokens, projected)
+    return _own(module, {"weight": squares}), _own(module, {"weight": sums})
 
 
 register(nn.Embedding)(LayerStats("embedding", _embedding_per_sample, _embedding_sum_squares))

@@ -1,22 +1,33 @@
 """Layer type -> how to get that layer's per-sample gradient statistics.
 
-One small entry per layer type (BackPACK's layout): a new layer is one function and
-one ``register`` call. A module type that is not registered but owns parameters goes
-to the exact per-sample loop in ``_fallback.py``, and ``PerSampleGradStats.paths``
-says so.
+One small entry per layer type (BackPACK's layout, Opacus' ``register_grad_sampler``
+contract): a new layer is one function and one ``register_layer_stats`` call. A module
+type that is not registered but owns parameters goes to the exact per-sample fallback
+in ``_fallback.py``, and ``PerSampleGradStats.paths`` says so (docs/design.md,
+"Per-sample statistics").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 Grads = dict[str, torch.Tensor]
+
+
+class Projector(Protocol):
+    """Projects a gradient onto fixed random vectors along its last dimension (see ``_explained``)."""
+
+    def vector(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor: ...
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
 PerSample = Callable[[nn.Module, tuple, torch.Tensor], Grads]
-SumSquares = Callable[[nn.Module, tuple, torch.Tensor], "Grads | None"]
+SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector], "tuple[Grads, Grads] | None"]
 
 
 @dataclass(frozen=True)
@@ -27,9 +38,14 @@ class LayerStats:
       name: the path's name as ``PerSampleGradStats.paths`` reports it.
       per_sample: per-sample gradients of the layer's own parameters, ``{name: (B, *shape)}``,
         from the layer's positional inputs and the gradient of the summed loss with
-        respect to its output, all with the batch on dim 0. Called on batch chunks.
-      sum_squares: optional fast path: ``{name: sum_i g_i**2}`` without per-sample
-        gradients in memory, or None when it does not apply to these inputs.
+        respect to its output, all with the batch on dim 0 and in the parameters' dtype.
+        Called on batch chunks.
+      sum_squares: optional fast path without per-sample gradients in memory:
+        ``(squares, sums)`` with ``squares[name] = sum_i g_i**2`` and ``sums[name]`` the
+        sum over samples of the gradients *projected* by the given projector
+        (``project(sum_i g_i)``, which the fast path can often form far more cheaply
+        than the sum itself); None when it does not apply to these inputs. The sums
+        let the collector check that the call explains the parameter's gradient.
       applies: optional test of a module's configuration; where it says False the
         module takes the exact fallback instead.
       subtree: the entry covers the parameters of the module's children too (a module
@@ -47,15 +63,27 @@ class LayerStats:
 REGISTRY: dict[type[nn.Module], LayerStats] = {}
 
 
-def register(*types: type[nn.Module]) -> Callable[[LayerStats], LayerStats]:
-    """Register ``LayerStats`` for module types (exact type match, subclasses too)."""
+def register_layer_stats(*types: type[nn.Module]) -> Callable[[LayerStats], LayerStats]:
+    """Register ``LayerStats`` for module types (the type and its subclasses).
+
+    A subclass whose ``forward`` differs from the registered type's is not trusted
+    blindly: the collector checks every call against the parameter's gradient and
+    moves parameters it cannot explain to the whole-model fallback.
+    """
 
     def add(stats: LayerStats) -> LayerStats:
+        if not isinstance(stats, LayerStats):
+            raise TypeError(f"register_layer_stats takes a LayerStats, got {type(stats).__name__}")
         for t in types:
+            if not (isinstance(t, type) and issubclass(t, nn.Module)):
+                raise TypeError(f"register_layer_stats: {t!r} is not an nn.Module subclass")
             REGISTRY[t] = stats
         return stats
 
     return add
+
+
+register = register_layer_stats
 
 
 def lookup(module: nn.Module) -> LayerStats | None:
