@@ -5,7 +5,7 @@ the same data order for every arm (increments of 32 drawn from one seeded shuffl
   baseline    a plain PyTorch loop, batch 32, lr 0.00589 (the reference's tuned value);
   gaga        Accumulator + GSNR(0.0984, increment=32, max_samples=512, scale="sample"),
               lr 0.00307 (the reference's tuned values);
-  gaga-mean   the same with scale="mean" and tau 1.5 (DESIGN.md section 3).
+  gaga-mean   the same with scale="mean" and tau 1.5 (docs/design.md, "GSNR").
 Prints wall time, its ratio to the baseline, optimizer steps, the mean effective batch
 and test accuracy.
 

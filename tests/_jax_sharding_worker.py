@@ -14,6 +14,9 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)  # a subprocess: conftest.py does not run here
+
 import optax  # noqa: E402
 
 from gradaccum import GSNR, FixedSteps  # noqa: E402

@@ -1,12 +1,9 @@
-"""Small float64 JAX problems and slow references shared by the JAX tests."""
+"""Small float64 JAX problems and slow references shared by the JAX tests (x64 is set in conftest.py)."""
 
 from __future__ import annotations
 
-import jax
-
-jax.config.update("jax_enable_x64", True)  # exactness tests run in float64
-
 import flax.linen as fnn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

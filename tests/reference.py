@@ -1,7 +1,7 @@
 """Slow, obviously-correct references and small seeded problems shared by the tests.
 
 The reference gradient is computed in one call on the whole window, in float64:
-the quantity every accumulation path must reproduce (DESIGN.md section 1).
+the quantity every accumulation path must reproduce (docs/design.md, "Window mean").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The applied gradient equals the full-batch mean gradient, for any split (float64, 1e-10).
 
-Anchors that got this wrong, and that these tests pin down (DESIGN.md section 1):
+Anchors that got this wrong, and that these tests pin down (docs/design.md, "Window mean"):
 averaging per-micro-batch mean losses over k (Transformers PR #34191, #37766) fails the
 uneven-split and ignore_index cases; dividing a short last window by k (Lightning
 #19987) or dropping it (Transformers PR #29561) fails the flush case.

@@ -39,7 +39,8 @@ def random_window(n: int, seed: int) -> tuple[Window, list[Moments]]:
         g[:, 0] = 0.0  # a dead unit: mean 0 and variance 0
         means.append(g.mean(0))
         m2s.append(((g - g.mean(0)) ** 2).sum(0))
-    window = Window(micro_batches=jnp.asarray(n // 4, jnp.int32), items=jnp.asarray(n, jnp.int32), grad_sum=None,
+    window = Window(micro_batches=jnp.asarray(n // 4, jnp.int32), items=jnp.asarray(n, jnp.int32),
+                    samples=jnp.asarray(n, jnp.int32), grad_sum=None,
                     mean=[jnp.asarray(m) for m in means], m2=[jnp.asarray(m) for m in m2s],
                     poisoned=jnp.asarray(False))
     return window, [Moments(n, m, m2) for m, m2 in zip(means, m2s)]

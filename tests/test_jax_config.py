@@ -98,7 +98,7 @@ def test_bad_batches_raise_and_leave_the_window_as_it_was() -> None:
     bad = [
         (({"x": batch["x"][:4], "y": batch["y"][:3]},), "leading sizes"),
         ((take(batch, slice(0, 0)),), "empty micro-batch"),
-        ((take(batch, slice(0, 4)), np.ones(3)), r"mask must have shape \(4,\)"),
+        ((take(batch, slice(0, 4)), np.ones(3)), r"must have shape \(4,\)"),
         (({},), "at least one array"),
     ]
     for args, message in bad:

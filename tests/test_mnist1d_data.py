@@ -1,4 +1,4 @@
-"""mnist1d is generated offline with the package's defaults, split as DESIGN.md section 6 says."""
+"""mnist1d is generated offline with the package's defaults, split as docs/design.md, "Reference experiment" says."""
 
 from __future__ import annotations
 

@@ -222,28 +222,3 @@ def test_layer_that_folds_positions_into_the_batch_takes_the_model_fallback() ->
         mean = g.mean(0)
         torch.testing.assert_close(got.mean, mean, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(got.m2, ((g - mean) ** 2).sum(0), rtol=1e-10, atol=1e-14)
-
-
-@pytest.mark.parametrize("flat_below", [1 << 20, 0], ids=["flat", "per_tensor"])
-@pytest.mark.parametrize("scale", ["sample", "mean"])
-def test_fused_torch_reductions_equal_the_core_definitions(scale: str, flat_below: int, monkeypatch) -> None:
-    """TorchMoments' fused statistics give the numbers of gradaccum._core.statistics."""
-    from gradaccum._core import statistics as core
-    from gradaccum._core.moments import Moments
-    from gradaccum.torch._stats import _reductions
-    from gradaccum.torch._stats._reductions import TorchMoments
-
-    monkeypatch.setattr(_reductions, "_FLAT_BELOW", flat_below)
-    g = torch.Generator().manual_seed(3)
-    moments = [Moments(12, torch.randn(5, 4, generator=g, dtype=torch.float64),
-                       torch.rand(5, 4, generator=g, dtype=torch.float64)) for _ in range(3)]
-    moments[0].mean[0, :2] = 0.0
-    moments[0].m2[0, :2] = 0.0  # dead units: skipped
-    fused = TorchMoments(moments, [torch.empty_like(m.mean) for m in moments])
-    plain = list(moments)
-    got, want = core.mean_gsnr(fused, scale), core.mean_gsnr(plain, scale)
-    assert got.value == pytest.approx(want.value, rel=1e-12)
-    assert (got.elements, got.skipped) == (want.elements, want.skipped) == (58, 2)
-    got_n, want_n = core.norm_test_terms(fused), core.norm_test_terms(plain)
-    assert got_n.variance_of_mean == pytest.approx(want_n.variance_of_mean, rel=1e-12)
-    assert got_n.squared_norm == pytest.approx(want_n.squared_norm, rel=1e-12)

@@ -53,22 +53,30 @@ class NanoGPT(nn.Module):
     """nanoGPT's pattern: wpe(arange(T)) broadcast onto the batch, a functional tied head."""
 
     def __init__(self, vocab: int = 13, block: int = 8, dim: int = 8, heads: int = 2, layers: int = 1,
-                 checkpoint: bool | None = None) -> None:
+                 checkpoint: bool | None = None, functional: bool = True) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, dim)
         self.wpe = nn.Embedding(block, dim)
         self.h = nn.ModuleList([Block(dim, heads) for _ in range(layers)])
         self.ln_f = nn.LayerNorm(dim)
         self.checkpoint = checkpoint  # None: no activation checkpointing; else use_reentrant
+        self.functional = functional  # nanoGPT's own code; False: the layer-hook-friendly form
+        if not functional:
+            self.lm_head = nn.Linear(dim, vocab, bias=False)
+            self.lm_head.weight = self.wte.weight  # tied as a module, so the Linear's hook sees the use
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         pos = torch.arange(idx.shape[1], device=idx.device)
+        if not self.functional:
+            pos = pos.expand(idx.shape[0], -1)  # positions per sample: the embedding sees the batch
         x = self.wte(idx) + self.wpe(pos)
         for block in self.h:
             if self.checkpoint is None:
                 x = block(x)
             else:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=self.checkpoint)
+        if not self.functional:
+            return self.lm_head(self.ln_f(x))
         return F.linear(self.ln_f(x), self.wte.weight)  # weight tying outside the embedding's forward
 
 
@@ -232,6 +240,7 @@ class Pattern:
 ZOO: dict[str, Pattern] = {
     "nanogpt": Pattern(NanoGPT, lm_batch, lm_losses, lm_items),
     "nanogpt_square": Pattern(lambda: NanoGPT(block=6), lambda n, s: lm_batch(n, s, length=6), lm_losses, lm_items),
+    "nanogpt_modules": Pattern(lambda: NanoGPT(functional=False), lm_batch, lm_losses, lm_items),
     "resnet_groupnorm": Pattern(ResNetLike, image_batch, ce_losses),
     "lstm": Pattern(LSTMTagger, lm_batch, tagger_losses, lm_items),
     "multihead_attention": Pattern(AttentionModel, lm_batch, lm_losses, lm_items),
@@ -266,11 +275,14 @@ def per_sample_moments(model: nn.Module, pattern: Pattern, batch: Any,
 
 
 def mean_gsnr(moments: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
-    """The reference mean GSNR on the mean-gradient scale over elements with variance."""
+    """The reference mean GSNR on the mean-gradient scale, element by element, over the
+    elements the design calls live (a measurable variance: docs/design.md, "Edge cases")."""
+    from gradaccum._core.statistics import live_elements
+
     total, count = 0.0, 0
     for mean, m2 in moments:
-        var = m2 / (n - 1)
-        live = var > torch.finfo(var.dtype).tiny
-        total += float((mean[live] ** 2 / var[live]).sum())
-        count += int(live.sum())
+        live = live_elements(mean, m2, n)
+        for mu, var in zip(mean[live].tolist(), (m2[live] / (n - 1)).tolist()):
+            total += mu * mu / var
+            count += 1
     return n * total / count if count else math.nan

@@ -21,6 +21,7 @@ import yaml
 
 from .rules import GSNR, FixedSteps, NormTest, StoppingRule, check_rule
 from .validation import check_positive_int
+from .yaml_io import safe_load
 
 _RULES: dict[str, tuple[type, tuple[str, ...]]] = {
     # name -> (rule class, settings the YAML may give besides the sizes)
@@ -98,7 +99,7 @@ class AccumulationConfig:
         """Settings from a YAML file path, or from YAML text if ``source`` contains a newline."""
         try:
             text = source if isinstance(source, str) and "\n" in source else Path(source).read_text()
-            loaded = yaml.safe_load(text)
+            loaded = safe_load(text)
         except (OSError, yaml.YAMLError) as error:
             raise ValueError(f"accumulation config: cannot read {source}: {error}") from None
         return cls.from_mapping(loaded or {})

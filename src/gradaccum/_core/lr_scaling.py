@@ -1,4 +1,4 @@
-"""Learning-rate coupling to the realized batch size (DESIGN.md section 4), opt-in.
+"""Learning-rate coupling to the realized batch size (docs/design.md, "Learning rate"), opt-in.
 
 An adaptive rule changes the effective batch every step; whether the learning rate
 should follow is a modelling choice, so nothing scales unless asked.

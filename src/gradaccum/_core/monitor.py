@@ -1,6 +1,6 @@
 """Watches a statistics rule's decisions and says when it is not adapting.
 
-DESIGN.md section 3: with a fixed tau the per-sample GSNR tends to stop at the first
+docs/design.md, "GSNR": with a fixed tau the per-sample GSNR tends to stop at the first
 increment or to run to the cap every time; then the "adaptive" run is a fixed-batch
 run in disguise, and the user should hear about it.
 """

@@ -10,10 +10,13 @@ touches framework arrays itself. Rules that need per-sample statistics say so wi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
 
-from .statistics import mean_gsnr, norm_test_terms, sample_count
+from array_api_compat import array_namespace
+
+from .statistics import bounded_stop, gsnr_of, norm_test_of, sample_count, where_enough
 from .validation import check_choice, check_positive_float, check_positive_int
 
 
@@ -89,7 +92,12 @@ _SCALES = ("sample", "mean")
 
 @dataclass(frozen=True, kw_only=True)
 class _SampleRule:
-    """Shared fields of rules that add ``increment`` samples until a test passes or the cap."""
+    """Shared fields of rules that add ``increment`` samples until a test passes or the cap.
+
+    Subclasses define ``decision(n, means, m2s) -> (stop, info)`` on arrays only (the array
+    API): the host-side ``decide`` and the JAX backend's traced decision both run it, so
+    a rule's decision is defined once for every backend.
+    """
 
     increment: int = 32
     max_samples: int = 512
@@ -105,17 +113,16 @@ class _SampleRule:
             if self.min_samples > self.max_samples:
                 raise ValueError(f"min_samples ({self.min_samples}) must be <= max_samples ({self.max_samples})")
 
-    def _bounds(self, window: WindowView) -> tuple[int, bool | None]:
-        """The window's sample count, and a forced decision (cap / too few) or None."""
+    def decision(self, n: Any, means: Sequence[Any], m2s: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+        raise NotImplementedError
+
+    def decide(self, window: WindowView) -> Decision:
         stats = window.statistics
         if stats is None:
             raise ValueError(f"{type(self).__name__} needs per-sample statistics in window.statistics")
         n = sample_count(stats)
-        if n >= self.max_samples:
-            return n, True
-        if n < max(2, self.min_samples or 0):
-            return n, False
-        return n, None
+        stop, info = self.decision(n, [m.mean for m in stats], [m.m2 for m in stats])
+        return Decision(bool(stop), {k: _python(v) for k, v in info.items()})
 
 
 @dataclass(frozen=True)
@@ -126,9 +133,10 @@ class GSNR(_SampleRule):
     GAGA, tau = 0.0984 in the reference experiment); it tends to the true value plus
     1/n, so a fixed tau tends to stop at the first increment or run to the cap.
     ``scale="mean"`` tests ``n mu_j^2 / var_j``, the SNR of the accumulated mean
-    gradient, whose no-signal floor is about 1: useful tau are > 1. Elements with zero
-    variance are left out of the mean (see ``statistics.mean_gsnr``). The window always
-    closes at ``max_samples``.
+    gradient, whose no-signal floor is about 1: useful tau are > 1. Elements without a
+    measurable variance are left out of the mean and counted in the record's
+    ``zero_variance_elements`` (``statistics.live_elements``). The window always closes
+    at ``max_samples``.
     """
 
     tau: float
@@ -140,21 +148,24 @@ class GSNR(_SampleRule):
         check_choice("scale", self.scale, _SCALES)
         self._check_sizes()
 
-    def decide(self, window: WindowView) -> Decision:
-        n, forced = self._bounds(window)
-        if n < 2:
-            return Decision(bool(forced), {"samples": n, "gsnr": float("nan"), "capped": bool(forced)})
-        g = mean_gsnr(window.statistics, self.scale)
-        stop = g.value > self.tau if forced is None else forced
-        return Decision(stop, {"samples": n, "gsnr": g.value, "capped": n >= self.max_samples,
-                               "zero_variance_elements": g.skipped})
+    def decision(self, n: Any, means: Sequence[Any], m2s: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+        value, _, skipped = gsnr_of(means, m2s, n, self.scale)
+        value = where_enough(n, value)
+        stop = bounded_stop(n, value > self.tau, self.max_samples, self.min_samples)
+        return stop, {"samples": n, "gsnr": value, "capped": n >= self.max_samples,
+                      "zero_variance_elements": skipped}
 
 
 @dataclass(frozen=True)
 class NormTest(_SampleRule):
-    """The norm test (Byrd et al. 2012; De et al. 2017): stop when
-    ``sum_j var_j / n <= theta^2 * |mu|^2``, i.e. once n exceeds the gradient noise
-    scale ``B_simple / theta^2`` (McCandlish et al. 2018)."""
+    """The norm test (Byrd et al. 2012; De et al. 2017) in its practical form: stop when
+    ``sum_j var_j / n <= theta^2 * |mu|^2``, with ``mu`` the window's mean gradient.
+
+    ``|mu|^2`` is biased: its expectation is ``|G|^2 + tr(Sigma) / n``. So with the gradient
+    noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018) the test passes,
+    in expectation, once ``n >= B_simple * (1 - theta^2) / theta^2``, and always for
+    ``theta >= 1`` (not at ``n >= B_simple / theta^2``, which is the unbiased form's answer).
+    """
 
     theta: float
     needs_statistics: bool = field(default=True, init=False)
@@ -163,12 +174,24 @@ class NormTest(_SampleRule):
         check_positive_float("theta", self.theta)
         self._check_sizes()
 
-    def decide(self, window: WindowView) -> Decision:
-        n, forced = self._bounds(window)
-        if n < 2:
-            return Decision(bool(forced), {"samples": n, "norm_test": float("nan"), "capped": bool(forced)})
-        terms = norm_test_terms(window.statistics)
-        bound = self.theta**2 * terms.squared_norm
-        ratio = terms.variance_of_mean / bound if bound > 0 else float("inf")
-        stop = ratio <= 1.0 if forced is None else forced
-        return Decision(stop, {"samples": n, "norm_test": ratio, "capped": n >= self.max_samples})
+    def decision(self, n: Any, means: Sequence[Any], m2s: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+        xp = array_namespace(means[0])
+        variance, squared = norm_test_of(means, m2s, n)
+        bound = self.theta**2 * squared
+        positive = bound > 0
+        ratio = xp.where(positive, variance / xp.where(positive, bound, xp.ones_like(bound)),
+                         xp.asarray(math.inf, dtype=bound.dtype))
+        ratio = where_enough(n, ratio)
+        stop = bounded_stop(n, ratio <= 1.0, self.max_samples, self.min_samples)
+        return stop, {"samples": n, "norm_test": ratio, "capped": n >= self.max_samples}
+
+
+def _python(value: Any) -> Any:
+    """A 0-d array (or Python scalar) as the Python bool, int or float it holds."""
+    if isinstance(value, (bool, int, float)):
+        return value
+    if value.dtype == bool or str(value.dtype) == "bool" or "bool" in str(value.dtype):
+        return bool(value)
+    if "int" in str(value.dtype):
+        return int(value)
+    return float(value)

@@ -1,11 +1,19 @@
-"""The statistics that stopping rules test, from per-parameter ``Moments``.
+"""The statistics stopping rules test, written once for every backend.
 
-DESIGN.md sections 2 and 3 define them. Each function reduces over every parameter
-element and returns Python floats, so rules can compare them with thresholds
-whatever backend produced the moments. The functions here are the readable,
-array-agnostic definitions; a backend may hand the rules a sequence of moments that
-also has ``mean_gsnr(scale)`` and ``norm_test_terms()`` methods computing the same
-numbers in fewer passes, and then those are used (the tests hold both to agree).
+docs/design.md ("GSNR", "Norm test", "Edge cases") defines them. The functions taking
+arrays use only the array API (``array_namespace``), so the core's definition is the
+code the torch backend runs on tensors and JAX traces under ``jit``: the backends
+cannot disagree on a window. The functions taking ``Moments`` sequences reduce to Python
+floats for host-side rules and reports.
+
+Edge cases are defined, not left to the hardware (XLA on the CPU flushes denormals to
+zero, NumPy does not): an element is *live* when its variance exceeds both the smallest
+normal number of its dtype and a floor relative to its parameter tensor,
+``(FLOOR_ULPS * eps)^2 * max_j E[g_j^2]``. Below that, the variance is rounding noise
+(the bias of an attention key projection has a gradient that is zero up to rounding)
+and its ratio ``mu^2 / var`` would be noise too; such elements are left out of the mean
+and counted, like dead units (mu = var = 0). A parameter with a non-finite moment
+makes the statistic NaN, so no rule stops on it.
 """
 
 from __future__ import annotations
@@ -13,60 +21,99 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple, Sequence
 
+from array_api_compat import array_namespace
+
 from .moments import Moments
+
+FLOOR_ULPS = 256
 
 
 class GSNRValue(NamedTuple):
-    """Mean GSNR over the elements with non-zero variance, and how many were skipped."""
+    """Mean GSNR over the live elements, how many were live, and how many were skipped."""
 
     value: float
     elements: int
     skipped: int
 
 
-def mean_gsnr(stats: Sequence[Moments], scale: str) -> GSNRValue:
-    """Mean over parameter elements of ``mu_j^2 / var_j`` (``scale="sample"``, the
-    per-sample GSNR of the original GAGA) or ``n * mu_j^2 / var_j`` (``scale="mean"``,
-    the signal-to-noise ratio of the accumulated mean gradient itself).
-
-    Elements whose variance is exactly zero are left out of the mean and counted in
-    ``skipped``: they are units no sample moves (a dead ReLU gives mu = var = 0, so the
-    ratio is undefined), and counting them as 0 or as infinite would let dead units
-    decide the window.
-    """
-    fast = getattr(stats, "mean_gsnr", None)
-    if fast is not None:
-        return fast(scale)
-    total, elements, skipped = 0.0, 0, 0
-    n = sample_count(stats)
-    if n < 2:
-        raise ValueError(f"the GSNR needs at least 2 samples, got n={n}")
-    for m in stats:
-        ratio_sum, count = gsnr_terms(m.mean, m.m2, n)
-        total += float(ratio_sum)
-        elements += int(count)
-        skipped += math.prod(m.mean.shape) - int(count)
-    return GSNRValue(gsnr_value(total, elements, n, scale), elements, skipped)
+def live_elements(mean: Any, m2: Any, n: Any) -> Any:
+    """Boolean mask of the elements whose variance is measurable (see the module docstring)."""
+    xp = array_namespace(mean, m2)
+    nf = _count(n, mean)
+    var = m2 / _max1(xp, nf - 1)
+    second = mean * mean + m2 / nf
+    finfo = xp.finfo(mean.dtype)
+    floor = (FLOOR_ULPS * finfo.eps) ** 2 * xp.max(second)
+    floor = xp.where(floor > finfo.smallest_normal, floor, xp.asarray(finfo.smallest_normal, dtype=mean.dtype))
+    return var > floor
 
 
 def gsnr_terms(mean: Any, m2: Any, n: Any) -> tuple[Any, Any]:
-    """One parameter's share of the mean GSNR: the sum of ``mu_j^2 / var_j`` over its
-    elements with ``var_j > 0``, and how many those are.
-
-    Only array arithmetic, so the JAX backend traces the same formula under ``jit``;
-    ``n`` (>= 2) may be a traced count.
-    """
-    var = m2 / (n - 1)
-    valid = var > 0
-    ratio = (mean * mean) / (var + ~valid) * valid
-    return ratio.sum(), valid.sum()
+    """One parameter's share of the mean GSNR: the sum of ``mu_j^2 / var_j`` over its live
+    elements (NaN if any moment is not finite), and how many those are. ``n`` >= 2."""
+    xp = array_namespace(mean, m2)
+    live = live_elements(mean, m2, n)
+    var = m2 / _max1(xp, _count(n, mean) - 1)
+    ratio = xp.where(live, (mean * mean) / xp.where(live, var, xp.ones_like(var)), xp.zeros_like(var))
+    total = xp.sum(ratio)
+    finite = xp.all(xp.isfinite(mean)) & xp.all(xp.isfinite(m2))
+    return xp.where(finite, total, xp.asarray(math.nan, dtype=total.dtype)), xp.sum(live)
 
 
 def gsnr_value(total: Any, elements: Any, n: Any, scale: str) -> Any:
-    """The mean GSNR from summed ``gsnr_terms``: 0 when every element had zero variance,
-    times ``n`` on the mean-gradient scale."""
-    value = total / (elements + (elements == 0)) * (elements > 0)
+    """The mean GSNR from summed ``gsnr_terms``: 0 when no element is live, times ``n``
+    on the mean-gradient scale."""
+    value = total / _max1(None, elements) * (elements > 0)
     return value * n if scale == "mean" else value
+
+
+def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str) -> tuple[Any, Any, Any]:
+    """(mean GSNR, live elements, skipped elements) over all parameters, as arrays."""
+    terms = [gsnr_terms(m, m2, n) for m, m2 in zip(means, m2s)]
+    total = sum(t for t, _ in terms)
+    elements = sum(c for _, c in terms)
+    size = sum(math.prod(m.shape) for m in means)
+    return gsnr_value(total, elements, n, scale), elements, size - elements
+
+
+def norm_test_sums(mean: Any, m2: Any) -> tuple[Any, Any]:
+    """One parameter's share of the norm test: ``sum_j M2_j`` and ``sum_j mu_j^2``."""
+    xp = array_namespace(mean, m2)
+    return xp.sum(m2), xp.sum(mean * mean)
+
+
+def norm_test_of(means: Sequence[Any], m2s: Sequence[Any], n: Any) -> tuple[Any, Any]:
+    """``sum_j var_j / n`` (the variance of the mean gradient) and ``|mu|^2``, as arrays."""
+    sums = [norm_test_sums(m, m2) for m, m2 in zip(means, m2s)]
+    nf = _count(n, means[0])
+    return sum(s for s, _ in sums) / (_max1(None, nf - 1) * nf), sum(q for _, q in sums)
+
+
+def where_enough(n: Any, value: Any) -> Any:
+    """``value`` where the window has at least 2 samples (a variance exists), else NaN."""
+    xp = array_namespace(value)
+    nan = xp.asarray(math.nan, dtype=value.dtype)
+    if isinstance(n, int):
+        return value if n >= 2 else nan
+    return xp.where(n >= 2, value, nan)
+
+
+def bounded_stop(n: Any, test: Any, max_samples: int, min_samples: int | None) -> Any:
+    """The window bounds every sample rule shares: stop at the cap, never below
+    ``max(2, min_samples)``, else as ``test`` says (bools or arrays alike)."""
+    return (n >= max_samples) | ((n >= max(2, min_samples or 0)) & test)
+
+
+# ------------------------------------------------------------------ host-side reductions
+def mean_gsnr(stats: Sequence[Moments], scale: str) -> GSNRValue:
+    """Mean over live parameter elements of ``mu_j^2 / var_j`` (``scale="sample"``, the
+    per-sample GSNR of the original GAGA) or ``n * mu_j^2 / var_j`` (``scale="mean"``,
+    the signal-to-noise ratio of the accumulated mean gradient itself)."""
+    n = sample_count(stats)
+    if n < 2:
+        raise ValueError(f"the GSNR needs at least 2 samples, got n={n}")
+    value, elements, skipped = gsnr_of([m.mean for m in stats], [m.m2 for m in stats], n, scale)
+    return GSNRValue(float(value), int(elements), int(skipped))
 
 
 class NormTestValue(NamedTuple):
@@ -79,22 +126,11 @@ class NormTestValue(NamedTuple):
 def norm_test_terms(stats: Sequence[Moments]) -> NormTestValue:
     """The two sides of the norm test (Byrd et al. 2012): stop when
     ``variance_of_mean <= theta^2 * squared_norm``."""
-    fast = getattr(stats, "norm_test_terms", None)
-    if fast is not None:
-        return fast()
     n = sample_count(stats)
-    trace, squared = 0.0, 0.0
-    for m in stats:
-        m2_sum, mean_sq = norm_test_sums(m.mean, m.m2)
-        trace += float(m2_sum)
-        squared += float(mean_sq)
-    return NormTestValue(trace / (n - 1) / n, squared)
-
-
-def norm_test_sums(mean: Any, m2: Any) -> tuple[Any, Any]:
-    """One parameter's share of the norm test: ``sum_j M2_j`` and ``sum_j mu_j^2``
-    (array arithmetic only, traceable like ``gsnr_terms``)."""
-    return m2.sum(), (mean * mean).sum()
+    if n < 2:
+        raise ValueError(f"the norm test needs at least 2 samples, got n={n}")
+    variance, squared = norm_test_of([m.mean for m in stats], [m.m2 for m in stats], n)
+    return NormTestValue(float(variance), float(squared))
 
 
 def sample_count(stats: Sequence[Moments]) -> int:
@@ -104,4 +140,16 @@ def sample_count(stats: Sequence[Moments]) -> int:
     n = stats[0].n
     if any(m.n != n for m in stats):
         raise ValueError("every parameter's moments must cover the same samples")
-    return n
+    return int(n)
+
+
+def _count(n: Any, like: Any) -> Any:
+    xp = array_namespace(like)
+    return n if isinstance(n, int) else xp.astype(n, like.dtype)
+
+
+def _max1(xp: Any, n: Any) -> Any:
+    if isinstance(n, (int, float)):
+        return max(n, 1)
+    xp = xp or array_namespace(n)
+    return xp.maximum(n, xp.ones_like(n))

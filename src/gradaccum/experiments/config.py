@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from .._core.yaml_io import safe_load
+
 ARMS = ("baseline", "gaga", "gaga_mean", "baseline512", "normtest")
 DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
 BACKENDS = ("torch", "jax")
@@ -26,7 +28,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ExperimentConfig:
-    """Settings of `gradaccum reproduce` / `tune` / `train` (DESIGN.md section 6)."""
+    """Settings of `gradaccum reproduce` / `tune` / `train` (docs/design.md, "Reference experiment")."""
 
     out: str = _f("gradaccum-out/reproduce", "output directory (results, report, plots, Optuna storage)")
     data_dir: str = _f("gradaccum-out/data", "where the generated mnist1d splits are cached")
@@ -94,7 +96,7 @@ class ExperimentConfig:
     def from_yaml(cls, path: Path, **overrides: Any) -> ExperimentConfig:
         """Settings from a YAML file, then ``overrides`` (flags given on the command line)."""
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            loaded = safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
             raise ValueError(f"config: cannot read {path}: {error}") from None
         if not isinstance(loaded, dict):

@@ -1,4 +1,4 @@
-"""mnist1d, generated offline by the mnist1d package's own generator (DESIGN.md section 6).
+"""mnist1d, generated offline by the mnist1d package's own generator (docs/design.md, "Reference experiment").
 
 ``make_dataset`` with the package's default arguments (5000 samples, seed 42) gives
 4000 train and 1000 test samples of length 40; the first 3200 train samples train and

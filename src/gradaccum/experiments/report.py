@@ -19,7 +19,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 from .files import atomic_file, write_atomic  # noqa: E402
 
 BACKEND_NAMES = {"torch": "PyTorch", "jax": "JAX/Flax"}
-REFERENCE = {  # DESIGN.md section 6
+REFERENCE = {  # docs/design.md, "Reference experiment"
     "baseline": {"lr": 0.00589, "test_accuracy": 0.6630},
     "gaga": {"lr": 0.00307, "tau": 0.0984, "test_accuracy": 0.6620},
 }
@@ -121,7 +121,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         lines.append(f"| {LABELS.get(arm, arm)} | {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} % | "
                      f"{100 * s['ci95'][0]:.2f} – {100 * s['ci95'][1]:.2f} % | {tuned} | {s['stability']:.4f} | "
                      f"{s['mean_batch']:.0f} ({s['min_batch']}-{s['max_batch']}) | {s['steps']:.0f} | {s['wall']:.1f} |")
-    lines += ["", "Reference values (DESIGN.md section 6, one run each):", "",
+    lines += ["", "Reference values (docs/design.md, 'Reference experiment'; one run each):", "",
               "| arm | lr | tau | test accuracy |", "|---|---|---|---|"]
     for arm, ref in REFERENCE.items():
         lines.append(f"| {LABELS[arm]} | {ref['lr']} | {ref.get('tau', '-')} | {100 * ref['test_accuracy']:.2f} % |")

@@ -1,8 +1,8 @@
 """A small time-stepped spiking classifier: leaky integrate-and-fire neurons, surrogate gradient.
 
 Backpropagation through time keeps every time step's state, so activation memory grows
-with time steps x micro-batch; the model is the memory-planning example of DESIGN.md
-section 5 (a spiking network trains at micro-batch 1 with several accumulation steps).
+with time steps x micro-batch; the model is the memory-planning example of docs/design.md
+("Memory": a spiking network trains at micro-batch 1 with several accumulation steps).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from ._decisions import traced_decision as traced_decision
 from ._sharding import data_mesh as data_mesh
 from ._sharding import replicate as replicate
 from ._sharding import shard_batch as shard_batch
+from ._layer_stats import layer_paths as layer_paths
 from ._layer_stats import register_sum_squares as register_sum_squares
 from ._layer_stats import statistics_path as statistics_path
 from ._train_state import AccumulatingTrainState as AccumulatingTrainState
@@ -25,6 +26,6 @@ from ._transform import AccumulationState as AccumulationState
 from ._transform import accumulate as accumulate
 from ._window import Window as Window
 
-__all__ = ["AccumulatingTrainState", "AccumulationState", "Window", "accumulate", "data_mesh", "flush",
+__all__ = ["AccumulatingTrainState", "AccumulationState", "Window", "accumulate", "data_mesh", "flush", "layer_paths",
            "make_train_step", "register_decision", "register_sum_squares", "replicate", "shard_batch",
            "statistics_path", "traced_decision"]

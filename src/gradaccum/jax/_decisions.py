@@ -1,9 +1,9 @@
 """Stopping rules traced under ``jit``: one function per rule type, in a registry.
 
-The core rules decide on the host with Python floats; inside a jitted step the same
-decision must be an array. Each function here reads the rule's own settings and the
-core's array formulas (``gsnr_terms``, ``norm_test_sums``), so the two backends test the
-same statistic against the same threshold; the tests hold them equal on the same moments.
+Inside a jitted step a decision must be an array. The core's sample rules define their
+decision once on arrays (``GSNR.decision``, ``NormTest.decision``, array-API code), and
+the entries here run exactly that on the window's moments; a rule type of the user's own
+registers its traced decision with ``register_decision``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 from typing import Any, Callable, TypeVar
 
 import jax
-import jax.numpy as jnp
 
 from .._core.rules import GSNR, FixedSteps, NormTest, StoppingRule
-from .._core.statistics import gsnr_terms, gsnr_value, norm_test_sums
 from ._window import Window
 
 TracedDecision = Callable[[Any, Window], tuple[jax.Array, dict[str, jax.Array]]]
@@ -47,29 +45,8 @@ def _fixed_steps(rule: FixedSteps, window: Window) -> tuple[jax.Array, dict[str,
     return window.micro_batches >= rule.k, {}
 
 
-def _bounded(rule: GSNR | NormTest, n: jax.Array, test: jax.Array) -> jax.Array:
-    """The core's ``_SampleRule`` bounds: stop at the cap, never below max(2, min_samples)."""
-    return (n >= rule.max_samples) | ((n >= max(2, rule.min_samples or 0)) & test)
-
-
 @register_decision(GSNR)
-def _gsnr(rule: GSNR, window: Window) -> tuple[jax.Array, dict[str, jax.Array]]:
-    n = window.items
-    terms = [gsnr_terms(m, m2, n) for m, m2 in zip(jax.tree.leaves(window.mean), jax.tree.leaves(window.m2))]
-    total = sum(t for t, _ in terms)
-    elements = sum(c for _, c in terms)
-    size = sum(m.size for m in jax.tree.leaves(window.mean))
-    value = jnp.where(n >= 2, gsnr_value(total, elements, n, rule.scale), jnp.nan)
-    return _bounded(rule, n, value > rule.tau), {
-        "samples": n, "gsnr": value, "capped": n >= rule.max_samples, "zero_variance_elements": size - elements}
-
-
 @register_decision(NormTest)
-def _norm_test(rule: NormTest, window: Window) -> tuple[jax.Array, dict[str, jax.Array]]:
-    n = window.items
-    sums = [norm_test_sums(m, m2) for m, m2 in zip(jax.tree.leaves(window.mean), jax.tree.leaves(window.m2))]
-    variance_of_mean = sum(s for s, _ in sums) / (n - 1) / n
-    bound = rule.theta**2 * sum(q for _, q in sums)
-    ratio = jnp.where(bound > 0, variance_of_mean / jnp.where(bound > 0, bound, 1), jnp.inf)
-    ratio = jnp.where(n >= 2, ratio, jnp.nan)
-    return _bounded(rule, n, ratio <= 1.0), {"samples": n, "norm_test": ratio, "capped": n >= rule.max_samples}
+def _sample_rule(rule: GSNR | NormTest, window: Window) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The core rule's own ``decision``, traced on the window's moments."""
+    return rule.decision(window.samples, jax.tree.leaves(window.mean), jax.tree.leaves(window.m2))

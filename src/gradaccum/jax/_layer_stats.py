@@ -9,7 +9,7 @@ differentiated along with the parameters. With the layer's input X and D:
 
 - a registered closed form gives the sum over samples of squared per-sample gradients
   directly: ``nn.Dense`` on (B, d_in) inputs, ``S2_kernel = (X*X)^T (D*D)`` and
-  ``S2_bias = sum_b D*D`` (DESIGN.md section 2), one extra matrix product;
+  ``S2_bias = sum_b D*D`` (docs/design.md, "Per-sample statistics"), one extra matrix product;
 - any other leaf layer (``nn.Conv``, ``nn.LayerNorm``, ``nn.Embed``, ``nn.Dense`` on
   sequences, ...) gets its per-sample gradients from a ``vmap`` of that layer's own
   VJP on (X_i, D_i): only its parameters times B are materialized, not the model's.
@@ -84,6 +84,7 @@ class _Call(NamedTuple):
     module: fnn.Module
     method: str
     simple: bool  # one positional array argument, an array output, only parameters
+    input: jax.ShapeDtypeStruct | None
     output: jax.ShapeDtypeStruct | None
 
 
@@ -114,7 +115,8 @@ def _record(calls: list[_Call], context: Any, args: tuple, kwargs: dict, y: Any)
     simple = (context.method_name == "__call__" and len(args) == 1 and not kwargs and isinstance(y, jax.Array)
               and isinstance(args[0], jax.Array) and set(module.variables) == {"params"})
     output = jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)) if simple else None
-    calls.append(_Call(tuple(module.path), module, context.method_name, simple, output))
+    x = jax.ShapeDtypeStruct(jnp.shape(args[0]), jnp.result_type(args[0])) if simple else None
+    calls.append(_Call(tuple(module.path), module, context.method_name, simple, x, output))
     return simple
 
 
@@ -155,12 +157,24 @@ def statistics_path(loss_fn: Callable, params: Any, batch: Any, statistics: str 
     if owned != leaves:
         missing = sorted("/".join(k) for k in leaves - owned)[:3]
         return f"vmap: parameters outside leaf layers ({', '.join(missing) or 'paths differ from params'})"
-    closed = all(type(c.module) in _REGISTRY and _closed_form_applies(c) for c in calls)
+    closed = all(_runs_closed_form(c) for c in calls)
     return "sum_of_squares" if closed else "layers"
 
 
-def _closed_form_applies(call: _Call) -> bool:
-    return type(call.module) is not fnn.Dense or len(call.output.shape) == 2  # type: ignore[union-attr]
+def layer_paths(loss_fn: Callable, params: Any, batch: Any) -> dict[str, str]:
+    """Per leaf layer, the path ``sums_and_squares`` takes: ``"sum_of_squares"`` (its
+    registered closed form applies to these shapes) or ``"vmap"`` (its own per-sample VJP)."""
+    return {"/".join(c.path): "sum_of_squares" if _runs_closed_form(c) else "vmap"
+            for c in _calls(loss_fn, params, batch)}
+
+
+def _runs_closed_form(call: _Call) -> bool:
+    """Whether the registered closed form returns squares for this call's shapes (it may
+    decline with None, as ``nn.Dense`` does for sequences): the path that will really run."""
+    closed = _REGISTRY.get(type(call.module))
+    if closed is None or call.input is None:
+        return False
+    return jax.eval_shape(lambda x, d: closed(call.module, x, d), call.input, call.output) is not None
 
 
 def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Array

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from flax.training import train_state
 
@@ -61,8 +62,11 @@ class AccumulatingTrainState(train_state.TrainState):
             if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
                 raise TypeError(f"params must hold floating-point arrays, got one of dtype {jnp.asarray(leaf).dtype}")
         window = Window.empty(params, rule.needs_statistics)
-        return super().create(apply_fn=apply_fn, params=params, tx=tx, rule=rule, nonfinite=nonfinite,
-                              window=window, **kwargs)
+        state = super().create(apply_fn=apply_fn, params=params, tx=tx, rule=rule, nonfinite=nonfinite,
+                               window=window, **kwargs)
+        # a typed step counter: a Python 0 would make the first step's state differ in type
+        # from the next one's, and the jitted step compile twice
+        return state.replace(step=jnp.zeros((), jnp.int32))
 
     def close_window(self) -> AccumulatingTrainState:
         """Apply the window's mean gradient (unless it is empty or poisoned) and start a new one."""
@@ -75,37 +79,79 @@ class AccumulatingTrainState(train_state.TrainState):
 
 def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool = False, jit: bool = True
                     ) -> Callable[..., tuple[AccumulatingTrainState, dict]]:
-    """The step ``(state, batch, mask=None) -> (state, metrics)`` for one micro-batch.
+    """The step ``(state, batch, weights=None, *, mask=None) -> (state, metrics)`` for one micro-batch.
 
     ``loss_fn(params, batch)`` returns the per-example losses, shape ``(B,)``; every leaf
-    of ``batch`` has the examples on its leading axis. ``mask`` (shape ``(B,)``, 0/1)
-    marks padding to leave out, so a short last micro-batch need not change shapes.
-    The window's gradient is the mean over all its unmasked examples, whatever the
-    micro-batch sizes. With a rule that needs statistics, each micro-batch is an
-    increment whose moments are merged into the window's (Chan et al.):
+    of ``batch`` has the examples on its leading axis. ``weights`` (shape ``(B,)``,
+    non-negative integers) are the examples' item counts: with per-example losses that
+    are means over each example's tokens, pass the token counts and the window's gradient
+    is the mean over the window's tokens, as ``Accumulator.backward(loss, count)`` gives
+    in torch. A weight of 0 leaves an example out (padding: a short last micro-batch
+    need not change shapes). ``mask`` is the same with 0/1 values only. Without either,
+    every example counts once. The window's gradient is ``sum_i w_i grad l_i / sum_i w_i``
+    over all its examples, whatever the micro-batch sizes.
+
+    With a rule that needs statistics, each micro-batch is an increment whose moments
+    are merged into the window's (the core's ``chan_merge``); a sample is an example of
+    non-zero weight and its gradient is that of ``w_i l_i``.
     ``statistics="auto"`` takes the per-sample sums of squares from one backward pass
     when every parameter belongs to a leaf Flax layer called once (closed form for
     ``nn.Dense``, a per-layer vmap for others; see ``statistics_path``), else per-example
     gradients from ``jax.vmap(jax.grad(...))``;
     ``statistics="vmap"`` always uses the latter (exact two-pass moments in float32 too).
 
+    Weights given as concrete arrays are checked before the jitted step runs (finite,
+    non-negative integers; 0/1 for ``mask``): a fractional or negative count would
+    silently change the window's item count.
+
     ``donate=True`` donates the state passed in to the step (``donate_argnums=0``): XLA then
     updates params, optimizer state and window in place instead of copying them through
     the ``lax.cond`` (measured 1.6x faster on a 1.6M-parameter MLP); the old state and
     every array it shares (the ``params`` it was created from) are invalid afterwards.
 
-    ``metrics`` holds ``loss`` (mean over this micro-batch), ``stop`` (the window
-    closed), ``finite`` (loss and gradient; the loss only under ``"skip_window"``), ``items`` and ``micro_batches`` of the window so far (before
-    a close resets it), ``step``, and the rule's info (``gsnr``, ``norm_test``, ...).
+    ``metrics`` holds ``loss`` (mean over this micro-batch's items), ``stop`` (the window
+    closed), ``finite`` (loss and gradient; the loss only under ``"skip_window"``), ``items``,
+    ``samples`` and ``micro_batches`` of the window so far (before a close resets it),
+    ``step``, and the rule's info (``gsnr``, ``norm_test``, ...).
     """
     check_choice("statistics", statistics, STATISTICS)
     step = partial(_train_step, loss_fn, statistics)
-    if not jit:
-        return step
-    return jax.jit(step, donate_argnums=0) if donate else jax.jit(step)
+    jitted = step if not jit else jax.jit(step, donate_argnums=0) if donate else jax.jit(step)
+
+    def checked_step(state: AccumulatingTrainState, batch: Any, weights: Any = None, *, mask: Any = None
+                     ) -> tuple[AccumulatingTrainState, dict]:
+        if mask is not None:
+            if weights is not None:
+                raise ValueError("pass weights or mask, not both (a mask is 0/1 weights)")
+            weights = _check_weights("mask", mask, binary=True)
+        elif weights is not None:
+            weights = _check_weights("weights", weights, binary=False)
+        return jitted(state, batch, weights)
+
+    checked_step.jitted = jitted  # type: ignore[attr-defined]
+    return checked_step
 
 
-def _check_batch(batch: Any, mask: jax.Array | None) -> int:
+def _check_weights(name: str, weights: Any, binary: bool) -> Any:
+    """Refuse weights that would silently change the item count (when they are concrete)."""
+    if isinstance(weights, jax.core.Tracer):
+        return weights
+    values = np.asarray(weights)
+    if values.ndim != 1:
+        raise ValueError(f"{name} must be a vector with one value per example, got shape {values.shape}")
+    if values.dtype == bool:
+        return weights
+    if not np.issubdtype(values.dtype, np.number) or not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite numbers, got {values.tolist()}")
+    allowed = "0 or 1" if binary else "non-negative integers (item counts)"
+    if np.any(values < 0) or np.any(values != np.round(values)) or (binary and np.any(values > 1)):
+        raise ValueError(f"{name} must hold {allowed}, got {values.tolist()}")
+    if np.any(values > np.iinfo(np.int32).max):
+        raise ValueError(f"{name}: an item count above {np.iinfo(np.int32).max} does not fit the window's int32 counts")
+    return weights
+
+
+def _check_batch(batch: Any, weights: jax.Array | None) -> int:
     leaves = jax.tree.leaves(batch)
     if not leaves:
         raise ValueError("batch must hold at least one array")
@@ -115,8 +161,8 @@ def _check_batch(batch: Any, mask: jax.Array | None) -> int:
     (size,) = sizes
     if size < 1:
         raise ValueError("batch must hold at least one example, got an empty micro-batch")
-    if mask is not None and jnp.shape(mask) != (size,):
-        raise ValueError(f"mask must have shape ({size},) like the batch, got {jnp.shape(mask)}")
+    if weights is not None and jnp.shape(weights) != (size,):
+        raise ValueError(f"weights (or mask) must have shape ({size},) like the batch, got {jnp.shape(weights)}")
     return size
 
 
@@ -143,12 +189,13 @@ def _zero_unless(finite: jax.Array, tree: Any) -> Any:
 
 def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weights: jax.Array
                ) -> tuple[jax.Array, jax.Array, Any, Any]:
-    """Per-example losses and the count, mean and M2 of this micro-batch's per-sample gradients."""
+    """Per-example losses and the count, mean and M2 of this micro-batch's per-sample
+    gradients of the weighted losses."""
     path = statistics_path(loss_fn, params, batch, statistics)
     LOG.info("per-sample statistics by %s", path)
     if not path.startswith("vmap"):
         losses, s1, s2 = sums_and_squares(loss_fn, params, batch, weights)
-        n = weights.sum(dtype=jnp.int32)
+        n = (weights > 0).sum(dtype=jnp.int32)
         pairs = jax.tree.map(lambda a, b: moments_from_sums(n, a, b)[1:], s1, s2)  # (mean, m2) per leaf
         return losses, n, *unzip(pairs, params)
     losses, per_sample = jax.vmap(jax.value_and_grad(partial(_example_loss, loss_fn)),
@@ -157,18 +204,19 @@ def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weight
 
 
 def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState, batch: Any,
-                mask: jax.Array | None = None) -> tuple[AccumulatingTrainState, dict[str, Any]]:
-    size = _check_batch(batch, mask)
-    weights = jnp.ones((size,), jnp.int32) if mask is None else jnp.asarray(mask).astype(jnp.int32)
+                weights: jax.Array | None = None) -> tuple[AccumulatingTrainState, dict[str, Any]]:
+    size = _check_batch(batch, weights)
+    weights = jnp.ones((size,), jnp.int32) if weights is None else jnp.asarray(weights).astype(jnp.int32)
+    items = weights.sum(dtype=jnp.int32)
     window = state.window
     if state.rule.needs_statistics:
         losses, n, mean, m2 = _increment(loss_fn, statistics, state.params, batch, weights)
         loss_sum = (losses * weights.astype(losses.dtype)).sum()
-        add, increment, gradient = window.add_moments, (n, mean, m2), (mean, m2)
+        add, increment, gradient = window.add_moments, (items, n, mean, m2), (mean, m2)
     else:
         grad_sum, loss_sum = jax.grad(partial(_summed_loss, loss_fn), has_aux=True)(state.params, batch, weights)
-        n = weights.sum(dtype=jnp.int32)
-        add, increment, gradient = window.add_sum, (grad_sum, n), grad_sum
+        n = (weights > 0).sum(dtype=jnp.int32)
+        add, increment, gradient = window.add_sum, (grad_sum, items, n), grad_sum
     if state.nonfinite == "skip_window":
         # the whole window goes if anything is non-finite: add unchecked and test the window's
         # gradient once, when it closes (a per-micro-batch test costs ~0.2x of a step)
@@ -181,8 +229,9 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
     stop = jnp.asarray(stop)
     grown = state.replace(window=added)
     new_state = jax.lax.cond(stop, AccumulatingTrainState.close_window, lambda s: s, grown)
-    metrics = {"loss": loss_sum / jnp.maximum(n, 1).astype(loss_sum.dtype), "stop": stop, "finite": finite,
-               "items": added.items, "micro_batches": added.micro_batches, "step": new_state.step, **info}
+    metrics = {"loss": loss_sum / jnp.maximum(items, 1).astype(loss_sum.dtype), "stop": stop, "finite": finite,
+               "items": added.items, "samples": added.samples, "micro_batches": added.micro_batches,
+               "step": new_state.step, **info}
     return new_state, metrics
 
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .._core.moments import chan_merge
+
 
 @struct.dataclass
 class Window:
@@ -19,7 +21,9 @@ class Window:
 
     Attributes:
       micro_batches: micro-batches in the window so far (skipped ones included).
-      items: items (samples) the window's gradient averages over so far.
+      items: items (examples, or the weights given: token counts) the window's gradient
+        averages over so far.
+      samples: examples with a non-zero weight: the units per-sample statistics count.
       grad_sum: sum over items of their gradients (rules without statistics), else None.
       mean: per-element mean of the per-sample gradients (rules with statistics), else None.
       m2: per-element sum of squared deviations from ``mean`` (rules with statistics), else None.
@@ -28,6 +32,7 @@ class Window:
 
     micro_batches: jax.Array
     items: jax.Array
+    samples: jax.Array
     grad_sum: Any
     mean: Any
     m2: Any
@@ -38,56 +43,53 @@ class Window:
         """An empty window with zeroed buffers shaped like ``params``."""
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
         return cls(
-            micro_batches=jnp.zeros((), jnp.int32), items=jnp.zeros((), jnp.int32),
+            micro_batches=jnp.zeros((), jnp.int32), items=jnp.zeros((), jnp.int32), samples=jnp.zeros((), jnp.int32),
             grad_sum=None if statistics else zeros(), mean=zeros() if statistics else None,
             m2=zeros() if statistics else None, poisoned=jnp.zeros((), bool),
         )
 
     def mean_gradient(self) -> Any:
-        """The gradient of the mean loss over every item of the window."""
-        if self.mean is not None:
-            return self.mean
+        """The gradient of the mean loss over every item of the window: the sum of the
+        per-sample gradients (of weighted losses) over the window's items."""
         denominator = jnp.maximum(self.items, 1)
+        if self.mean is not None:  # sum = mean * samples
+            return jax.tree.map(lambda m: m * (self.samples.astype(m.dtype) / denominator.astype(m.dtype)), self.mean)
         return jax.tree.map(lambda s: s / denominator.astype(s.dtype), self.grad_sum)
 
-    def add_sum(self, grad_sum: Any, items: jax.Array) -> Window:
+    def add_sum(self, grad_sum: Any, items: jax.Array, samples: jax.Array) -> Window:
         """Add a micro-batch given as the gradient of its summed loss and its item count."""
         return self.replace(micro_batches=self.micro_batches + 1, items=self.items + items,
-                            grad_sum=jax.tree.map(jnp.add, self.grad_sum, grad_sum))
+                            samples=self.samples + samples, grad_sum=jax.tree.map(jnp.add, self.grad_sum, grad_sum))
 
-    def add_moments(self, n: jax.Array, mean: Any, m2: Any) -> Window:
-        """Merge an increment's moments into the window's (Chan et al.'s parallel formula)."""
-        total = self.items + n
-
-        def merged(ma: jax.Array, m2a: jax.Array, mb: jax.Array, m2b: jax.Array) -> tuple[jax.Array, jax.Array]:
-            w = n.astype(ma.dtype) / jnp.maximum(total, 1).astype(ma.dtype)  # 0 for an empty increment
-            delta = mb - ma
-            return ma + delta * w, m2a + m2b + delta * delta * (self.items.astype(ma.dtype) * w)
-
-        pairs = jax.tree.map(merged, self.mean, self.m2, mean, m2)
+    def add_moments(self, items: jax.Array, n: jax.Array, mean: Any, m2: Any) -> Window:
+        """Merge an increment's moments into the window's: the core's ``chan_merge``."""
+        pairs = jax.tree.map(lambda ma, m2a, mb, m2b: chan_merge(self.samples, ma, m2a, n, mb, m2b)[1:],
+                             self.mean, self.m2, mean, m2)
         new_mean, new_m2 = unzip(pairs, self.mean)
-        return self.replace(micro_batches=self.micro_batches + 1, items=total, mean=new_mean, m2=new_m2)
+        return self.replace(micro_batches=self.micro_batches + 1, items=self.items + items,
+                            samples=self.samples + n, mean=new_mean, m2=new_m2)
 
 
-def increment_moments(per_sample: Any, mask: jax.Array | None) -> tuple[jax.Array, Any, Any]:
-    """Count, mean and M2 of per-sample gradients (leading axis = samples), two-pass.
+def increment_moments(per_sample: Any, weights: jax.Array) -> tuple[jax.Array, Any, Any]:
+    """Count, mean and M2 of the per-sample gradients of the weighted losses
+    (``weights[i] * grad l_i``; leading axis = samples), two-pass.
 
-    ``mask`` (0/1 per sample) leaves padded samples out of every moment (padding must
-    still be finite: 0 * nan is nan). The sums over samples are written as products
-    with the weight vector: XLA's CPU backend runs a reduction over the leading axis of
-    a (B, d_in, d_out) array about 15x slower than the equivalent matrix-vector product.
+    Examples of weight 0 (padding) are left out of every moment (padding must still be
+    finite: 0 * nan is nan). The sums over samples are written as products with a vector:
+    XLA's CPU backend runs a reduction over the leading axis of a (B, d_in, d_out) array
+    about 15x slower than the equivalent matrix-vector product.
     """
     leaves = jax.tree.leaves(per_sample)
     batch = leaves[0].shape[0]
-    weights = jnp.ones((batch,), jnp.int32) if mask is None else mask.astype(jnp.int32)
-    n = weights.sum(dtype=jnp.int32)
+    present = (weights > 0).astype(jnp.int32)
+    n = present.sum(dtype=jnp.int32)
 
     def moments(g: jax.Array) -> tuple[jax.Array, jax.Array]:
-        w = weights.astype(g.dtype)
-        rows = g.reshape(batch, -1)
-        mean = (w @ rows) / jnp.maximum(n, 1).astype(g.dtype)
+        keep = present.astype(g.dtype)
+        rows = g.reshape(batch, -1) * weights.astype(g.dtype)[:, None]
+        mean = (keep @ rows) / jnp.maximum(n, 1).astype(g.dtype)
         deviation = rows - mean
-        return mean.reshape(g.shape[1:]), (w @ (deviation * deviation)).reshape(g.shape[1:])
+        return mean.reshape(g.shape[1:]), (keep @ (deviation * deviation)).reshape(g.shape[1:])
 
     mean, m2 = unzip(jax.tree.map(moments, per_sample), per_sample)
     return n, mean, m2

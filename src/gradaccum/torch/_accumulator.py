@@ -39,7 +39,7 @@ class Accumulator:
     the micro-batch's per-item losses) to a window sum. When the stopping rule closes
     the window, the sum is divided by the window's total item count, so the optimizer
     sees the gradient of the mean loss over every item of the window, whatever the
-    micro-batch sizes or token counts (DESIGN.md section 1).
+    micro-batch sizes or token counts (docs/design.md, "Window mean").
 
     Args:
       model: the module being trained (plain or DistributedDataParallel).
@@ -97,6 +97,12 @@ class Accumulator:
         reference_batch: int | None = None,
     ) -> None:
         self._params = tracked_parameters(model, optimizer)
+        stale = [name for name, p in model.named_parameters() if p.grad is not None and p.requires_grad]
+        if stale:
+            raise ValueError(
+                f"model parameters already hold gradients ({', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}) "
+                "from a backward before the Accumulator was built (a memory probe such as find_micro_batch_size?): "
+                "they belong to no window. Clear them with optimizer.zero_grad(set_to_none=True) first")
         self.model = model
         self.optimizer = optimizer
         self.rule = as_rule(rule)

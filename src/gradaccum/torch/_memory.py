@@ -30,7 +30,8 @@ def _free_memory() -> None:
 
 
 def find_micro_batch_size(step: Callable[[int], object], start: int = 1, max_size: int | None = None, *,
-                          max_memory: int | None = None, process_group: object | None = None) -> int:
+                          max_memory: int | None = None, process_group: object | None = None,
+                          model: torch.nn.Module | None = None) -> int:
     """The largest micro-batch ``m`` for which ``step(m)`` runs without running out of memory.
 
     ``step(m)`` should run one forward and backward at micro-batch ``m``. Sizes are probed
@@ -44,6 +45,10 @@ def find_micro_batch_size(step: Callable[[int], object], start: int = 1, max_siz
     the budget: each try runs in a forked child process (``measure_peak_memory``), which
     is how a CPU limit must be handled, since the operating system kills a process that
     exceeds memory instead of raising.
+
+    With ``model``, the gradients each try leaves on it are cleared after the try (set to
+    None), so the probe neither carries one try's gradients into the next nor leaves any
+    behind for an Accumulator built afterwards (which refuses stale gradients).
     """
     start = check_positive_int("start", start)
     if max_size is not None:
@@ -64,6 +69,9 @@ def find_micro_batch_size(step: Callable[[int], object], start: int = 1, max_siz
         except BaseException as error:  # noqa: B902 - only out-of-memory is swallowed
             if not is_out_of_memory(error):
                 raise
+        finally:
+            if model is not None:
+                model.zero_grad(set_to_none=True)
         _free_memory()  # the failed try's tensors, held by the traceback until now
         return False
 
@@ -149,18 +157,19 @@ def _peak_bytes() -> int:
 
 
 def plan_accumulation(step: Callable[[int], object], effective_batch: int, *, start: int = 1,
-                      max_memory: int | None = None) -> list[int]:
+                      max_memory: int | None = None, model: torch.nn.Module | None = None) -> list[int]:
     """One call from "my model runs out of memory at this batch" to a window plan.
 
     Finds the largest micro-batch ``step`` runs at (up to ``effective_batch``; within
     ``max_memory`` bytes when given, as ``find_micro_batch_size``), then returns this
     rank's micro-batch sizes adding up (over all ranks, under torch.distributed) to exactly
-    ``effective_batch``. Train with ``Accumulator(model, opt, FixedSteps(len(sizes)))``.
+    ``effective_batch``. Train with ``Accumulator(model, opt, FixedSteps(len(sizes)))``;
+    pass ``model`` so the probe's gradients are cleared (see ``find_micro_batch_size``).
     """
     effective_batch = check_positive_int("effective_batch", effective_batch)
     world, rank = 1, 0
     if dist.is_available() and dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
     cap = max(start, -(-effective_batch // world))
-    micro = find_micro_batch_size(step, start, cap, max_memory=max_memory)
+    micro = find_micro_batch_size(step, start, cap, max_memory=max_memory, model=model)
     return plan_micro_batches(effective_batch, micro, world)[rank]

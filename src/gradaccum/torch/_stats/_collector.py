@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -12,10 +13,9 @@ from torch.utils._pytree import tree_flatten
 
 from ..._core.moments import Moments
 from ..._core.validation import check_positive_int
-from ._explained import Projector, magnitude, mismatch
+from ._explained import Projector, mismatch
 from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap_per_sample
 from ._merge import merge_sums_into
-from ._reductions import TorchMoments
 from ._registry import LayerStats, lookup
 
 log = logging.getLogger("gradaccum")
@@ -127,7 +127,6 @@ class PerSampleGradStats:
         self._replaying = False
         self._probe: dict[int, list[tuple[int | None, int | None]]] | None = None
         self._moments: list[Moments] | None = None
-        self._scratch: list[torch.Tensor] | None = None
         self._reset_increment()
 
     # ------------------------------------------------------------------ setup
@@ -281,12 +280,11 @@ class PerSampleGradStats:
                 uses[id(p)] = uses.get(id(p), 0) + 1
         for call in calls:
             self._add_call(call, n, inc, uses, on_model)
-            floor = magnitude(call.args, call.grads, list(call.unit.params.values()))  # type: ignore[union-attr]
-            for p in call.unit.params.values():  # type: ignore[union-attr]
-                inc.floor[self._index[id(p)]] += floor
         for i, per_sample in inc.tied.items():
             inc.squares[i] = (per_sample * per_sample).sum(0)
             inc.hooked[i] = self._project(per_sample.sum(0))
+        for unit in {id(c.unit): c.unit for c in calls}.values():
+            self._set_floor(inc, [self._index[id(p)] for p in unit.params.values()], n)  # type: ignore[union-attr]
         dtype = _compute_dtype(calls)
         unexplained = [i for i, s1 in enumerate(sums) if s1 is not None and i not in on_model
                        and mismatch(s1, inc.hooked[i], inc.squares[i], n, self._project, dtype, inc.floor[i]) > 1]
@@ -298,10 +296,9 @@ class PerSampleGradStats:
         needed = sorted(i for i in on_model if sums[i] is not None)
         if needed:
             self._add_model(needed, n, inc)
-            call = self._model_call
-            floor = magnitude(call.args, call.grads, [self.params[i] for i in needed])  # type: ignore[union-attr]
+            self._set_floor(inc, needed, n)
             wrong = [i for i in needed
-                     if mismatch(sums[i], inc.hooked[i], inc.squares[i], n, self._project, dtype, floor) > 1]  # type: ignore[arg-type]
+                     if mismatch(sums[i], inc.hooked[i], inc.squares[i], n, self._project, dtype, inc.floor[i]) > 1]  # type: ignore[arg-type]
             if wrong:
                 raise ValueError(
                     f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in wrong)}: "
@@ -312,6 +309,14 @@ class PerSampleGradStats:
         firsts = [torch.zeros_like(p) if s1 is None else s1.detach() for p, s1 in zip(self.params, sums)]
         seconds = [torch.zeros_like(p) if s2 is None else s2.to(p.dtype) for p, s2 in zip(self.params, inc.squares)]
         return firsts, seconds
+
+    @staticmethod
+    def _set_floor(inc: _Increment, indices: list[int], n: int) -> None:
+        """The layer's floor for the check: its largest per-element magnitude bound (see _explained)."""
+        bounds = [float(inc.squares[i].max()) for i in indices if inc.squares[i] is not None and inc.squares[i].numel()]  # type: ignore[union-attr]
+        floor = (max(bounds, default=0.0) * n) ** 0.5
+        for i in indices:
+            inc.floor[i] = max(inc.floor[i], floor)
 
     # ------------------------------------------------------------------ batch dimension
     def _broadcast_units(self, calls: list[_Call], n: int) -> list[_Unit]:
@@ -355,7 +360,8 @@ class PerSampleGradStats:
         devices = sorted({p.device.index for p in self.params if p.device.type == "cuda"})
         self._probe = {}
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            with torch.no_grad(), torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. reentrant checkpointing warns that nothing requires grad
                 self.model(*args, **kwargs)
             return self._probe
         except Exception as error:
@@ -446,7 +452,15 @@ class PerSampleGradStats:
                 f"from the layers that used it, and cannot run the whole model per sample instead: {why}")
         local = [names[id(self.params[i])] for i in needed]
         replay = Replay.of_model(self.model, call.args, call.kwargs, call.grads, n).cast_to(self.params[needed[0]].dtype)
-        per_sample = self._replay(MODEL, replay, local, n)
+        try:
+            per_sample = self._replay(MODEL, replay, local, n)
+        except Exception as error:
+            raise ValueError(
+                f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in needed)} "
+                "from the layers that used it, and running the whole model once per sample failed "
+                f"({type(error).__name__}: {error}). Use the parameter inside a module's forward (tie a head as "
+                "an nn.Linear whose weight is the embedding's), give position layers per-sample input "
+                "(pos.expand(B, -1)), or use a rule without statistics") from error
         for i, name in zip(needed, local):
             g = per_sample[name]
             inc.squares[i] = (g * g).sum(0)
@@ -472,13 +486,10 @@ class PerSampleGradStats:
         return 0 if self._moments is None else self._moments[0].n
 
     def moments(self) -> list[Moments]:
-        """Running moments per parameter (order of ``params``), as a list that also
-        computes the rules' statistics in fused passes."""
+        """Running moments per parameter (order of ``params``)."""
         if self._moments is None:
             raise ValueError("no increment has been committed yet")
-        if self._scratch is None:
-            self._scratch = [torch.empty_like(m.mean) for m in self._moments]
-        return TorchMoments(self._moments, self._scratch)
+        return list(self._moments)
 
     def reset(self) -> None:
         """Start a new window: forget the running moments."""

@@ -21,9 +21,9 @@ dot product of length L adds ``L * eps``), and ``sum_i |g_ij| <= sqrt(n * S2_j)`
 difference above ``((n + L) * eps + autocast) * project(sqrt(n * S2), |v|)`` is not
 rounding. That bound misses cancellation *within* a sample (the bias of an attention
 key projection has a gradient that is zero up to rounding, summed from large terms),
-so each layer adds a floor of ``sum |D| * max(1, max |X|) * max(1, max |W|)`` over its
-calls (D its output gradient, X its input, W its parameters), which bounds the
-magnitude of every term a linear-like layer sums. ``autocast`` is 4 units of bfloat16/float16 precision when the layers ran in
+so every element's bound is raised to a floor: the largest bound among the elements of
+all parameters of the same layer (a key bias's rounding noise is that of the terms the
+layer's weight sums, whose own gradients are not small). ``autocast`` is 4 units of bfloat16/float16 precision when the layers ran in
 it (autograd rounds each gradient to it), else 0. So in float32 at n = 512, L = 4096 a
 missed use must be below about 5e-4 of the gradient's magnitude, and in float64 below
 1e-12; under bfloat16 autocast below about 3 %.
@@ -74,11 +74,3 @@ def mismatch(grad: torch.Tensor, hooked: torch.Tensor | None, squares: torch.Ten
     allowed = relative_tolerance(real.dtype, compute_dtype, n, length) * scale + torch.finfo(real.dtype).tiny
     return float(((real - hooked).abs() / allowed).max())
 
-
-def magnitude(args: tuple, grads: list, params: list[torch.Tensor]) -> float:
-    """``sum |D| * max(1, max |X|) * max(1, max |W|)`` of one call (the layer's floor)."""
-    d = sum(float(g.abs().sum()) for g in grads if isinstance(g, torch.Tensor))
-    x = max((float(a.abs().max()) for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()
-             and a.numel()), default=1.0)
-    w = max((float(p.detach().abs().max()) for p in params if p.numel()), default=1.0)
-    return d * max(1.0, x) * max(1.0, w)

@@ -2,7 +2,7 @@
 
 Notation: X is a layer's input, D the gradient of the *sum* of per-sample losses with
 respect to its output, both with the batch on dim 0. Every function is exact; the
-tests compare each against a loop over samples in float64 (DESIGN.md section 2).
+tests compare each against a loop over samples in float64 (docs/design.md, "Per-sample statistics").
 """
 
 from __future__ import annotations

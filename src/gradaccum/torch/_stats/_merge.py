@@ -1,6 +1,6 @@
 """Chan's merge of an increment into the running moments, in place, for torch tensors.
 
-The core's ``merge`` is the readable definition; this is the same algebra arranged
+The core's ``chan_merge`` is the definition (the code JAX runs); this is the same algebra arranged
 so that an increment given by its sums S1 and S2 merges in five fused passes and no
 new allocation (on a 21M-parameter model every temporary would cost 84 MB of fresh
 pages). With D = S1 - n_b * mean_a = n_b * (mean_b - mean_a):

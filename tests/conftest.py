@@ -1,0 +1,22 @@
+"""Suite-wide settings, set once here rather than as side effects of helper imports.
+
+- JAX computes in float64 (``jax_enable_x64``): exactness tests compare in float64. The
+  torch tests build their models and data in float64 explicitly (``.double()``), so the
+  float32 experiment code under test keeps its own dtype.
+- Warnings are errors (pyproject's ``filterwarnings``), and hypothesis draws the same
+  examples on every run (``derandomize``): the same seed gives the same numbers.
+"""
+
+from __future__ import annotations
+
+from hypothesis import settings
+
+settings.register_profile("gradaccum", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("gradaccum")
+
+try:
+    import jax
+except ImportError:  # pragma: no cover - the JAX tests are then skipped by their own imports
+    pass
+else:
+    jax.config.update("jax_enable_x64", True)
