@@ -168,3 +168,16 @@ def test_missing_jax_extra_is_named(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "backend: 'jax' needs the jax extra" in done.stderr
     assert "gradaccum.jax needs jax, flax and optax: pip install 'gradaccum[jax]'" in done.stderr
+
+
+def test_yaml_reads_scientific_notation_as_numbers(tmp_path: Path) -> None:
+    """``tau: 1e-3`` is a string to PyYAML (YAML 1.1 wants a dot); it was refused."""
+    config = AccumulationConfig.from_yaml("batch_size: 8\ngradient_accumulation_steps: 4\n"
+                                          "rule: {name: gsnr, tau: 1e-3, scale: mean}\n")
+    assert config.make_rule().tau == 0.001
+    from gradaccum.experiments.config import ExperimentConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("lr_low: 3e-5\ntau_high: 2E+1\n")
+    loaded = ExperimentConfig.from_yaml(path)
+    assert (loaded.lr_low, loaded.tau_high) == (3e-5, 20.0)

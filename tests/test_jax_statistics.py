@@ -186,3 +186,43 @@ def test_train_mode_batch_norm_is_refused_for_statistics_but_fine_for_fixed_step
         make_train_step(losses, statistics=statistics)(fresh(GSNR(1.0, increment=8, max_samples=16)), batch)
     state, metrics = make_train_step(losses)(fresh(FixedSteps(1)), batch)
     assert int(state.step) == 1 and bool(metrics["finite"])
+
+
+def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines() -> None:
+    """A registered closed form that returns None for these shapes: the layer's own VJP
+    runs, and ``statistics_path`` / ``layer_paths`` say so (they said "sum_of_squares")."""
+    from gradaccum.jax import layer_paths, register_sum_squares
+    from gradaccum.jax._layer_stats import _REGISTRY
+
+    class Scaled(fnn.Dense):
+        pass
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(3, **F64)(fnn.tanh(Scaled(4, **F64)(x)))
+
+    model = Net()
+
+    def losses(params, batch):
+        logits = model.apply({"params": params}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+
+    @register_sum_squares(Scaled)
+    def _declines(module, x, d):
+        return None
+
+    try:
+        batch = data(6, seed=2)
+        params = model.init(jax.random.key(0), batch["x"][:1])["params"]
+        assert statistics_path(losses, params, batch) == "layers"
+        assert layer_paths(losses, params, batch) == {"Scaled_0": "vmap", "Dense_0": "sum_of_squares"}
+        state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1),
+                                              rule=GSNR(1e9, increment=6, max_samples=64))
+        state, _ = make_train_step(losses)(state, batch)
+        per_sample = jax.vmap(lambda b: jax.grad(lambda p: losses(p, jax.tree.map(lambda v: v[None], b))[0])(params))(batch)
+        mean = jax.tree.map(lambda g: g.mean(0), per_sample)
+        m2 = jax.tree.map(lambda g, m: ((g - m) ** 2).sum(0), per_sample, mean)
+        assert max_abs_diff(state.window.mean, mean) < 1e-12 and max_abs_diff(state.window.m2, m2) < 1e-10
+    finally:
+        _REGISTRY.pop(Scaled, None)

@@ -203,3 +203,26 @@ def test_plan_accumulation_in_one_call_and_budget_checks() -> None:
         find_micro_batch_size(step, 1, max_memory=0)
     with pytest.raises(ValueError, match="effective_batch must be a positive int"):
         plan_accumulation(step, 0)
+
+
+def test_probe_leaves_no_gradients_and_the_accumulator_names_stale_ones() -> None:
+    """Memory planning ran backward passes on the model; the Accumulator built afterwards
+    then refused every backward with a misleading "stray backward" message."""
+    from gradaccum import FixedSteps
+    from gradaccum.torch import Accumulator, find_micro_batch_size
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+
+    def step(m: int) -> None:
+        if m > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        model(torch.randn(m, 3)).sum().backward()
+
+    assert find_micro_batch_size(step, 1, 16) == 8
+    with pytest.raises(ValueError, match=r"already hold gradients \(weight, bias\).*zero_grad\(set_to_none=True\)"):
+        Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(2))
+    model.zero_grad(set_to_none=True)
+    assert find_micro_batch_size(step, 1, 16, model=model) == 8
+    assert all(p.grad is None for p in model.parameters())
+    Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(2))
