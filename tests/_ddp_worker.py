@@ -48,6 +48,10 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
     # port has to be picked in advance (and raced for)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=world)
+    if mode.startswith("contract"):
+        run_contract(rank, out, mode)  # ranks break the contract: no common teardown
+        sys.stdout.flush()
+        os._exit(0)
     if mode in ("gsnr", "gsnr_skip"):
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
     elif mode == "probe":
@@ -76,6 +80,30 @@ def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:
     acc.flush()
     torch.save({"history": [(r.items, r.info.get("gsnr"), r.info.get("samples")) for r in acc.history],
                 "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
+
+
+def run_contract(rank: int, out: Path, mode: str) -> None:
+    """``contract_flush``: rank 0 flushes after one micro-batch while rank 1 completes its
+    window of 3. ``contract_late``: rank 1 stops after 2 micro-batches (and lingers), so
+    rank 0 waits at the close; the Accumulator's timeout is 3 s."""
+    import time
+
+    model = DistributedDataParallel(mlp())
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(3), collective_timeout=3)
+    data = rank_data(rank)
+    calls = {("contract_flush", 0): 1, ("contract_flush", 1): 3, ("contract_late", 0): 3, ("contract_late", 1): 2}
+    started = time.monotonic()
+    outcome = "ok"
+    try:
+        for i in range(calls[(mode, rank)]):
+            acc.backward(*ce_mean(model, take(data, slice(i, i + 1))))
+        if mode == "contract_flush" and rank == 0:
+            acc.flush()
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test reads
+        outcome = f"{type(error).__name__}: {error}"
+    (out / f"rank{rank}.txt").write_text(f"{time.monotonic() - started:.1f}\n{outcome}")
+    if mode == "contract_late" and rank == 1:
+        time.sleep(12)  # linger: the peer must time out, not see a closed connection
 
 
 PROBE_LIMITS = {0: 37, 1: 20}  # the largest micro-batch that fits, per rank

@@ -98,3 +98,27 @@ def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_pat
 def test_ranks_agree_on_the_smallest_micro_batch_that_fits(tmp_path: Path) -> None:
     ranks = run_two_ranks(tmp_path, "probe")
     assert [r["size"] for r in ranks] == [min(worker.PROBE_LIMITS.values())] * 2
+
+
+def test_ranks_that_break_the_contract_raise_instead_of_hanging(tmp_path: Path) -> None:
+    """One rank flushes while the other completes its window: before, the ranks paired
+    different collectives (a hang for the 30-minute timeout, or a C++ abort). The header
+    all-gathered before each collective makes both raise, naming what each did."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path),
+                               "contract_flush"], cwd=ROOT) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    for r in range(2):
+        outcome = (tmp_path / f"rank{r}.txt").read_text().splitlines()[1]
+        assert outcome.startswith("ContractError: data-parallel ranks disagree")
+        assert "rank 0: flush() at window 0, micro-batch 1" in outcome
+        assert "rank 1: the window's close (the rule) at window 0, micro-batch 3" in outcome
+
+
+def test_a_rank_that_never_arrives_times_out_with_the_contract_named(tmp_path: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path),
+                               "contract_late"], cwd=ROOT) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    seconds, outcome = (tmp_path / "rank0.txt").read_text().splitlines()
+    assert outcome.startswith("ContractError: rank 0: the Accumulator's collective for the window's close")
+    assert "call Accumulator.backward the same number of times per window" in outcome
+    assert float(seconds) < 11  # the 3 s timeout, not the peer's exit after 12 s

@@ -261,7 +261,7 @@ def test_grad_scaler_with_statistics_equals_no_scaler_and_skips_overflow() -> No
                       GSNR(1.2, increment=4, max_samples=16, scale="mean"), scaler=scaler)
     before = [p.detach().clone() for p in model.parameters()]
     batch = pattern.batch(4, 0)
-    loss = pattern.losses(model, zoo.Labeled(batch.x.float(), batch.y)).mean()
+    loss = pattern.losses(model, zoo.Labeled(batch.x.float() * 100, batch.y)).mean()
     assert acc.backward(loss, 4) is False
     assert acc.last_record.skipped and acc.last_record.info == {"overflow": True}
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

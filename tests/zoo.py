@@ -258,30 +258,15 @@ def take(batch: Any, sl: slice) -> Any:
     return type(batch)(*(getattr(batch, f)[sl] for f in batch.__dataclass_fields__))
 
 
-def per_sample_moments(model: nn.Module, pattern: Pattern, batch: Any,
-                       params: list[nn.Parameter]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The slow reference: each sample's gradient by its own backward; two-pass mean and M2."""
-    grads = []
-    for i in range(len(batch)):
-        loss = pattern.losses(model, take(batch, slice(i, i + 1))).sum()
-        got = torch.autograd.grad(loss, params, allow_unused=True)
-        grads.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, got)])
-    out = []
-    for k in range(len(params)):
-        g = torch.stack([sample[k] for sample in grads])
-        mean = g.mean(0)
-        out.append((mean, ((g - mean) ** 2).sum(0)))
-    return out
-
-
 def mean_gsnr(moments: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> float:
     """The reference mean GSNR on the mean-gradient scale, element by element, over the
     elements the design calls live (a measurable variance: docs/design.md, "Edge cases")."""
-    from gradaccum._core.statistics import live_elements
+    from gradaccum._core.statistics import largest_second_moment, live_elements
 
     total, count = 0.0, 0
+    largest = largest_second_moment([m for m, _ in moments], [m2 for _, m2 in moments], n)
     for mean, m2 in moments:
-        live = live_elements(mean, m2, n)
+        live = live_elements(mean, m2, n, largest)
         for mu, var in zip(mean[live].tolist(), (m2[live] / (n - 1)).tolist()):
             total += mu * mu / var
             count += 1

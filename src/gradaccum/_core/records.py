@@ -12,7 +12,7 @@ class StepRecord:
 
     Attributes:
       step: index of this window (0-based), counting skipped windows too.
-      items: items (samples or tokens) the applied gradient averages over.
+      items: items (samples, or tokens that count) the applied gradient averages over.
       micro_batches: micro-batches in the window (on this process).
       skipped: True when the optimizer step was skipped (GradScaler found inf/nan,
         or the non-finite policy dropped the window).
@@ -21,6 +21,9 @@ class StepRecord:
       grad_norm: total norm of the mean gradient before clipping, when clipping is on.
       lr: learning rate of each parameter group used for this step.
       info: the stopping rule's info (for example the statistic it tested).
+      samples: samples (sequences, images) in the window, summed over processes: the
+        units per-sample statistics count; None when nothing said (a rule without
+        statistics and no ``samples=`` given).
     """
 
     step: int
@@ -31,6 +34,7 @@ class StepRecord:
     grad_norm: float | None = None
     lr: list[float] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    samples: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict (JSON-serialisable) of this record."""

@@ -79,6 +79,9 @@ class FixedSteps:
 
 def check_rule(rule: Any) -> StoppingRule:
     """Return ``rule`` if it follows the ``StoppingRule`` protocol, else raise TypeError."""
+    if isinstance(rule, type):
+        raise TypeError(f"rule must be a rule instance, got the class {rule.__name__}: "
+                        f"write {rule.__name__}(...), for example gradaccum.FixedSteps(4)")
     if not isinstance(rule, StoppingRule):
         raise TypeError(
             "rule must be a stopping rule with a `needs_statistics` attribute and a "

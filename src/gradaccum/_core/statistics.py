@@ -8,11 +8,12 @@ floats for host-side rules and reports.
 
 Edge cases are defined, not left to the hardware (XLA on the CPU flushes denormals to
 zero, NumPy does not): an element is *live* when its variance exceeds both the smallest
-normal number of its dtype and a floor relative to its parameter tensor,
-``(FLOOR_ULPS * eps)^2 * max_j E[g_j^2]``. Below that, the variance is rounding noise
-(the bias of an attention key projection has a gradient that is zero up to rounding)
-and its ratio ``mu^2 / var`` would be noise too; such elements are left out of the mean
-and counted, like dead units (mu = var = 0). A parameter with a non-finite moment
+normal number of its dtype and a floor relative to the whole model,
+``(FLOOR_ULPS * eps)^2 * max_j E[g_j^2]`` over every element of every parameter. Below that,
+the variance is rounding noise (the bias of an attention key projection has a gradient
+that is zero up to rounding) and its ratio ``mu^2 / var`` would be noise too; such
+elements are left out of the mean and counted, like dead units (mu = var = 0). In float32
+that is an element whose gradients are 3e-5 times smaller than the largest in the model. A parameter with a non-finite moment
 makes the statistic NaN, so no rule stops on it.
 """
 
@@ -36,23 +37,35 @@ class GSNRValue(NamedTuple):
     skipped: int
 
 
-def live_elements(mean: Any, m2: Any, n: Any) -> Any:
-    """Boolean mask of the elements whose variance is measurable (see the module docstring)."""
+def largest_second_moment(means: Sequence[Any], m2s: Sequence[Any], n: Any) -> Any:
+    """``max_j E[g_j^2] = mu_j^2 + M2_j / n`` over every element of every parameter."""
+    xp = array_namespace(means[0])
+    nf = _count(n, means[0])
+    largest = [xp.max(m * m + m2 / nf) for m, m2 in zip(means, m2s) if math.prod(m.shape)]
+    out = largest[0]
+    for x in largest[1:]:
+        out = xp.maximum(out, x)
+    return out
+
+
+def live_elements(mean: Any, m2: Any, n: Any, largest: Any = None) -> Any:
+    """Boolean mask of the elements whose variance is measurable (see the module docstring);
+    ``largest`` is ``largest_second_moment`` over the model (default: this tensor's own)."""
     xp = array_namespace(mean, m2)
-    nf = _count(n, mean)
-    var = m2 / _max1(xp, nf - 1)
-    second = mean * mean + m2 / nf
+    var = m2 / _max1(xp, _count(n, mean) - 1)
+    if largest is None:
+        largest = largest_second_moment([mean], [m2], n)
     finfo = xp.finfo(mean.dtype)
-    floor = (FLOOR_ULPS * finfo.eps) ** 2 * xp.max(second)
+    floor = (FLOOR_ULPS * finfo.eps) ** 2 * largest
     floor = xp.where(floor > finfo.smallest_normal, floor, xp.asarray(finfo.smallest_normal, dtype=mean.dtype))
     return var > floor
 
 
-def gsnr_terms(mean: Any, m2: Any, n: Any) -> tuple[Any, Any]:
+def gsnr_terms(mean: Any, m2: Any, n: Any, largest: Any = None) -> tuple[Any, Any]:
     """One parameter's share of the mean GSNR: the sum of ``mu_j^2 / var_j`` over its live
     elements (NaN if any moment is not finite), and how many those are. ``n`` >= 2."""
     xp = array_namespace(mean, m2)
-    live = live_elements(mean, m2, n)
+    live = live_elements(mean, m2, n, largest)
     var = m2 / _max1(xp, _count(n, mean) - 1)
     ratio = xp.where(live, (mean * mean) / xp.where(live, var, xp.ones_like(var)), xp.zeros_like(var))
     total = xp.sum(ratio)
@@ -61,15 +74,17 @@ def gsnr_terms(mean: Any, m2: Any, n: Any) -> tuple[Any, Any]:
 
 
 def gsnr_value(total: Any, elements: Any, n: Any, scale: str) -> Any:
-    """The mean GSNR from summed ``gsnr_terms``: 0 when no element is live, times ``n``
-    on the mean-gradient scale."""
-    value = total / _max1(None, elements) * (elements > 0)
+    """The mean GSNR from summed ``gsnr_terms``: 0 when no element is live (NaN stays NaN),
+    times ``n`` on the mean-gradient scale."""
+    xp = array_namespace(total)
+    value = xp.where(elements > 0, total / _max1(None, elements), total * 0)
     return value * n if scale == "mean" else value
 
 
 def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str) -> tuple[Any, Any, Any]:
     """(mean GSNR, live elements, skipped elements) over all parameters, as arrays."""
-    terms = [gsnr_terms(m, m2, n) for m, m2 in zip(means, m2s)]
+    largest = largest_second_moment(means, m2s, n)
+    terms = [gsnr_terms(m, m2, n, largest) for m, m2 in zip(means, m2s)]
     total = sum(t for t, _ in terms)
     elements = sum(c for _, c in terms)
     size = sum(math.prod(m.shape) for m in means)

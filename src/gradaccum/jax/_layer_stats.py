@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from ._window import weighted_sum
+
 LOG = logging.getLogger("gradaccum.jax")
 SumSquares = Callable[[fnn.Module, jax.Array, jax.Array], "dict[str, jax.Array] | None"]
 _REGISTRY: dict[type, SumSquares] = {}
@@ -152,6 +154,11 @@ def statistics_path(loss_fn: Callable, params: Any, batch: Any, statistics: str 
     paths = [c.path for c in calls]
     if len(set(paths)) != len(paths):
         return "vmap: a layer with parameters is called more than once (its per-sample squares do not factor)"
+    broadcast = _broadcast_call(loss_fn, params, batch, calls)
+    if broadcast is not None:
+        return (f"vmap: {type(broadcast.module).__name__} at {'/'.join(broadcast.path)} is broadcast over the batch "
+                "(its input or output has no batch axis, e.g. positions arange(T)), so its per-sample gradients "
+                "are not its own output gradient's rows")
     owned = {(*c.path, name) for c in calls for name in c.module.variables["params"]}
     leaves = set(traverse_util.flatten_dict(params if isinstance(params, dict) else dict(params)))
     if owned != leaves:
@@ -159,6 +166,25 @@ def statistics_path(loss_fn: Callable, params: Any, batch: Any, statistics: str 
         return f"vmap: parameters outside leaf layers ({', '.join(missing) or 'paths differ from params'})"
     closed = all(_runs_closed_form(c) for c in calls)
     return "sum_of_squares" if closed else "layers"
+
+
+def _broadcast_call(loss_fn: Callable, params: Any, batch: Any, calls: list[_Call]) -> _Call | None:
+    """The first layer call whose leading sizes do not follow the batch, if any.
+
+    The loss is traced once more (shapes only, no computation) with one example more: a
+    layer that sees the batch has leading size B, then B + 1; one broadcast over it (a
+    position embedding of ``arange(T)``) keeps its sizes, even where T == B.
+    """
+    size = jax.tree.leaves(batch)[0].shape[0]
+    bigger = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), jnp.result_type(x)), batch)
+    grown = _calls(loss_fn, params, bigger)
+    for a, b in zip(calls, grown):
+        for s_a, s_b in ((a.input, b.input), (a.output, b.output)):
+            if s_a is None or s_b is None:
+                continue
+            if not s_a.shape or s_a.shape[0] != size or not s_b.shape or s_b.shape[0] != size + 1:
+                return a
+    return None
 
 
 def layer_paths(loss_fn: Callable, params: Any, batch: Any) -> dict[str, str]:
@@ -199,7 +225,7 @@ def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Ar
 
         with fnn.intercept_methods(perturb):
             losses = loss_fn(p, batch)
-        return (losses * weights.astype(losses.dtype)).sum(), (losses, inputs)
+        return weighted_sum(losses, weights), (losses, inputs)
 
     (s1, output_grads), (losses, inputs) = jax.grad(summed, argnums=(0, 1), has_aux=True)(params, zeros)
     squares: dict[tuple[str, ...], jax.Array] = {}

@@ -22,7 +22,7 @@ from .._core.rules import StoppingRule
 from .._core.validation import check_choice
 from ._decisions import traced_decision
 from ._layer_stats import LOG, statistics_path, sums_and_squares
-from ._window import Window, all_finite, increment_moments, unzip
+from ._window import Window, all_finite, increment_moments, unzip, weighted_sum
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
 STATISTICS = ("auto", "vmap")
@@ -170,7 +170,7 @@ def _summed_loss(loss_fn: LossFn, params: Any, batch: Any, weights: jax.Array) -
     losses = loss_fn(params, batch)
     if jnp.shape(losses) != weights.shape:
         raise ValueError(f"loss_fn must return per-example losses of shape {weights.shape}, got {jnp.shape(losses)}")
-    total = (losses * weights.astype(losses.dtype)).sum()
+    total = weighted_sum(losses, weights)
     return total, total
 
 
@@ -211,7 +211,7 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
     window = state.window
     if state.rule.needs_statistics:
         losses, n, mean, m2 = _increment(loss_fn, statistics, state.params, batch, weights)
-        loss_sum = (losses * weights.astype(losses.dtype)).sum()
+        loss_sum = weighted_sum(losses, weights)
         add, increment, gradient = window.add_moments, (items, n, mean, m2), (mean, m2)
     else:
         grad_sum, loss_sum = jax.grad(partial(_summed_loss, loss_fn), has_aux=True)(state.params, batch, weights)

@@ -102,6 +102,14 @@ def unzip(pairs: Any, like: Any) -> tuple[Any, Any]:
     return (structure.unflatten([a for a, _ in leaves]), structure.unflatten([b for _, b in leaves]))
 
 
+def weighted_sum(losses: jax.Array, weights: jax.Array) -> jax.Array:
+    """``sum_i w_i l_i`` in float32 or wider: in float16 a micro-batch of 76,800 examples (or
+    large token counts) overflows the sum and the whole micro-batch would be dropped as
+    non-finite. The gradient reaching each example is still its weight, in its own dtype."""
+    dtype = jnp.promote_types(losses.dtype, jnp.float32)
+    return (losses.astype(dtype) * weights.astype(dtype)).sum()
+
+
 def all_finite(tree: Any) -> jax.Array:
     """Whether every element of every leaf is finite.
 

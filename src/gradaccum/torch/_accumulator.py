@@ -6,7 +6,6 @@ import warnings
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 
 from .._core import (
     Decision,
@@ -18,13 +17,14 @@ from .._core import (
 from .._core.config import AccumulationConfig, as_rule
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int
-from ._checks import check_count, check_loss, tracked_parameters
-from ._distributed import all_reduce_count, all_reduce_sums, disable_ddp_sync, is_ddp
+from ._checks import check_count, check_loss, check_model, tracked_parameters
+from ._distributed import CLOSE, FLUSH, INCREMENT, RankContract, disable_ddp_sync, is_ddp
+from ._state import VERSION, checked_state
 from ._stats import PerSampleGradStats
+from ._window_sums import WindowSums
 
 NonFinitePolicy = Literal["raise", "skip_micro_batch", "skip_window"]
 _POLICIES: tuple[str, ...] = ("raise", "skip_micro_batch", "skip_window")
-_STATE_VERSION = 1
 _FOREACH_BELOW = 1 << 20  # gradient elements below which the finiteness check uses one foreach call
 
 
@@ -61,6 +61,8 @@ class Accumulator:
         parameter group for the step only, on top of any scheduler.
       reference_batch: the batch size at which the optimizer's learning rate applies
         unchanged (required with ``lr_scaling``).
+      collective_timeout: seconds the Accumulator's own collectives wait for every rank
+        under DistributedDataParallel before raising (default 300).
 
     A rule that needs per-sample statistics (``GSNR``, ``NormTest``) gets them from a
     ``PerSampleGradStats`` on the model, merged after every micro-batch (one micro-batch
@@ -72,14 +74,23 @@ class Accumulator:
     per-backward all-reduce is switched off and the window's gradient sums and item
     counts are all-reduced once, when the window closes, so the step equals a single
     process run over the union of all ranks' micro-batches. Every rank must call
-    ``backward`` the same number of times per window, and ``flush`` together. With a
+    ``backward`` the same number of times per window, and ``flush`` together: a small
+    header all-gathered before each of the Accumulator's collectives checks it, so a rank
+    that breaks it raises ``ContractError`` on every rank, and one that never arrives
+    times out after ``collective_timeout`` seconds. With a
     statistics rule, every micro-batch is one collective increment: a rank whose
     micro-batch was skipped as non-finite contributes zeros, so no rank waits; the
     ``"raise"`` policy raises on the rank that saw the bad micro-batch only, so use a
     skip policy under DDP.
 
     Memory: the window sum is kept apart from ``param.grad`` (one extra gradient-sized
-    buffer), so that a bad micro-batch can be dropped without touching the sum.
+    buffer), so that a bad micro-batch can be dropped without touching the sum, except
+    with ``nonfinite="skip_window"`` and no statistics rule, where autograd adds into
+    ``.grad`` itself (see the README's table of guarantees).
+
+    The parameters managed are those the optimizer holds, frozen ones included, so a
+    parameter unfrozen later is averaged like the others; a model parameter the optimizer
+    does not hold that gets a gradient raises ValueError naming it.
     """
 
     def __init__(
@@ -95,14 +106,12 @@ class Accumulator:
         keep_history: bool = True,
         lr_scaling: str | None = None,
         reference_batch: int | None = None,
+        collective_timeout: float = 300.0,
     ) -> None:
         self._params = tracked_parameters(model, optimizer)
-        stale = [name for name, p in model.named_parameters() if p.grad is not None and p.requires_grad]
-        if stale:
-            raise ValueError(
-                f"model parameters already hold gradients ({', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}) "
-                "from a backward before the Accumulator was built (a memory probe such as find_micro_batch_size?): "
-                "they belong to no window. Clear them with optimizer.zero_grad(set_to_none=True) first")
+        check_model(model, self._params)
+        tracked = {id(p) for p in self._params}
+        self._untracked = [(n, p) for n, p in model.named_parameters() if id(p) not in tracked]
         self.model = model
         self.optimizer = optimizer
         self.rule = as_rule(rule)
@@ -117,22 +126,24 @@ class Accumulator:
         self.clip_grad_norm = None if clip_grad_norm is None else check_positive_float("clip_grad_norm", clip_grad_norm)
         self.nonfinite = check_choice("nonfinite", nonfinite, _POLICIES)
         self.keep_history = bool(keep_history)
-        # Only "skip_window" may let autograd accumulate straight into .grad (the hand-written
-        # loop's way, the fastest): the other policies must be able to drop one micro-batch,
-        # so they keep the window sum in a buffer of its own.
-        self._in_place = self.nonfinite == "skip_window"
-        self._ddp = is_ddp(model)
-        if self._ddp:
-            disable_ddp_sync(model)  # type: ignore[arg-type]
         self.lr_scaling = None if lr_scaling is None else check_choice("lr_scaling", lr_scaling, LR_SCALINGS)
         if self.lr_scaling is not None and reference_batch is None:
             raise ValueError("reference_batch must be given with lr_scaling (the batch size the lr was set for)")
         self.reference_batch = None if reference_batch is None else check_positive_int("reference_batch", reference_batch)
+        timeout = check_positive_float("collective_timeout", collective_timeout)
+        self._ddp = is_ddp(model)
         self.stats: PerSampleGradStats | None = None
         if self.rule.needs_statistics:
             # matched to the optimizer's parameters by identity: its groups may list them in any order
             self.stats = PerSampleGradStats(model.module if self._ddp else model, params=self._params)  # type: ignore[arg-type]
-            self._in_place = False  # the rule needs each micro-batch's own gradient sum
+        # Only "skip_window" without statistics may let autograd accumulate straight into
+        # .grad (the hand-written loop's way, the fastest): the others must be able to drop
+        # one micro-batch, and a statistics rule needs each micro-batch's own gradient.
+        self._window = WindowSums(self._params, in_place=self.nonfinite == "skip_window" and self.stats is None)
+        self._contract: RankContract | None = None
+        if self._ddp:
+            disable_ddp_sync(model)  # type: ignore[arg-type]
+            self._contract = RankContract(model, timeout)  # type: ignore[arg-type]
         self.monitor = DecisionMonitor()
         self.history: list[StepRecord] = []
         self.last_record: StepRecord | None = None
@@ -143,16 +154,27 @@ class Accumulator:
     def _reset_window(self) -> None:
         if self.stats is not None:
             self.stats.reset()
-        self._sums: list[torch.Tensor | None] = [None] * len(self._params)
+        self._window.reset()
         self._micro_batches = 0
         self._items = 0
+        self._samples = 0
         self._poisoned = False
         self._failed = False  # a backward raised half-way into in-place sums
 
     @property
+    def _in_place(self) -> bool:
+        return self._window.in_place
+
+    @property
     def window_items(self) -> int:
-        """Items accumulated in the open window (on this process)."""
+        """Items (the ``count`` of each micro-batch) accumulated in the open window on this process."""
         return self._items
+
+    @property
+    def window_samples(self) -> int:
+        """Samples accumulated in the open window on this process (``samples`` of each micro-batch,
+        or what the statistics counted; 0 when neither says)."""
+        return self._samples
 
     @property
     def window_micro_batches(self) -> int:
@@ -176,16 +198,22 @@ class Accumulator:
             (for example ``(labels != ignore_index).sum()``). The window's gradient is
             the mean over its items.
           reduction: how ``loss`` was reduced over the items.
-          samples: for a statistics rule, the number of samples (sequences, images) in
-            the micro-batch: the units per-sample gradients are taken over. By default
-            the leading size of the model's input. Items and samples differ for a
-            language model: ``count`` tokens in ``samples`` sequences.
+          samples: the number of samples (sequences, images) in the micro-batch: the
+            units per-sample statistics are taken over and the records' ``samples``. By
+            default the leading size of the model's input (statistics rules), else unset.
+            Items and samples differ for a language model: ``count`` tokens in
+            ``samples`` sequences.
 
         Returns:
           True when this call completed a window and the optimizer stepped.
 
-        If the call raises (a refused statistic, an error inside the backward), the
-        micro-batch is not counted and its gradient is cleared; the window is as before.
+        If the call raises (a refused statistic, an error inside the backward, a bad
+        argument), the micro-batch is not counted and its gradient is cleared: the window
+        is exactly as before and the next call can retry (with a smaller micro-batch after
+        an out-of-memory error, say). With ``nonfinite="skip_window"`` and no statistics
+        rule, autograd adds into the window sum itself; a backward that raises half-way
+        cannot be undone there, so the window is marked failed and dropped (``reason
+        "failed"`` in its record), never applied.
         """
         count = check_count(count)
         loss = check_loss(loss)
@@ -201,6 +229,8 @@ class Accumulator:
         except BaseException:
             self._micro_batches -= 1
             self._discard_statistics()
+            for _, p in self._untracked:
+                p.grad = None
             if self._in_place:
                 # autograd may have added part of this micro-batch to the window sum (.grad):
                 # that cannot be undone bitwise, so the window is dropped when it closes
@@ -221,51 +251,13 @@ class Accumulator:
             return self._close_window("rule", decision)
         return False
 
-    def _take_micro_batch(self, loss: torch.Tensor, count: int, reduction: str, samples: int | None
-                          ) -> tuple[bool, bool]:
-        """Backward, non-finite policy, statistics and the window sum for one micro-batch.
-
-        Returns (statistics committed, the scaler's loss scale overflowed). Until the
-        window sum is added to, nothing of the window has changed.
-        """
-        if self._poisoned:
-            self._discard_statistics()  # the window will be skipped: no backward needed
-            return False, False
-        if (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
-            self._on_nonfinite("loss", count)
-            return False, False
-        total = loss * count if reduction == "mean" else loss
-        if self.scaler is not None:
-            total = self.scaler.scale(total)
-        total.backward()
-        grads = [p.grad for p in self._params]
-        if self._in_place:
-            self._sums = grads
-        # With a scaler, non-finite gradients are overflow: the scaler skips the window. In
-        # place, the window sum is checked once when it closes (a bad micro-batch dooms it).
-        if self.scaler is None and not self._in_place and not _all_finite([loss.detach(), *grads]):
-            self._on_nonfinite("loss or gradient", count)
-            return False, False
-        committed = overflow = False
-        if self.stats is not None:
-            scale = None if self.scaler is None else float(self.scaler.get_scale())
-            if scale is not None and not _all_finite(grads):
-                overflow = True  # the scaler will skip this window: close it now, statistics untouched
-                self._discard_statistics()
-            else:
-                self.stats.commit(grads, reduce=self._reduce_increment if self._ddp else None,
-                                  samples=samples, scale=scale)
-                committed = True
-        self._add_to_window(grads)
-        self._items += count
-        return committed, overflow
-
     def flush(self, *, drop: bool = False) -> bool:
         """Close a partial window at the end of the data.
 
         With ``drop=False`` (default) the partial window is applied, averaged over the
         items it really holds. With ``drop=True`` it is discarded, as a dataloader's
-        ``drop_last`` would. Returns True when the optimizer stepped.
+        ``drop_last`` would. Returns True when the optimizer stepped. Under DDP every rank
+        calls it together.
         """
         if self._micro_batches == 0:
             return False
@@ -282,11 +274,12 @@ class Accumulator:
         ``load_state_dict`` in a fresh process the run continues bitwise identically.
         """
         return {
-            "version": _STATE_VERSION,
-            "sums": [None if s is None else s.detach().clone() for s in self._sums],
-            "shapes": [tuple(p.shape) for p in self._params],
+            "version": VERSION,
+            "sums": [None if s is None else s.detach().clone() for s in self._window.sums],
+            "shift": self._window.shift,
             "micro_batches": self._micro_batches,
             "items": self._items,
+            "samples": self._samples,
             "poisoned": self._poisoned,
             "steps": self._steps,
             "history": [r.as_dict() for r in self.history],
@@ -295,87 +288,81 @@ class Accumulator:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` saved; checks it fits the tracked parameters first."""
-        if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
-            raise ValueError(f"state must be a dict saved by Accumulator.state_dict() (version {_STATE_VERSION})")
-        sums = state["sums"]
-        if len(sums) != len(self._params):
-            raise ValueError(f"state holds {len(sums)} gradient sums but the optimizer tracks {len(self._params)} parameters")
-        restored: list[torch.Tensor | None] = []
-        for i, (s, p) in enumerate(zip(sums, self._params)):
-            if s is not None and tuple(s.shape) != tuple(p.shape):
-                raise ValueError(f"state gradient sum {i} has shape {tuple(s.shape)}, parameter has {tuple(p.shape)}")
-            restored.append(None if s is None else s.detach().to(device=p.device, dtype=p.dtype).clone())
-        self._sums = restored
-        self._micro_batches = int(state["micro_batches"])
-        self._items = int(state["items"])
-        self._poisoned = bool(state["poisoned"])
-        self._steps = int(state["steps"])
-        self.history = [StepRecord(**r) for r in state["history"]]
+        """Restore what ``state_dict`` saved. Everything is validated first (keys, types,
+        shapes, counts, finite sums, the statistics against the rule); on any error the
+        Accumulator is unchanged."""
+        values = checked_state(state, self._params, self.stats)
+        self._clear_grads()
+        self._window.sums = values["sums"]
+        self._window.shift = values["shift"]
+        self._micro_batches = values["micro_batches"]
+        self._items = values["items"]
+        self._samples = values["samples"]
+        self._poisoned = values["poisoned"]
+        self._failed = False
+        self._steps = values["steps"]
+        self.history = values["history"]
         self.last_record = self.history[-1] if self.history else None
         if self.stats is not None:
-            self.stats.load_state_dict(state["statistics"])
-        self.monitor = DecisionMonitor(**state["monitor"])
+            self.stats.load_state_dict(values["statistics"])
+        self.monitor = values["monitor"]
         if self._in_place:
-            for p, window_sum in zip(self._params, self._sums):
+            for p, window_sum in zip(self._params, self._window.sums):
                 p.grad = window_sum
 
-    # ------------------------------------------------------------------ internals
-    def _check_grads_untouched(self) -> None:
-        for p, window_sum in zip(self._params, self._sums):
-            if p.grad is not None and not (self._in_place and p.grad is window_sum):
-                raise RuntimeError(
-                    "a parameter has a .grad that the Accumulator did not put there: run backward only "
-                    "through the Accumulator (a stray loss.backward() would leak into the window)"
-                )
+    # ------------------------------------------------------------------ one micro-batch
+    def _take_micro_batch(self, loss: torch.Tensor, count: int, reduction: str, samples: int | None
+                          ) -> tuple[bool, bool]:
+        """Backward, non-finite policy, statistics and the window sum for one micro-batch.
 
-    def _clear_grads(self) -> None:
-        for p in self._params:
-            p.grad = None
-
-    def _add_to_window(self, grads: list[torch.Tensor | None]) -> None:
-        if self._in_place:
-            return  # autograd accumulated into the window sums, which .grad holds
-        adds_to: list[torch.Tensor] = []
-        added: list[torch.Tensor] = []
-        for i, g in enumerate(grads):
-            if g is None:
-                continue
-            if self._sums[i] is None:
-                self._sums[i] = g  # the first gradient of a window becomes its sum: no copy
-            else:
-                adds_to.append(self._sums[i])  # type: ignore[arg-type]
-                added.append(g)
-        if adds_to:
-            torch._foreach_add_(adds_to, added)
-        self._clear_grads()
-
-    def _discard_statistics(self) -> None:
+        Returns (statistics committed, the scaler's loss scale overflowed). Until the
+        window sum is added to, nothing of the window has changed.
+        """
+        if self._poisoned and self.stats is None:
+            return False, False  # the window will be dropped: no backward needed
+        # (a statistics rule still needs the window's statistics to decide its length, so a
+        # poisoned window goes on gathering them from its good micro-batches; it is dropped
+        # when it closes, on every rank)
+        if (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
+            self._on_nonfinite("loss", count)
+            return False, False
+        seed = self._window.seed(count, reduction, first=self._window.empty)
+        total = loss * seed
+        if self.scaler is not None:
+            total = self.scaler.scale(total)
+        total.backward()
+        self._check_untracked()
+        grads = [p.grad for p in self._params]
+        # With a scaler, non-finite gradients are overflow: the scaler skips the window. In
+        # place, the window sum is checked once when it closes (a bad micro-batch dooms it).
+        if self.scaler is None and not self._in_place and not _all_finite([loss.detach(), *grads]):
+            self._on_nonfinite("loss or gradient", count)
+            return False, False
+        committed = overflow = False
         if self.stats is not None:
-            self.stats.discard()
+            scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
+            if self.scaler is not None and not _all_finite(grads):
+                overflow = True  # the scaler will skip this window: close it now, statistics untouched
+                self._discard_statistics()
+            else:
+                self.stats.commit(grads, reduce=self._reduce_increment if self._ddp else None,
+                                  samples=samples, scale=scale)
+                samples = self.stats.last_samples
+                committed = True
+        self._window.take(grads)
+        self._items += count
+        self._samples += samples or 0
+        return committed, overflow
 
-    def _on_nonfinite(self, what: str, count: int) -> None:
-        self._discard_statistics()
-        if not self._in_place:
-            self._clear_grads()  # the window sum is apart from .grad: the bad gradient goes
-        if self.nonfinite == "skip_window":
-            self._poisoned = True  # the whole window is dropped, so in-place sums may be poisoned
-            return
-        if self.nonfinite == "raise":
-            self._micro_batches -= 1
-            raise NonFiniteError(
-                f"non-finite {what} in micro-batch of {count} items (window {self._steps}, "
-                f"micro-batch {self._micro_batches + 1}); the accumulated window is unchanged. "
-                "Pass nonfinite='skip_micro_batch' or 'skip_window' to go on instead."
-            )
-        # skip_micro_batch: the micro-batch counts toward the window's length, its items don't
-
+    # ------------------------------------------------------------------ the close
     def _close_window(self, reason: str, decision: Decision) -> bool:
-        items, poisoned = self._items, self._poisoned
+        """Reduce (DDP), then in straight-line order: check, divide, unscale, clip, scale the
+        lr, step, restore the lr, step the scheduler, record."""
+        items, samples, poisoned = self._items, self._samples, self._poisoned
         if self._ddp:
-            items, poisoned = self._all_reduce_window()
+            items, samples, poisoned = self._all_reduce_window(FLUSH if reason == "flush" else CLOSE)
         if self._in_place and self.scaler is None and not poisoned:
-            poisoned = not _all_finite(self._sums)
+            poisoned = not _all_finite(self._window.sums)
         skipped = poisoned or items == 0
         grad_norm: float | None = None
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -385,8 +372,7 @@ class Accumulator:
                 g["lr"] = g["lr"] * factor
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         if not skipped:
-            for p, s in zip(self._params, self._sums):
-                p.grad = None if s is None else s.div_(items)
+            self._window.to_grads(items)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if self.clip_grad_norm is not None:
@@ -411,6 +397,7 @@ class Accumulator:
             grad_norm=grad_norm,
             lr=lrs,
             info=dict(decision.info),
+            samples=samples or None,
         )
         if self.stats is not None and reason == "rule":
             message = self.monitor.observe(self._micro_batches, bool(decision.info.get("capped", False)))
@@ -423,19 +410,64 @@ class Accumulator:
         self._reset_window()
         return not skipped
 
-    def _reduce_increment(self, tensors: list[torch.Tensor], n: int) -> int:
-        group = getattr(self.model, "process_group", None)
-        all_reduce_sums(tensors, group)
-        return all_reduce_count(n, group, tensors[0].device)
+    # ------------------------------------------------------------------ internals
+    def _check_grads_untouched(self) -> None:
+        for i, p in enumerate(self._params):
+            if p.grad is not None and not self._window.owns(i, p.grad):
+                raise RuntimeError(
+                    "a parameter has a .grad that the Accumulator did not put there: run backward only "
+                    "through the Accumulator (a stray loss.backward() would leak into the window)"
+                )
 
-    def _all_reduce_window(self) -> tuple[int, bool]:
-        group = getattr(self.model, "process_group", None)
-        sums = [torch.zeros_like(p) if s is None else s for p, s in zip(self._params, self._sums)]
-        counts = torch.tensor([self._items, int(self._poisoned)], dtype=torch.int64, device=sums[0].device)
-        all_reduce_sums(sums, group)
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
-        self._sums = list(sums)
-        return int(counts[0]), bool(counts[1] > 0)
+    def _check_untracked(self) -> None:
+        stray = [n for n, p in self._untracked if p.grad is not None]
+        if stray:
+            raise ValueError(
+                f"parameters the optimizer does not hold got gradients ({', '.join(stray[:3])}): they were "
+                "trainable (or unfrozen) after the optimizer was built, so no step would use them. Add them to "
+                "the optimizer (optimizer.add_param_group) and build a new Accumulator, or freeze them")
+
+    def _clear_grads(self) -> None:
+        for p in self._params:
+            p.grad = None
+
+    def _discard_statistics(self) -> None:
+        if self.stats is not None:
+            self.stats.discard()
+
+    def _on_nonfinite(self, what: str, count: int) -> None:
+        self._discard_statistics()
+        if not self._in_place:
+            self._clear_grads()  # the window sum is apart from .grad: the bad gradient goes
+        if self.nonfinite == "skip_window":
+            self._poisoned = True  # the whole window is dropped, so in-place sums may be poisoned
+            return
+        if self.nonfinite == "raise":
+            self._micro_batches -= 1
+            raise NonFiniteError(
+                f"non-finite {what} in micro-batch of {count} items (window {self._steps}, "
+                f"micro-batch {self._micro_batches + 1}); the accumulated window is unchanged. "
+                "Pass nonfinite='skip_micro_batch' or 'skip_window' to go on instead."
+            )
+        # skip_micro_batch: the micro-batch counts toward the window's length, its items don't
+
+    def _reduce_increment(self, tensors: list[torch.Tensor], n: int) -> int:
+        contract = self._contract
+        assert contract is not None
+        count = torch.tensor([n], dtype=torch.int64, device=tensors[0].device)
+        contract.agree(INCREMENT, self._steps, self._micro_batches, sum(t.numel() for t in tensors))
+        contract.all_reduce([*tensors, count], INCREMENT, self._steps, self._micro_batches)
+        return int(count[0])
+
+    def _all_reduce_window(self, kind: int) -> tuple[int, int, bool]:
+        contract = self._contract
+        assert contract is not None
+        sums = self._window.true_sums()  # ranks may have shifted their counts differently
+        counts = torch.tensor([self._items, self._samples, int(self._poisoned)], dtype=torch.int64,
+                              device=sums[0].device)
+        contract.agree(kind, self._steps, self._micro_batches, sum(s.numel() for s in sums))
+        contract.all_reduce([*sums, counts], kind, self._steps, self._micro_batches)
+        return int(counts[0]), int(counts[1]), bool(counts[2] > 0)
 
 
 def _all_finite(grads: list[torch.Tensor | None]) -> bool:

@@ -51,7 +51,9 @@ def check_loss(loss: Any) -> torch.Tensor:
 
 
 def tracked_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
-    """The parameters whose gradients the Accumulator manages, in optimizer order.
+    """The parameters whose gradients the Accumulator manages, in optimizer order: every
+    parameter the optimizer holds, frozen ones too (a parameter unfrozen later is then
+    averaged like the others instead of keeping a ``.grad`` no one clears).
 
     Every trainable parameter of ``model`` must belong to ``optimizer``: otherwise it
     would receive gradients that no step ever consumes (typically an optimizer built
@@ -65,7 +67,7 @@ def tracked_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     seen: set[int] = set()
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p.requires_grad and id(p) not in seen:
+            if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
     missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
@@ -75,6 +77,26 @@ def tracked_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
             f"optimizer does not own the model's trainable parameters ({len(missing)} missing: {shown}); "
             "build the optimizer from this model's parameters, or set requires_grad=False on frozen ones"
         )
-    if not params:
+    if not any(p.requires_grad for p in params):
         raise ValueError("optimizer has no trainable parameters (all have requires_grad=False)")
     return params
+
+
+def check_model(model: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    """Refuse, by name, what the Accumulator cannot manage: gradients left from before it
+    existed, sparse gradients, parameters on the meta device."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    stale = [names.get(id(p), "?") for p in params if p.grad is not None]
+    if stale:
+        raise ValueError(
+            f"model parameters already hold gradients ({', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''}) "
+            "from a backward before the Accumulator was built (a memory probe such as find_micro_batch_size?): "
+            "they belong to no window. Clear them with optimizer.zero_grad(set_to_none=True) first")
+    meta = [names.get(id(p), "?") for p in params if p.is_meta]
+    if meta:
+        raise ValueError(f"parameters on the meta device ({', '.join(meta[:3])}) hold no values: materialize the "
+                         "model first (model.to_empty(device=...) and initialise it)")
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse:
+            raise ValueError(f"{name or type(module).__name__}: sparse=True gives sparse gradients, which the "
+                             "Accumulator does not accumulate; use sparse=False")

@@ -1,20 +1,32 @@
-"""Gradient synchronisation under DistributedDataParallel, once per window.
+"""Gradient synchronisation under DistributedDataParallel, and the contract ranks keep.
 
-The Accumulator switches off DDP's own per-backward all-reduce and reduces the
-window's *summed* gradients and item counts itself when the window closes. That is
-one reduction per window however the window ends (a fixed k, an adaptive rule that
-decides after the backward, or a flush), and it weights ranks by their item counts
-instead of DDP's plain average over ranks, which is wrong when ranks see different
-numbers of tokens.
+The Accumulator switches off DDP's own per-backward all-reduce and reduces the window's
+*summed* gradients and item counts itself when the window closes. That is one reduction
+per window however the window ends (a fixed k, an adaptive rule that decides after the
+backward, or a flush), and it weights ranks by their item counts instead of DDP's plain
+average over ranks, which is wrong when ranks see different numbers of tokens.
+
+Every rank must make the same collectives in the same order: the same number of
+``backward`` calls per window, ``flush`` together. A rank that breaks that used to hang
+for the process group's timeout (30 minutes), abort in C++ on a size mismatch, or, where
+sizes happened to match, pair different windows silently. So each of the Accumulator's
+collectives is preceded by a small fixed-size header (what the collective is, window,
+micro-batch, element count) all-gathered over its own process group, whose timeout is
+short and configurable: a mismatch raises on every rank, naming what each rank did; a
+rank that never arrives times out with the contract in the message.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+KINDS = {1: "a statistics increment (backward)", 2: "the window's close (the rule)", 3: "flush()"}
+INCREMENT, CLOSE, FLUSH = 1, 2, 3
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
@@ -27,23 +39,53 @@ def disable_ddp_sync(model: DistributedDataParallel) -> None:
     model.require_backward_grad_sync = False
 
 
-def all_reduce_sums(tensors: list[torch.Tensor], group: Any) -> None:
-    """Sum ``tensors`` in place across ``group``, one collective per dtype and device."""
-    buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-    for t in tensors:
-        buckets.setdefault((t.dtype, t.device), []).append(t)
-    for bucket in buckets.values():
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        offset = 0
-        for t in bucket:
-            n = t.numel()
-            t.copy_(flat[offset : offset + n].view_as(t))
-            offset += n
+class ContractError(RuntimeError):
+    """Ranks broke the data-parallel contract (different collectives at the same point)."""
 
 
-def all_reduce_count(n: int, group: Any, device: torch.device) -> int:
-    """Sum an integer count across ``group``."""
-    t = torch.tensor([n], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return int(t[0])
+class RankContract:
+    """The Accumulator's own process group (same ranks as the model's) and its headers."""
+
+    def __init__(self, model: DistributedDataParallel, timeout: float) -> None:
+        parent = getattr(model, "process_group", None)
+        ranks = dist.get_process_group_ranks(parent) if parent is not None else None
+        self.timeout = timeout
+        self.group = dist.new_group(ranks=ranks, timeout=timedelta(seconds=timeout))
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+
+    def agree(self, kind: int, window: int, micro_batch: int, numel: int) -> None:
+        """All-gather this rank's header; raise on every rank if they differ."""
+        header = torch.tensor([kind, window, micro_batch, numel], dtype=torch.int64)
+        gathered = [torch.zeros_like(header) for _ in range(self.world)]
+        self._run(lambda: dist.all_gather(gathered, header, group=self.group), kind, window, micro_batch)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            said = "; ".join(f"rank {r}: {KINDS.get(int(g[0]), '?')} at window {int(g[1])}, micro-batch {int(g[2])}"
+                             for r, g in enumerate(gathered))
+            raise ContractError(
+                f"data-parallel ranks disagree ({said}). Every rank must call Accumulator.backward the same "
+                "number of times per window and call flush() together; the window is left as it was")
+
+    def all_reduce(self, tensors: list[torch.Tensor], kind: int, window: int, micro_batch: int) -> None:
+        """Sum ``tensors`` in place across ranks, one collective per dtype and device."""
+        buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for t in tensors:
+            buckets.setdefault((t.dtype, t.device), []).append(t)
+        for bucket in buckets.values():
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            self._run(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group), kind, window, micro_batch)
+            offset = 0
+            for t in bucket:
+                n = t.numel()
+                t.copy_(flat[offset: offset + n].view_as(t))
+                offset += n
+
+    def _run(self, collective: Any, kind: int, window: int, micro_batch: int) -> None:
+        try:
+            collective()
+        except RuntimeError as error:
+            raise ContractError(
+                f"rank {self.rank}: the Accumulator's collective for {KINDS[kind]} at window {window}, micro-batch "
+                f"{micro_batch} did not complete within {self.timeout:g} s ({error}). Every rank must call "
+                "Accumulator.backward the same number of times per window and flush() together; a rank that "
+                "stopped early or raised leaves the others waiting (collective_timeout sets the wait)") from error

@@ -15,12 +15,17 @@ from .._core.planning import plan_micro_batches
 from .._core.validation import check_positive_int
 
 
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
+PROBE_LIMIT = 1 << 24  # micro-batch size past which an unbounded probe stops
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or a RuntimeError that says "out of memory" (other devices)."""
+    """CUDA's OutOfMemoryError, Python's MemoryError, or a RuntimeError whose message says
+    memory ran out (CUDA, MPS, and the CPU allocator's "can't allocate memory")."""
     oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom is not None and isinstance(error, oom):
+    if (oom is not None and isinstance(error, oom)) or isinstance(error, MemoryError):
         return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MESSAGES)
 
 
 def _free_memory() -> None:
@@ -79,6 +84,9 @@ def find_micro_batch_size(step: Callable[[int], object], start: int = 1, max_siz
         raise RuntimeError(f"micro-batch start={start} does not fit in memory; try a smaller start")
     good, bad = start, None
     while bad is None and (max_size is None or good < max_size):
+        if max_size is None and good >= PROBE_LIMIT:
+            raise ValueError(f"step(m) ran at every micro-batch size up to {good} without running out of memory: "
+                             "it may not allocate with m at all; pass max_size (the largest size worth using)")
         trial = good * 2 if max_size is None else min(good * 2, max_size)
         if fits(trial):
             good = trial

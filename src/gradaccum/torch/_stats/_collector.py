@@ -127,6 +127,7 @@ class PerSampleGradStats:
         self._replaying = False
         self._probe: dict[int, list[tuple[int | None, int | None]]] | None = None
         self._moments: list[Moments] | None = None
+        self.last_samples = 0  # this process's samples in the last committed increment
         self._reset_increment()
 
     # ------------------------------------------------------------------ setup
@@ -236,6 +237,7 @@ class PerSampleGradStats:
                 raise ValueError("no layer saw a backward since the last commit: run the increment's backward first")
             n = self._sample_count(samples)
             firsts, seconds = self._sums_and_squares(calls, sums, n)
+            self.last_samples = n
         finally:
             self._reset_increment()
         if scale is not None and scale != 1.0:

@@ -1,0 +1,87 @@
+"""Where a window's gradient sum lives: apart from ``.grad``, or in it (autograd's own add).
+
+Apart (policies ``"raise"`` and ``"skip_micro_batch"``, and any statistics rule): each
+backward lands in ``.grad``, is checked, and is then added to a buffer of its own, so a bad
+micro-batch (or a backward that raised half-way) can be dropped and the window is exactly as
+before. In place (``"skip_window"`` without statistics): autograd accumulates into ``.grad``,
+the hand-written loop's way and the fastest; a bad micro-batch can only doom the window.
+
+Counts are applied as loss seeds scaled by a power of two, ``count * 2**-shift`` with
+``2**shift <= count`` of the window's first micro-batch: ``loss * count`` for 70,000 tokens
+overflows a float16 loss (and the seed of the backward with it), while multiplying by a
+power of two is exact, so every sum and the final ``sum / items`` are bitwise those of the
+unscaled arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class WindowSums:
+    """The window's gradient sums (per tracked parameter) and the power-of-two count shift."""
+
+    def __init__(self, params: list[torch.nn.Parameter], in_place: bool) -> None:
+        self.params = params
+        self.in_place = in_place
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: list[torch.Tensor | None] = [None] * len(self.params)
+        self.shift = 0
+
+    @property
+    def empty(self) -> bool:
+        """No gradient has reached the window yet."""
+        return all(s is None for s in self.sums)
+
+    def seed(self, count: int, reduction: str, first: bool) -> float:
+        """The factor the micro-batch's loss is multiplied by before its backward."""
+        if first:
+            self.shift = max(count.bit_length() - 1, 0)  # 2**shift <= count < 2**(shift + 1)
+        factor = 2.0 ** -self.shift
+        return count * factor if reduction == "mean" else factor
+
+    @property
+    def factor(self) -> float:
+        """The power of two the sums are scaled by (divide it out to get true sums)."""
+        return 2.0 ** -self.shift
+
+    def take(self, grads: list[torch.Tensor | None]) -> None:
+        """Add this micro-batch's gradients (``.grad``) to the window and clear ``.grad``."""
+        if self.in_place:
+            self.sums = grads  # autograd accumulated into the window sums, which .grad holds
+            return
+        adds_to: list[torch.Tensor] = []
+        added: list[torch.Tensor] = []
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            if self.sums[i] is None:
+                self.sums[i] = g  # the first gradient of a window becomes its sum: no copy
+            else:
+                adds_to.append(self.sums[i])  # type: ignore[arg-type]
+                added.append(g)
+        if adds_to:
+            torch._foreach_add_(adds_to, added)
+        for p in self.params:
+            p.grad = None
+
+    def owns(self, i: int, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` is the window's own sum (in place), not a stray gradient."""
+        return self.in_place and grad is self.sums[i]
+
+    def true_sums(self) -> list[torch.Tensor]:
+        """The sums without the count shift, zeros for parameters without one (for a reduce)."""
+        out = [torch.zeros_like(p) if s is None else s for p, s in zip(self.params, self.sums)]
+        if self.shift:
+            torch._foreach_mul_(out, 2.0 ** self.shift)
+        self.shift = 0
+        self.sums = list(out)
+        return out
+
+    def to_grads(self, items: int) -> None:
+        """``.grad = sum / items``: the window's mean gradient, in place."""
+        denominator = items * self.factor  # exact: a power of two times an int
+        for p, s in zip(self.params, self.sums):
+            p.grad = None if s is None else s.div_(denominator)
