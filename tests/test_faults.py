@@ -310,3 +310,28 @@ def test_nonfinite_raise_policy_message_names_the_window() -> None:
     with pytest.raises(NonFiniteError, match="window 0, micro-batch 1"):
         acc.backward(*ce_mean(model, bad))
     assert acc.window_micro_batches == 0
+
+
+@pytest.mark.parametrize("policy", ["skip_micro_batch", "skip_window"])
+def test_optax_accumulate_never_passes_a_non_finite_gradient(policy: str) -> None:
+    """optax ``accumulate`` had no non-finite handling: one NaN micro-batch reached Adam."""
+    import jax.numpy as jnp
+    import optax
+
+    from gradaccum.jax import accumulate
+
+    tx = accumulate(optax.sgd(1.0), every_k=2, nonfinite=policy)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, params, items=3)
+    updates, state = tx.update({"w": jnp.array([2.0, 4.0])}, state, params, items=1)
+    assert bool(jnp.all(jnp.isfinite(updates["w"])))
+    if policy == "skip_micro_batch":  # the bad micro-batch's items are dropped: the mean of the good one
+        np.testing.assert_allclose(np.asarray(updates["w"]), [-2.0, -4.0])
+        assert int(state.gradient_step) == 1
+    else:  # the whole window goes, without a step
+        np.testing.assert_array_equal(np.asarray(updates["w"]), [0.0, 0.0])
+        assert int(state.gradient_step) == 0
+    updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, params, items=1)
+    updates, state = tx.update({"w": jnp.array([3.0, 3.0])}, state, params, items=1, last=True)
+    np.testing.assert_allclose(np.asarray(updates["w"]), [-2.0, -2.0])  # the next window is fine

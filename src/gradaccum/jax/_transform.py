@@ -18,7 +18,8 @@ import optax
 
 from .._core.config import AccumulationConfig
 from .._core.rules import FixedSteps
-from .._core.validation import check_positive_int
+from .._core.validation import check_choice, check_positive_int
+from ._window import all_finite
 
 
 class AccumulationState(NamedTuple):
@@ -30,6 +31,8 @@ class AccumulationState(NamedTuple):
       grad_sum: sum of ``items * updates`` over the window's micro-batches.
       inner_state: the wrapped optimizer's state.
       gradient_step: optimizer steps applied so far.
+      poisoned: a micro-batch with a non-finite gradient joined the window
+        (``nonfinite="skip_window"``): it closes without a step.
     """
 
     mini_step: jax.Array
@@ -37,10 +40,12 @@ class AccumulationState(NamedTuple):
     grad_sum: Any
     inner_state: Any
     gradient_step: jax.Array
+    poisoned: jax.Array
 
 
 def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedSteps | AccumulationConfig,
-               accumulator_dtype: Any = None) -> optax.GradientTransformationExtraArgs:
+               accumulator_dtype: Any = None, nonfinite: str = "skip_micro_batch"
+               ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``optimizer`` to step once per ``every_k`` micro-batches on the items' mean gradient.
 
     ``update(updates, state, params=None, *, items=1, last=False, **extra_args)``:
@@ -50,7 +55,13 @@ def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedStep
     with the fixed rule. Between steps the returned updates are zeros, as with ``optax.MultiSteps``.
     A window whose items add up to 0 is dropped without a step. ``accumulator_dtype``
     defaults to the dtype of each parameter.
+
+    A micro-batch whose updates hold NaN or Inf never reaches the inner optimizer:
+    ``nonfinite="skip_micro_batch"`` (default) drops its gradient and items (it still
+    counts toward the window's length, as in the train state and the torch Accumulator);
+    ``"skip_window"`` closes its window without a step.
     """
+    check_choice("nonfinite", nonfinite, ("skip_micro_batch", "skip_window"))
     if isinstance(every_k, AccumulationConfig):
         every_k = every_k.make_rule()
         if not isinstance(every_k, FixedSteps):
@@ -63,13 +74,16 @@ def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedStep
         return AccumulationState(
             mini_step=jnp.zeros((), jnp.int32), items=jnp.zeros((), _count_dtype()),
             grad_sum=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=accumulator_dtype), params),
-            inner_state=inner.init(params), gradient_step=jnp.zeros((), jnp.int32))
+            inner_state=inner.init(params), gradient_step=jnp.zeros((), jnp.int32), poisoned=jnp.zeros((), bool))
 
     def update(updates: Any, state: AccumulationState, params: Any = None, *, items: Any = 1, last: Any = False,
                **extra_args: Any) -> tuple[Any, AccumulationState]:
         _check_items(items)
-        count = jnp.asarray(items, _count_dtype())
-        grad_sum = jax.tree.map(lambda s, u: s + (u * count.astype(u.dtype)).astype(s.dtype), state.grad_sum, updates)
+        finite = all_finite(updates)
+        poisoned = state.poisoned | (~finite if nonfinite == "skip_window" else False)
+        count = jnp.where(finite, jnp.asarray(items, _count_dtype()), 0)
+        grad_sum = jax.tree.map(lambda s, u: s + jnp.where(finite, u * count.astype(u.dtype), 0).astype(s.dtype),
+                                state.grad_sum, updates)
         total = state.items + count
         close = (state.mini_step + 1 >= k) | jnp.asarray(last, bool)
 
@@ -78,22 +92,22 @@ def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedStep
             new_updates, inner_state = inner.update(mean, state.inner_state, params, **extra_args)
             return new_updates, AccumulationState(
                 jnp.zeros_like(state.mini_step), jnp.zeros_like(total), jax.tree.map(jnp.zeros_like, grad_sum),
-                inner_state, state.gradient_step + 1)
+                inner_state, state.gradient_step + 1, jnp.zeros_like(poisoned))
 
         def drop(_: None) -> tuple[Any, AccumulationState]:
             return zeros(), AccumulationState(jnp.zeros_like(state.mini_step), jnp.zeros_like(total),
                                               jax.tree.map(jnp.zeros_like, grad_sum), state.inner_state,
-                                              state.gradient_step)
+                                              state.gradient_step, jnp.zeros_like(poisoned))
 
         def hold(_: None) -> tuple[Any, AccumulationState]:
             return zeros(), AccumulationState(state.mini_step + 1, total, grad_sum, state.inner_state,
-                                              state.gradient_step)
+                                              state.gradient_step, poisoned)
 
         def zeros() -> Any:
             shapes = jax.eval_shape(lambda: inner.update(updates, state.inner_state, params, **extra_args)[0])
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-        branch = jnp.where(close, jnp.where(total > 0, 0, 1), 2)
+        branch = jnp.where(close, jnp.where((total > 0) & ~poisoned, 0, 1), 2)
         return jax.lax.switch(branch, (emit, drop, hold), None)
 
     return optax.GradientTransformationExtraArgs(init, update)
