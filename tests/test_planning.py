@@ -177,7 +177,7 @@ def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--model", "nope", "--max-memory", "100"]) == 2
     assert "model must be one of mlp, snn or module:function" in capsys.readouterr().err
     assert main(["plan", "--max-memory", "0"]) == 2
-    assert "max_memory must be a positive number of MiB" in capsys.readouterr().err
+    assert "max_memory must be a positive finite number of MiB" in capsys.readouterr().err
 
 
 def test_lr_scaling_helper() -> None:

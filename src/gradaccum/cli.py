@@ -20,9 +20,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+EXPERIMENT_MODULES = {"optuna", "matplotlib", "scipy", "mnist1d", "sqlalchemy", "alembic", "tqdm", "torch"}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per ExperimentConfig field (the YAML names, with dashes)."""
-    from .experiments.config import ARMS, ExperimentConfig
+    from .experiments.arms import ARMS
+    from .experiments.config import ExperimentConfig
 
     parser.add_argument("--config", type=Path, help="YAML file with any of the settings below")
     parser.add_argument("--quick", action="store_true", help="a small run for smoke tests (2 trials, 2 seeds, "
@@ -94,20 +98,26 @@ def _train(args: argparse.Namespace) -> int:
     from .experiments.reproduce import prepare_output
     from .experiments.runs import train_run
 
+    from .experiments.arms import ARM_TABLE
+    from .experiments.errors import SettingsError
+
     cfg = _config(args, arms=[args.arm])
+    if not (args.lr > 0 and args.lr < float("inf")):
+        raise SettingsError(f"lr must be a positive finite number, got {args.lr}")
     params = {"lr": args.lr}
-    if args.arm in ("gaga", "gaga_mean"):
-        if args.tau is None:
-            raise ValueError(f"tau: the {args.arm} arm needs --tau")
-        params["tau"] = args.tau
-    if args.arm == "normtest":
-        if args.theta is None:
-            raise ValueError("theta: the normtest arm needs --theta")
-        params["theta"] = args.theta
+    for name in ARM_TABLE[args.arm].space:
+        value = getattr(args, name)
+        if value is None or not (0 < value < float("inf")):
+            raise SettingsError(f"{name}: the {args.arm} arm needs --{name}, a positive finite number")
+        params[name] = value
     out, data = prepare_output(cfg)
     result = train_run(args.arm, params, cfg.seed, data, cfg)
     path = out / f"train-{args.arm}-seed{cfg.seed}.json"
     write_atomic(path, json.dumps(result.as_dict(), indent=1) + "\n")
+    if result.diverged:
+        print(f"{args.arm}: the run diverged (a non-finite loss or gradient) after {result.steps} steps: try a "
+              f"smaller --lr; test accuracy at that point {result.test_accuracy:.4f} -> {path}")
+        return 1
     batches = result.batch_sizes or [result.flushed_items]
     mean_batch = sum(batches) / len(batches)
     print(f"{args.arm}: test accuracy {result.test_accuracy:.4f}, final validation {result.final_val_accuracy:.4f}, "
@@ -147,7 +157,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.config import ARMS
+    from .experiments.arms import ARMS
 
     parser = argparse.ArgumentParser(prog="gradaccum", description="Exact and adaptive gradient accumulation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -198,10 +208,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .experiments.errors import SettingsError
+
     try:
         return int(args.func(args))
-    except ValueError as error:  # bad settings, unwritable output, unreadable config or storage
+    except SettingsError as error:  # bad settings, unwritable output, unreadable config, data or storage
         print(f"gradaccum {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:  # the experiment stack is an optional extra
+        if error.name is None or error.name.split(".")[0] not in EXPERIMENT_MODULES:
+            raise
+        print(f"gradaccum {args.command}: error: this command needs the experiments extra ({error.name} is "
+              "missing): pip install -c constraints.txt -e '.[experiments]'", file=sys.stderr)
         return 2
 
 

@@ -14,9 +14,9 @@ from typing import Any
 import yaml
 
 from .._core.yaml_io import safe_load
+from .arms import ARMS, DEFAULT_ARMS
+from .errors import SettingsError
 
-ARMS = ("baseline", "gaga", "gaga_mean", "baseline512", "normtest")
-DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
 BACKENDS = ("torch", "jax")
 
 
@@ -58,26 +58,35 @@ class ExperimentConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
+        """Raise SettingsError naming the first bad field (types first: YAML can say anything)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list}[str(f.type)]
+            if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
+                raise SettingsError(f"{f.name} must be {str(f.type).replace('list', 'a list of arm names')}, "
+                                    f"got {value!r} ({type(value).__name__})")
         unknown = [a for a in self.arms if a not in ARMS]
-        if unknown or not self.arms:
-            raise ValueError(f"arms must be a non-empty list from {', '.join(ARMS)}, got {self.arms!r}")
+        if unknown or not self.arms or len(set(self.arms)) != len(self.arms):
+            raise SettingsError(f"arms must be a non-empty list of distinct names from {', '.join(ARMS)}, "
+                                f"got {self.arms!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.seed < 0:
+            raise SettingsError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.increment > self.max_samples:
-            raise ValueError(f"increment ({self.increment}) must be <= max_samples ({self.max_samples})")
+            raise SettingsError(f"increment ({self.increment}) must be <= max_samples ({self.max_samples})")
         if self.budget < self.increment:
-            raise ValueError(f"budget ({self.budget}) must be at least one increment ({self.increment})")
+            raise SettingsError(f"budget ({self.budget}) must be at least one increment ({self.increment})")
         for low, high in (("lr_low", "lr_high"), ("tau_low", "tau_high"), ("tau_mean_low", "tau_mean_high"),
                           ("theta_low", "theta_high")):
             lo, hi = getattr(self, low), getattr(self, high)
-            if not (isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(lo)
-                    and math.isfinite(hi) and 0 < lo < hi):
-                raise ValueError(f"{low} and {high} must satisfy 0 < {low} < {high}, got {lo!r} and {hi!r}")
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+                raise SettingsError(f"{low} and {high} must satisfy 0 < {low} < {high}, got {lo!r} and {hi!r}")
+        if not self.out:
+            raise SettingsError("out must name a directory")
 
     @property
     def storage_url(self) -> str:
@@ -98,13 +107,13 @@ class ExperimentConfig:
         try:
             loaded = safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as error:
-            raise ValueError(f"config: cannot read {path}: {error}") from None
+            raise SettingsError(f"config: cannot read {path}: {error}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"config: {path} must hold a mapping of settings, got {type(loaded).__name__}")
+            raise SettingsError(f"config: {path} must hold a mapping of settings, got {type(loaded).__name__}")
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(loaded) - names)
+        unknown = sorted(str(k) for k in set(loaded) - names)
         if unknown:
-            raise ValueError(f"config: unknown settings in {path}: {', '.join(unknown)}")
+            raise SettingsError(f"config: unknown settings in {path}: {', '.join(unknown)}")
         return cls(**{**loaded, **overrides})
 
     @classmethod

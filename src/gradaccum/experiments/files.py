@@ -8,27 +8,41 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
+from .errors import SettingsError
+
 
 @contextmanager
 def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Yield a private temporary file next to ``path``; on success rename it over ``path``.
 
     A crash never leaves a half-written file that a rerun would trust, and concurrent
-    writers (parallel tune workers) never share a temporary file. ``mkstemp`` creates
-    files readable by their owner only; the result gets ``0o666 & ~umask`` instead.
+    writers (parallel tune workers) never share a temporary file. Whatever fails (the
+    write, a full disk at close or fsync, the rename), the temporary file is removed and
+    the error names ``path``; ``path`` itself is untouched. ``mkstemp`` creates files
+    readable by their owner only; the result gets ``0o666 & ~umask`` instead.
     """
-    with tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=path.name + ".", suffix=".tmp",
-                                     delete=False) as f:
-        try:
+    try:
+        handle = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=path.name + ".", suffix=".tmp",
+                                             delete=False)
+    except OSError as error:
+        raise SettingsError(f"cannot write {path}: {error}") from error
+    try:
+        with handle as f:
             yield f
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(f.name, 0o666 & ~umask)
-    os.replace(f.name, path)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)
+        os.replace(handle.name, path)
+    except BaseException as error:
+        try:
+            os.unlink(handle.name)
+        except FileNotFoundError:
+            pass
+        if isinstance(error, OSError):
+            raise SettingsError(f"cannot write {path}: {error}") from error
+        raise
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -11,7 +11,8 @@ from torch import nn
 
 from .. import plan_micro_batches
 from ..torch import find_micro_batch_size, measure_peak_memory
-from .runs import mlp
+from .errors import SettingsError
+from .trainer_torch import mlp
 from .snn import SpikingClassifier
 
 BUILT_IN = ("mlp", "snn")
@@ -30,25 +31,27 @@ def resolve_step(model: str) -> Callable[[int], object]:
         return partial(_built_in_step, model)
     module_name, _, attr = model.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"model must be one of {', '.join(BUILT_IN)} or module:function, got {model!r}")
+        raise SettingsError(f"model must be one of {', '.join(BUILT_IN)} or module:function, got {model!r}")
     try:
         step = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"model: cannot load {model!r}: {error}") from None
+        raise SettingsError(f"model: cannot load {model!r}: {error}") from None
     if not callable(step):
-        raise ValueError(f"model: {model!r} is not callable")
+        raise SettingsError(f"model: {model!r} is not callable")
     return step
 
 
 def plan(model: str, effective_batch: int, max_memory_mib: float, start: int = 1,
          max_size: int | None = None) -> dict[str, object]:
     """Probe the micro-batch within ``max_memory_mib`` and plan a window of ``effective_batch``."""
-    if not max_memory_mib > 0:
-        raise ValueError(f"max_memory must be a positive number of MiB, got {max_memory_mib}")
+    if not 0 < max_memory_mib < float("inf"):
+        raise SettingsError(f"max_memory must be a positive finite number of MiB, got {max_memory_mib}")
     step = resolve_step(model)
     budget = int(max_memory_mib * 2**20)
     cap = effective_batch if max_size is None else min(max_size, effective_batch)
-    micro = find_micro_batch_size(step, start, max(cap, start), max_memory=budget)
+    if start > cap:
+        raise SettingsError(f"start ({start}) must be <= max_size and the effective batch ({cap})")
+    micro = find_micro_batch_size(step, start, cap, max_memory=budget)
     sizes = plan_micro_batches(effective_batch, micro)[0]
     peak = measure_peak_memory(step, micro)
     return {"micro_batch": micro, "micro_batches_per_window": len(sizes), "sizes": sizes,

@@ -16,6 +16,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
+from .arms import ARM_TABLE, label  # noqa: E402
+from .errors import SettingsError  # noqa: E402
 from .files import atomic_file, write_atomic  # noqa: E402
 
 BACKEND_NAMES = {"torch": "PyTorch", "jax": "JAX/Flax"}
@@ -23,8 +25,6 @@ REFERENCE = {  # docs/design.md, "Reference experiment"
     "baseline": {"lr": 0.00589, "test_accuracy": 0.6630},
     "gaga": {"lr": 0.00307, "tau": 0.0984, "test_accuracy": 0.6620},
 }
-LABELS = {"baseline": "baseline (batch 32)", "baseline512": "fixed batch 512", "gaga": "GAGA (per-sample GSNR)",
-          "gaga_mean": "GSNR, mean-gradient scale", "normtest": "norm test"}
 STABILITY_LAST = 10
 
 
@@ -88,7 +88,7 @@ def verdict(summary: dict[str, dict[str, Any]]) -> str:
                     " than the baseline (95 % intervals do not overlap)")
         steadier = s["stability"] < base["stability"]
         adapting = s["min_batch"] != s["max_batch"]
-        lines.append(f"- **{LABELS.get(arm, arm)}** {accuracy}; its late validation curve is "
+        lines.append(f"- **{label(arm)}** {accuracy}; its late validation curve is "
                      f"{'steadier' if steadier else 'not steadier'} (std of the last {STABILITY_LAST} evaluations "
                      f"{s['stability']:.4f} vs {base['stability']:.4f}); its effective batch "
                      + (f"adapted between {s['min_batch']} and {s['max_batch']} (mean {s['mean_batch']:.0f})."
@@ -118,18 +118,18 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     ]
     for arm, s in summary.items():
         tuned = ", ".join(f"{k} {v:.4g}" for k, v in s["params"].items())
-        lines.append(f"| {LABELS.get(arm, arm)} | {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} % | "
+        lines.append(f"| {label(arm)} | {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} % | "
                      f"{100 * s['ci95'][0]:.2f} – {100 * s['ci95'][1]:.2f} % | {tuned} | {s['stability']:.4f} | "
                      f"{s['mean_batch']:.0f} ({s['min_batch']}-{s['max_batch']}) | {s['steps']:.0f} | {s['wall']:.1f} |")
     lines += ["", "Reference values (docs/design.md, 'Reference experiment'; one run each):", "",
               "| arm | lr | tau | test accuracy |", "|---|---|---|---|"]
     for arm, ref in REFERENCE.items():
-        lines.append(f"| {LABELS[arm]} | {ref['lr']} | {ref.get('tau', '-')} | {100 * ref['test_accuracy']:.2f} % |")
+        lines.append(f"| {label(arm)} | {ref['lr']} | {ref.get('tau', '-')} | {100 * ref['test_accuracy']:.2f} % |")
     lines += ["", "## Verdict", "", verdict(summary), ""]
     warned = {arm: s["warnings"] for arm, s in summary.items() if s["warnings"]}
     if warned:
         lines += ["## Warnings during the final runs", ""]
-        lines += [f"- {LABELS.get(arm, arm)}: {w}" for arm, ws in warned.items() for w in ws]
+        lines += [f"- {label(arm)}: {w}" for arm, ws in warned.items() for w in ws]
         lines.append("")
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     write_atomic(out / "report.md", "\n".join(lines))
@@ -145,20 +145,20 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ys = [[c[i][1] for c in curves] for i in range(length)]
         mean = [statistics.fmean(v) for v in ys]
         std = [statistics.pstdev(v) for v in ys]
-        ax.plot(xs, mean, label=LABELS.get(arm, arm))
+        ax.plot(xs, mean, label=label(arm))
         ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
     ax.set(xlabel="training samples seen", ylabel="validation accuracy", title="Validation accuracy (mean ± std over seeds)")
     ax.legend()
     paths.append(_save(fig, out / "val_accuracy.png"))
 
-    adaptive = [a for a in results["arms"] if a in ("gaga", "gaga_mean", "normtest")]
+    adaptive = [a for a in results["arms"] if a in ARM_TABLE and ARM_TABLE[a].adaptive]
     if adaptive:
         fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         for arm in adaptive:
             run = results["arms"][arm]["runs"][0]
-            axes[0].plot(run["batch_sizes"], label=LABELS.get(arm, arm), lw=0.8)
+            axes[0].plot(run["batch_sizes"], label=label(arm), lw=0.8)
             stat = [math.nan if v is None else v for v in run["statistic"]]
-            axes[1].plot(stat, label=LABELS.get(arm, arm), lw=0.8)
+            axes[1].plot(stat, label=label(arm), lw=0.8)
         axes[0].set(ylabel="effective batch (samples)", title="Adaptive arms, first seed")
         axes[1].set(xlabel="optimizer step", ylabel="rule statistic at the stop", yscale="log")
         axes[0].legend()
@@ -171,7 +171,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         best = [max(values[:i + 1]) for i in range(len(values))]
         ax.plot(values, "o", ms=3, label="trial")
         ax.plot(best, "-", label="best so far")
-        ax.set(title=LABELS.get(arm, arm), xlabel="trial", ylabel="final val. accuracy")
+        ax.set(title=label(arm), xlabel="trial", ylabel="final val. accuracy")
     axes[0][0].legend()
     paths.append(_save(fig, out / "optuna_history.png"))
     return paths
@@ -186,8 +186,43 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def load_results(out: Path) -> dict[str, Any]:
+    """``results.json`` of ``out``, checked: a structurally bad file raises SettingsError
+    naming what is wrong (it used to give raw KeyError / TypeError)."""
     path = out / "results.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"out: no readable results.json in {out}: {error}") from None
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SettingsError(f"out: no readable results.json in {out}: {error}") from None
+    check_results(results, path)
+    return results
+
+
+_RUN_FIELDS = {"seed": int, "test_accuracy": float, "final_val_accuracy": float, "val_curve": list, "steps": int,
+               "batch_sizes": list, "flushed_items": int, "statistic": list, "warnings": list}
+
+
+def check_results(results: Any, path: Path) -> None:
+    def bad(what: str) -> SettingsError:
+        return SettingsError(f"{path}: {what}; rerun `gradaccum reproduce` to rebuild it")
+
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict) \
+            or not isinstance(results.get("arms"), dict) or not results["arms"]:
+        raise bad("expected an object with 'config' and a non-empty 'arms'")
+    for key in ("budget", "eval_every", "trials", "seeds"):
+        if not isinstance(results["config"].get(key), int):
+            raise bad(f"config.{key} must be an integer")
+    for arm, entry in results["arms"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("best_params"), dict) \
+                or not isinstance(entry.get("trials"), list) or not isinstance(entry.get("runs"), list) \
+                or not entry["runs"]:
+            raise bad(f"arm {arm!r} must hold best_params, trials and a non-empty runs list")
+        for k, run in enumerate(entry["runs"]):
+            for name, kind in _RUN_FIELDS.items():
+                value = run.get(name) if isinstance(run, dict) else None
+                ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+                if not ok or (kind is float and not math.isfinite(value)):
+                    raise bad(f"arms.{arm}.runs[{k}].{name} must be a finite {kind.__name__}, got {value!r}")
+            if not all(isinstance(p, list) and len(p) == 2 for p in run["val_curve"]):
+                raise bad(f"arms.{arm}.runs[{k}].val_curve must hold [samples, accuracy] pairs")
+            if not run["batch_sizes"] and not run["flushed_items"]:
+                raise bad(f"arms.{arm}.runs[{k}] has no window (batch_sizes and flushed_items are empty)")

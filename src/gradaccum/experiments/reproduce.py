@@ -10,11 +10,12 @@ from typing import Any
 from tqdm import tqdm
 
 from .config import ExperimentConfig
+from .errors import SettingsError
 from .files import write_atomic
 from .mnist1d_data import MNIST1D, load_mnist1d
 from .report import write_report
 from .runs import train_run
-from .tuning import best_params, completed, open_study, trial_table, tune_arm
+from .tuning import best_params, best_value, completed, open_study, trial_table, tune_arm
 
 FINAL_SEED_OFFSET = 10_000  # final runs use seeds no tuning trial used
 
@@ -27,7 +28,7 @@ def prepare_output(cfg: ExperimentConfig) -> tuple[Path, MNIST1D]:
         with tempfile.TemporaryFile(dir=out):  # a probe no other worker can collide with
             pass
     except OSError as error:
-        raise ValueError(f"out: cannot write to output directory {out}: {error}") from None
+        raise SettingsError(f"out: cannot write to output directory {out}: {error}") from None
     write_atomic(out / "config.yaml", cfg.to_yaml())
     return out, load_mnist1d(Path(cfg.data_dir) / "mnist1d.npz")
 
@@ -39,8 +40,8 @@ def tune_all(cfg: ExperimentConfig, data: MNIST1D) -> dict[str, Any]:
     with tqdm(total=len(cfg.arms) * cfg.trials, initial=done, desc="tuning trials", disable=cfg.quiet) as bar:
         for arm in cfg.arms:
             studies[arm] = tune_arm(arm, cfg, data, on_trial=bar.update)
-    return {arm: {"best_params": best_params(s), "best_value": s.best_value, "trials": trial_table(s)}
-            for arm, s in studies.items()}
+    return {arm: {"best_params": best_params(s, cfg.trials), "best_value": best_value(s, cfg.trials),
+                  "trials": trial_table(s, cfg.trials)} for arm, s in studies.items()}
 
 
 def final_runs(cfg: ExperimentConfig, data: MNIST1D, tuned: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

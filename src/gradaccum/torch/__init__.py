@@ -1,4 +1,9 @@
-"""PyTorch backend: the Accumulator and its helpers."""
+"""PyTorch backend: the Accumulator and its helpers. Needs the ``torch`` extra."""
+
+try:
+    import torch  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(f"gradaccum.torch needs torch: pip install 'gradaccum[torch]' ({error})") from error
 
 from ._accumulator import Accumulator as Accumulator
 from ._accumulator import NonFiniteError as NonFiniteError

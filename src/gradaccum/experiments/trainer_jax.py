@@ -1,6 +1,6 @@
-"""The mnist1d run of ``runs.train_run`` on the JAX backend (``--backend jax``).
+"""The mnist1d run on the JAX backend (``--backend jax``).
 
-Same data order (the seeded index stream of ``runs.increments``), same MLP shape
+Same data order (the seeded index stream of ``run_record.increments``), same MLP shape
 (40-256-256-10, Flax), Adam, same rules; the state carries the window and a jitted step
 decides under ``jax.lax.cond``. Initial weights come from Flax's initialiser, so the
 numbers differ from the torch run's by seed, not by method.
@@ -20,9 +20,10 @@ import torch
 
 from .._core.monitor import DecisionMonitor
 from ..jax import AccumulatingTrainState, flush, make_train_step
+from .arms import ARM_TABLE
 from .config import ExperimentConfig
 from .mnist1d_data import MNIST1D
-from .runs import RunResult, increments, make_rule
+from .run_record import Trained, Window, increments
 
 
 class FlaxMLP(fnn.Module):
@@ -55,46 +56,52 @@ def accuracy(params: Any, x: np.ndarray, y: np.ndarray) -> float:
 _STEP = make_train_step(per_example_loss, donate=True)
 
 
-def train_run_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg: ExperimentConfig) -> RunResult:
-    """Train the Flax MLP with Adam for ``cfg.budget`` samples; validate every ``cfg.eval_every``."""
+def train_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg: ExperimentConfig) -> Trained:
+    """Train the Flax MLP with Adam for ``cfg.budget`` samples; validate every ``cfg.eval_every``.
+
+    A micro-batch with a non-finite loss or gradient is dropped by the step (it cannot stop
+    a jitted loop); any such micro-batch marks the run as diverged.
+    """
     x, y = data.x_train.astype(np.float32), data.y_train.astype(np.int32)
     x_val = data.x_val.astype(np.float32)  # converted once, validated every eval_every samples
-    rule = make_rule(arm, params, cfg)
+    rule = ARM_TABLE[arm].rule(params, cfg)
     state = AccumulatingTrainState.create(
         apply_fn=MODEL.apply, params=MODEL.init(jax.random.key(seed), jnp.zeros((1, x.shape[1]), jnp.float32))["params"],
         tx=optax.adam(params["lr"]), rule=rule)
     size = cfg.increment
     curve: list[tuple[int, float]] = []
-    closed: list[dict[str, jax.Array]] = []
+    metrics_seen: list[dict[str, jax.Array]] = []
     seen, next_eval = 0, cfg.eval_every
+    full = np.ones(size, np.int32)
     start = time.perf_counter()
     for idx in increments(len(y), size, cfg.budget, torch.Generator().manual_seed(seed)):
         rows = np.asarray(idx)
-        mask = None
-        if len(rows) < size:  # the budget's last, short increment: pad to keep one compiled shape
-            mask = np.arange(size) < len(rows)
+        weights = full
+        if len(rows) < size:  # the budget's last, short increment: padded, so one compiled shape
+            weights = (np.arange(size) < len(rows)).astype(np.int32)
             rows = np.resize(rows, size)
-        state, metrics = _STEP(state, {"x": x[rows], "y": y[rows]}, mask)
-        closed.append(metrics)  # device arrays: read once at the end, no host sync per micro-batch
+        state, metrics = _STEP(state, {"x": x[rows], "y": y[rows]}, weights)
+        metrics_seen.append(metrics)  # device arrays: read once at the end, no host sync per micro-batch
         seen += len(idx)
         if seen >= next_eval:
             curve.append((seen, accuracy(state.params, x_val, data.y_val)))
             next_eval += cfg.eval_every
     flushed_items = int(state.window.items)
+    flushed_micro = int(state.window.micro_batches)
     state = flush(state)
     wall = time.perf_counter() - start
-    windows = [m for m in jax.device_get(closed) if m["stop"]]
-    key = "gsnr" if "gsnr" in (windows[0] if windows else {}) else "norm_test"
+    host = jax.device_get(metrics_seen)
+    diverged = not all(bool(m["finite"]) for m in host)
+    closed = [m for m in host if m["stop"]]
+    key = "gsnr" if closed and "gsnr" in closed[0] else "norm_test"
     monitor, caught = DecisionMonitor(), set()
-    for m in windows if rule.needs_statistics else []:
+    for m in closed if rule.needs_statistics else []:
         message = monitor.observe(int(m["micro_batches"]), bool(m.get("capped", False)))
         if message:
             caught.add(message)
-    statistic = [float(m[key]) if key in m else None for m in windows] + ([None] if flushed_items else [])
-    return RunResult(
-        arm=arm, params=dict(params), seed=seed,
-        test_accuracy=accuracy(state.params, data.x_test.astype(np.float32), data.y_test),
-        final_val_accuracy=accuracy(state.params, x_val, data.y_val),
-        val_curve=curve, steps=int(state.step), batch_sizes=[int(m["items"]) for m in windows],
-        flushed_items=flushed_items, statistic=statistic, wall_seconds=wall, warnings=sorted(caught),
-    )
+    windows = [Window(int(m["items"]), int(m["micro_batches"]), int(m["items"]) == 0, "rule",
+                      float(m[key]) if key in m else None) for m in closed]
+    if flushed_micro:
+        windows.append(Window(flushed_items, flushed_micro, flushed_items == 0, "flush"))
+    return Trained(windows, curve, accuracy(state.params, x_val, data.y_val),
+                   accuracy(state.params, data.x_test.astype(np.float32), data.y_test), wall, diverged, sorted(caught))

@@ -1,0 +1,67 @@
+"""The experiment's arms, one table: an arm's label, its rule and its search space.
+
+Adding an arm is one entry here; the config, the CLI's choices, tuning, the trainers and
+the report all read this table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .. import GSNR, FixedSteps, NormTest, StoppingRule
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import ExperimentConfig
+
+Params = dict[str, float]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the experiment.
+
+    Attributes:
+      name: the key used on the command line and in results.
+      label: how the report names it.
+      rule: its stopping rule from tuned parameters and the settings.
+      space: the tuned parameters besides ``lr``: name -> (the settings' low and high
+        field names); each is searched log-uniformly.
+    """
+
+    name: str
+    label: str
+    rule: Callable[[Params, ExperimentConfig], StoppingRule]
+    space: dict[str, tuple[str, str]]
+
+    @property
+    def adaptive(self) -> bool:
+        return bool(self.space)
+
+    def suggest(self, trial: Any, cfg: ExperimentConfig) -> Params:
+        """lr log-uniform, and this arm's own parameters over their configured ranges."""
+        params = {"lr": trial.suggest_float("lr", cfg.lr_low, cfg.lr_high, log=True)}
+        for name, (low, high) in self.space.items():
+            params[name] = trial.suggest_float(name, getattr(cfg, low), getattr(cfg, high), log=True)
+        return params
+
+
+def _gsnr(scale: str) -> Callable[[Params, Any], StoppingRule]:
+    return lambda p, cfg: GSNR(p["tau"], increment=cfg.increment, max_samples=cfg.max_samples, scale=scale)
+
+
+ARM_TABLE: dict[str, Arm] = {arm.name: arm for arm in (
+    Arm("baseline", "baseline (batch 32)", lambda p, cfg: FixedSteps(1), {}),
+    Arm("gaga", "GAGA (per-sample GSNR)", _gsnr("sample"), {"tau": ("tau_low", "tau_high")}),
+    Arm("gaga_mean", "GSNR, mean-gradient scale", _gsnr("mean"), {"tau": ("tau_mean_low", "tau_mean_high")}),
+    Arm("baseline512", "fixed batch 512", lambda p, cfg: FixedSteps(max(1, cfg.max_samples // cfg.increment)), {}),
+    Arm("normtest", "norm test",
+        lambda p, cfg: NormTest(p["theta"], increment=cfg.increment, max_samples=cfg.max_samples),
+        {"theta": ("theta_low", "theta_high")}),
+)}
+ARMS = tuple(ARM_TABLE)
+DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
+
+
+def label(name: str) -> str:
+    return ARM_TABLE[name].label if name in ARM_TABLE else name

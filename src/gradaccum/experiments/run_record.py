@@ -1,0 +1,94 @@
+"""What both trainers share: the seeded data order and the record of one run.
+
+A trainer (``trainer_torch``, ``trainer_jax``) returns ``Trained``: its step records and
+validation curve; ``runs.train_run`` turns that into a ``RunResult`` the same way for both
+backends, so ``steps`` means the same thing in both: optimizer steps applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from .errors import SettingsError
+
+
+@dataclass
+class Window:
+    """One closed window, as a trainer saw it."""
+
+    items: int
+    micro_batches: int
+    skipped: bool
+    reason: str  # "rule", "flush" or "nonfinite"
+    statistic: float | None = None
+
+
+@dataclass
+class Trained:
+    """What a trainer hands back: windows, validation curve, accuracies, time, warnings."""
+
+    windows: list[Window]
+    val_curve: list[tuple[int, float]]
+    final_val_accuracy: float
+    test_accuracy: float
+    wall_seconds: float
+    diverged: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    """What one run measured; JSON-serialisable via ``as_dict``.
+
+    ``steps`` counts optimizer steps applied (windows skipped for a non-finite gradient do
+    not count). ``batch_sizes`` are the windows the rule closed; a partial window left at
+    the end of the budget (applied by ``flush``) is counted in ``flushed_items`` instead.
+    ``diverged``: the loss or gradient became non-finite and training stopped (torch) or
+    dropped micro-batches (JAX); the accuracies are those of the weights at that point.
+    """
+
+    arm: str
+    params: dict[str, float]
+    seed: int
+    test_accuracy: float
+    final_val_accuracy: float
+    val_curve: list[tuple[int, float]]
+    steps: int
+    batch_sizes: list[int]
+    flushed_items: int
+    statistic: list[float | None]
+    wall_seconds: float
+    warnings: list[str] = field(default_factory=list)
+    diverged: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, arm: str, params: dict[str, float], seed: int, trained: Trained) -> RunResult:
+        windows = trained.windows
+        return cls(arm=arm, params=dict(params), seed=seed, test_accuracy=trained.test_accuracy,
+                   final_val_accuracy=trained.final_val_accuracy, val_curve=trained.val_curve,
+                   steps=sum(not w.skipped for w in windows),
+                   batch_sizes=[w.items for w in windows if w.reason == "rule" and not w.skipped],
+                   flushed_items=sum(w.items for w in windows if w.reason == "flush" and not w.skipped),
+                   statistic=[w.statistic for w in windows], wall_seconds=trained.wall_seconds,
+                   warnings=trained.warnings, diverged=trained.diverged)
+
+
+def increments(n: int, size: int, budget: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of ``size`` drawn epoch by epoch from seeded shuffles, ``budget`` samples in all."""
+    if size > n:  # no batch fits in an epoch: refuse rather than loop without progress
+        raise SettingsError(f"increment ({size}) is larger than the training split ({n} samples)")
+    seen = 0
+    while seen < budget:
+        order = torch.randperm(n, generator=generator)
+        for i in range(0, n - size + 1, size):
+            if seen >= budget:
+                return
+            take = min(size, budget - seen)
+            seen += take
+            yield order[i:i + take]
