@@ -45,7 +45,7 @@ def check_splits(splits: MNIST1D) -> None:
 def _read_cache(cache: Path) -> MNIST1D | None:
     """The cached splits, or None (with the reason logged) if the file is unusable."""
     try:
-        with np.load(cache, allow_pickle=False) as f:
+        with open(cache, "rb") as raw, np.load(raw, allow_pickle=False) as f:
             splits = MNIST1D(*(np.asarray(f[k]) for k in MNIST1D._fields))
         check_splits(splits)
         return splits

@@ -78,7 +78,7 @@ def open_study(arm: str, cfg: ExperimentConfig) -> optuna.Study:
         except SettingsError:
             raise
         except Exception as error:  # SQLAlchemy / driver errors carry the useful message
-            racing = "UNIQUE constraint failed" in str(error) or "database is locked" in str(error)
+            racing = any(m in str(error) for m in ("UNIQUE constraint failed", "database is locked", "already exists"))
             if racing and attempt + 1 < _OPEN_RETRIES:
                 time.sleep(0.2 * (attempt + 1))
                 continue

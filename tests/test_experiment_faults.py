@@ -1,0 +1,233 @@
+"""The experiment and CLI under faults and bad input (issue 11, items 8-13).
+
+No hang, no raw traceback for bad input, no silent use of a corrupted file, no temporary
+left behind; a diverging run is recorded as such and tuning goes on.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from gradaccum.cli import main
+from gradaccum.experiments import tuning
+from gradaccum.experiments.config import ExperimentConfig
+from gradaccum.experiments.errors import SettingsError
+from gradaccum.experiments.files import write_atomic
+from gradaccum.experiments.mnist1d_data import MNIST1D, load_mnist1d
+from gradaccum.experiments.run_record import RunResult
+from gradaccum.experiments.runs import train_run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--quick", "--budget", "640", "--eval-every", "320", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data")
+    load_mnist1d(path / "mnist1d.npz")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(data_dir: Path) -> MNIST1D:
+    return load_mnist1d(data_dir / "mnist1d.npz")
+
+
+def test_an_increment_no_epoch_can_hold_is_refused_not_a_hang(data_dir: Path, tmp_path: Path, capsys) -> None:
+    """It passed validation, then spun at 100 % CPU: no increment fits in 3,200 samples."""
+    assert main(["train", "--arm", "baseline", "--lr", "0.01", "--increment", "4000", "--max-samples", "8000",
+                 "--budget", "8000", "--out", str(tmp_path), "--data-dir", str(data_dir), "--quiet"]) == 2
+    assert "increment (4000) is larger than the training split (3200 samples)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_a_diverging_run_is_reported_as_diverged(backend: str, data: MNIST1D, tmp_path: Path) -> None:
+    """JAX exited 0 with "mean effective batch 2"; torch raised out of the trial."""
+    poisoned = data._replace(x_train=np.full_like(data.x_train, np.nan))
+    cfg = ExperimentConfig(out=str(tmp_path), budget=320, eval_every=160, backend=backend)
+    result = train_run("baseline", {"lr": 0.01}, 0, poisoned, cfg)
+    assert result.diverged and result.steps == 0
+
+
+def test_a_diverging_trial_is_pruned_and_the_study_goes_on(data: MNIST1D, tmp_path: Path, monkeypatch) -> None:
+    real = tuning.train_run
+    calls = []
+
+    def flaky(arm, params, seed, data, cfg):
+        calls.append(params["lr"])
+        result = real(arm, params, seed, data, cfg)
+        return RunResult(**{**result.as_dict(), "diverged": len(calls) == 1})
+
+    monkeypatch.setattr(tuning, "train_run", flaky)
+    cfg = ExperimentConfig(out=str(tmp_path), trials=2, budget=320, eval_every=160, arms=["baseline"])
+    study = tuning.tune_arm("baseline", cfg, data)
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE,
+                      optuna.trial.TrialState.COMPLETE]
+    assert study.get_trials()[0].user_attrs["pruned"] == "diverged"
+    assert len(set(calls)) == 3  # the rerun samples another lr, not the one that diverged
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random_bytes", "zero_labels", "too_small"])
+def test_a_damaged_data_cache_is_regenerated(damage: str, data: MNIST1D, tmp_path: Path) -> None:
+    """A truncated cache gave BadZipFile on every rerun, random bytes a misleading "allow_pickle"
+    message, all-zero labels trained silently, a small file hung the run."""
+    cache = tmp_path / "mnist1d.npz"
+    if damage == "truncated":
+        load_mnist1d(cache)
+        cache.write_bytes(cache.read_bytes()[:1000])
+    elif damage == "random_bytes":
+        cache.write_bytes(os.urandom(4096))
+    else:
+        bad = data._replace(y_train=np.zeros_like(data.y_train)) if damage == "zero_labels" else \
+            data._replace(x_train=data.x_train[:10], y_train=data.y_train[:10])
+        np.savez(cache, **bad._asdict())
+    got = load_mnist1d(cache)
+    assert all(np.array_equal(a, b) for a, b in zip(got, data))
+    assert all(np.array_equal(a, b) for a, b in zip(load_mnist1d(cache), data))  # rewritten whole
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("null", "expected an object with 'config'"),
+    ("{}", "expected an object with 'config'"),
+    ('{"config": {"budget": 1, "eval_every": 1, "trials": 1, "seeds": 1}, "arms": {"baseline": {}}}',
+     "arm 'baseline' must hold best_params"),
+    ("NAN", "NaN"),
+])
+def test_report_on_a_bad_results_file_names_the_problem(content: str, message: str, tmp_path: Path, capsys) -> None:
+    if content == "NAN":
+        good = {"config": {"budget": 320, "eval_every": 160, "trials": 1, "seeds": 1},
+                "arms": {"baseline": {"best_params": {"lr": 0.01}, "trials": [], "runs": [{
+                    "seed": 0, "test_accuracy": math.nan, "final_val_accuracy": 0.5, "val_curve": [[160, 0.5]],
+                    "steps": 10, "batch_sizes": [32] * 10, "flushed_items": 0, "statistic": [], "warnings": []}]}}}
+        content = json.dumps(good)
+    (tmp_path / "results.json").write_text(content)
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "results.json" in err and (message in err or "test_accuracy must be a finite float" in err)
+
+
+@pytest.mark.parametrize(("content", "message"), [(b"", "is an empty file"),
+                                                   (b"SQLite format 3\x00" + os.urandom(3000), "not a usable SQLite")])
+def test_an_empty_or_malformed_study_database_is_refused(content: bytes, message: str, tmp_path: Path,
+                                                          data_dir: Path, capsys) -> None:
+    """A 0-byte file silently started a new study; a malformed one was used until it failed."""
+    (tmp_path / "optuna.db").write_bytes(content)
+    assert main(["tune", "--arm", "baseline", *TINY, "--out", str(tmp_path), "--data-dir", str(data_dir)]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["replace", "fsync"])
+def test_a_full_disk_leaves_no_temporary_and_names_the_path(where: str, tmp_path: Path, monkeypatch) -> None:
+    """A failure at close or rename left ``*.tmp`` files behind (keeping a full disk full)."""
+    target = tmp_path / "results.json"
+    target.write_text("old")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, where, full)
+    with pytest.raises(SettingsError, match=r"cannot write .*results.json: .*No space left on device"):
+        write_atomic(target, "new")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_full_disk_during_reproduce_exits_2_without_temporaries(tmp_path: Path, data_dir: Path, monkeypatch,
+                                                                  capsys) -> None:
+    real = os.replace
+
+    def full_for_reports(src, dst, *args, **kwargs):
+        if str(dst).endswith("report.md"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_for_reports)
+    assert main(["reproduce", *TINY, "--trials", "1", "--seeds", "1", "--arms", "baseline", "--out", str(tmp_path),
+                 "--data-dir", str(data_dir)]) == 2
+    assert "report.md: [Errno 28] No space left on device" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["reproduce", "--seed", "-1"], "seed must be a non-negative integer"),
+    (["plan", "--max-memory", "inf"], "max_memory must be a positive finite number"),
+    (["plan", "--max-memory", "100", "--start", "100", "--max-size", "10"], "start (100) must be <="),
+    (["train", "--arm", "gaga", "--lr", "0.01", "--tau", "nan"], "tau: the gaga arm needs --tau"),
+    (["train", "--arm", "baseline", "--lr", "-1"], "lr must be a positive finite number"),
+])
+def test_bad_values_are_refused_by_name(argv, message, capsys) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("yaml_text", "message"), [
+    ("seed: 1.5\n", "seed must be int, got 1.5"),
+    ("out: 123\n", "out must be str, got 123"),
+    ("arms: baseline\n", "arms must be a list of arm names"),
+    ("quiet: 1\n", "quiet must be bool"),
+])
+def test_yaml_values_of_the_wrong_type_are_refused(yaml_text: str, message: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    assert main(["reproduce", "--config", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch) -> None:
+    """The catch-all ``except ValueError`` swallowed real bugs as "bad input"."""
+    from gradaccum.experiments import reproduce
+
+    def bug(cfg):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr(reproduce, "reproduce", bug)
+    with pytest.raises(ValueError, match="a bug, not bad input"):
+        main(["reproduce", "--quiet"])
+
+
+def test_two_workers_on_a_fresh_sqlite_file_both_start(tmp_path: Path, data_dir: Path) -> None:
+    """One died with "UNIQUE constraint failed: alembic_version" (1 in 3)."""
+    storage = f"sqlite:///{tmp_path / 'fresh.db'}"
+    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "2", *TINY[1:],
+            "--out", str(tmp_path), "--data-dir", str(data_dir), "--storage", storage]
+    workers = [subprocess.Popen(args, cwd=ROOT) for _ in range(2)]
+    assert [w.wait(timeout=300) for w in workers] == [0, 0]
+
+
+def test_the_experiments_extra_is_named_when_missing(tmp_path: Path) -> None:
+    """A library user needs torch or jax and numpy, not Optuna: the CLI names the extra."""
+    code = ("import sys, builtins\n"
+            "real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name.split('.')[0] == 'optuna':\n"
+            "        raise ModuleNotFoundError(\"No module named 'optuna'\", name='optuna')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "from gradaccum.cli import main\n"
+            "sys.exit(main(['tune', '--arm', 'baseline', '--out', sys.argv[1]]))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert "needs the experiments extra (optuna is missing)" in done.stderr
+    assert "'.[experiments]'" in done.stderr
+
+
+def test_import_gradaccum_needs_no_experiment_stack() -> None:
+    code = ("import sys, gradaccum, gradaccum.torch\n"
+            "bad = [m for m in ('optuna', 'matplotlib', 'scipy', 'mnist1d') if m in sys.modules]\n"
+            "sys.exit(1 if bad else 0)\n")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120).returncode == 0
+
+
+
