@@ -335,3 +335,26 @@ def test_optax_accumulate_never_passes_a_non_finite_gradient(policy: str) -> Non
     updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, params, items=1)
     updates, state = tx.update({"w": jnp.array([3.0, 3.0])}, state, params, items=1, last=True)
     np.testing.assert_allclose(np.asarray(updates["w"]), [-2.0, -2.0])  # the next window is fine
+
+
+@pytest.mark.parametrize("rule", [FixedSteps(3), GSNR(1e9, increment=4, max_samples=8)], ids=["fixed", "gsnr"])
+def test_a_micro_batch_with_no_items_adds_nothing(rule) -> None:
+    """``count=0`` (every token ignored) was refused; only what is impossible is refused now:
+    it takes its place in the window and adds no gradient, items or samples."""
+    data = classification(8)
+    runs = []
+    for empty in (False, True):
+        model = mlp()
+        opt = GradCapture(model.parameters())
+        acc = Accumulator(model, opt, rule)
+        acc.backward(*ce_mean(model, take(data, slice(0, 4))))
+        if empty:
+            loss = nn.functional.cross_entropy(model(data.x[:2]), torch.full((2,), -100), ignore_index=-100)
+            assert math.isnan(float(loss.detach()))  # the mean over no items
+            acc.backward(loss, 0)
+            assert acc.window_items == 4 and acc.window_micro_batches == 2
+        acc.backward(*ce_mean(model, take(data, slice(4, 8))))
+        acc.flush()
+        runs.append((opt.seen[0], acc.history[0].info.get("gsnr")))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
+    assert runs[0][1] == runs[1][1]  # the statistics saw the same samples

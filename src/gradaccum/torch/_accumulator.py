@@ -196,7 +196,8 @@ class Accumulator:
             (``reduction="mean"``, as ``nn.CrossEntropyLoss()`` returns) or their sum.
           count: the number of items the loss is over: samples, or tokens that count
             (for example ``(labels != ignore_index).sum()``). The window's gradient is
-            the mean over its items.
+            the mean over its items. 0 (every label ignored; the loss is then NaN or 0)
+            adds nothing but the micro-batch's place in the window, with no backward.
           reduction: how ``loss`` was reduced over the items.
           samples: the number of samples (sequences, images) in the micro-batch: the
             units per-sample statistics are taken over and the records' ``samples``. By
@@ -318,6 +319,9 @@ class Accumulator:
         Returns (statistics committed, the scaler's loss scale overflowed). Until the
         window sum is added to, nothing of the window has changed.
         """
+        if count == 0:  # no items (every label ignored): nothing to add but its place in the window
+            self._discard_statistics()
+            return False, False
         if self._poisoned and self.stats is None:
             return False, False  # the window will be dropped: no backward needed
         # (a statistics rule still needs the window's statistics to decide its length, so a

@@ -9,25 +9,23 @@ import torch
 
 
 def check_count(count: Any) -> int:
-    """Return the item count of a micro-batch as an int >= 1.
+    """Return the item count of a micro-batch as an int >= 0.
 
     Accepts a Python or NumPy integer or an integer 0-d tensor (for example
-    ``(labels != -100).sum()``).
+    ``(labels != -100).sum()``). 0 is a micro-batch with no items (every label ignored):
+    it adds nothing but its place in the window's length.
     """
     if isinstance(count, torch.Tensor):
         if count.numel() != 1 or count.is_floating_point() or count.is_complex() or count.dtype == torch.bool:
             raise TypeError(
-                f"count must be a positive int or a one-element integer tensor, got a tensor of shape "
+                f"count must be a non-negative int or a one-element integer tensor, got a tensor of shape "
                 f"{tuple(count.shape)} and dtype {count.dtype}"
             )
         count = int(count.item())
     elif isinstance(count, bool) or not isinstance(count, numbers.Integral):
-        raise TypeError(f"count must be a positive int (items in this micro-batch), got {count!r}")
-    if count < 1:
-        raise ValueError(
-            f"count must be a positive int (items in this micro-batch), got {count}; "
-            "a micro-batch with no items (for example every label ignored) has no loss to average"
-        )
+        raise TypeError(f"count must be a non-negative int (items in this micro-batch), got {count!r}")
+    if count < 0:
+        raise ValueError(f"count must be a non-negative int (items in this micro-batch), got {count}")
     return int(count)
 
 
