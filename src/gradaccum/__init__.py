@@ -7,6 +7,11 @@ importing ``gradaccum`` imports neither framework.
 
 from ._core import GSNR as GSNR
 from ._core import AccumulationConfig as AccumulationConfig
+from ._core import BatchRamp as BatchRamp
+from ._core import NoiseScaleEMA as NoiseScaleEMA
+from ._core import NoiseScalePlanner as NoiseScalePlanner
+from ._core import NormTestPlanner as NormTestPlanner
+from ._core import Planner as Planner
 from ._core import Decision as Decision
 from ._core import FixedSteps as FixedSteps
 from ._core import NormTest as NormTest
@@ -18,4 +23,6 @@ from ._core import plan_micro_batches as plan_micro_batches
 
 __version__ = "0.1.0"
 
-__all__ = ["GSNR", "AccumulationConfig", "Decision", "FixedSteps", "NormTest", "StepRecord", "StoppingRule", "WindowView", "lr_factor", "plan_micro_batches", "__version__"]
+__all__ = ["GSNR", "AccumulationConfig", "BatchRamp", "Decision", "FixedSteps", "NoiseScaleEMA", "NoiseScalePlanner",
+           "NormTest", "NormTestPlanner", "Planner", "StepRecord", "StoppingRule", "WindowView", "lr_factor",
+           "plan_micro_batches", "__version__"]

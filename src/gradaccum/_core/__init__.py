@@ -10,6 +10,14 @@ from .moments import Moments as Moments
 from .moments import merge as merge
 from .moments import moments_from_sums as moments_from_sums
 from .monitor import DecisionMonitor as DecisionMonitor
+from .noise_scale import NoiseScaleEMA as NoiseScaleEMA
+from .noise_scale import noise_scale as noise_scale
+from .noise_scale import noise_terms as noise_terms
+from .planners import BatchRamp as BatchRamp
+from .planners import NoiseScalePlanner as NoiseScalePlanner
+from .planners import NormTestPlanner as NormTestPlanner
+from .planners import Planner as Planner
+from .planners import is_planner as is_planner
 from .planning import plan_micro_batches as plan_micro_batches
 from .records import StepRecord as StepRecord
 from .rules import GSNR as GSNR

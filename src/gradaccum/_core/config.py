@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .planners import is_planner
 from .rules import GSNR, FixedSteps, NormTest, StoppingRule, check_rule
 from .validation import check_positive_int
 from .yaml_io import safe_load
@@ -105,8 +106,10 @@ class AccumulationConfig:
         return cls.from_mapping(loaded or {})
 
 
-def as_rule(rule: StoppingRule | AccumulationConfig) -> StoppingRule:
-    """The stopping rule itself, or the one an ``AccumulationConfig`` describes (checked)."""
+def as_rule(rule: Any) -> Any:
+    """The stopping rule or planner itself, or the rule an ``AccumulationConfig`` describes (checked)."""
     if isinstance(rule, AccumulationConfig):
         return rule.make_rule()
+    if is_planner(rule):
+        return rule
     return check_rule(rule)

@@ -84,8 +84,8 @@ def check_rule(rule: Any) -> StoppingRule:
                         f"write {rule.__name__}(...), for example gradaccum.FixedSteps(4)")
     if not isinstance(rule, StoppingRule):
         raise TypeError(
-            "rule must be a stopping rule with a `needs_statistics` attribute and a "
-            f"`decide(window)` method (for example gradaccum.FixedSteps(4)), got {rule!r}"
+            "rule must be a stopping rule with a `needs_statistics` attribute and a `decide(window)` "
+            f"method (for example gradaccum.FixedSteps(4)) or a planner with `plan(history)`, got {rule!r}"
         )
     return rule
 

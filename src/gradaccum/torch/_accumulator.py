@@ -15,6 +15,9 @@ from .._core import (
     WindowView,
 )
 from .._core.config import AccumulationConfig, as_rule
+from .._core.noise_scale import noise_scale, noise_terms
+from .._core.planners import Planner, is_planner
+from .._core.statistics import mean_gsnr
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int
 from ._checks import check_count, check_loss, check_model, tracked_parameters
@@ -44,7 +47,9 @@ class Accumulator:
     Args:
       model: the module being trained (plain or DistributedDataParallel).
       optimizer: an optimizer that owns every trainable parameter of ``model``.
-      rule: a stopping rule, for example ``gradaccum.FixedSteps(4)``, or an ``AccumulationConfig``.
+      rule: a stopping rule, for example ``gradaccum.FixedSteps(4)``, an ``AccumulationConfig``,
+        or a planner (``gradaccum.BatchRamp``, ``NoiseScalePlanner``, ``NormTestPlanner``),
+        which fixes each window's length before it starts (``planned_micro_batches``).
       scheduler: optional LR scheduler, stepped once per optimizer step that happened.
       scaler: optional ``torch.amp.GradScaler``; the window is unscaled once, and a window
         whose gradient has inf/nan is skipped with the scheduler step, as in one big batch.
@@ -97,7 +102,7 @@ class Accumulator:
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        rule: StoppingRule | AccumulationConfig,
+        rule: StoppingRule | Planner | AccumulationConfig,
         *,
         scheduler: Any | None = None,
         scaler: Any | None = None,
@@ -115,6 +120,9 @@ class Accumulator:
         self.model = model
         self.optimizer = optimizer
         self.rule = as_rule(rule)
+        self.planner: Planner | None = self.rule if is_planner(self.rule) else None
+        if self.planner is not None and not keep_history:
+            raise ValueError("keep_history must be True with a planner: it plans each window from the history")
         if scheduler is not None and not callable(getattr(scheduler, "step", None)):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
         self.scheduler = scheduler
@@ -160,6 +168,8 @@ class Accumulator:
         self._samples = 0
         self._poisoned = False
         self._failed = False  # a backward raised half-way into in-place sums
+        self._planned = None if self.planner is None else check_positive_int(
+            "the planner's window", self.planner.plan(self.history))
 
     @property
     def _in_place(self) -> bool:
@@ -185,6 +195,12 @@ class Accumulator:
     def steps(self) -> int:
         """Windows closed so far, skipped ones included."""
         return self._steps
+
+    @property
+    def planned_micro_batches(self) -> int | None:
+        """With a planner, the micro-batches of the current window (fixed before it starts): what
+        a data loader or a framework hook needs to know in advance. None with a stopping rule."""
+        return self._planned
 
     # ------------------------------------------------------------------ public API
     def backward(self, loss: torch.Tensor, count: Any, *, reduction: Literal["mean", "sum"] = "mean",
@@ -243,6 +259,8 @@ class Accumulator:
             self.stats.commit_empty(self._reduce_increment)  # every rank joins every increment
         if overflow:
             decision = Decision(True, {"overflow": True})
+        elif self._planned is not None:
+            decision = Decision(self._micro_batches >= self._planned, {"planned": self._planned})
         elif self.stats is not None and self.stats.count == 0:
             decision = Decision(False, {})  # no statistics yet (every micro-batch so far was skipped)
         else:
@@ -307,6 +325,8 @@ class Accumulator:
         if self.stats is not None:
             self.stats.load_state_dict(values["statistics"])
         self.monitor = values["monitor"]
+        if self.planner is not None:  # the open window's plan, from the history it was planned from
+            self._planned = self.planner.plan(self.history)
         if self._in_place:
             for p, window_sum in zip(self._params, self._window.sums):
                 p.grad = window_sum
@@ -362,6 +382,8 @@ class Accumulator:
     def _close_window(self, reason: str, decision: Decision) -> bool:
         """Reduce (DDP), then in straight-line order: check, divide, unscale, clip, scale the
         lr, step, restore the lr, step the scheduler, record."""
+        if self.planner is not None and self.stats is not None and self.stats.count >= 2:
+            decision = Decision(decision.stop, {**decision.info, **self._noise_info()})
         items, samples, poisoned = self._items, self._samples, self._poisoned
         if self._ddp:
             items, samples, poisoned = self._all_reduce_window(FLUSH if reason == "flush" else CLOSE)
@@ -403,7 +425,7 @@ class Accumulator:
             info=dict(decision.info),
             samples=samples or None,
         )
-        if self.stats is not None and reason == "rule":
+        if self.stats is not None and self.planner is None and reason == "rule":
             message = self.monitor.observe(self._micro_batches, bool(decision.info.get("capped", False)))
             if message:
                 warnings.warn(f"gradaccum: {message}", RuntimeWarning, stacklevel=3)
@@ -413,6 +435,16 @@ class Accumulator:
         self._steps += 1
         self._reset_window()
         return not skipped
+
+    def _noise_info(self) -> dict[str, float]:
+        """The window's noise terms (unbiased ``tr(Sigma)``, ``|G|^2``), its noise scale and its
+        per-sample GSNR: what the noise-scale planners read from the records."""
+        moments = self.stats.moments()  # type: ignore[union-attr]
+        n = moments[0].n
+        trace, squared = noise_terms(n, [m.mean for m in moments], [m.m2 for m in moments])
+        trace, squared = float(trace), float(squared)
+        return {"samples": n, "trace": trace, "squared_norm": squared, "noise_scale": noise_scale(trace, squared),
+                "gsnr": mean_gsnr(moments, "sample").value}
 
     # ------------------------------------------------------------------ internals
     def _check_grads_untouched(self) -> None:
