@@ -27,6 +27,7 @@ from array_api_compat import array_namespace
 from .moments import Moments
 
 FLOOR_ULPS = 256
+FLAT_BELOW = 1 << 20  # elements below which the reductions run once over all parameters, concatenated
 
 
 class GSNRValue(NamedTuple):
@@ -84,10 +85,14 @@ def gsnr_value(total: Any, elements: Any, n: Any, scale: str) -> Any:
 def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str) -> tuple[Any, Any, Any]:
     """(mean GSNR, live elements, skipped elements) over all parameters, as arrays."""
     largest = largest_second_moment(means, m2s, n)
+    size = sum(math.prod(m.shape) for m in means)
+    if size <= FLAT_BELOW and len(means) > 1:  # the same sums in one pass over a flat copy
+        xp = array_namespace(means[0])
+        means = [xp.concat([xp.reshape(m, (-1,)) for m in means])]
+        m2s = [xp.concat([xp.reshape(m2, (-1,)) for m2 in m2s])]
     terms = [gsnr_terms(m, m2, n, largest) for m, m2 in zip(means, m2s)]
     total = sum(t for t, _ in terms)
     elements = sum(c for _, c in terms)
-    size = sum(math.prod(m.shape) for m in means)
     return gsnr_value(total, elements, n, scale), elements, size - elements
 
 

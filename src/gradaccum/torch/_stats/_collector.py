@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..._core.moments import Moments
 from ..._core.validation import check_positive_int
-from ._explained import Projector, mismatch
+from ._explained import Projector, failing, mismatch
 from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap_per_sample
 from ._merge import merge_sums_into
 from ._registry import LayerStats, lookup
@@ -57,7 +57,7 @@ class _Increment:
 
     squares: list[torch.Tensor | None]
     hooked: list[torch.Tensor | None]  # projected sums over samples of the hooked per-sample gradients
-    floor: list[float]  # magnitude of the terms the hooked calls summed (see _explained)
+    floor: list[Any]  # per parameter, the layer's magnitude floor (see _explained): a float or a 0-d tensor
     tied: dict[int, torch.Tensor] = field(default_factory=dict)  # per-sample gradients summed over calls
 
 
@@ -288,8 +288,8 @@ class PerSampleGradStats:
         for unit in {id(c.unit): c.unit for c in calls}.values():
             self._set_floor(inc, [self._index[id(p)] for p in unit.params.values()], n)  # type: ignore[union-attr]
         dtype = _compute_dtype(calls)
-        unexplained = [i for i, s1 in enumerate(sums) if s1 is not None and i not in on_model
-                       and mismatch(s1, inc.hooked[i], inc.squares[i], n, self._project, dtype, inc.floor[i]) > 1]
+        unexplained = failing([(i, mismatch(s1, inc.hooked[i], inc.squares[i], n, self._project, dtype, inc.floor[i]))
+                               for i, s1 in enumerate(sums) if s1 is not None and i not in on_model])
         if unexplained:
             log.info("gradaccum: the layer hooks do not explain the gradients of %s; using the whole-model fallback",
                      ", ".join(self._names[i] for i in unexplained))
@@ -299,8 +299,8 @@ class PerSampleGradStats:
         if needed:
             self._add_model(needed, n, inc)
             self._set_floor(inc, needed, n)
-            wrong = [i for i in needed
-                     if mismatch(sums[i], inc.hooked[i], inc.squares[i], n, self._project, dtype, inc.floor[i]) > 1]  # type: ignore[arg-type]
+            wrong = failing([(i, mismatch(sums[i], inc.hooked[i], inc.squares[i], n, self._project, dtype,  # type: ignore[arg-type]
+                                          inc.floor[i])) for i in needed])
             if wrong:
                 raise ValueError(
                     f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in wrong)}: "
@@ -314,11 +314,14 @@ class PerSampleGradStats:
 
     @staticmethod
     def _set_floor(inc: _Increment, indices: list[int], n: int) -> None:
-        """The layer's floor for the check: its largest per-element magnitude bound (see _explained)."""
-        bounds = [float(inc.squares[i].max()) for i in indices if inc.squares[i] is not None and inc.squares[i].numel()]  # type: ignore[union-attr]
-        floor = (max(bounds, default=0.0) * n) ** 0.5
+        """The layer's floor for the check: its largest per-element magnitude bound (see _explained),
+        kept on the device (no synchronisation)."""
+        bounds = [inc.squares[i].max() for i in indices if inc.squares[i] is not None and inc.squares[i].numel()]  # type: ignore[union-attr]
+        if not bounds:
+            return
+        floor = torch.sqrt(torch.stack(bounds).max() * n)
         for i in indices:
-            inc.floor[i] = max(inc.floor[i], floor)
+            inc.floor[i] = torch.maximum(torch.as_tensor(inc.floor[i], dtype=floor.dtype, device=floor.device), floor)
 
     # ------------------------------------------------------------------ batch dimension
     def _broadcast_units(self, calls: list[_Call], n: int) -> list[_Unit]:

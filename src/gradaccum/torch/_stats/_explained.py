@@ -61,16 +61,25 @@ def relative_tolerance(dtype: torch.dtype, compute_dtype: torch.dtype, n: int, l
 
 
 def mismatch(grad: torch.Tensor, hooked: torch.Tensor | None, squares: torch.Tensor | None, n: int,
-             project: Projector, compute_dtype: torch.dtype, floor: float = 0.0) -> float:
+             project: Projector, compute_dtype: torch.dtype, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
     """How far the hooked, projected gradient sum is from the real one, in units of the
-    tolerance (> 1 means the hooks do not explain the gradient)."""
+    tolerance (> 1 means the hooks do not explain the gradient), as a 0-d tensor so that the
+    caller reads all parameters' verdicts with one synchronisation."""
     real = project(grad.detach().to(hooked.dtype if hooked is not None else grad.dtype))
     if hooked is None or squares is None:
-        return float("inf") if bool((real != 0).any()) else 0.0
+        return torch.where((real != 0).any(), torch.inf, 0.0).to(torch.float64)
     scale = torch.sqrt(squares.clamp_min(0) * n) + floor
     if scale.dim() >= 2:
         scale = scale.reshape(-1, scale.shape[-1]) @ project.vector(scale.shape[-1], scale.dtype, scale.device).abs()
     length = grad.shape[-1] if grad.dim() >= 2 else 1
     allowed = relative_tolerance(real.dtype, compute_dtype, n, length) * scale + torch.finfo(real.dtype).tiny
-    return float(((real - hooked).abs() / allowed).max())
+    return ((real - hooked).abs() / allowed).max().to(torch.float64)
+
+
+def failing(ratios: list[tuple[int, torch.Tensor]]) -> list[int]:
+    """The indices whose mismatch exceeds the tolerance, read in one synchronisation."""
+    if not ratios:
+        return []
+    verdict = (torch.stack([r.to("cpu") for _, r in ratios]) > 1).tolist()
+    return [i for (i, _), bad in zip(ratios, verdict) if bad]
 
