@@ -49,27 +49,38 @@ def largest_second_moment(means: Sequence[Any], m2s: Sequence[Any], n: Any) -> A
     return out
 
 
+def variance_floor(mean: Any, largest: Any) -> Any:
+    """The variance at or below which an element is not live (a 0-d array, > 0)."""
+    xp = array_namespace(mean)
+    finfo = xp.finfo(mean.dtype)
+    floor = (FLOOR_ULPS * finfo.eps) ** 2 * largest
+    return xp.maximum(floor, xp.asarray(finfo.smallest_normal, dtype=mean.dtype))
+
+
 def live_elements(mean: Any, m2: Any, n: Any, largest: Any = None) -> Any:
     """Boolean mask of the elements whose variance is measurable (see the module docstring);
     ``largest`` is ``largest_second_moment`` over the model (default: this tensor's own)."""
     xp = array_namespace(mean, m2)
-    var = m2 / _max1(xp, _count(n, mean) - 1)
     if largest is None:
         largest = largest_second_moment([mean], [m2], n)
-    finfo = xp.finfo(mean.dtype)
-    floor = (FLOOR_ULPS * finfo.eps) ** 2 * largest
-    floor = xp.where(floor > finfo.smallest_normal, floor, xp.asarray(finfo.smallest_normal, dtype=mean.dtype))
-    return var > floor
+    return m2 / _max1(xp, _count(n, mean) - 1) > variance_floor(mean, largest)
 
 
 def gsnr_terms(mean: Any, m2: Any, n: Any, largest: Any = None) -> tuple[Any, Any]:
     """One parameter's share of the mean GSNR: the sum of ``mu_j^2 / var_j`` over its live
-    elements (NaN if any moment is not finite), and how many those are. ``n`` >= 2."""
+    elements (NaN if any moment is not finite), and how many those are. ``n`` >= 2.
+
+    Written without selects over the elements (they are the slow kernels): a non-live
+    element's variance is raised to the floor, so its ratio is finite (at most
+    ``1 / (FLOOR_ULPS eps)^2``), and multiplied by 0.
+    """
     xp = array_namespace(mean, m2)
-    live = live_elements(mean, m2, n, largest)
+    if largest is None:
+        largest = largest_second_moment([mean], [m2], n)
+    floor = variance_floor(mean, largest)
     var = m2 / _max1(xp, _count(n, mean) - 1)
-    ratio = xp.where(live, (mean * mean) / xp.where(live, var, xp.ones_like(var)), xp.zeros_like(var))
-    total = xp.sum(ratio)
+    live = var > floor
+    total = xp.sum((mean * mean) / xp.maximum(var, floor) * xp.astype(live, mean.dtype))
     finite = xp.all(xp.isfinite(mean)) & xp.all(xp.isfinite(m2))
     return xp.where(finite, total, xp.asarray(math.nan, dtype=total.dtype)), xp.sum(live)
 
@@ -84,12 +95,12 @@ def gsnr_value(total: Any, elements: Any, n: Any, scale: str) -> Any:
 
 def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str) -> tuple[Any, Any, Any]:
     """(mean GSNR, live elements, skipped elements) over all parameters, as arrays."""
-    largest = largest_second_moment(means, m2s, n)
     size = sum(math.prod(m.shape) for m in means)
     if size <= FLAT_BELOW and len(means) > 1:  # the same sums in one pass over a flat copy
         xp = array_namespace(means[0])
         means = [xp.concat([xp.reshape(m, (-1,)) for m in means])]
         m2s = [xp.concat([xp.reshape(m2, (-1,)) for m2 in m2s])]
+    largest = largest_second_moment(means, m2s, n)
     terms = [gsnr_terms(m, m2, n, largest) for m, m2 in zip(means, m2s)]
     total = sum(t for t, _ in terms)
     elements = sum(c for _, c in terms)
