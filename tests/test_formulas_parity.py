@@ -137,3 +137,22 @@ def test_chan_merge_with_an_empty_side_returns_the_other() -> None:
         assert merged.n == 4
         np.testing.assert_array_equal(merged.mean, a.mean)
         np.testing.assert_array_equal(merged.m2, a.m2)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("scale", ["sample", "mean"])
+def test_torch_fused_gsnr_equals_the_definition(name: str, scale: str, monkeypatch) -> None:
+    """torch runs a fused, in-place version of ``gsnr_of`` on large models; on every edge case
+    it gives the definition's value, live count and skipped count."""
+    from gradaccum._core import statistics
+    from gradaccum.torch._stats import _reductions
+
+    monkeypatch.setattr(statistics, "FLAT_BELOW", 0)  # take the fused path even for these small arrays
+    n, means, m2s = case(name, "float64")
+    t_means, t_m2s = [torch.from_numpy(m) for m in means], [torch.from_numpy(m) for m in m2s]
+    fused = _reductions.gsnr_of(t_means, t_m2s, n, scale)
+    plain = statistics.gsnr_of(t_means, t_m2s, n, scale, fused=False)
+    got, want = float(fused[0]), float(plain[0])
+    assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-12)
+    if not math.isnan(want):
+        assert int(fused[1]) == int(plain[1]) and int(fused[2]) == int(plain[2])

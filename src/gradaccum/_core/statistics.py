@@ -20,7 +20,7 @@ makes the statistic NaN, so no rule stops on it.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from array_api_compat import array_namespace
 
@@ -93,8 +93,20 @@ def gsnr_value(total: Any, elements: Any, n: Any, scale: str) -> Any:
     return value * n if scale == "mean" else value
 
 
-def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str) -> tuple[Any, Any, Any]:
-    """(mean GSNR, live elements, skipped elements) over all parameters, as arrays."""
+FUSED: dict[str, Callable[..., tuple[Any, Any, Any]]] = {}
+"""Fused implementations of ``gsnr_of`` per array namespace (``array_namespace(x).__name__``):
+a backend may register one for its hot path; a parity test holds it equal to the definition."""
+
+
+def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str, fused: bool = True
+            ) -> tuple[Any, Any, Any]:
+    """(mean GSNR, live elements, skipped elements) over all parameters, as arrays.
+
+    This is the definition; with ``fused`` a backend's registered implementation of it
+    runs instead where there is one (torch: foreach kernels over the parameter list)."""
+    implementation = FUSED.get(array_namespace(means[0]).__name__) if fused else None
+    if implementation is not None:
+        return implementation(means, m2s, n, scale)
     size = sum(math.prod(m.shape) for m in means)
     if size <= FLAT_BELOW and len(means) > 1:  # the same sums in one pass over a flat copy
         xp = array_namespace(means[0])

@@ -1,6 +1,6 @@
 """Per-sample gradient statistics for PyTorch: a collector and a layer registry."""
 
-from . import _attention, _layers  # noqa: F401  (fill the registry)
+from . import _attention, _layers, _reductions  # noqa: F401  (fill the registries)
 from ._collector import PerSampleGradStats as PerSampleGradStats
 from ._registry import REGISTRY as REGISTRY
 from ._registry import LayerStats as LayerStats

@@ -31,6 +31,8 @@ missed use must be below about 5e-4 of the gradient's magnitude, and in float64 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -68,9 +70,13 @@ def mismatch(grad: torch.Tensor, hooked: torch.Tensor | None, squares: torch.Ten
     real = project(grad.detach().to(hooked.dtype if hooked is not None else grad.dtype))
     if hooked is None or squares is None:
         return torch.where((real != 0).any(), torch.inf, 0.0).to(torch.float64)
-    scale = torch.sqrt(squares.clamp_min(0) * n) + floor
+    # project(sqrt(n S2) + floor, |v|) = project(sqrt(S2), |v|) sqrt(n) + floor sum|v|: one pass
+    scale = squares.sqrt()
     if scale.dim() >= 2:
-        scale = scale.reshape(-1, scale.shape[-1]) @ project.vector(scale.shape[-1], scale.dtype, scale.device).abs()
+        v = project.vector(scale.shape[-1], scale.dtype, scale.device).abs()
+        scale = (scale.reshape(-1, scale.shape[-1]) @ v) * math.sqrt(n) + floor * v.sum()
+    else:
+        scale = scale * math.sqrt(n) + floor
     length = grad.shape[-1] if grad.dim() >= 2 else 1
     allowed = relative_tolerance(real.dtype, compute_dtype, n, length) * scale + torch.finfo(real.dtype).tiny
     return ((real - hooked).abs() / allowed).max().to(torch.float64)

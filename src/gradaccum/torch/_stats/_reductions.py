@@ -1,0 +1,69 @@
+"""The mean GSNR over torch tensors in few passes: a fused implementation of the core's
+definition (``gradaccum._core.statistics.gsnr_of``), registered for torch tensors.
+
+The definition, written once against the array API, makes about fifteen passes over every
+parameter element per decision, each into a fresh temporary; on a 21M-parameter MLP that was
+330 ms per decision (a fresh 84 MB temporary costs page faults every time). Here the same
+arithmetic (the same floor, the same live mask, NaN for non-finite moments) runs in place on
+scratch buffers kept between decisions, about eight passes and no allocation. A parity test
+(tests/test_formulas_parity.py) holds the two equal on every edge case.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import array_api_compat
+import torch
+
+from ..._core import statistics
+
+_SCRATCH: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+
+
+def _scratch(means: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    key = (tuple(tuple(m.shape) for m in means), means[0].dtype, means[0].device)
+    if key not in _SCRATCH:
+        if len(_SCRATCH) > 8:  # a few models at a time; never grow without bound
+            _SCRATCH.clear()
+        _SCRATCH[key] = ([torch.empty_like(m) for m in means], [torch.empty_like(m) for m in means],
+                         [torch.empty_like(m, dtype=torch.bool) for m in means])
+    return _SCRATCH[key]
+
+
+@torch.no_grad()
+def gsnr_of(means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: Any, scale: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    means, m2s = list(means), list(m2s)
+    if sum(m.numel() for m in means) <= statistics.FLAT_BELOW:  # small: the definition's one flat pass is faster
+        return statistics.gsnr_of(means, m2s, n, scale, fused=False)
+    ratios, work, live = _scratch(means)
+    nf = float(n)
+    largest = []
+    for mean, m2, r, w in zip(means, m2s, ratios, work):
+        torch.mul(mean, mean, out=r)  # mu^2
+        torch.add(r, m2, alpha=1.0 / nf, out=w)  # E[g^2] = mu^2 + M2 / n
+        largest.append(w.max())  # NaN or inf here iff a moment is not finite
+    largest_value = torch.stack(largest).max()
+    if not bool(torch.isfinite(largest_value)):
+        nan = torch.full((), math.nan, dtype=means[0].dtype, device=means[0].device)
+        size = sum(m.numel() for m in means)
+        return nan, torch.zeros((), dtype=torch.int64), torch.full((), size, dtype=torch.int64)
+    floor = statistics.variance_floor(means[0], largest_value)
+    threshold = float(floor) * max(nf - 1.0, 1.0)  # var > floor  <=>  M2 > floor * (n - 1)
+    total = torch.zeros((), dtype=means[0].dtype, device=means[0].device)
+    count = torch.zeros((), dtype=torch.int64, device=means[0].device)
+    for m2, r, w, b in zip(m2s, ratios, work, live):
+        torch.clamp_min(m2, threshold, out=w)
+        r.div_(w)  # mu^2 / max(M2, threshold)
+        torch.gt(m2, threshold, out=b)
+        total += r.masked_fill_(b.logical_not_(), 0).sum()
+        b.logical_not_()
+        count += b.sum()
+    total = total * max(nf - 1.0, 1.0)  # mu^2 / var = (n - 1) mu^2 / M2
+    size = sum(m.numel() for m in means)
+    return statistics.gsnr_value(total, count, n, scale), count, size - count
+
+
+statistics.FUSED[array_api_compat.array_namespace(torch.zeros(1)).__name__] = gsnr_of
