@@ -32,12 +32,25 @@ def _scratch(means: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.
     return _SCRATCH[key]
 
 
+def _flat(means: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    key = ("flat", sum(m.numel() for m in means), means[0].dtype, means[0].device)
+    if key not in _SCRATCH:
+        flat = torch.empty(key[1], dtype=key[2], device=key[3])
+        _SCRATCH[key] = ([flat], [torch.empty_like(flat)], [])
+    mean, m2 = _SCRATCH[key][0][0], _SCRATCH[key][1][0]
+    return mean, m2
+
+
 @torch.no_grad()
 def gsnr_of(means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: Any, scale: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     means, m2s = list(means), list(m2s)
-    if sum(m.numel() for m in means) <= statistics.FLAT_BELOW:  # small: the definition's one flat pass is faster
-        return statistics.gsnr_of(means, m2s, n, scale, fused=False)
+    size = sum(m.numel() for m in means)
+    if len(means) > 1 and size <= statistics.FLAT_BELOW:  # small models: one flat copy, few kernel launches
+        flat_mean, flat_m2 = _flat(means)
+        torch.cat([m.reshape(-1) for m in means], out=flat_mean)
+        torch.cat([m.reshape(-1) for m in m2s], out=flat_m2)
+        means, m2s = [flat_mean], [flat_m2]
     ratios, work, live = _scratch(means)
     nf = float(n)
     largest = []
@@ -48,7 +61,6 @@ def gsnr_of(means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: Any, 
     largest_value = torch.stack(largest).max()
     if not bool(torch.isfinite(largest_value)):
         nan = torch.full((), math.nan, dtype=means[0].dtype, device=means[0].device)
-        size = sum(m.numel() for m in means)
         return nan, torch.zeros((), dtype=torch.int64), torch.full((), size, dtype=torch.int64)
     floor = statistics.variance_floor(means[0], largest_value)
     threshold = float(floor) * max(nf - 1.0, 1.0)  # var > floor  <=>  M2 > floor * (n - 1)
@@ -62,7 +74,6 @@ def gsnr_of(means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: Any, 
         b.logical_not_()
         count += b.sum()
     total = total * max(nf - 1.0, 1.0)  # mu^2 / var = (n - 1) mu^2 / M2
-    size = sum(m.numel() for m in means)
     return statistics.gsnr_value(total, count, n, scale), count, size - count
 
 
