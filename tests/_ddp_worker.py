@@ -89,15 +89,17 @@ def run_contract(rank: int, out: Path, mode: str) -> None:
     import time
 
     model = DistributedDataParallel(mlp())
-    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(3), collective_timeout=3)
+    rule = GSNR(1e9, increment=2, max_samples=64) if mode == "contract_gsnr" else FixedSteps(3)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule, collective_timeout=3)
     data = rank_data(rank)
-    calls = {("contract_flush", 0): 1, ("contract_flush", 1): 3, ("contract_late", 0): 3, ("contract_late", 1): 2}
+    calls = {("contract_flush", 0): 1, ("contract_flush", 1): 3, ("contract_late", 0): 3, ("contract_late", 1): 2,
+             ("contract_gsnr", 0): 1, ("contract_gsnr", 1): 3}
     started = time.monotonic()
     outcome = "ok"
     try:
         for i in range(calls[(mode, rank)]):
             acc.backward(*ce_mean(model, take(data, slice(i, i + 1))))
-        if mode == "contract_flush" and rank == 0:
+        if mode in ("contract_flush", "contract_gsnr") and rank == 0:
             acc.flush()
     except Exception as error:  # noqa: BLE001 - the outcome is what the test reads
         outcome = f"{type(error).__name__}: {error}"

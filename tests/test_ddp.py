@@ -114,6 +114,19 @@ def test_ranks_that_break_the_contract_raise_instead_of_hanging(tmp_path: Path) 
         assert "rank 1: the window's close (the rule) at window 0, micro-batch 3" in outcome
 
 
+def test_a_statistics_increment_against_a_flush_is_caught_before_the_collective(tmp_path: Path) -> None:
+    """With GSNR every micro-batch all-reduces the increment's statistics; a rank that flushes
+    meanwhile used to pair its (differently sized) window reduce with it: a C++ abort."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path),
+                               "contract_gsnr"], cwd=ROOT) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    for r in range(2):
+        outcome = (tmp_path / f"rank{r}.txt").read_text().splitlines()[1]
+        assert outcome.startswith("ContractError: data-parallel ranks disagree")
+        assert "rank 0: flush() at window 0, micro-batch 1" in outcome
+        assert "rank 1: a statistics increment (backward) at window 0, micro-batch 2" in outcome
+
+
 def test_a_rank_that_never_arrives_times_out_with_the_contract_named(tmp_path: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path),
                                "contract_late"], cwd=ROOT) for r in range(2)]

@@ -231,3 +231,12 @@ def test_import_gradaccum_needs_no_experiment_stack() -> None:
 
 
 
+
+
+def test_a_file_in_the_way_of_the_data_dir_is_named(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "data"
+    blocker.write_text("not a directory")
+    assert main(["train", "--arm", "baseline", "--lr", "0.01", *TINY[1:], "--out", str(tmp_path / "out"),
+                 "--data-dir", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert "data_dir: cannot create" in err and "sub" in err
