@@ -100,38 +100,31 @@ def test_ranks_agree_on_the_smallest_micro_batch_that_fits(tmp_path: Path) -> No
     assert [r["size"] for r in ranks] == [min(worker.PROBE_LIMITS.values())] * 2
 
 
-def test_ranks_that_break_the_contract_raise_instead_of_hanging(tmp_path: Path) -> None:
-    """One rank flushes while the other completes its window: before, the ranks paired
-    different collectives (a hang for the 30-minute timeout, or a C++ abort). The header
-    all-gathered before each collective makes both raise, naming what each did."""
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path),
-                               "contract_flush"], cwd=ROOT) for r in range(2)]
+def contract_outcomes(tmp_path: Path, mode: str) -> list[tuple[float, str]]:
+    """Run the two ranks of a contract-breaking mode; each rank's (seconds, outcome)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path), mode],
+                              cwd=ROOT) for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    for r in range(2):
-        outcome = (tmp_path / f"rank{r}.txt").read_text().splitlines()[1]
-        assert outcome.startswith("ContractError: data-parallel ranks disagree")
-        assert "rank 0: flush() at window 0, micro-batch 1" in outcome
-        assert "rank 1: the window's close (the rule) at window 0, micro-batch 3" in outcome
+    lines = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
+    return [(float(seconds), outcome) for seconds, outcome in lines]
 
 
-def test_a_statistics_increment_against_a_flush_is_caught_before_the_collective(tmp_path: Path) -> None:
-    """With GSNR every micro-batch all-reduces the increment's statistics; a rank that flushes
-    meanwhile used to pair its (differently sized) window reduce with it: a C++ abort."""
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path),
-                               "contract_gsnr"], cwd=ROOT) for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    for r in range(2):
-        outcome = (tmp_path / f"rank{r}.txt").read_text().splitlines()[1]
+@pytest.mark.parametrize(("mode", "rank1_did"), [
+    ("contract_flush", "rank 1: the window's close (the rule) at window 0, micro-batch 3"),
+    ("contract_gsnr", "rank 1: a statistics increment (backward) at window 0, micro-batch 2"),
+])
+def test_ranks_that_break_the_contract_raise_instead_of_hanging(tmp_path: Path, mode: str, rank1_did: str) -> None:
+    """One rank flushes while the other goes on: before, the ranks paired different
+    collectives (a hang for the 30-minute timeout; with GSNR's per-increment reduce of a
+    different size, a C++ abort). The header all-gathered before each collective makes both
+    raise, naming what each did."""
+    for _, outcome in contract_outcomes(tmp_path, mode):
         assert outcome.startswith("ContractError: data-parallel ranks disagree")
-        assert "rank 0: flush() at window 0, micro-batch 1" in outcome
-        assert "rank 1: a statistics increment (backward) at window 0, micro-batch 2" in outcome
+        assert "rank 0: flush() at window 0, micro-batch 1" in outcome and rank1_did in outcome
 
 
 def test_a_rank_that_never_arrives_times_out_with_the_contract_named(tmp_path: Path) -> None:
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path),
-                               "contract_late"], cwd=ROOT) for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    seconds, outcome = (tmp_path / "rank0.txt").read_text().splitlines()
+    seconds, outcome = contract_outcomes(tmp_path, "contract_late")[0]
     assert outcome.startswith("ContractError: rank 0: the Accumulator's collective for the window's close")
     assert "call Accumulator.backward the same number of times per window" in outcome
-    assert float(seconds) < 11  # the 3 s timeout, not the peer's exit after 12 s
+    assert seconds < 11  # the 3 s timeout, not the peer's exit after 12 s

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from .reference import IGNORE, Tokens
 
 
 # ---------------------------------------------------------------- nanoGPT-style LM
@@ -87,26 +87,17 @@ def decay_groups(model: nn.Module, weight_decay: float = 0.1) -> list[dict[str, 
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-@dataclass
-class Tokens:
-    idx: torch.Tensor
-    labels: torch.Tensor  # IGNORE where a position does not count
-
-    def __len__(self) -> int:
-        return len(self.idx)
-
-
 def lm_batch(n: int, seed: int, length: int = 8, vocab: int = 13) -> Tokens:
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, vocab, (n, length), generator=g)
     labels = torch.randint(0, vocab, (n, length), generator=g)
     labels[torch.rand(n, length, generator=g) < 0.3] = IGNORE  # padding: token counts differ per sample
     labels[:, 0] = idx[:, 0]
-    return Tokens(idx, labels)
+    return Tokens(idx, labels)  # tests.reference.Tokens: token ids and labels (IGNORE where not counted)
 
 
 def lm_losses(model: nn.Module, batch: Tokens) -> torch.Tensor:
-    logits = model(batch.idx)
+    logits = model(batch.tokens)
     per_token = F.cross_entropy(logits.transpose(1, 2), batch.labels, ignore_index=IGNORE, reduction="none")
     return per_token.sum(1)
 
