@@ -41,12 +41,13 @@ def reference(model: nn.Module, pattern: zoo.Pattern, increments: list, params: 
               before=lambda k: None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Moments of the per-sample gradients of every sample of ``increments``, by a loop."""
     grads = []
+    trainable = [p for p in params if p.requires_grad]
     for k, batch in enumerate(increments):
         before(k)
         for i in range(len(batch)):
             loss = pattern.losses(model, zoo.take(batch, slice(i, i + 1))).sum()
-            got = torch.autograd.grad(loss, params, allow_unused=True)
-            grads.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, got)])
+            got = dict(zip(map(id, trainable), torch.autograd.grad(loss, trainable, allow_unused=True)))
+            grads.append([torch.zeros_like(p) if got.get(id(p)) is None else got[id(p)] for p in params])
     out = []
     for j in range(len(params)):
         g = torch.stack([sample[j] for sample in grads])
@@ -160,6 +161,23 @@ def test_registered_subclass_with_another_forward_is_caught_by_the_check() -> No
     assert stats.paths["2.weight"].startswith("model:") and "0.weight" not in stats.paths
     want = reference(model, pattern, [batch], stats.params)
     assert_moments([(m.n, m.mean, m.m2) for m in stats.moments()], want, 6)
+
+
+def test_frozen_parameter_inside_a_fallback_module_gets_no_statistics() -> None:
+    """An LSTM (the vmap/loop fallback) with one weight frozen: the fallback must not give the
+    frozen weight per-sample gradients (they would count as variance of a gradient never applied)."""
+    pattern = zoo.ZOO["lstm"]
+    model = zoo.build("lstm")
+    model.lstm.weight_hh_l0.requires_grad_(False)
+    rule = Record(2)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), rule)
+    increments = [pattern.batch(4, 1), pattern.batch(3, 2)]
+    for batch in increments:
+        acc.backward(pattern.losses(model, batch).sum(), pattern.items(batch), reduction="sum")
+    want = reference(model, pattern, increments, acc._params)
+    assert_moments(rule.seen[1], want, 7)
+    frozen = [id(p) for p in acc._params].index(id(model.lstm.weight_hh_l0))
+    assert float(rule.seen[1][frozen][2].abs().max()) == 0.0
 
 
 def test_samples_argument_overrides_and_is_checked() -> None:

@@ -381,7 +381,7 @@ class PerSampleGradStats:
     def _add_call(self, call: _Call, n: int, inc: _Increment, uses: dict[int, int], on_model: set[int]) -> None:
         unit = call.unit
         assert unit is not None
-        wanted = {k for k, p in unit.params.items() if self._index[id(p)] not in on_model}
+        wanted = {k for k, p in unit.params.items() if p.requires_grad and self._index[id(p)] not in on_model}
         if not wanted:
             return
         dtype = next(iter(unit.params.values())).dtype
