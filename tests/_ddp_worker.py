@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gradaccum import GSNR, FixedSteps
+from gradaccum import GSNR, BatchRamp, FixedSteps
 from gradaccum.torch import Accumulator, find_micro_batch_size
 
 from .reference import GradCapture, ce_mean, classification, mlp, take
@@ -52,7 +52,9 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_contract(rank, out, mode)  # ranks break the contract: no common teardown
         sys.stdout.flush()
         os._exit(0)
-    if mode in ("gsnr", "gsnr_skip"):
+    if mode == "ramp":
+        run_ramp(rank, out)
+    elif mode in ("gsnr", "gsnr_skip"):
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
     elif mode == "probe":
         run_probe(rank, out)
@@ -106,6 +108,33 @@ def run_contract(rank: int, out: Path, mode: str) -> None:
     (out / f"rank{rank}.txt").write_text(f"{time.monotonic() - started:.1f}\n{outcome}")
     if mode == "contract_late" and rank == 1:
         time.sleep(12)  # linger: the peer must time out, not see a closed connection
+
+
+def ramp_rule() -> BatchRamp:
+    return BatchRamp(start=8, end=32, over=96, micro_batch=4)  # global samples: each rank feeds 2
+
+
+def run_ramp(rank: int, out: Path) -> None:
+    """A planned window under DDP: every rank plans the same window from the same (global)
+    history; the gradient is reduced once per window, on its last micro-batch."""
+    model = DistributedDataParallel(mlp())
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), ramp_rule())
+    large: list[int] = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        if tensor.numel() > 16:  # parameter-sized, not the item counts
+            large.append(acc.window_micro_batches)
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    data = gsnr_data()
+    for start in range(0, GSNR_SAMPLES, 4):
+        acc.backward(*ce_mean(model, take(data, slice(start + 2 * rank, start + 2 * rank + 2))))
+    acc.flush()
+    dist.all_reduce = original
+    torch.save({"windows": [(r.items, r.micro_batches) for r in acc.history], "large": large,
+                "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
 
 
 PROBE_LIMITS = {0: 37, 1: 20}  # the largest micro-batch that fits, per rank

@@ -128,3 +128,23 @@ def test_a_rank_that_never_arrives_times_out_with_the_contract_named(tmp_path: P
     assert outcome.startswith("ContractError: rank 0: the Accumulator's collective for the window's close")
     assert "call Accumulator.backward the same number of times per window" in outcome
     assert seconds < 11  # the 3 s timeout, not the peer's exit after 12 s
+
+
+def test_planned_windows_on_two_ranks_equal_one_process_with_one_reduce_per_window(tmp_path: Path) -> None:
+    """A planner under DDP: both ranks plan the same windows from the global history, the
+    gradient is reduced once per window (on its last micro-batch), and the run equals one
+    process that sees both halves of every micro-batch."""
+    ranks = run_two_ranks(tmp_path, "ramp")
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), worker.ramp_rule())
+    data = worker.gsnr_data()
+    for start in range(0, worker.GSNR_SAMPLES, 4):
+        acc.backward(*ce_mean(model, take(data, slice(start, start + 4))))
+    acc.flush()
+    windows = [(r.items, r.micro_batches) for r in acc.history]
+    assert len({items for items, _ in windows}) > 1  # the ramp really changes the window
+    for r in range(2):
+        assert ranks[r]["windows"] == windows
+        assert ranks[r]["large"] == [m for _, m in windows]  # one parameter-sized reduce, at each window's end
+        for p, q in zip(ranks[r]["params"], model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)

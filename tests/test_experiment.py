@@ -109,13 +109,13 @@ def test_train_one_run_on_the_jax_backend(arm: str, extra: list[str], tmp_path: 
 
 def test_killed_study_resumes_without_repeating_finished_trials(tmp_path: Path, data_dir: str) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "4", "--budget", "6400",
+    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "4", "--budget", "25600",
             "--eval-every", "3200", "--out", str(tmp_path), "--data-dir", data_dir, "--storage", storage, "--quiet"]
     proc = subprocess.Popen(args, cwd=ROOT)
     study = None
     deadline = time.time() + 240
-    while time.time() < deadline:  # wait for the first finished trial, then kill mid-study
-        time.sleep(0.5)
+    while time.time() < deadline:  # wait for the first finished trial (~1.5 s each), then kill mid-study
+        time.sleep(0.2)
         try:
             study = optuna.load_study(study_name="gradaccum-baseline", storage=storage)
             done = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
