@@ -94,7 +94,7 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tmp_path: Pa
 
 
 def test_a_killed_study_resumes_on_postgres(postgres_url: str, tmp_path: Path) -> None:
-    args = tune_args("baseline", 4, tmp_path, postgres_url, budget=12800)  # ~2 s a trial: time to kill
+    args = tune_args("baseline", 4, tmp_path, postgres_url, budget=25600)  # ~1.5 s a trial: time to kill
     proc = subprocess.Popen(args, cwd=ROOT)
     deadline, before = time.time() + 240, {}
     while time.time() < deadline and not before:
