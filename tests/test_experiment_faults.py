@@ -240,3 +240,14 @@ def test_a_file_in_the_way_of_the_data_dir_is_named(tmp_path: Path, capsys) -> N
                  "--data-dir", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err
     assert "data_dir: cannot create" in err and "sub" in err
+
+
+def test_the_report_counts_diverged_final_runs(tmp_path: Path, capsys) -> None:
+    run = {"seed": 0, "test_accuracy": 0.1, "final_val_accuracy": 0.1, "val_curve": [[160, 0.1]], "steps": 0,
+           "batch_sizes": [], "flushed_items": 0, "statistic": [], "warnings": [], "diverged": True}
+    good = dict(run, test_accuracy=0.6, final_val_accuracy=0.6, steps=10, batch_sizes=[32] * 10, diverged=False)
+    results = {"config": {"budget": 320, "eval_every": 160, "trials": 1, "seeds": 2},
+               "arms": {"baseline": {"best_params": {"lr": 0.01}, "trials": [], "runs": [good, run]}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert main(["report", "--out", str(tmp_path)]) == 0
+    assert "1 of 2 final runs diverged" in (tmp_path / "report.md").read_text()

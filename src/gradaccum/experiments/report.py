@@ -29,7 +29,8 @@ STABILITY_LAST = 10
 
 
 def effective_batches(run: dict[str, Any]) -> list[int]:
-    """The windows the rule closed, or the one flushed window of a run too short to close any."""
+    """The windows the rule closed, or the one flushed window of a run too short to close any
+    (0 for a run that diverged before its first step)."""
     return run["batch_sizes"] or [run["flushed_items"]]
 
 
@@ -53,6 +54,7 @@ def summarize(results: dict[str, Any], timings: dict[str, list[float]]) -> dict[
             "steps": statistics.fmean([r["steps"] for r in runs]),
             "wall": statistics.fmean(timings[arm]) if timings.get(arm) else math.nan,
             "params": entry["best_params"], "warnings": sorted({w for r in runs for w in r["warnings"]}),
+            "diverged": sum(bool(r.get("diverged")) for r in runs), "runs": len(runs),
         }
     return out
 
@@ -126,6 +128,13 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     for arm, ref in REFERENCE.items():
         lines.append(f"| {label(arm)} | {ref['lr']} | {ref.get('tau', '-')} | {100 * ref['test_accuracy']:.2f} % |")
     lines += ["", "## Verdict", "", verdict(summary), ""]
+    diverged = {arm: s for arm, s in summary.items() if s["diverged"]}
+    if diverged:
+        lines += ["## Diverged runs", ""]
+        lines += [f"- {label(arm)}: {s['diverged']} of {s['runs']} final runs diverged (a non-finite loss or "
+                  "gradient); their accuracies, counted above, are those of the weights when it happened"
+                  for arm, s in diverged.items()]
+        lines.append("")
     warned = {arm: s["warnings"] for arm, s in summary.items() if s["warnings"]}
     if warned:
         lines += ["## Warnings during the final runs", ""]
@@ -224,5 +233,5 @@ def check_results(results: Any, path: Path) -> None:
                     raise bad(f"arms.{arm}.runs[{k}].{name} must be a finite {kind.__name__}, got {value!r}")
             if not all(isinstance(p, list) and len(p) == 2 for p in run["val_curve"]):
                 raise bad(f"arms.{arm}.runs[{k}].val_curve must hold [samples, accuracy] pairs")
-            if not run["batch_sizes"] and not run["flushed_items"]:
+            if not run["batch_sizes"] and not run["flushed_items"] and not run.get("diverged"):
                 raise bad(f"arms.{arm}.runs[{k}] has no window (batch_sizes and flushed_items are empty)")
