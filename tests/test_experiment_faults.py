@@ -251,3 +251,19 @@ def test_the_report_counts_diverged_final_runs(tmp_path: Path, capsys) -> None:
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert main(["report", "--out", str(tmp_path)]) == 0
     assert "1 of 2 final runs diverged" in (tmp_path / "report.md").read_text()
+
+
+def test_a_storage_failure_mid_tune_names_the_storage(data: MNIST1D, tmp_path: Path, monkeypatch) -> None:
+    """A full disk under SQLite mid-tune ended in "AssertionError: Should not reach."; the
+    storage's own error now reaches the user as a SettingsError naming the storage."""
+    real_tell = optuna.Study.tell
+
+    def full(self, *args, **kwargs):
+        raise optuna.exceptions.StorageInternalError("(sqlite3.OperationalError) database or disk is full")
+
+    monkeypatch.setattr(optuna.Study, "tell", full)
+    cfg = ExperimentConfig(out=str(tmp_path), trials=2, budget=320, eval_every=160, arms=["baseline"])
+    with pytest.raises(SettingsError, match=r"storage: writing to 'sqlite:///.*optuna.db' failed: .*disk is full"):
+        tuning.tune_arm("baseline", cfg, data)
+    monkeypatch.setattr(optuna.Study, "tell", real_tell)
+    assert len(tuning.tune_arm("baseline", cfg, data).get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
