@@ -325,3 +325,18 @@ def test_sparse_embedding_is_refused_by_name() -> None:
     model(torch.randint(0, 7, (4, 2))).sum().backward()
     with pytest.raises(ValueError, match=r"nn.Embedding\(sparse=True\)"):
         stats.commit()
+
+
+def test_a_forward_that_does_not_reach_the_loss_does_not_set_the_sample_count() -> None:
+    """A monitoring forward (gradients on, another batch size) between the real forward and
+    the backward must not be taken for the increment's model call."""
+    pattern = zoo.ZOO["nanogpt"]
+    model = zoo.build("nanogpt")
+    stats = PerSampleGradStats(model)
+    batch = pattern.batch(5, 3)
+    loss = pattern.losses(model, batch).sum()
+    model(pattern.batch(3, 9).tokens)  # looked at, never differentiated
+    loss.backward()
+    stats.commit()
+    want = reference(model, pattern, [batch], stats.params)
+    assert_moments([(m.n, m.mean, m.m2) for m in stats.moments()], want, 5)

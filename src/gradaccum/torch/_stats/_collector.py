@@ -190,8 +190,15 @@ class PerSampleGradStats:
         if self._replaying or self._probe is not None or not torch.is_grad_enabled():
             return
         call = _Call(None, _detach_all(args), {k: _detach(v) for k, v in kwargs.items()}, _leading(args, kwargs, 0))
-        self._model_call = call
+        self._model_calls.append(call)
         self._record(call, output, keep=False)
+
+    @property
+    def _model_call(self) -> _Call | None:
+        """The model's call this increment's loss came from: the last one whose outputs reached
+        it (a forward for monitoring in between, with gradients on, does not count)."""
+        reached = [c for c in self._model_calls if c.reached_loss]
+        return reached[-1] if reached else (self._model_calls[-1] if self._model_calls else None)
 
     def _record(self, call: _Call, output: Any, keep: bool = True) -> None:
         outputs, _ = tree_flatten(output)
@@ -205,7 +212,7 @@ class PerSampleGradStats:
     # ------------------------------------------------------------------ increments
     def _reset_increment(self) -> None:
         self._calls: list[_Call] = []
-        self._model_call: _Call | None = None
+        self._model_calls: list[_Call] = []
 
     def discard(self) -> None:
         """Forget the increment recorded since the last ``commit`` (for a skipped micro-batch)."""
