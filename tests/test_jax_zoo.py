@@ -2,8 +2,8 @@
 
 nanoGPT-style LM (token and position embeddings with ``wpe(arange(T))`` broadcast over the
 batch, a causal attention block, the head tied through ``Embed.attend``, per-token losses with
-padding weighed by token counts), for B != T and B == T; a ResNet-like CNN with GroupNorm;
-the reference MLP. Float64 (x64 in conftest.py).
+padding weighed by token counts), for B != T and B == T; an LSTM tagger (``nn.RNN``); a
+ResNet-like CNN with GroupNorm; the reference MLP. Float64 (x64 in conftest.py).
 """
 
 from __future__ import annotations
@@ -48,6 +48,13 @@ class ResNetLike(fnn.Module):
         return fnn.Dense(3, **F64)(h.mean(axis=(1, 2)))
 
 
+class LSTMTagger(fnn.Module):
+    @fnn.compact
+    def __call__(self, idx):
+        h = fnn.RNN(fnn.OptimizedLSTMCell(6, param_dtype=jnp.float64))(fnn.Embed(VOCAB, 6, **F64)(idx))
+        return fnn.Dense(VOCAB, **F64)(h)
+
+
 class MLP(fnn.Module):
     @fnn.compact
     def __call__(self, x):
@@ -56,8 +63,8 @@ class MLP(fnn.Module):
         return fnn.Dense(3, **F64)(x)
 
 
-def lm_case(block: int):
-    model = NanoGPT(block=block)
+def lm_case(block: int, model: fnn.Module | None = None):
+    model = NanoGPT(block=block) if model is None else model
 
     def losses(params, batch):
         """Per-example mean over counted tokens (the weights are the token counts)."""
@@ -89,6 +96,7 @@ def classifier_case(model, shape):
 CASES = {
     "nanogpt": lambda: lm_case(8),
     "nanogpt_B_eq_T": lambda: lm_case(6),
+    "lstm": lambda: lm_case(8, LSTMTagger()),
     "resnet_groupnorm": lambda: classifier_case(ResNetLike(), (6, 6, 1)),
     "mlp": lambda: classifier_case(MLP(), (5,)),
 }
