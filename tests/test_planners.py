@@ -187,3 +187,32 @@ def test_keep_history_is_required_with_a_planner() -> None:
     model = mlp()
     with pytest.raises(ValueError, match="keep_history must be True with a planner"):
         Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchRamp(8, 32, 64, 4), keep_history=False)
+
+
+def test_lr_schedule_over_items_with_a_planner() -> None:
+    """With a ramp the number of steps is not known in advance: an LR schedule over items
+    seen (warmup, then decay) applies per step, on top of the optimizer's lr, and resumes."""
+    data = classification(160)
+    schedule = lambda seen: min(1.0, (seen + 8) / 64) * 0.5 ** (seen / 128)  # noqa: E731
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), BatchRamp(8, 32, over=96, micro_batch=8),
+                      lr_schedule=schedule)
+    for start in range(0, 160, 8):
+        acc.backward(*ce_mean(model, take(data, slice(start, start + 8))))
+    seen = 0
+    for record in acc.history:
+        assert record.lr[0] == pytest.approx(0.1 * schedule(seen), rel=1e-12)
+        seen += record.items
+    assert acc.optimizer.param_groups[0]["lr"] == 0.1  # the factor holds for its step only
+    assert acc.state_dict()["items_seen"] == seen
+
+
+def test_a_bad_lr_schedule_is_named() -> None:
+    model = mlp()
+    with pytest.raises(TypeError, match="lr_schedule must be a callable"):
+        Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(1), lr_schedule=0.5)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(1),
+                      lr_schedule=lambda seen: float("nan"))
+    with pytest.raises(ValueError, match=r"lr_schedule\(0\) must return a finite factor"):
+        acc.backward(*ce_mean(model, take(classification(4), slice(0, 4))))
+    assert acc.window_micro_batches == 0 and all(p.grad is None for p in model.parameters())

@@ -66,6 +66,11 @@ class Accumulator:
         parameter group for the step only, on top of any scheduler.
       reference_batch: the batch size at which the optimizer's learning rate applies
         unchanged (required with ``lr_scaling``).
+      lr_schedule: an LR schedule over training progress in items, not steps (with a planner
+        or an adaptive rule the number of steps is not known in advance):
+        ``lr_schedule(items_seen) -> factor``, ``items_seen`` counting the items of every
+        earlier window; each group's lr is multiplied by it for the step only, on top of
+        any scheduler and ``lr_scaling``.
       collective_timeout: seconds the Accumulator's own collectives wait for every rank
         under DistributedDataParallel before raising (default 300).
 
@@ -111,6 +116,7 @@ class Accumulator:
         keep_history: bool = True,
         lr_scaling: str | None = None,
         reference_batch: int | None = None,
+        lr_schedule: Any | None = None,
         collective_timeout: float = 300.0,
     ) -> None:
         self._params = tracked_parameters(model, optimizer)
@@ -138,6 +144,9 @@ class Accumulator:
         if self.lr_scaling is not None and reference_batch is None:
             raise ValueError("reference_batch must be given with lr_scaling (the batch size the lr was set for)")
         self.reference_batch = None if reference_batch is None else check_positive_int("reference_batch", reference_batch)
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise TypeError(f"lr_schedule must be a callable items_seen -> factor, got {type(lr_schedule).__name__}")
+        self.lr_schedule = lr_schedule
         timeout = check_positive_float("collective_timeout", collective_timeout)
         self._ddp = is_ddp(model)
         self.stats: PerSampleGradStats | None = None
@@ -156,6 +165,7 @@ class Accumulator:
         self.history: list[StepRecord] = []
         self.last_record: StepRecord | None = None
         self._steps = 0
+        self._items_seen = 0  # items of every closed window (the schedule's progress)
         self._reset_window()
 
     # ------------------------------------------------------------------ window state
@@ -168,6 +178,7 @@ class Accumulator:
         self._samples = 0
         self._poisoned = False
         self._failed = False  # a backward raised half-way into in-place sums
+        self._schedule: float | None = None  # lr_schedule's factor for this window, from the items seen before it
         self._planned = None if self.planner is None else check_positive_int(
             "the planner's window", self.planner.plan(self.history))
 
@@ -237,6 +248,8 @@ class Accumulator:
         check_choice("reduction", reduction, ("mean", "sum"))
         if samples is not None:
             check_positive_int("samples", samples)
+        if self._micro_batches == 0:
+            self._schedule = self._scheduled_factor()  # a bad schedule is refused before the window changes
         self._check_grads_untouched()
         self._micro_batches += 1
         try:
@@ -301,6 +314,7 @@ class Accumulator:
             "samples": self._samples,
             "poisoned": self._poisoned,
             "steps": self._steps,
+            "items_seen": self._items_seen,
             "history": [r.as_dict() for r in self.history],
             "statistics": None if self.stats is None else self.stats.state_dict(),
             "monitor": vars(self.monitor).copy(),
@@ -320,6 +334,8 @@ class Accumulator:
         self._poisoned = values["poisoned"]
         self._failed = False
         self._steps = values["steps"]
+        self._items_seen = values["items_seen"]
+        self._schedule = None  # recomputed from the restored progress
         self.history = values["history"]
         self.last_record = self.history[-1] if self.history else None
         if self.stats is not None:
@@ -384,6 +400,7 @@ class Accumulator:
         lr, step, restore the lr, step the scheduler, record."""
         if self.planner is not None and self.stats is not None and self.stats.count >= 2:
             decision = Decision(decision.stop, {**decision.info, **self._noise_info()})
+        scheduled = self._schedule if self._schedule is not None else self._scheduled_factor()
         items, samples, poisoned = self._items, self._samples, self._poisoned
         if self._ddp:
             items, samples, poisoned = self._all_reduce_window(FLUSH if reason == "flush" else CLOSE)
@@ -392,8 +409,11 @@ class Accumulator:
         skipped = poisoned or items == 0
         grad_norm: float | None = None
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        factor = 1.0
         if self.lr_scaling is not None and items > 0:
             factor = lr_factor(self.lr_scaling, items, self.reference_batch)  # type: ignore[arg-type]
+        factor *= scheduled
+        if factor != 1.0:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["lr"] * factor
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -432,9 +452,19 @@ class Accumulator:
         self.last_record = record
         if self.keep_history:
             self.history.append(record)
+        self._items_seen += items
         self._steps += 1
         self._reset_window()
         return not skipped
+
+    def _scheduled_factor(self) -> float:
+        if self.lr_schedule is None:
+            return 1.0
+        seen = self._items_seen
+        value = self.lr_schedule(seen)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < float("inf")):
+            raise ValueError(f"lr_schedule({seen}) must return a finite factor >= 0, got {value!r}")
+        return float(value)
 
     def _noise_info(self) -> dict[str, float]:
         """The window's noise terms (unbiased ``tr(Sigma)``, ``|G|^2``), its noise scale and its

@@ -16,8 +16,8 @@ import torch
 from .._core import DecisionMonitor, StepRecord
 
 VERSION = 2
-KEYS = ("version", "sums", "micro_batches", "items", "samples", "shift", "poisoned", "steps", "history",
-        "statistics", "monitor")
+KEYS = ("version", "sums", "micro_batches", "items", "samples", "shift", "poisoned", "steps", "items_seen",
+        "history", "statistics", "monitor")
 
 
 def checked_state(state: Any, params: list[torch.nn.Parameter], stats: Any) -> dict[str, Any]:
@@ -31,7 +31,7 @@ def checked_state(state: Any, params: list[torch.nn.Parameter], stats: Any) -> d
     if missing:
         raise ValueError(f"state is missing {', '.join(missing)}")
     out: dict[str, Any] = {}
-    for key in ("micro_batches", "items", "samples", "steps", "shift"):
+    for key in ("micro_batches", "items", "samples", "steps", "shift", "items_seen"):
         value = state[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"state['{key}'] must be a non-negative int, got {value!r}")
