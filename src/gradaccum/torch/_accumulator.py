@@ -366,7 +366,7 @@ class Accumulator:
         if (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
             self._on_nonfinite("loss", count)
             return False, False
-        seed = self._window.seed(count, reduction, first=self._window.empty)
+        seed = self._window.seed(count, reduction)
         total = loss * seed
         if self.scaler is not None:
             total = self.scaler.scale(total)

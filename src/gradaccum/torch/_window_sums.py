@@ -35,9 +35,10 @@ class WindowSums:
         """No gradient has reached the window yet."""
         return all(s is None for s in self.sums)
 
-    def seed(self, count: int, reduction: str, first: bool) -> float:
-        """The factor the micro-batch's loss is multiplied by before its backward."""
-        if first:
+    def seed(self, count: int, reduction: str) -> float:
+        """The factor the micro-batch's loss is multiplied by before its backward; the
+        window's first gradient fixes the shift."""
+        if self.empty:
             self.shift = max(count.bit_length() - 1, 0)  # 2**shift <= count < 2**(shift + 1)
         factor = 2.0 ** -self.shift
         return count * factor if reduction == "mean" else factor

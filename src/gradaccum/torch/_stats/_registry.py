@@ -83,9 +83,6 @@ def register_layer_stats(*types: type[nn.Module]) -> Callable[[LayerStats], Laye
     return add
 
 
-register = register_layer_stats
-
-
 def lookup(module: nn.Module) -> LayerStats | None:
     """The entry for ``module``'s type, or the nearest registered base class."""
     for t in type(module).__mro__:
