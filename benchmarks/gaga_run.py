@@ -5,22 +5,27 @@ the same data order for every arm (increments of 32 drawn from one seeded shuffl
   baseline    a plain PyTorch loop, batch 32, lr 0.00589 (the reference's tuned value);
   gaga        Accumulator + GSNR(0.0984, increment=32, max_samples=512, scale="sample"),
               lr 0.00307 (the reference's tuned values);
-  gaga-mean   the same with scale="mean" and tau 1.5 (docs/design.md, "GSNR").
-Prints wall time, its ratio to the baseline, optimizer steps, the mean effective batch
-and test accuracy.
+  gaga-mean   the same with scale="mean" and tau 1.5 (docs/design.md, "GSNR");
+  norm-test   Accumulator + NormTest(0.5, increment=32, max_samples=512), lr 0.00307: the
+              norm path (per-sample gradient norms, no per-element moments).
+Every round runs every arm once, the order rotated; the table gives the median wall time,
+the median over rounds of each arm's time over the baseline's in the same round with its
+min-max, optimizer steps, the mean effective batch and test accuracy (the same every round:
+one seed, deterministic).
 
-    python benchmarks/gaga_run.py [--samples 96000] [--seed 0]
+    python benchmarks/gaga_run.py [--samples 96000] [--seed 0] [--rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 from torch import nn
 
-from gradaccum import GSNR
+from gradaccum import GSNR, NormTest
 from gradaccum.experiments.mnist1d_data import load_mnist1d
 from gradaccum.torch import Accumulator
 
@@ -47,48 +52,69 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=96_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    data = load_mnist1d()
-    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    rows = []
+ARMS = {
+    "gaga (sample scale, tau 0.0984)": (lambda: GSNR(0.0984, scale="sample"), 0.00307),
+    "gaga-mean (mean scale, tau 1.5)": (lambda: GSNR(1.5, scale="mean"), 0.00307),
+    "norm-test (theta 0.5)": (lambda: NormTest(0.5, increment=32, max_samples=512), 0.00307),
+}
+BASELINE = "baseline (batch 32)"
 
-    torch.manual_seed(args.seed)
+
+def run_baseline(x, y, samples: int, seed: int) -> tuple[nn.Module, int, float]:
+    torch.manual_seed(seed)
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=0.00589)
-    t = time.perf_counter()
     steps = 0
-    for xb, yb in increments(x, y, args.samples, args.seed):
+    for xb, yb in increments(x, y, samples, seed):
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
         steps += 1
-    rows.append(("baseline (batch 32)", time.perf_counter() - t, steps, 32.0, accuracy(model, x_test, y_test)))
+    return model, steps, 32.0
 
-    for name, rule, lr in (("gaga (sample scale, tau 0.0984)", GSNR(0.0984, scale="sample"), 0.00307),
-                           ("gaga-mean (mean scale, tau 1.5)", GSNR(1.5, scale="mean"), 0.00307)):
-        torch.manual_seed(args.seed)
-        model = mlp()
-        acc = Accumulator(model, torch.optim.Adam(model.parameters(), lr=lr), rule)
-        acc.monitor.patience = 10**9  # this benchmark reports the batch sizes itself
-        t = time.perf_counter()
-        for xb, yb in increments(x, y, args.samples, args.seed):
-            acc.backward(nn.functional.cross_entropy(model(xb), yb), len(yb))
-        acc.flush()
-        elapsed = time.perf_counter() - t
-        batches = [r.items for r in acc.history]
-        rows.append((name, elapsed, len(batches), sum(batches) / len(batches), accuracy(model, x_test, y_test)))
 
-    base = rows[0][1]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.samples} samples per run\n")
-    print("| arm | wall s | / baseline | optimizer steps | mean effective batch | test accuracy |")
+def run_arm(name: str, x, y, samples: int, seed: int) -> tuple[nn.Module, int, float]:
+    make_rule, lr = ARMS[name]
+    torch.manual_seed(seed)
+    model = mlp()
+    acc = Accumulator(model, torch.optim.Adam(model.parameters(), lr=lr), make_rule())
+    acc.monitor.patience = 10**9  # this benchmark reports the batch sizes itself
+    for xb, yb in increments(x, y, samples, seed):
+        acc.backward(nn.functional.cross_entropy(model(xb), yb), len(yb))
+    acc.flush()
+    batches = [r.items for r in acc.history]
+    return model, len(batches), sum(batches) / len(batches)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=96_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    data = load_mnist1d()
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
+    names = [BASELINE, *ARMS]
+    times: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, tuple[int, float, float]] = {}
+    for r in range(args.rounds):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            t = time.perf_counter()
+            model, steps, batch = (run_baseline if name == BASELINE else lambda *a: run_arm(name, *a))(
+                x, y, args.samples, args.seed)
+            times[name].append(time.perf_counter() - t)
+            results[name] = (steps, batch, accuracy(model, x_test, y_test))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.samples} samples per run, "
+          f"{args.rounds} rounds\n")
+    print("| arm | wall s | / baseline [min-max] | optimizer steps | mean effective batch | test accuracy |")
     print("|---|---|---|---|---|---|")
-    for name, seconds, steps, batch, acc_ in rows:
-        print(f"| {name} | {seconds:.1f} | {seconds / base:.2f}x | {steps} | {batch:.0f} | {acc_:.3f} |")
+    for name in names:
+        ratios = [a / b for a, b in zip(times[name], times[BASELINE])]
+        steps, batch, acc_ = results[name]
+        print(f"| {name} | {statistics.median(times[name]):.1f} | {statistics.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}] | {steps} | {batch:.0f} | {acc_:.3f} |")
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 Competitors, on two increments of the same size (forward + backward of the summed loss):
   plain   the ordinary backward, no statistics;
   ours    PerSampleGradStats: the same backward, hooks, the merge into the moments, and
-          the GSNR rule's decision after each increment;
+          the GSNR rule's decision after each increment (per-element statistics);
+  norms   PerSampleGradStats(kind="norms"): the same backward, per-sample squared norms,
+          and the NormTest decision after each increment (the norm path);
   vmap    torch.func vmap(grad) per-sample gradients, then their sum and sum of squares
           (how the reference GAGA implementation gets them).
-Time: medians over rounds, the order rotated each round; ratios to plain. Peak memory:
+Time: per round, each competitor's time over plain's in the same round (the order rotated
+each round); the table gives the median ratio and its min-max over rounds. Peak memory:
 each competitor runs in a fresh child process that has built only the model and the
 data; the peak resident size is reset there (/proc/self/clear_refs) and the child
 reports how far it rose during two runs: gradients, activations, and for "ours" the
@@ -31,7 +34,10 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gradaccum import GSNR, WindowView
+import torch.nn.functional as F
+
+from gradaccum import GSNR, NormTest, WindowView
+from gradaccum._core.noise_scale import pooled_terms
 from gradaccum.torch import PerSampleGradStats
 
 
@@ -49,6 +55,62 @@ class Encoder(nn.Module):
         return self.head(self.encoder(self.embed(tokens)).mean(1))
 
 
+class Block(nn.Module):
+    """A nanoGPT block: pre-LayerNorm causal self-attention and MLP, nn.Linear throughout."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc, self.out = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
+        x = x + self.proj(y)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """A nanoGPT-style LM: 2 blocks, d=128, 4 heads, 64 tokens, byte vocabulary (256), head
+    tied to the token embedding; positions given per sample (``pos.expand(B, -1)``)."""
+
+    def __init__(self, vocab: int = 256, dim: int = 128, block: int = 64) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
+        self.blocks = nn.ModuleList([Block(dim, 4) for _ in range(2)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, t = tokens.shape
+        x = self.wte(tokens) + self.wpe(torch.arange(t).expand(b, -1))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x))
+
+
+class ResNetLike(nn.Module):
+    """A small ResNet-like CNN with GroupNorm (3x32x32 input, 32 channels, 2 residual blocks)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.GroupNorm(8, width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
+                                     for _ in range(2)])
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x.mean((2, 3)))
+
+
 def mlp(*widths: int) -> nn.Module:
     layers: list[nn.Module] = []
     for a, b in zip(widths[:-1], widths[1:]):
@@ -62,10 +124,20 @@ CONFIGS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor],
     "MLP 512-1024-1024-10, 256 samples": (lambda: mlp(512, 1024, 1024, 10), lambda n: torch.randn(n, 512), 256),
     "MLP 1024-4096-4096-10, 128 samples": (lambda: mlp(1024, 4096, 4096, 10), lambda n: torch.randn(n, 1024), 128),
     "Transformer encoder 2x64, 32 tokens, 32 samples": (Encoder, lambda n: torch.randint(0, 1000, (n, 32)), 32),
+    "nanoGPT-style LM 2x128, 64 tokens, 16 samples": (TinyGPT, lambda n: torch.randint(0, 256, (n, 64)), 16),
+    "ResNet-like CNN, GroupNorm, 32x32, 32 samples": (ResNetLike, lambda n: torch.randn(n, 3, 32, 32), 32),
 }
 
 
-def make(config: str, which: tuple[str, ...] = ("plain", "ours", "vmap")):
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The summed loss: per token for the LM (its targets: the inputs shifted), else per sample."""
+    out = model(x)
+    if out.dim() == 3:
+        return F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def make(config: str, which: tuple[str, ...] = ("plain", "ours", "norms", "vmap")):
     """The competitors on one increment. "ours" runs on a copy of the model that carries
     the statistics hooks, so "plain" pays nothing for them; a child process that
     measures one competitor builds only what that one needs."""
@@ -78,7 +150,7 @@ def make(config: str, which: tuple[str, ...] = ("plain", "ours", "vmap")):
         def plain() -> None:
             for _ in range(2):
                 model.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+                loss_of(model, x, y).backward()
 
         runners["plain"] = plain
     if "ours" in which:
@@ -91,17 +163,38 @@ def make(config: str, which: tuple[str, ...] = ("plain", "ours", "vmap")):
             # two increments, as in a window: the second one exercises the merge
             for _ in range(2):
                 hooked.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(hooked(x), y, reduction="sum").backward()
+                loss_of(hooked, x, y).backward()
                 stats.commit()
                 rule.decide(WindowView(1, n, stats.moments()))
             stats.reset()
 
         runners["ours"] = ours
+    if "norms" in which:
+        normed = copy.deepcopy(model) if len(which) > 1 else model
+        norm_stats = PerSampleGradStats(normed, kind="norms")
+        norm_rule = NormTest(0.5, increment=n, max_samples=4 * n)
+        params = list(normed.parameters())
+
+        def norms() -> None:
+            window: list[torch.Tensor] | None = None  # the window's gradient sum, as the Accumulator keeps it
+            for _ in range(2):
+                normed.zero_grad(set_to_none=True)
+                loss_of(normed, x, y).backward()
+                norm_stats.commit()
+                grads = [p.grad for p in params]
+                if window is None:
+                    window = grads
+                else:
+                    torch._foreach_add_(window, grads)
+                norm_rule.decide(WindowView(1, n, pooled_terms(norm_stats.norm_sums(window))))
+            norm_stats.reset()
+
+        runners["norms"] = norms
     if "vmap" in which:
         params = dict(model.named_parameters())
 
         def loss_one(p, xi, yi):
-            return nn.functional.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+            return loss_of(lambda z: functional_call(model, p, (z,)), xi.unsqueeze(0), yi.unsqueeze(0))
 
         per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
 
@@ -147,13 +240,14 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| model, increment | plain ms | ours ms | ours / plain | vmap ms | vmap / ours | "
-          "peak +MiB plain | peak +MiB ours | peak +MiB vmap |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds\n")
+    print("Ratios: median over rounds [min-max]; vmap / ours and vmap / norms are vmap's time over ours.\n")
+    print("| model, increment | plain ms | ours / plain | norms / plain | vmap / ours | vmap / norms | "
+          "peak +MiB plain | ours | norms | vmap |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for config in CONFIGS:
         runners, n_params = make(config)
-        names = ["plain", "ours"] + (["vmap"] if n_params <= args.skip_vmap_above else [])
+        names = ["plain", "ours", "norms"] + (["vmap"] if n_params <= args.skip_vmap_above else [])
         repeats = {}
         for name in names:
             t = time.perf_counter()
@@ -167,12 +261,18 @@ def main() -> None:
                 for _ in range(repeats[name]):
                     runners[name]()
                 times[name].append((time.perf_counter() - t) / repeats[name])
-        med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+
+        def ratio(a: str, b: str) -> str:
+            if a not in times:
+                return "skipped"
+            rs = [x / y for x, y in zip(times[a], times[b])]
+            return f"{statistics.median(rs):.2f}x [{min(rs):.2f}-{max(rs):.2f}]"
+
         mem = {name: peak_memory_child(config, name) for name in names}
-        vm = f"{med['vmap']:.1f} | {med['vmap'] / med['ours']:.1f}x" if "vmap" in med else "skipped | -"
         vmem = f"{mem['vmap']:.0f}" if "vmap" in mem else "-"
-        print(f"| {config} | {med['plain']:.2f} | {med['ours']:.2f} | {med['ours'] / med['plain']:.2f}x | {vm} | "
-              f"{mem['plain']:.0f} | {mem['ours']:.0f} | {vmem} |", flush=True)
+        print(f"| {config} | {statistics.median(times['plain']) * 1e3:.2f} | {ratio('ours', 'plain')} | "
+              f"{ratio('norms', 'plain')} | {ratio('vmap', 'ours')} | {ratio('vmap', 'norms')} | "
+              f"{mem['plain']:.0f} | {mem['ours']:.0f} | {mem['norms']:.0f} | {vmem} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gradaccum import GSNR, BatchRamp, FixedSteps
+from gradaccum import GSNR, BatchRamp, Decision, FixedSteps
 from gradaccum.torch import Accumulator, find_micro_batch_size
 
 from .reference import GradCapture, ce_mean, classification, mlp, take
@@ -54,6 +54,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         os._exit(0)
     if mode == "ramp":
         run_ramp(rank, out)
+    elif mode == "norms":
+        run_norms(rank, out)
     elif mode in ("gsnr", "gsnr_skip"):
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
     elif mode == "probe":
@@ -135,6 +137,66 @@ def run_ramp(rank: int, out: Path) -> None:
     dist.all_reduce = original
     torch.save({"windows": [(r.items, r.micro_batches) for r in acc.history], "large": large,
                 "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
+
+
+NORM_DIM, NORM_NOISE, NORM_OFFSET = 8, 0.5, 0.3  # linear regression: x ~ N(0, I), y = w* . x + N(0, noise^2)
+NORM_WINDOWS, NORM_PER_RANK = 240, 4
+
+
+def norm_truth() -> tuple[float, float]:
+    """tr(Sigma) and |G|^2 of the per-sample gradient ``(w.x - y) x`` at ``w = w* + u``:
+    ``G = u``, ``Sigma = (|u|^2 + noise^2) I + u u^T`` (Isserlis)."""
+    u2 = NORM_DIM * NORM_OFFSET**2
+    return NORM_DIM * (u2 + NORM_NOISE**2) + u2, u2
+
+
+class RecordNorms:
+    """Two increments per window, on the norm path; keeps what each decision saw."""
+
+    needs_statistics = True
+    statistics = "norms"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float]] = []
+
+    def decide(self, window):
+        s = window.statistics
+        self.seen.append((s.samples, s.trace, s.squared_norm))
+        return Decision(window.micro_batches >= 2, {})
+
+
+def run_norms(rank: int, out: Path) -> None:
+    """Linear regression with known noise terms; lr 0, so the truth holds at every window.
+    Each rank draws its own samples; the decision's terms are pooled from scalars."""
+    model = torch.nn.Linear(NORM_DIM, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(NORM_OFFSET)  # w* = 0
+    model = DistributedDataParallel(model)
+    rule = RecordNorms()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), rule)
+    counts = {"all_reduce_large": [], "all_reduce_small": 0, "all_gather": 0}
+    reduce, gather = dist.all_reduce, dist.all_gather
+
+    def counting_reduce(tensor, *args, **kwargs):
+        if tensor.numel() >= NORM_DIM:
+            counts["all_reduce_large"].append(acc.window_micro_batches)
+        else:
+            counts["all_reduce_small"] += 1
+        return reduce(tensor, *args, **kwargs)
+
+    def counting_gather(*args, **kwargs):
+        counts["all_gather"] += 1
+        return gather(*args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = counting_reduce, counting_gather
+    g = torch.Generator().manual_seed(100 + rank)
+    for _ in range(2 * NORM_WINDOWS):
+        x = torch.randn(NORM_PER_RANK, NORM_DIM, generator=g, dtype=torch.float64)
+        y = NORM_NOISE * torch.randn(NORM_PER_RANK, generator=g, dtype=torch.float64)
+        loss = 0.5 * ((model(x).squeeze(1) - y) ** 2).mean()
+        acc.backward(loss, NORM_PER_RANK)
+    dist.all_reduce, dist.all_gather = reduce, gather
+    torch.save({"seen": rule.seen, "counts": counts, "steps": acc.steps}, out / f"rank{rank}.pt")
 
 
 PROBE_LIMITS = {0: 37, 1: 20}  # the largest micro-batch that fits, per rank

@@ -175,7 +175,7 @@ def test_noise_scale_planner_records_its_terms_and_plans_from_them() -> None:
     for start in range(0, 256, 8):
         acc.backward(*ce_mean(model, take(data, slice(start, start + 8))))
     first = acc.history[0]
-    assert {"trace", "squared_norm", "noise_scale", "gsnr", "planned"} <= set(first.info)
+    assert {"trace", "squared_norm", "noise_scale", "planned"} <= set(first.info)
     assert first.items == 8  # nothing measured before the first window
     assert all(8 <= r.items <= 64 for r in acc.history)
     # the planner's choice is what it computes from the records before each window

@@ -50,7 +50,7 @@ def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: An
     """
     xp = array_namespace(mean_a, mean_b)
     n = n_a + n_b
-    w = _like(n_b, mean_b) / _like(_max1(xp, n), mean_b)
+    w = _like(n_b, mean_b) / _like(at_least_1(n), mean_b)
     delta = mean_b - mean_a
     return Moments(n, mean_a + delta * w, m2_a + m2_b + delta * delta * (_like(n_a, mean_b) * w))
 
@@ -77,8 +77,12 @@ def _like(value: Any, like: Any) -> Any:
     return xp.astype(value, like.dtype)
 
 
-def _max1(xp: Any, n: Any) -> Any:
-    return max(n, 1) if isinstance(n, int) else xp.maximum(n, xp.ones_like(n))
+def at_least_1(n: Any) -> Any:
+    """``max(n, 1)`` for a Python number or an array (a divisor that is never 0)."""
+    if isinstance(n, (int, float)):
+        return max(n, 1)
+    xp = array_namespace(n)
+    return xp.maximum(n, xp.ones_like(n))
 
 
 def _device(x: Any) -> Any:

@@ -6,6 +6,14 @@ From a window of n per-sample gradients with mean ``mu`` and per-element M2
     tr(Sigma) ~ sum_j M2_j / (n - 1)          unbiased
     |G|^2     ~ |mu|^2 - tr(Sigma) / n         unbiased (can be <= 0 for one window)
 
+The norm path gathers the same two terms without per-element moments: the sum over the
+window's samples of their squared gradient norms, ``T2 = sum_i |g_i|^2``, and the squared norm
+of the window's gradient sum ``|S1|^2``, so that ``sum_j M2_j = T2 - |S1|^2 / n``
+(``NormSums``). Under data parallelism each process has its own window; the per-process
+sums add up, and ``pooled_terms`` turns the totals into unbiased estimates (McCandlish et
+al. 2018, appendix A) with one small all-reduce of five scalars instead of two
+parameter-sized tensors (docs/design.md, "Norm path").
+
 One window's estimate is noisy, and its ``|G|^2`` can be negative: numerator and
 denominator are averaged separately (an exponential moving average) before dividing, as the
 anchors do, and a non-positive averaged ``|G|^2`` gives an infinite noise scale (all noise,
@@ -20,6 +28,7 @@ from typing import Any, NamedTuple, Sequence
 
 from array_api_compat import array_namespace
 
+from .statistics import at_least_1
 from .validation import check_positive_float
 
 
@@ -31,12 +40,67 @@ class NoiseTerms(NamedTuple):
 
 
 def noise_terms(n: Any, means: Sequence[Any], m2s: Sequence[Any]) -> NoiseTerms:
-    """``tr(Sigma)`` and ``|G|^2`` from a window's moments (n >= 2 samples)."""
+    """``tr(Sigma)`` and ``|G|^2`` from a window's moments (n >= 2 samples; for fewer the
+    trace is 0 and the caller's ``where_enough`` makes the statistic NaN)."""
     xp = array_namespace(means[0])
     nf = n if isinstance(n, int) else xp.astype(n, means[0].dtype)
-    trace = sum(xp.sum(m2) for m2 in m2s) / (nf - 1)
+    trace = sum(xp.sum(m2) for m2 in m2s) / at_least_1(nf - 1)
     mean_sq = sum(xp.sum(m * m) for m in means)
-    return NoiseTerms(trace, mean_sq - trace / nf)
+    return NoiseTerms(trace, mean_sq - trace / at_least_1(nf))
+
+
+class NormSums(NamedTuple):
+    """A window's norm statistics on one process, summable over processes (elementwise).
+
+    Attributes:
+      samples: n, the samples of the window.
+      m2: ``sum_j M2_j = T2 - |S1|^2 / n``, the summed squared deviations of the per-sample
+        gradients from the process's own window mean.
+      dof: ``n - 1`` (0 for an empty window): the degrees of freedom of ``m2``.
+      squared: ``|S1|^2 / n`` (0 for an empty window), whose expectation is ``n |G|^2 + tr(Sigma)``.
+      groups: 1 when the process has samples, else 0.
+    """
+
+    samples: float
+    m2: float
+    dof: float
+    squared: float
+    groups: float
+
+    @classmethod
+    def of(cls, n: int, sum_squared_norms: float, squared_sum: float) -> "NormSums":
+        """From the window's sample count, ``T2 = sum_i |g_i|^2`` and ``|S1|^2`` (Python floats).
+
+        Rounding can leave ``T2 - |S1|^2 / n`` slightly below 0 when the samples agree; it
+        is clamped to 0."""
+        if n == 0:
+            return cls(0.0, 0.0, 0.0, 0.0, 0.0)
+        return cls(float(n), max(sum_squared_norms - squared_sum / n, 0.0), float(n - 1), squared_sum / n, 1.0)
+
+    def __add__(self, other: tuple) -> "NormSums":  # type: ignore[override]
+        return NormSums(*(a + b for a, b in zip(self, other)))
+
+
+class NormStatistics(NamedTuple):
+    """What a norm rule reads (``WindowView.statistics`` on the norm path): the window's
+    samples and the unbiased estimates of ``tr(Sigma)`` and ``|G|^2``."""
+
+    samples: int
+    trace: float
+    squared_norm: float
+
+
+def pooled_terms(sums: NormSums) -> NormStatistics:
+    """Unbiased ``tr(Sigma)`` (the pooled within-process variance) and ``|G|^2`` from the
+    norm sums added over processes; on one process they are ``noise_terms`` of the window.
+
+    ``E[|S1_r|^2 / n_r] = n_r |G|^2 + tr(Sigma)`` for each process r, so
+    ``|G|^2 = (sum_r |S1_r|^2 / n_r - groups * tr(Sigma)) / n``. A window with fewer than two
+    samples per process in total has no variance: the trace is NaN."""
+    n = int(sums.samples)
+    trace = sums.m2 / sums.dof if sums.dof > 0 else math.nan
+    squared = (sums.squared - sums.groups * trace) / n if n > 0 else math.nan
+    return NormStatistics(n, trace, squared)
 
 
 def noise_scale(trace: float, squared_norm: float) -> float:

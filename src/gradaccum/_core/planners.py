@@ -108,6 +108,7 @@ class _NoisePlanner:
     every: int = 1
     decay: float = 0.9
     needs_statistics: bool = field(default=True, init=False)
+    statistics: str = field(default="norms", init=False)  # the noise terms need only the norm path
 
     def _check(self) -> None:
         for name in ("min_batch", "max_batch", "micro_batch", "every"):

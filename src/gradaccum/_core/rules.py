@@ -16,7 +16,8 @@ from typing import Any, Mapping, NamedTuple, Protocol, Sequence, runtime_checkab
 
 from array_api_compat import array_namespace
 
-from .statistics import bounded_stop, gsnr_of, norm_test_of, sample_count, where_enough
+from .noise_scale import NormStatistics, noise_terms
+from .statistics import at_least_1, bounded_stop, gsnr_of, sample_count, where_enough
 from .validation import check_choice, check_positive_float, check_positive_int
 
 
@@ -49,6 +50,9 @@ class StoppingRule(Protocol):
 
     Attributes:
       needs_statistics: whether ``decide`` reads ``window.statistics``.
+      statistics (optional): which statistics: ``"elements"`` (default; per-element moments,
+        a list of ``Moments``) or ``"norms"`` (``NormStatistics``: the samples and unbiased
+        ``tr(Sigma)`` and ``|G|^2``, gathered from per-sample gradient norms at almost no cost).
     """
 
     needs_statistics: bool
@@ -91,6 +95,12 @@ def check_rule(rule: Any) -> StoppingRule:
 
 
 _SCALES = ("sample", "mean")
+KINDS = ("elements", "norms")
+
+
+def statistics_kind(rule: Any) -> str:
+    """Which statistics ``rule`` reads: ``"elements"`` or ``"norms"`` (see ``StoppingRule``)."""
+    return check_choice("statistics", getattr(rule, "statistics", "elements"), KINDS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,6 +155,7 @@ class GSNR(_SampleRule):
     tau: float
     scale: str = field(default="sample", kw_only=True)
     needs_statistics: bool = field(default=True, init=False)
+    statistics: str = field(default="elements", init=False)
 
     def __post_init__(self) -> None:
         check_positive_float("tau", self.tau)
@@ -161,32 +172,74 @@ class GSNR(_SampleRule):
 
 @dataclass(frozen=True)
 class NormTest(_SampleRule):
-    """The norm test (Byrd et al. 2012; De et al. 2017) in its practical form: stop when
-    ``sum_j var_j / n <= theta^2 * |mu|^2``, with ``mu`` the window's mean gradient.
+    """The norm test (Byrd et al. 2012; De et al. 2017): stop when the variance of the
+    window's mean gradient is small against its squared norm,
+    ``tr(Sigma) / n <= theta^2 * |mu|^2``, with ``mu`` the window's mean gradient.
 
-    ``|mu|^2`` is biased: its expectation is ``|G|^2 + tr(Sigma) / n``. So with the gradient
-    noise scale ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018) the test passes,
-    in expectation, once ``n >= B_simple * (1 - theta^2) / theta^2``, and always for
-    ``theta >= 1`` (not at ``n >= B_simple / theta^2``, which is the unbiased form's answer).
+    Byrd et al.'s practical form (default) compares with the biased ``|mu|^2``, whose
+    expectation is ``|G|^2 + tr(Sigma) / n``: with the gradient noise scale
+    ``B_simple = tr(Sigma) / |G|^2`` (McCandlish et al. 2018) it passes, in expectation, once
+    ``n >= B_simple * (1 - theta^2) / theta^2``, and always for ``theta >= 1``.
+    ``unbiased=True`` compares with the unbiased ``|G|^2 = |mu|^2 - tr(Sigma) / n`` instead and
+    passes once ``n >= B_simple / theta^2``. The record's ``norm_test`` is the ratio of the
+    two sides (<= 1 passes); ``noise_scale`` is the window's ``B_simple``.
+
+    It needs only ``tr(Sigma)`` and ``|mu|^2``, which the backends gather from per-sample
+    gradient norms (``statistics = "norms"``): no per-element moments, and under data
+    parallelism one all-reduce of a few scalars per increment (docs/design.md, "Norm path").
     """
 
     theta: float
+    unbiased: bool = field(default=False, kw_only=True)
     needs_statistics: bool = field(default=True, init=False)
+    statistics: str = field(default="norms", init=False)
 
     def __post_init__(self) -> None:
         check_positive_float("theta", self.theta)
+        if not isinstance(self.unbiased, bool):
+            raise TypeError(f"unbiased must be a bool, got {self.unbiased!r}")
         self._check_sizes()
 
     def decision(self, n: Any, means: Sequence[Any], m2s: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
         xp = array_namespace(means[0])
-        variance, squared = norm_test_of(means, m2s, n)
-        bound = self.theta**2 * squared
-        positive = bound > 0
-        ratio = xp.where(positive, variance / xp.where(positive, bound, xp.ones_like(bound)),
-                         xp.asarray(math.inf, dtype=bound.dtype))
-        ratio = where_enough(n, ratio)
+        trace, squared = noise_terms(n, means, m2s)
+        return self.decision_from_terms(n, trace, squared, sum(xp.sum(m * m) for m in means))
+
+    def decision_from_terms(self, n: Any, trace: Any, squared_norm: Any, mean_squared: Any = None
+                            ) -> tuple[Any, dict[str, Any]]:
+        """The decision from the window's samples and unbiased ``tr(Sigma)`` and ``|G|^2``
+        (arrays or Python floats), and ``|mu|^2`` where it is known directly (else
+        ``|G|^2 + tr(Sigma) / n``): what both statistics paths and every backend run."""
+        host = isinstance(trace, (int, float))
+        xp = None if host else array_namespace(trace)
+        nf = n if host or isinstance(n, int) else xp.astype(n, trace.dtype)
+        variance = trace / at_least_1(nf)
+        if mean_squared is None:
+            mean_squared = squared_norm + variance
+        bound = self.theta**2 * (squared_norm if self.unbiased else mean_squared)
+        if host:
+            ratio = variance / bound if bound > 0 else math.inf
+            noise = trace / squared_norm if squared_norm > 0 else math.inf
+            ratio = ratio if n >= 2 else math.nan
+            noise = noise if n >= 2 else math.nan
+        else:
+            ratio = where_enough(n, _ratio(xp, variance, bound))
+            noise = where_enough(n, _ratio(xp, trace, squared_norm))
         stop = bounded_stop(n, ratio <= 1.0, self.max_samples, self.min_samples)
-        return stop, {"samples": n, "norm_test": ratio, "capped": n >= self.max_samples}
+        return stop, {"samples": n, "norm_test": ratio, "noise_scale": noise, "capped": n >= self.max_samples}
+
+    def decide(self, window: WindowView) -> Decision:
+        stats = window.statistics
+        if isinstance(stats, NormStatistics):
+            stop, info = self.decision_from_terms(stats.samples, stats.trace, stats.squared_norm)
+            return Decision(bool(stop), {k: _python(v) for k, v in info.items()})
+        return super().decide(window)
+
+
+def _ratio(xp: Any, a: Any, b: Any) -> Any:
+    """``a / b`` where ``b > 0``, else inf, without dividing by a non-positive number."""
+    positive = b > 0
+    return xp.where(positive, a / xp.where(positive, b, xp.ones_like(b)), xp.asarray(math.inf, dtype=b.dtype))
 
 
 def _python(value: Any) -> Any:

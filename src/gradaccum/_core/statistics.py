@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from array_api_compat import array_namespace
 
-from .moments import Moments
+from .moments import Moments, at_least_1
 
 FLOOR_ULPS = 256
 FLAT_BELOW = 1 << 20  # elements below which the reductions run once over all parameters, concatenated
@@ -63,7 +63,7 @@ def live_elements(mean: Any, m2: Any, n: Any, largest: Any = None) -> Any:
     xp = array_namespace(mean, m2)
     if largest is None:
         largest = largest_second_moment([mean], [m2], n)
-    return m2 / _max1(xp, _count(n, mean) - 1) > variance_floor(mean, largest)
+    return m2 / at_least_1(_count(n, mean) - 1) > variance_floor(mean, largest)
 
 
 def gsnr_terms(mean: Any, m2: Any, n: Any, largest: Any = None) -> tuple[Any, Any]:
@@ -78,7 +78,7 @@ def gsnr_terms(mean: Any, m2: Any, n: Any, largest: Any = None) -> tuple[Any, An
     if largest is None:
         largest = largest_second_moment([mean], [m2], n)
     floor = variance_floor(mean, largest)
-    var = m2 / _max1(xp, _count(n, mean) - 1)
+    var = m2 / at_least_1(_count(n, mean) - 1)
     live = var > floor
     total = xp.sum((mean * mean) / xp.maximum(var, floor) * xp.astype(live, mean.dtype))
     finite = xp.all(xp.isfinite(mean)) & xp.all(xp.isfinite(m2))
@@ -89,7 +89,7 @@ def gsnr_value(total: Any, elements: Any, n: Any, scale: str) -> Any:
     """The mean GSNR from summed ``gsnr_terms``: 0 when no element is live (NaN stays NaN),
     times ``n`` on the mean-gradient scale."""
     xp = array_namespace(total)
-    value = xp.where(elements > 0, total / _max1(None, elements), total * 0)
+    value = xp.where(elements > 0, total / at_least_1(elements), total * 0)
     return value * n if scale == "mean" else value
 
 
@@ -129,7 +129,7 @@ def norm_test_of(means: Sequence[Any], m2s: Sequence[Any], n: Any) -> tuple[Any,
     """``sum_j var_j / n`` (the variance of the mean gradient) and ``|mu|^2``, as arrays."""
     sums = [norm_test_sums(m, m2) for m, m2 in zip(means, m2s)]
     nf = _count(n, means[0])
-    return sum(s for s, _ in sums) / (_max1(None, nf - 1) * nf), sum(q for _, q in sums)
+    return sum(s for s, _ in sums) / (at_least_1(nf - 1) * nf), sum(q for _, q in sums)
 
 
 def where_enough(n: Any, value: Any) -> Any:
@@ -191,8 +191,4 @@ def _count(n: Any, like: Any) -> Any:
     return n if isinstance(n, int) else xp.astype(n, like.dtype)
 
 
-def _max1(xp: Any, n: Any) -> Any:
-    if isinstance(n, (int, float)):
-        return max(n, 1)
-    xp = xp or array_namespace(n)
-    return xp.maximum(n, xp.ones_like(n))
+

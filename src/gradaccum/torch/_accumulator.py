@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Literal
 
@@ -15,13 +16,14 @@ from .._core import (
     WindowView,
 )
 from .._core.config import AccumulationConfig, as_rule
-from .._core.noise_scale import noise_scale, noise_terms
+from .._core.noise_scale import NormStatistics, NormSums, noise_scale, noise_terms, pooled_terms
 from .._core.planners import Planner, is_planner
+from .._core.rules import statistics_kind
 from .._core.statistics import mean_gsnr
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int
 from ._checks import check_count, check_loss, check_model, tracked_parameters
-from ._distributed import CLOSE, FLUSH, INCREMENT, RankContract, disable_ddp_sync, is_ddp
+from ._distributed import CLOSE, FLUSH, INCREMENT, NORMS, RankContract, disable_ddp_sync, is_ddp
 from ._state import VERSION, checked_state
 from ._stats import PerSampleGradStats
 from ._window_sums import WindowSums
@@ -152,7 +154,8 @@ class Accumulator:
         self.stats: PerSampleGradStats | None = None
         if self.rule.needs_statistics:
             # matched to the optimizer's parameters by identity: its groups may list them in any order
-            self.stats = PerSampleGradStats(model.module if self._ddp else model, params=self._params)  # type: ignore[arg-type]
+            self.stats = PerSampleGradStats(model.module if self._ddp else model, params=self._params,  # type: ignore[arg-type]
+                                            kind=statistics_kind(self.rule))
         # Only "skip_window" without statistics may let autograd accumulate straight into
         # .grad (the hand-written loop's way, the fastest): the others must be able to drop
         # one micro-batch, and a statistics rule needs each micro-batch's own gradient.
@@ -268,17 +271,18 @@ class Accumulator:
             else:
                 self._clear_grads()  # the window sum is kept apart: it is exactly as before
             raise
-        if self.stats is not None and self._ddp and not committed:
-            self.stats.commit_empty(self._reduce_increment)  # every rank joins every increment
+        if self._reduces_moments and not committed:
+            self.stats.commit_empty(self._reduce_increment)  # type: ignore[union-attr]  # every rank joins every increment
         if overflow:
             decision = Decision(True, {"overflow": True})
         elif self._planned is not None:
             decision = Decision(self._micro_batches >= self._planned, {"planned": self._planned})
-        elif self.stats is not None and self.stats.count == 0:
-            decision = Decision(False, {})  # no statistics yet (every micro-batch so far was skipped)
+        elif self.stats is None:
+            decision = self.rule.decide(WindowView(self._micro_batches, self._items, None))
         else:
-            stats = None if self.stats is None else self.stats.moments()
-            decision = self.rule.decide(WindowView(self._micro_batches, self._items, stats))
+            stats = self._window_statistics()
+            decision = Decision(False, {}) if stats is None else \
+                self.rule.decide(WindowView(self._micro_batches, self._items, stats))  # None: every micro-batch skipped
         if decision.stop:
             return self._close_window("rule", decision)
         return False
@@ -385,7 +389,7 @@ class Accumulator:
                 overflow = True  # the scaler will skip this window: close it now, statistics untouched
                 self._discard_statistics()
             else:
-                self.stats.commit(grads, reduce=self._reduce_increment if self._ddp else None,
+                self.stats.commit(grads, reduce=self._reduce_increment if self._reduces_moments else None,
                                   samples=samples, scale=scale)
                 samples = self.stats.last_samples
                 committed = True
@@ -398,7 +402,7 @@ class Accumulator:
     def _close_window(self, reason: str, decision: Decision) -> bool:
         """Reduce (DDP), then in straight-line order: check, divide, unscale, clip, scale the
         lr, step, restore the lr, step the scheduler, record."""
-        if self.planner is not None and self.stats is not None and self.stats.count >= 2:
+        if self.planner is not None and self.stats is not None:
             decision = Decision(decision.stop, {**decision.info, **self._noise_info()})
         scheduled = self._schedule if self._schedule is not None else self._scheduled_factor()
         items, samples, poisoned = self._items, self._samples, self._poisoned
@@ -466,15 +470,42 @@ class Accumulator:
             raise ValueError(f"lr_schedule({seen}) must return a finite factor >= 0, got {value!r}")
         return float(value)
 
+    @property
+    def _reduces_moments(self) -> bool:
+        """Per-element statistics under DDP: every increment's moments are all-reduced."""
+        return self._ddp and self.stats is not None and self.stats.kind == "elements"
+
+    def _window_statistics(self) -> Any:
+        """What a statistics rule reads: the per-element moments, or the norm path's pooled
+        estimates (under DDP each rank's norm sums travel in the contract's header: one small
+        collective). None when the window has no samples yet (every micro-batch skipped)."""
+        stats = self.stats
+        assert stats is not None
+        if stats.kind == "elements":
+            return stats.moments() if stats.count else None
+        scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
+        sums = stats.norm_sums(self._window.sums, scale)
+        if self._ddp:
+            gathered = self._contract.agree(NORMS, self._steps, self._micro_batches, 0, tuple(sums))  # type: ignore[union-attr]
+            sums = NormSums(*(math.fsum(column) for column in zip(*gathered)))
+        pooled = pooled_terms(sums)
+        return pooled if pooled.samples else None
+
     def _noise_info(self) -> dict[str, float]:
-        """The window's noise terms (unbiased ``tr(Sigma)``, ``|G|^2``), its noise scale and its
-        per-sample GSNR: what the noise-scale planners read from the records."""
-        moments = self.stats.moments()  # type: ignore[union-attr]
-        n = moments[0].n
-        trace, squared = noise_terms(n, [m.mean for m in moments], [m.m2 for m in moments])
-        trace, squared = float(trace), float(squared)
+        """The window's noise terms (unbiased ``tr(Sigma)``, ``|G|^2``), its noise scale and,
+        with per-element statistics, its per-sample GSNR: what the noise-scale planners read
+        from the records. Nothing with fewer than 2 samples."""
+        stats = self._window_statistics()
+        if stats is None or stats.samples < 2:
+            return {}
+        if isinstance(stats, NormStatistics):
+            n, trace, squared, extra = stats.samples, stats.trace, stats.squared_norm, {}
+        else:
+            n = stats[0].n
+            trace, squared = (float(t) for t in noise_terms(n, [m.mean for m in stats], [m.m2 for m in stats]))
+            extra = {"gsnr": mean_gsnr(stats, "sample").value}
         return {"samples": n, "trace": trace, "squared_norm": squared, "noise_scale": noise_scale(trace, squared),
-                "gsnr": mean_gsnr(moments, "sample").value}
+                **extra}
 
     # ------------------------------------------------------------------ internals
     def _check_grads_untouched(self) -> None:

@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-KINDS = {1: "a statistics increment (backward)", 2: "the window's close (the rule)", 3: "flush()"}
-INCREMENT, CLOSE, FLUSH = 1, 2, 3
+KINDS = {1: "a statistics increment (backward)", 2: "the window's close (the rule)", 3: "flush()",
+         4: "a norm-statistics increment (backward)"}
+INCREMENT, CLOSE, FLUSH, NORMS = 1, 2, 3, 4
+PAYLOAD = 5  # float64 slots a header carries after its four fields (the norm path's scalars)
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
@@ -54,17 +56,26 @@ class RankContract:
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
 
-    def agree(self, kind: int, window: int, micro_batch: int, numel: int) -> None:
-        """All-gather this rank's header; raise on every rank if they differ."""
-        header = torch.tensor([kind, window, micro_batch, numel], dtype=torch.int64)
+    def agree(self, kind: int, window: int, micro_batch: int, numel: int, payload: tuple[float, ...] = ()
+              ) -> list[tuple[float, ...]]:
+        """All-gather this rank's header; raise on every rank if they differ. The header
+        carries up to ``PAYLOAD`` float64 values beside its fields: every rank gets every
+        rank's ``payload`` back (the norm path's scalars travel this way, so an increment
+        costs one small collective)."""
+        if len(payload) > PAYLOAD:
+            raise ValueError(f"a header carries at most {PAYLOAD} values, got {len(payload)}")
+        header = torch.zeros(4 + PAYLOAD, dtype=torch.float64)  # every header has this shape: a mismatch is readable
+        header[:4] = torch.tensor([kind, window, micro_batch, numel], dtype=torch.float64)
+        header[4:4 + len(payload)] = torch.tensor(payload, dtype=torch.float64)
         gathered = [torch.zeros_like(header) for _ in range(self.world)]
         self._run(lambda: dist.all_gather(gathered, header, group=self.group), kind, window, micro_batch)
-        if any(not torch.equal(g, gathered[0]) for g in gathered):
+        if any(not torch.equal(g[:4], gathered[0][:4]) for g in gathered):
             said = "; ".join(f"rank {r}: {KINDS.get(int(g[0]), '?')} at window {int(g[1])}, micro-batch {int(g[2])}"
                              for r, g in enumerate(gathered))
             raise ContractError(
                 f"data-parallel ranks disagree ({said}). Every rank must call Accumulator.backward the same "
                 "number of times per window and call flush() together; the window is left as it was")
+        return [tuple(g[4:4 + len(payload)].tolist()) for g in gathered]
 
     def all_reduce(self, tensors: list[torch.Tensor], kind: int, window: int, micro_batch: int) -> None:
         """Sum ``tensors`` in place across ranks, one collective per dtype and device."""

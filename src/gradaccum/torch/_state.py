@@ -80,8 +80,9 @@ def checked_state(state: Any, params: list[torch.nn.Parameter], stats: Any) -> d
         if statistics is None:
             raise ValueError("state holds no per-sample statistics, but this Accumulator's rule needs them "
                              "(it was saved with a rule without statistics: build the Accumulator with the same rule)")
-        moments = stats.check_state(statistics)
-        if out["micro_batches"] and moments is None and out["items"]:
+        checked = stats.check_state(statistics)
+        empty = checked is None or (stats.kind == "norms" and checked[0] == 0)
+        if out["micro_batches"] and empty and out["items"]:
             raise ValueError("state: the window holds items but no statistics")
         out["statistics"] = statistics
     if not all(math.isfinite(float(r.items)) for r in out["history"]):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -12,11 +13,13 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..._core.moments import Moments
-from ..._core.validation import check_positive_int
-from ._explained import Projector, failing, mismatch
+from ..._core.noise_scale import NormSums
+from ..._core.rules import KINDS
+from ..._core.validation import check_choice, check_positive_int
+from ._explained import Projector, element_bound, scale_from_squares, unexplained
 from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap_per_sample
 from ._merge import merge_sums_into
-from ._registry import LayerStats, lookup
+from ._registry import LayerStats, channels_last_positions, lookup
 
 log = logging.getLogger("gradaccum")
 MODEL = "<model>"  # the label of the whole-model fallback in ``paths``
@@ -55,10 +58,38 @@ class _Call:
 class _Increment:
     """What one increment's backward produced, per parameter (order of ``params``)."""
 
-    squares: list[torch.Tensor | None]
-    hooked: list[torch.Tensor | None]  # projected sums over samples of the hooked per-sample gradients
-    floor: list[Any]  # per parameter, the layer's magnitude floor (see _explained): a float or a 0-d tensor
+    lengths: list[int]  # each parameter's last-dim length (what the projection runs along; 1 for vectors)
+    squares: list[torch.Tensor | None] = field(default_factory=list)  # per-element sums of squares over samples
+    hooked: list[torch.Tensor | None] = field(default_factory=list)  # projected sums of the hooked per-sample gradients
+    floor: list[Any] = field(default_factory=list)  # the layer's per-element magnitude floor (see _explained)
+    norms: list[torch.Tensor | None] = field(default_factory=list)  # norm-path entries: sum_i |g_i|^2 (0-d)
+    scales: list[torch.Tensor | None] = field(default_factory=list)  # their projected magnitudes
+    terms: list[int | None] = field(default_factory=list)  # their summed terms per element (default: samples)
     tied: dict[int, torch.Tensor] = field(default_factory=dict)  # per-sample gradients summed over calls
+
+    def __post_init__(self) -> None:
+        size = len(self.lengths)
+        self.squares, self.hooked, self.norms, self.scales = ([None] * size for _ in range(4))  # type: ignore[assignment]
+        self.floor, self.terms = [0.0] * size, [None] * size
+
+    def scale(self, i: int, n: int, project: Projector) -> torch.Tensor | None:
+        """Parameter i's projected magnitude bound (before the floor)."""
+        if self.scales[i] is not None:
+            return self.scales[i]
+        return None if self.squares[i] is None else scale_from_squares(self.squares[i], n, project)  # type: ignore[arg-type]
+
+    def element_bound(self, i: int, n: int, project: Projector) -> torch.Tensor | None:
+        """The largest per-element magnitude bound of parameter i (a 0-d tensor), if any."""
+        squares, scale = self.squares[i], self.scales[i]
+        if squares is not None:
+            return torch.sqrt(squares.max() * n) if squares.numel() else None
+        return None if scale is None or not scale.numel() else element_bound(scale, project, self.lengths[i])
+
+    def squared_norm(self, i: int) -> torch.Tensor | None:
+        """``sum_i |g_i|^2`` of parameter i over the increment's samples."""
+        if self.norms[i] is not None:
+            return self.norms[i]
+        return None if self.squares[i] is None else self.squares[i].sum()  # type: ignore[union-attr]
 
 
 class PerSampleGradStats:
@@ -100,10 +131,15 @@ class PerSampleGradStats:
         matched by identity, so an optimizer's parameter groups in any order work.
       chunk_elements: bound on the elements of per-sample gradients held at once by
         the per-sample paths (the batch is processed in chunks below it).
+      kind: ``"elements"`` (per-element moments, for GSNR) or ``"norms"`` (the norm path,
+        for NormTest and the noise scale: only ``sum_i |g_i|^2`` over the window, a float64
+        scalar, from per-sample gradient norms that cost about nothing for ``nn.Linear``;
+        ``norm_sums`` combines it with the window's gradient sum). Both are exact and both
+        run the same checks.
     """
 
     def __init__(self, model: nn.Module, *, params: Iterable[nn.Parameter] | None = None,
-                 chunk_elements: int = 1 << 24) -> None:
+                 chunk_elements: int = 1 << 24, kind: str = "elements") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         _refuse_compiled(model)
@@ -113,6 +149,7 @@ class PerSampleGradStats:
         if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
         self.chunk_elements = chunk_elements
+        self.kind = check_choice("kind", kind, KINDS)
         self.model = model
         self.paths: dict[str, str] = {}
         self._index = {id(p): i for i, p in enumerate(self.params)}
@@ -126,7 +163,10 @@ class PerSampleGradStats:
         self._on_model: set[int] = set()  # parameters whose statistics come from the whole-model fallback
         self._replaying = False
         self._probe: dict[int, list[tuple[int | None, int | None]]] | None = None
+        self._lengths = [p.shape[-1] if p.dim() >= 2 else 1 for p in self.params]
         self._moments: list[Moments] | None = None
+        self._norm_samples = 0  # the norm path's window: samples and sum_i |g_i|^2 (float64)
+        self._norm_total = 0.0
         self.last_samples = 0  # this process's samples in the last committed increment
         self._reset_increment()
 
@@ -243,22 +283,45 @@ class PerSampleGradStats:
             if not calls and all(s is None for s in sums):
                 raise ValueError("no layer saw a backward since the last commit: run the increment's backward first")
             n = self._sample_count(samples)
-            firsts, seconds = self._sums_and_squares(calls, sums, n)
+            inc = self._increment(calls, sums, n)
             self.last_samples = n
         finally:
             self._reset_increment()
-        if scale is not None and scale != 1.0:
-            firsts = torch._foreach_div(firsts, scale)
-            torch._foreach_div_(seconds, scale * scale)
+        unscale = 1.0 if scale is None else float(scale)
+        if self.kind == "norms":
+            parts = [inc.squared_norm(i) for i in range(len(self.params))]
+            present = [t.to(torch.float64) for t in parts if t is not None]
+            total = float(torch.stack(present).sum()) if present else 0.0
+            self._norm_samples += n
+            self._norm_total += total / (unscale * unscale)
+            return n
+        firsts = [torch.zeros_like(p) if s1 is None else s1.detach() for p, s1 in zip(self.params, sums)]
+        seconds = [torch.zeros_like(p) if s2 is None else s2.to(p.dtype) for p, s2 in zip(self.params, inc.squares)]
+        if unscale != 1.0:
+            firsts = torch._foreach_div(firsts, unscale)
+            torch._foreach_div_(seconds, unscale * unscale)
         if reduce is not None:
             firsts = [s1.clone() for s1 in firsts]
             n = reduce(firsts + seconds, n)
         self._moments = merge_sums_into(self._moments, firsts, seconds, n)
         return n
 
+    def norm_sums(self, window_sums: list[torch.Tensor | None], scale: float = 1.0) -> NormSums:
+        """The norm path's window on this process: its samples, ``sum_i |g_i|^2`` and the
+        squared norm of ``window_sums`` (the window's gradient sums, multiplied by ``scale``),
+        as ``NormSums`` that add up over processes (``pooled_terms`` makes the estimates)."""
+        if self.kind != "norms":
+            raise ValueError("norm_sums needs PerSampleGradStats(kind='norms')")
+        present = [t.detach() for t in window_sums if t is not None]
+        squared = 0.0
+        if present:
+            squared = float(torch.stack(torch._foreach_norm(present)).to(torch.float64).square().sum()) / (scale * scale)
+        return NormSums.of(self._norm_samples, self._norm_total, squared)
+
     def commit_empty(self, reduce: Callable[[list[torch.Tensor], int], int]) -> int:
         """Take part in a data-parallel increment for which this process has no samples
-        (its micro-batch was skipped): contribute zeros, merge what the others saw."""
+        (its micro-batch was skipped): contribute zeros, merge what the others saw
+        (elements only: the norm path reduces its scalars at the decision)."""
         self._reset_increment()
         firsts = [torch.zeros_like(p) for p in self.params]
         seconds = [torch.zeros_like(p) for p in self.params]
@@ -277,12 +340,14 @@ class PerSampleGradStats:
                              "Accumulator.backward(..., samples=...))")
         return seen
 
-    def _sums_and_squares(self, calls: list[_Call], sums: list[torch.Tensor | None], n: int
-                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _increment(self, calls: list[_Call], sums: list[torch.Tensor | None], n: int) -> _Increment:
+        """Each parameter's share of the increment from the hooked calls, checked against
+        ``sums`` (the real gradients); parameters the hooks do not explain take the
+        whole-model fallback."""
         on_model = set(self._on_model)
         for unit in self._broadcast_units(calls, n):
             on_model.update(self._index[id(p)] for p in unit.params.values())
-        inc = _Increment([None] * len(self.params), [None] * len(self.params), [0.0] * len(self.params))
+        inc = _Increment(self._lengths)
         uses: dict[int, int] = {}
         for call in calls:
             for p in call.unit.params.values():  # type: ignore[union-attr]
@@ -295,8 +360,8 @@ class PerSampleGradStats:
         for unit in {id(c.unit): c.unit for c in calls}.values():
             self._set_floor(inc, [self._index[id(p)] for p in unit.params.values()], n)  # type: ignore[union-attr]
         dtype = _compute_dtype(calls)
-        unexplained = failing([(i, mismatch(s1, inc.hooked[i], inc.squares[i], n, self._project, dtype, inc.floor[i]))
-                               for i, s1 in enumerate(sums) if s1 is not None and i not in on_model])
+        unexplained = self._unexplained(inc, [i for i, s1 in enumerate(sums) if s1 is not None and i not in on_model],
+                                        sums, n, dtype)  # type: ignore[arg-type]
         if unexplained:
             log.info("gradaccum: the layer hooks do not explain the gradients of %s; using the whole-model fallback",
                      ", ".join(self._names[i] for i in unexplained))
@@ -306,8 +371,7 @@ class PerSampleGradStats:
         if needed:
             self._add_model(needed, n, inc)
             self._set_floor(inc, needed, n)
-            wrong = failing([(i, mismatch(sums[i], inc.hooked[i], inc.squares[i], n, self._project, dtype,  # type: ignore[arg-type]
-                                          inc.floor[i])) for i in needed])
+            wrong = self._unexplained(inc, needed, sums, n, dtype)  # type: ignore[arg-type]
             if wrong:
                 raise ValueError(
                     f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in wrong)}: "
@@ -315,18 +379,23 @@ class PerSampleGradStats:
                     "outside the model's forward (a weight penalty: put it in the optimizer's weight_decay instead), "
                     "is the forward random (dropout: set p=0 or eval mode), or does a layer mix samples? Use a rule "
                     "without statistics (FixedSteps) for this model")
-        firsts = [torch.zeros_like(p) if s1 is None else s1.detach() for p, s1 in zip(self.params, sums)]
-        seconds = [torch.zeros_like(p) if s2 is None else s2.to(p.dtype) for p, s2 in zip(self.params, inc.squares)]
-        return firsts, seconds
+        return inc
 
-    @staticmethod
-    def _set_floor(inc: _Increment, indices: list[int], n: int) -> None:
+    def _unexplained(self, inc: _Increment, indices: list[int], sums: list[torch.Tensor], n: int,
+                     dtype: torch.dtype) -> list[int]:
+        """The parameters among ``indices`` whose gradient (``sums``) the increment does not explain."""
+        wrong = unexplained([sums[i] for i in indices], [inc.hooked[i] for i in indices],
+                            [inc.scale(i, n, self._project) for i in indices], [inc.terms[i] or n for i in indices],
+                            [inc.floor[i] for i in indices], self._project, dtype)
+        return [indices[j] for j in wrong]
+
+    def _set_floor(self, inc: _Increment, indices: list[int], n: int) -> None:
         """The layer's floor for the check: its largest per-element magnitude bound (see _explained),
         kept on the device (no synchronisation)."""
-        bounds = [inc.squares[i].max() for i in indices if inc.squares[i] is not None and inc.squares[i].numel()]  # type: ignore[union-attr]
+        bounds = [b for b in (inc.element_bound(i, n, self._project) for i in indices) if b is not None]
         if not bounds:
             return
-        floor = torch.sqrt(torch.stack(bounds).max() * n)
+        floor = torch.stack(bounds).max()
         for i in indices:
             inc.floor[i] = torch.maximum(torch.as_tensor(inc.floor[i], dtype=floor.dtype, device=floor.device), floor)
 
@@ -393,14 +462,27 @@ class PerSampleGradStats:
             return
         dtype = next(iter(unit.params.values())).dtype
         needs_per_sample = {k for k in wanted if uses.get(id(unit.params[k]), 0) > 1}
+        d = call.grads[0]
         if unit.entry is None:
+            self._count_terms(unit, wanted, inc, n * _positions(None, d))
             self._add_per_sample(unit, self._fallback(unit, call, n, sorted(wanted), dtype), inc, needs_per_sample)
             return
-        d = call.grads[0]
         if d is None:
             return
         d = d.to(dtype)
         args = tuple(_cast(a, dtype) for a in call.args)
+        parts = unit.entry.norms(unit.module, args, d, self._project) \
+            if self.kind == "norms" and unit.entry.norms and not needs_per_sample else None
+        if parts is not None:
+            self.paths[unit.label] = f"{unit.entry.name}:norms"
+            for k in wanted & set(parts.squared_norms):
+                i = self._index[id(unit.params[k])]
+                inc.norms[i] = _plus(inc.norms[i], parts.squared_norms[k])
+                inc.hooked[i] = _plus(inc.hooked[i], parts.sums[k])
+                inc.scales[i] = _plus(inc.scales[i], parts.magnitudes[k])
+                inc.terms[i] = (inc.terms[i] or 0) + parts.terms
+            return
+        self._count_terms(unit, wanted, inc, n * _positions(unit.entry, d))
         fast = unit.entry.sum_squares(unit.module, args, d, self._project) \
             if unit.entry.sum_squares and not needs_per_sample else None
         if fast is not None:
@@ -428,6 +510,12 @@ class PerSampleGradStats:
             per_sample = unit.entry.per_sample(unit.module, part, d.narrow(0, start, size), *extra)
             self._add_per_sample(unit, {k: g for k, g in per_sample.items() if k in wanted}, inc,
                                  needs_per_sample, offset=start, batch=n)
+
+    def _count_terms(self, unit: _Unit, wanted: set[str], inc: _Increment, terms: int) -> None:
+        """Autograd adds ``terms`` terms of this call into each element of the wanted parameters."""
+        for k in wanted:
+            i = self._index[id(unit.params[k])]
+            inc.terms[i] = (inc.terms[i] or 0) + terms
 
     def _fallback(self, unit: _Unit, call: _Call, n: int, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """vmap over samples where it works for this module, else the per-sample loop."""
@@ -477,6 +565,8 @@ class PerSampleGradStats:
             g = per_sample[name]
             inc.squares[i] = (g * g).sum(0)
             inc.hooked[i] = self._project(g.sum(0))
+            inc.norms[i] = inc.scales[i] = None  # what the layer paths said is replaced
+            inc.terms[i] = max(inc.terms[i] or 0, n * _positions(None, next((g for g in call.grads if g is not None), None)))
             self.paths[self._names[i]] = f"model:{self.paths[MODEL]}"
 
     def _add_per_sample(self, unit: _Unit, per_sample: dict[str, torch.Tensor], inc: _Increment,
@@ -495,10 +585,14 @@ class PerSampleGradStats:
     @property
     def count(self) -> int:
         """Samples merged so far."""
+        if self.kind == "norms":
+            return self._norm_samples
         return 0 if self._moments is None else self._moments[0].n
 
     def moments(self) -> list[Moments]:
         """Running moments per parameter (order of ``params``)."""
+        if self.kind == "norms":
+            raise ValueError("the norm path keeps no per-element moments (kind='norms'): use norm_sums")
         if self._moments is None:
             raise ValueError("no increment has been committed yet")
         return list(self._moments)
@@ -506,21 +600,30 @@ class PerSampleGradStats:
     def reset(self) -> None:
         """Start a new window: forget the running moments."""
         self._moments = None
+        self._norm_samples, self._norm_total = 0, 0.0
         self._reset_increment()
 
     def state_dict(self) -> dict[str, Any]:
         """The running moments (for a checkpoint taken mid-window)."""
+        if self.kind == "norms":
+            return {"norms": (self._norm_samples, self._norm_total)}
         if self._moments is None:
             return {"moments": None}
         return {"moments": [(m.n, m.mean.clone(), m.m2.clone()) for m in self._moments]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict``'s moments (checked against the parameters first)."""
-        self._moments = self.check_state(state)
+        checked = self.check_state(state)
+        if self.kind == "norms":
+            self._norm_samples, self._norm_total = checked  # type: ignore[misc]
+        else:
+            self._moments = checked  # type: ignore[assignment]
         self._reset_increment()
 
     def check_state(self, state: Any) -> list[Moments] | None:
         """The moments ``state`` holds, validated against the parameters; nothing is assigned."""
+        if self.kind == "norms":
+            return _check_norm_state(state)
         if not isinstance(state, dict) or "moments" not in state:
             raise ValueError("statistics state must be a dict with 'moments' (from PerSampleGradStats.state_dict())")
         moments = state["moments"]
@@ -546,6 +649,20 @@ class PerSampleGradStats:
         if len(counts) != 1:
             raise ValueError("statistics state: every parameter's moments must cover the same samples")
         return out
+
+
+def _check_norm_state(state: Any) -> tuple[int, float]:
+    if not isinstance(state, dict) or "norms" not in state:
+        raise ValueError("statistics state must be a dict with 'norms' (from PerSampleGradStats(kind='norms').state_dict())")
+    entry = state["norms"]
+    if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+        raise ValueError("statistics state: 'norms' must be (samples, sum of squared norms)")
+    n, total = entry
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"statistics state: the norm path's sample count must be an int >= 0, got {n!r}")
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or not 0 <= total < math.inf:
+        raise ValueError(f"statistics state: the sum of squared norms must be a finite float >= 0, got {total!r}")
+    return n, float(total)
 
 
 def _refuse_compiled(model: nn.Module) -> None:
@@ -579,6 +696,13 @@ def _store_grad(call: _Call, k: int):
         call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
 
     return hook
+
+
+def _positions(entry: LayerStats | None, d: torch.Tensor | None) -> int:
+    """Positions per sample a layer's gradient sums over (see ``LayerStats.positions``)."""
+    if d is None:
+        return 1
+    return max(1, (entry.positions if entry is not None and entry.positions else channels_last_positions)(d))
 
 
 def _compute_dtype(calls: list[_Call]) -> torch.dtype:

@@ -32,6 +32,7 @@ missed use must be below about 5e-4 of the gradient's magnitude, and in float64 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ class Projector:
 
     def __init__(self) -> None:
         self._vectors: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._sums: dict[tuple[str, int], float] = {}
 
     def vector(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (size, dtype, device)
@@ -49,6 +51,15 @@ class Projector:
             self._vectors[key] = (torch.rand(size, generator=g, dtype=torch.float64) + 0.5).to(dtype=dtype, device=device)
         return self._vectors[key]
 
+    def abs_sum(self, size: int) -> float:
+        """``sum |v|`` of the vector of that length (1 for vectors, which are compared whole)."""
+        if size <= 1:
+            return 1.0
+        key = ("sum", size)
+        if key not in self._sums:
+            self._sums[key] = float(self.vector(size, torch.float64, torch.device("cpu")).abs().sum())
+        return self._sums[key]
+
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` projected along its last dimension (a vector parameter is compared whole)."""
         if t.dim() < 2:
@@ -56,36 +67,62 @@ class Projector:
         return t.reshape(-1, t.shape[-1]) @ self.vector(t.shape[-1], t.dtype, t.device)
 
 
-def relative_tolerance(dtype: torch.dtype, compute_dtype: torch.dtype, n: int, length: int) -> float:
-    """How far, relative to the magnitude bound, two orders of the same sum may differ."""
+def relative_tolerance(dtype: torch.dtype, compute_dtype: torch.dtype, terms: int, length: int) -> float:
+    """How far, relative to the magnitude bound, two orders of the same sum of ``terms`` terms may differ."""
     low = torch.finfo(compute_dtype)
-    return (n + length) * torch.finfo(dtype).eps + (4 * low.eps if low.bits < 32 else 0.0)
+    return (terms + length) * torch.finfo(dtype).eps + (4 * low.eps if low.bits < 32 else 0.0)
 
 
-def mismatch(grad: torch.Tensor, hooked: torch.Tensor | None, squares: torch.Tensor | None, n: int,
-             project: Projector, compute_dtype: torch.dtype, floor: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """How far the hooked, projected gradient sum is from the real one, in units of the
-    tolerance (> 1 means the hooks do not explain the gradient), as a 0-d tensor so that the
-    caller reads all parameters' verdicts with one synchronisation."""
-    real = project(grad.detach().to(hooked.dtype if hooked is not None else grad.dtype))
-    if hooked is None or squares is None:
-        return torch.where((real != 0).any(), torch.inf, 0.0).to(torch.float64)
-    # project(sqrt(n S2) + floor, |v|) = project(sqrt(S2), |v|) sqrt(n) + floor sum|v|: one pass
+def scale_from_squares(squares: torch.Tensor, n: int, project: Projector) -> torch.Tensor:
+    """The projected magnitude bound ``project(sqrt(n S2), |v|)`` (Cauchy-Schwarz) in one pass."""
     scale = squares.sqrt()
     if scale.dim() >= 2:
         v = project.vector(scale.shape[-1], scale.dtype, scale.device).abs()
-        scale = (scale.reshape(-1, scale.shape[-1]) @ v) * math.sqrt(n) + floor * v.sum()
-    else:
-        scale = scale * math.sqrt(n) + floor
-    length = grad.shape[-1] if grad.dim() >= 2 else 1
-    allowed = relative_tolerance(real.dtype, compute_dtype, n, length) * scale + torch.finfo(real.dtype).tiny
-    return ((real - hooked).abs() / allowed).max().to(torch.float64)
+        return (scale.reshape(-1, scale.shape[-1]) @ v) * math.sqrt(n)
+    return scale * math.sqrt(n)
 
 
-def failing(ratios: list[tuple[int, torch.Tensor]]) -> list[int]:
-    """The indices whose mismatch exceeds the tolerance, read in one synchronisation."""
-    if not ratios:
+def element_bound(scale: torch.Tensor, project: Projector, length: int) -> torch.Tensor:
+    """The largest per-element magnitude a projected bound stands for (a 0-d tensor): a row's
+    bound divided by the sum of ``|v|`` it was projected with."""
+    if length > 1:
+        return scale.max() / project.vector(length, scale.dtype, scale.device).abs().sum()
+    return scale.max()
+
+
+def unexplained(grads: list[torch.Tensor], hooked: list[torch.Tensor | None], scales: list[torch.Tensor | None],
+                terms: list[int], floors: list[Any], project: Projector, compute_dtype: torch.dtype) -> list[int]:
+    """The positions in the lists whose hooked, projected gradient sum is farther from the
+    real gradient's projection than rounding allows; read with one synchronisation.
+
+    ``scales[j]`` is the projected magnitude of the terms summed into gradient ``j``, ``terms[j]``
+    how many there are per element, ``floors[j]`` a per-element magnitude every element's bound
+    is raised to. A gradient without a hooked sum or scale is explained only if it is zero.
+    All parameters are compared in one flat pass: a difference above
+    ``((terms + L) eps + autocast) * (scale + floor * sum|v|)`` is not rounding."""
+    missing = [j for j in range(len(grads)) if hooked[j] is None or scales[j] is None]
+    present = [j for j in range(len(grads)) if hooked[j] is not None and scales[j] is not None]
+    checks = [(grads[j] != 0).any() for j in missing]
+    if present:
+        reals = [project(grads[j].detach().to(hooked[j].dtype)) for j in present]  # type: ignore[union-attr]
+        diffs = torch._foreach_sub(reals, [hooked[j] for j in present])  # type: ignore[misc]
+        torch._foreach_abs_(diffs)
+        counts = [d.numel() for d in diffs]
+        device = diffs[0].device
+        constants = []
+        for j, real in zip(present, reals):
+            length = grads[j].shape[-1] if grads[j].dim() >= 2 else 1
+            tol = relative_tolerance(real.dtype, compute_dtype, terms[j], length)
+            constants.append((tol, tol * project.abs_sum(length), torch.finfo(real.dtype).tiny))
+        per_param = torch.tensor(constants, dtype=torch.float64, device=device)
+        floor = torch.stack([torch.as_tensor(floors[j], dtype=torch.float64, device=device).reshape(()) for j in present])
+        repeat = torch.tensor(counts, device=device)
+        tol, tol_floor = per_param[:, 0].repeat_interleave(repeat), (per_param[:, 1] * floor).repeat_interleave(repeat)
+        tiny = per_param[:, 2].repeat_interleave(repeat)
+        scale = torch.cat([scales[j].reshape(-1) for j in present]).to(torch.float64)  # type: ignore[union-attr]
+        bad = torch.cat([d.reshape(-1) for d in diffs]).to(torch.float64) > tol * scale + tol_floor + tiny
+        checks += [segment.any() for segment in bad.split(counts)]
+    if not checks:
         return []
-    verdict = (torch.stack([r.to("cpu") for _, r in ratios]) > 1).tolist()
-    return [i for (i, _), bad in zip(ratios, verdict) if bad]
-
+    verdict = torch.stack([c.to("cpu") for c in checks]).tolist()
+    return [j for j, wrong in zip(missing + present, verdict) if wrong]

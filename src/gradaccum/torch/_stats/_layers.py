@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Grads, LayerStats, Projector
+from ._registry import Grads, LayerStats, NormParts, Projector, channels_first_positions
 from ._registry import register_layer_stats as register
 
 
@@ -46,7 +46,46 @@ def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project
     return _own(module, _with_bias(module, squares, d2.sum(0))), _own(module, _with_bias(module, sums, d.sum(0)))
 
 
-register(nn.Linear)(LayerStats("linear", _linear_per_sample, _linear_sum_squares))
+def _linear_norms(module: nn.Linear, args: tuple, d: torch.Tensor, project: Projector) -> NormParts:
+    """``sum_i |g_i|^2`` without per-sample gradients: for one position per sample
+    ``|d_i x_i^T|^2 = |x_i|^2 |d_i|^2``; for T positions the Gram form
+    ``sum_{t,s} (x_t . x_s)(d_t . d_s)`` or the per-sample gradient, whichever costs less.
+
+    The check's magnitudes are Cauchy-Schwarz bounds from norms already at hand,
+    ``sum_r |d_rj| |x_r . v| <= |D_:j| |X|_F |v|`` over the rows r (samples x positions), so
+    that no absolute value of an activation is formed."""
+    x = args[0]
+    b = x.shape[0]
+    xf, df = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
+    rows, n_in, n_out = xf.shape[0], xf.shape[1], df.shape[1]
+    positions = rows // b
+    x_rows = torch.linalg.vector_norm(xf, dim=1).square_()
+    if positions == 1:
+        d_rows = torch.linalg.vector_norm(df, dim=1).square_()
+        weight, bias = torch.dot(x_rows, d_rows), d_rows.sum()
+    else:
+        x3, d3 = xf.view(b, positions, n_in), df.view(b, positions, n_out)
+        if positions * (n_in + n_out) <= n_in * n_out:
+            weight = (torch.bmm(x3, x3.transpose(1, 2)) * torch.bmm(d3, d3.transpose(1, 2))).sum()
+        else:
+            chunk = max(1, (1 << 24) // (n_in * n_out))
+            weight = sum(_squared(torch.bmm(d3[s:s + chunk].transpose(1, 2), x3[s:s + chunk]))
+                         for s in range(0, b, chunk))
+        bias = _squared(d3.sum(1))
+    v = project.vector(n_in, x.dtype, x.device)
+    d_columns = df.square().sum(0).sqrt_()  # (vector_norm over dim 0 is a slow strided reduction)
+    squared = _with_bias(module, {"weight": weight}, bias)
+    sums = _with_bias(module, {"weight": df.T @ (xf @ v)}, df.sum(0))
+    magnitudes = _with_bias(module, {"weight": d_columns * (x_rows.sum().sqrt() * torch.linalg.vector_norm(v))},
+                            d_columns * rows**0.5)
+    return NormParts(_own(module, squared), _own(module, sums), _own(module, magnitudes), rows)
+
+
+def _squared(t: torch.Tensor) -> torch.Tensor:
+    return (t * t).sum()
+
+
+register(nn.Linear)(LayerStats("linear", _linear_per_sample, _linear_sum_squares, _linear_norms))
 
 
 # ---------------------------------------------------------------- Conv1d / Conv2d
@@ -81,7 +120,7 @@ def _conv_per_sample(module: nn.Module, args: tuple, d: torch.Tensor) -> Grads:
     return _own(module, _with_bias(module, {"weight": weight}, d.sum(dim=tuple(range(2, d.dim())))))
 
 
-register(nn.Conv1d, nn.Conv2d)(LayerStats("conv", _conv_per_sample))
+register(nn.Conv1d, nn.Conv2d)(LayerStats("conv", _conv_per_sample, positions=channels_first_positions))
 
 
 # ---------------------------------------------------------------- Embedding
@@ -118,7 +157,18 @@ def _embedding_sum_squares(module: nn.Embedding, args: tuple, d: torch.Tensor, p
     return _own(module, {"weight": squares}), _own(module, {"weight": sums})
 
 
-register(nn.Embedding)(LayerStats("embedding", _embedding_per_sample, _embedding_sum_squares))
+def _embedding_norms(module: nn.Embedding, args: tuple, d: torch.Tensor, project: Projector) -> NormParts:
+    _, tokens, rows = _embedding_rows(module, args, d)
+    v = project.vector(rows.shape[-1], rows.dtype, rows.device)
+    idx = args[0].reshape(-1)
+    vocab = torch.zeros(module.num_embeddings, dtype=d.dtype, device=d.device)
+    sums = vocab.clone().index_add_(0, tokens, rows @ v)
+    magnitudes = vocab.index_add_(0, idx, d.reshape(-1, d.shape[-1]).abs() @ v)
+    return NormParts(_own(module, {"weight": _squared(rows)}), _own(module, {"weight": sums}),
+                     _own(module, {"weight": magnitudes}), idx.numel())
+
+
+register(nn.Embedding)(LayerStats("embedding", _embedding_per_sample, _embedding_sum_squares, _embedding_norms))
 
 
 # ---------------------------------------------------------------- LayerNorm / GroupNorm
@@ -146,4 +196,4 @@ def _group_norm_per_sample(module: nn.GroupNorm, args: tuple, d: torch.Tensor) -
 
 
 register(nn.LayerNorm)(LayerStats("layer_norm", _layer_norm_per_sample))
-register(nn.GroupNorm)(LayerStats("group_norm", _group_norm_per_sample))
+register(nn.GroupNorm)(LayerStats("group_norm", _group_norm_per_sample, positions=channels_first_positions))

@@ -10,7 +10,7 @@ in ``_fallback.py``, and ``PerSampleGradStats.paths`` says so (docs/design.md,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -26,8 +26,26 @@ class Projector(Protocol):
     def __call__(self, t: torch.Tensor) -> torch.Tensor: ...
 
 
+class NormParts(NamedTuple):
+    """A layer call's share of the norm path (docs/design.md, "Norm path").
+
+    Attributes:
+      squared_norms: per parameter, ``sum_i |g_i|^2`` over the call's samples (0-d tensors).
+      sums: per parameter, the projected sum of the per-sample gradients, as in ``sum_squares``.
+      magnitudes: per parameter, the projected (with ``|v|``) sum of the absolute values of
+        the terms autograd adds up into the gradient: the rounding scale of the check.
+      terms: how many terms autograd adds up into each gradient element (samples x positions).
+    """
+
+    squared_norms: "Grads"
+    sums: "Grads"
+    magnitudes: "Grads"
+    terms: int
+
+
 PerSample = Callable[[nn.Module, tuple, torch.Tensor], Grads]
 SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector], "tuple[Grads, Grads] | None"]
+Norms = Callable[[nn.Module, tuple, torch.Tensor, Projector], "NormParts | None"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,15 @@ class LayerStats:
         (``project(sum_i g_i)``, which the fast path can often form far more cheaply
         than the sum itself); None when it does not apply to these inputs. The sums
         let the collector check that the call explains the parameter's gradient.
+      norms: optional fast path for the norm rules (NormTest, the noise scale): the summed
+        per-sample squared gradient norms without per-element squares (``NormParts``); None
+        when it does not apply to these inputs. Without it the norm path sums the squares
+        of ``sum_squares`` or of the per-sample gradients.
+      positions: optional, how many positions of a sample the layer's gradient sums over,
+        from the output gradient ``d``: autograd adds ``samples x positions`` terms into each
+        gradient element, which sets the rounding tolerance of the check. Default
+        ``channels_last_positions`` (all dims but the batch and the last); convolutions
+        and GroupNorm count their spatial dims.
       applies: optional test of a module's configuration; where it says False the
         module takes the exact fallback instead.
       subtree: the entry covers the parameters of the module's children too (a module
@@ -56,11 +83,23 @@ class LayerStats:
     name: str
     per_sample: PerSample
     sum_squares: SumSquares | None = None
+    norms: Norms | None = None
+    positions: Callable[[torch.Tensor], int] | None = None
     subtree: bool = False
     applies: Callable[[nn.Module], bool] | None = None
 
 
 REGISTRY: dict[type[nn.Module], LayerStats] = {}
+
+
+def channels_last_positions(d: torch.Tensor) -> int:
+    """Positions per sample of an output gradient with features last: (B, ..., C) -> prod(...)."""
+    return d[0].numel() // d.shape[-1] if d.dim() >= 2 and d.shape[-1] else 1
+
+
+def channels_first_positions(d: torch.Tensor) -> int:
+    """Positions per sample of an output gradient with channels first: (B, C, ...) -> prod(...)."""
+    return d[0, 0].numel() if d.dim() >= 3 else 1
 
 
 def register_layer_stats(*types: type[nn.Module]) -> Callable[[LayerStats], LayerStats]:
