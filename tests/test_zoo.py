@@ -340,3 +340,19 @@ def test_a_forward_that_does_not_reach_the_loss_does_not_set_the_sample_count() 
     stats.commit()
     want = reference(model, pattern, [batch], stats.params)
     assert_moments([(m.n, m.mean, m.m2) for m in stats.moments()], want, 5)
+
+
+@pytest.mark.parametrize("kind", ["elements", "norms"])
+def test_a_conv_bias_summed_over_many_positions_is_explained_in_float32(kind: str) -> None:
+    """A float32 conv bias summed over 32x32 positions and 32 samples was refused ("cannot
+    explain the gradient of blocks.1.2.bias"): the check's rounding tolerance counted the
+    samples (32) but not the positions autograd adds up (32768 terms per element)."""
+    torch.manual_seed(0)
+    width = 32
+    model = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU(),
+                          nn.Conv2d(width, width, 3, padding=1), nn.Flatten(2))
+    stats = PerSampleGradStats(model, kind=kind)
+    x = torch.randn(32, 3, 32, 32)
+    (model(x).mean(2) ** 2).sum().backward()
+    assert stats.commit() == 32
+    assert stats.paths["3"] == "conv:per_sample" and "3.bias" not in stats.paths  # no fallback
