@@ -173,7 +173,7 @@ def make(config: str, which: tuple[str, ...] = ("plain", "ours", "norms", "vmap"
         normed = copy.deepcopy(model) if len(which) > 1 else model
         norm_stats = PerSampleGradStats(normed, kind="norms")
         norm_rule = NormTest(0.5, increment=n, max_samples=4 * n)
-        params = list(normed.parameters())
+        norm_params = list(normed.parameters())
 
         def norms() -> None:
             window: list[torch.Tensor] | None = None  # the window's gradient sum, as the Accumulator keeps it
@@ -181,7 +181,7 @@ def make(config: str, which: tuple[str, ...] = ("plain", "ours", "norms", "vmap"
                 normed.zero_grad(set_to_none=True)
                 loss_of(normed, x, y).backward()
                 norm_stats.commit()
-                grads = [p.grad for p in params]
+                grads = [p.grad for p in norm_params]
                 if window is None:
                     window = grads
                 else:

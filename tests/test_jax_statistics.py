@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from gradaccum import GSNR, FixedSteps
-from gradaccum.jax import AccumulatingTrainState, make_train_step, statistics_path
+from gradaccum import GSNR, FixedSteps, NormTest, WindowView
+from gradaccum._core.moments import Moments
+from gradaccum.jax import AccumulatingTrainState, layer_paths, make_train_step, statistics_path
 
 from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff
 
@@ -134,6 +135,33 @@ def test_window_moments_equal_a_loop_over_samples(name: str, statistics: str) ->
     assert max_abs_diff(state.window.mean, mean) < 1e-12
     assert max_abs_diff(state.window.m2, m2) < 1e-10 * max(1.0, max(float(jnp.abs(x).max()) for x in
                                                                      jax.tree.leaves(m2)))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("statistics", ["auto", "vmap"])
+def test_norm_path_equals_a_loop_over_samples(name: str, statistics: str) -> None:
+    """NormTest on the norm path (no per-element moments in the window): after two masked
+    increments its ratio and noise scale equal the core rule's on the loop's moments."""
+    model, batch = MODELS[name], data(10, seed=31)
+    variables = model.init(jax.random.key(1), batch["x"][:1])
+    params = variables["params"]
+    extra = jax.tree.map(lambda v: v.astype(jnp.float64), {k: v for k, v in variables.items() if k != "params"})
+    losses = losses_of(model, extra)
+    mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1])
+    rule = NormTest(1e-9, increment=10, max_samples=100)
+    state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rule=rule)
+    assert state.window.mean is None and state.window.sum_norms is not None
+    step = make_train_step(losses, statistics=statistics)
+    half = {k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}
+    state, _ = step(state, half[0], mask[:5])
+    state, metrics = step(state, half[1], mask[5:])
+    mean, m2 = reference_moments(losses, params, batch, mask)
+    want = rule.decide(WindowView(2, 8, [Moments(8, m, v) for m, v in zip(jax.tree.leaves(mean), jax.tree.leaves(m2))]))
+    assert int(metrics["samples"]) == 8
+    for key in ("norm_test", "noise_scale"):
+        np.testing.assert_allclose(float(metrics[key]), want.info[key], rtol=1e-9)
+    if statistics == "auto" and PATHS[name] == "sum_of_squares":
+        assert set(layer_paths(losses, params, half[0], kind="norms").values()) == {"norms"}
 
 
 def test_sum_of_squares_and_vmap_windows_decide_alike() -> None:

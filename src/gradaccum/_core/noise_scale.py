@@ -90,6 +90,21 @@ class NormStatistics(NamedTuple):
     squared_norm: float
 
 
+def window_terms(n: Any, sum_squared_norms: Any, squared_sum: Any) -> NoiseTerms:
+    """``tr(Sigma)`` and ``|G|^2`` of one process's window from ``T2 = sum_i |g_i|^2`` and
+    ``|S1|^2``, as array code (a traced JAX step runs it): ``pooled_terms`` of the window's
+    ``NormSums``. Fewer than 2 samples give a trace of 0; the rules' ``where_enough`` makes
+    their statistic NaN there."""
+    host = isinstance(sum_squared_norms, (int, float))
+    xp = None if host else array_namespace(sum_squared_norms)
+    nf = n if host or isinstance(n, int) else xp.astype(n, sum_squared_norms.dtype)
+    per_sample = squared_sum / at_least_1(nf)  # |S1|^2 / n
+    m2 = sum_squared_norms - per_sample
+    m2 = max(m2, 0.0) if host else xp.maximum(m2, xp.zeros_like(m2))
+    trace = m2 / at_least_1(nf - 1)
+    return NoiseTerms(trace, (per_sample - trace) / at_least_1(nf))
+
+
 def pooled_terms(sums: NormSums) -> NormStatistics:
     """Unbiased ``tr(Sigma)`` (the pooled within-process variance) and ``|G|^2`` from the
     norm sums added over processes; on one process they are ``noise_terms`` of the window.

@@ -17,6 +17,7 @@ from ._sharding import data_mesh as data_mesh
 from ._sharding import replicate as replicate
 from ._sharding import shard_batch as shard_batch
 from ._layer_stats import layer_paths as layer_paths
+from ._layer_stats import register_sum_norms as register_sum_norms
 from ._layer_stats import register_sum_squares as register_sum_squares
 from ._layer_stats import statistics_path as statistics_path
 from ._train_state import AccumulatingTrainState as AccumulatingTrainState
@@ -24,8 +25,9 @@ from ._train_state import flush as flush
 from ._train_state import make_train_step as make_train_step
 from ._transform import AccumulationState as AccumulationState
 from ._transform import accumulate as accumulate
+from ._train_state import window_kind as window_kind
 from ._window import Window as Window
 
 __all__ = ["AccumulatingTrainState", "AccumulationState", "Window", "accumulate", "data_mesh", "flush", "layer_paths",
-           "make_train_step", "register_decision", "register_sum_squares", "replicate", "shard_batch",
-           "statistics_path", "traced_decision"]
+           "make_train_step", "register_decision", "register_sum_norms", "register_sum_squares", "replicate",
+           "shard_batch", "statistics_path", "traced_decision", "window_kind"]

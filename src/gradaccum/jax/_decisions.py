@@ -13,7 +13,8 @@ from typing import Any, Callable, TypeVar
 import jax
 
 from .._core.rules import GSNR, FixedSteps, NormTest, StoppingRule
-from ._window import Window
+from .._core.noise_scale import window_terms
+from ._window import Window, squared_norm
 
 TracedDecision = Callable[[Any, Window], tuple[jax.Array, dict[str, jax.Array]]]
 _DECISIONS: dict[type, TracedDecision] = {}
@@ -48,5 +49,9 @@ def _fixed_steps(rule: FixedSteps, window: Window) -> tuple[jax.Array, dict[str,
 @register_decision(GSNR)
 @register_decision(NormTest)
 def _sample_rule(rule: GSNR | NormTest, window: Window) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The core rule's own ``decision``, traced on the window's moments."""
+    """The core rule's own ``decision``, traced on the window's moments, or on the norm
+    path's terms (``NormTest.decision_from_terms``)."""
+    if window.sum_norms is not None:
+        trace, squared = window_terms(window.samples, window.sum_norms, squared_norm(window.grad_sum))
+        return rule.decision_from_terms(window.samples, trace, squared)  # type: ignore[union-attr]
     return rule.decision(window.samples, jax.tree.leaves(window.mean), jax.tree.leaves(window.m2))

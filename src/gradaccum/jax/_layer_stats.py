@@ -34,7 +34,9 @@ from ._window import weighted_sum
 
 LOG = logging.getLogger("gradaccum.jax")
 SumSquares = Callable[[fnn.Module, jax.Array, jax.Array], "dict[str, jax.Array] | None"]
+SumNorms = Callable[[fnn.Module, jax.Array, jax.Array], "jax.Array | None"]
 _REGISTRY: dict[type, SumSquares] = {}
+_NORMS: dict[type, SumNorms] = {}
 
 
 def register_sum_squares(module_type: type) -> Callable[[SumSquares], SumSquares]:
@@ -47,6 +49,19 @@ def register_sum_squares(module_type: type) -> Callable[[SumSquares], SumSquares
 
     def register(fn: SumSquares) -> SumSquares:
         _REGISTRY[module_type] = fn
+        return fn
+
+    return register
+
+
+def register_sum_norms(module_type: type) -> Callable[[SumNorms], SumNorms]:
+    """Register ``fn(module, inputs, output_grad) -> sum over samples of |g_i|^2`` (all the
+    layer's parameters together, a scalar) as the norm path's closed form of ``module_type``
+    (``None`` when it does not apply to these shapes). Without one, the norm path sums the
+    layer's squares (its ``register_sum_squares`` form, or its per-sample VJP)."""
+
+    def register(fn: SumNorms) -> SumNorms:
+        _NORMS[module_type] = fn
         return fn
 
     return register
@@ -67,6 +82,21 @@ def _dense(module: fnn.Dense, x: jax.Array, d: jax.Array) -> dict[str, jax.Array
     if module.use_bias:
         out["bias"] = _sum_over_samples(d2)
     return out
+
+
+@register_sum_norms(fnn.Dense)
+def _dense_norms(module: fnn.Dense, x: jax.Array, d: jax.Array) -> jax.Array | None:
+    """``|x_i|^2 |d_i|^2`` on (B, d_in) inputs; over T positions the Gram form
+    ``sum_{t,s} (x_t . x_s)(d_t . d_s)`` where it costs less than the per-sample gradient."""
+    b = x.shape[0]
+    x3, d3 = x.reshape(b, -1, x.shape[-1]), d.reshape(b, -1, d.shape[-1])
+    positions, n_in, n_out = x3.shape[1], x3.shape[2], d3.shape[2]
+    bias = ((d3.sum(1)) ** 2).sum() if module.use_bias else 0.0
+    if positions == 1:
+        return (jnp.einsum("bi,bi->b", x3[:, 0], x3[:, 0]) * jnp.einsum("bo,bo->b", d3[:, 0], d3[:, 0])).sum() + bias
+    if positions * (n_in + n_out) > n_in * n_out:
+        return None
+    return (jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("bto,bso->bts", d3, d3)).sum() + bias
 
 
 def _per_layer_vmap(module: fnn.Module, params: Any, x: jax.Array, d: jax.Array) -> dict[str, jax.Array]:
@@ -187,25 +217,32 @@ def _broadcast_call(loss_fn: Callable, params: Any, batch: Any, calls: list[_Cal
     return None
 
 
-def layer_paths(loss_fn: Callable, params: Any, batch: Any) -> dict[str, str]:
-    """Per leaf layer, the path ``sums_and_squares`` takes: ``"sum_of_squares"`` (its
-    registered closed form applies to these shapes) or ``"vmap"`` (its own per-sample VJP)."""
-    return {"/".join(c.path): "sum_of_squares" if _runs_closed_form(c) else "vmap"
-            for c in _calls(loss_fn, params, batch)}
+def layer_paths(loss_fn: Callable, params: Any, batch: Any, kind: str = "elements") -> dict[str, str]:
+    """Per leaf layer, the path ``sums_and_squares`` takes for statistics of ``kind``:
+    ``"sum_of_squares"`` / ``"norms"`` (its registered closed form applies to these shapes)
+    or ``"vmap"`` (its own per-sample VJP)."""
+    out = {}
+    for c in _calls(loss_fn, params, batch):
+        if kind == "norms" and _runs_closed_form(c, _NORMS):
+            out["/".join(c.path)] = "norms"
+        else:
+            out["/".join(c.path)] = "sum_of_squares" if _runs_closed_form(c) else "vmap"
+    return out
 
 
-def _runs_closed_form(call: _Call) -> bool:
-    """Whether the registered closed form returns squares for this call's shapes (it may
+def _runs_closed_form(call: _Call, registry: dict[type, Any] = _REGISTRY) -> bool:
+    """Whether the registered closed form returns a value for this call's shapes (it may
     decline with None, as ``nn.Dense`` does for sequences): the path that will really run."""
-    closed = _REGISTRY.get(type(call.module))
+    closed = registry.get(type(call.module))
     if closed is None or call.input is None:
         return False
     return jax.eval_shape(lambda x, d: closed(call.module, x, d), call.input, call.output) is not None
 
 
-def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Array
+def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Array, kind: str = "elements"
                      ) -> tuple[jax.Array, Any, Any]:
-    """Per-example losses, the gradient sum S1 and the sum of squares S2 of the masked samples.
+    """Per-example losses, the gradient sum S1 and the sum of squares S2 of the masked
+    samples (``kind="norms"``: ``sum_i |g_i|^2``, a scalar, instead of S2).
 
     Requires ``statistics_path(...)`` to be ``"sum_of_squares"`` or ``"layers"``.
     """
@@ -229,7 +266,13 @@ def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Ar
 
     (s1, output_grads), (losses, inputs) = jax.grad(summed, argnums=(0, 1), has_aux=True)(params, zeros)
     squares: dict[tuple[str, ...], jax.Array] = {}
+    total = jnp.zeros((), jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32))
     for call, x, d in zip(calls, inputs, output_grads):
+        norms = _NORMS.get(type(call.module)) if kind == "norms" else None
+        layer_norms = norms(call.module, x, d) if norms else None
+        if layer_norms is not None:
+            total = total + layer_norms
+            continue
         closed = _REGISTRY.get(type(call.module))
         layer_squares = closed(call.module, x, d) if closed else None
         if layer_squares is None:
@@ -237,7 +280,12 @@ def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Ar
             for key in call.path:
                 layer_params = layer_params[key]
             layer_squares = _per_layer_vmap(call.module, layer_params, x, d)
+        if kind == "norms":
+            total = total + sum(v.sum() for v in layer_squares.values())
+            continue
         for name, value in layer_squares.items():
             squares[(*call.path, name)] = value
+    if kind == "norms":
+        return losses, s1, total
     s2 = jax.tree_util.tree_map_with_path(lambda kp, _: squares[tuple(k.key for k in kp)], params)
     return losses, s1, s2

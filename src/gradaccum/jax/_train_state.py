@@ -18,11 +18,11 @@ from flax.training import train_state
 
 from .._core.config import AccumulationConfig, as_rule
 from .._core.moments import moments_from_sums
-from .._core.rules import StoppingRule
+from .._core.rules import StoppingRule, statistics_kind
 from .._core.validation import check_choice
 from ._decisions import traced_decision
 from ._layer_stats import LOG, statistics_path, sums_and_squares
-from ._window import Window, all_finite, increment_moments, unzip, weighted_sum
+from ._window import Window, all_finite, increment_moments, increment_norms, unzip, weighted_sum
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
 STATISTICS = ("auto", "vmap")
@@ -61,7 +61,7 @@ class AccumulatingTrainState(train_state.TrainState):
         for leaf in leaves:
             if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
                 raise TypeError(f"params must hold floating-point arrays, got one of dtype {jnp.asarray(leaf).dtype}")
-        window = Window.empty(params, rule.needs_statistics)
+        window = Window.empty(params, window_kind(rule))
         state = super().create(apply_fn=apply_fn, params=params, tx=tx, rule=rule, nonfinite=nonfinite,
                                window=window, **kwargs)
         # a typed step counter: a Python 0 would make the first step's state differ in type
@@ -74,7 +74,12 @@ class AccumulatingTrainState(train_state.TrainState):
         grads = window.mean_gradient()
         apply = (window.items > 0) & ~window.poisoned & all_finite(grads)
         stepped = jax.lax.cond(apply, lambda s: s.apply_gradients(grads=grads), lambda s: s, self)
-        return stepped.replace(window=Window.empty(self.params, self.rule.needs_statistics))
+        return stepped.replace(window=Window.empty(self.params, window_kind(self.rule)))
+
+
+def window_kind(rule: StoppingRule) -> str:
+    """What the window keeps for ``rule``: ``"none"``, ``"elements"`` or ``"norms"``."""
+    return statistics_kind(rule) if rule.needs_statistics else "none"
 
 
 def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool = False, jit: bool = True
@@ -203,13 +208,31 @@ def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weight
     return losses, *increment_moments(per_sample, weights)
 
 
+def _norm_increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weights: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
+    """Per-example losses, the count, the gradient sum and ``sum_i |g_i|^2`` of this
+    micro-batch's per-sample gradients of the weighted losses (the norm path)."""
+    path = statistics_path(loss_fn, params, batch, statistics)
+    LOG.info("per-sample norms by %s", path)
+    if not path.startswith("vmap"):
+        losses, s1, total = sums_and_squares(loss_fn, params, batch, weights, kind="norms")
+        return losses, (weights > 0).sum(dtype=jnp.int32), s1, total
+    losses, per_sample = jax.vmap(jax.value_and_grad(partial(_example_loss, loss_fn)),
+                                  in_axes=(None, 0))(params, batch)
+    return losses, *increment_norms(per_sample, weights)
+
+
 def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState, batch: Any,
                 weights: jax.Array | None = None) -> tuple[AccumulatingTrainState, dict[str, Any]]:
     size = _check_batch(batch, weights)
     weights = jnp.ones((size,), jnp.int32) if weights is None else jnp.asarray(weights).astype(jnp.int32)
     items = weights.sum(dtype=jnp.int32)
     window = state.window
-    if state.rule.needs_statistics:
+    if window.sum_norms is not None:
+        losses, n, grad_sum, total = _norm_increment(loss_fn, statistics, state.params, batch, weights)
+        loss_sum = weighted_sum(losses, weights)
+        add, increment, gradient = window.add_norms, (grad_sum, total, items, n), (grad_sum, total)
+    elif window.mean is not None:
         losses, n, mean, m2 = _increment(loss_fn, statistics, state.params, batch, weights)
         loss_sum = weighted_sum(losses, weights)
         add, increment, gradient = window.add_moments, (items, n, mean, m2), (mean, m2)

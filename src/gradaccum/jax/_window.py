@@ -27,6 +27,8 @@ class Window:
       grad_sum: sum over items of their gradients (rules without statistics), else None.
       mean: per-element mean of the per-sample gradients (rules with statistics), else None.
       m2: per-element sum of squared deviations from ``mean`` (rules with statistics), else None.
+      sum_norms: the norm path's ``sum_i |g_i|^2`` over the window's samples (rules reading
+        ``statistics = "norms"``, with ``grad_sum``), else None.
       poisoned: a micro-batch with a non-finite gradient joined (``nonfinite="skip_window"``).
     """
 
@@ -37,15 +39,26 @@ class Window:
     mean: Any
     m2: Any
     poisoned: jax.Array
+    sum_norms: Any = None
 
     @classmethod
-    def empty(cls, params: Any, statistics: bool) -> Window:
-        """An empty window with zeroed buffers shaped like ``params``."""
+    def empty(cls, params: Any, kind: str | bool) -> Window:
+        """An empty window with zeroed buffers shaped like ``params``, for statistics of
+        ``kind``: ``"none"`` (the gradient sum), ``"elements"`` (per-element moments) or
+        ``"norms"`` (the gradient sum and ``sum_i |g_i|^2``); a bool means ``"elements"``
+        (True) or ``"none"``. ``gradaccum.jax.window_kind(rule)`` says which a rule needs."""
+        if isinstance(kind, bool):
+            kind = "elements" if kind else "none"
+        if kind not in ("none", "elements", "norms"):
+            raise ValueError(f"kind must be 'none', 'elements' or 'norms', got {kind!r}")
         zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        elements = kind == "elements"
+        dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
         return cls(
             micro_batches=jnp.zeros((), jnp.int32), items=jnp.zeros((), jnp.int32), samples=jnp.zeros((), jnp.int32),
-            grad_sum=None if statistics else zeros(), mean=zeros() if statistics else None,
-            m2=zeros() if statistics else None, poisoned=jnp.zeros((), bool),
+            grad_sum=None if elements else zeros(), mean=zeros() if elements else None,
+            m2=zeros() if elements else None, poisoned=jnp.zeros((), bool),
+            sum_norms=jnp.zeros((), dtype) if kind == "norms" else None,
         )
 
     def mean_gradient(self) -> Any:
@@ -60,6 +73,10 @@ class Window:
         """Add a micro-batch given as the gradient of its summed loss and its item count."""
         return self.replace(micro_batches=self.micro_batches + 1, items=self.items + items,
                             samples=self.samples + samples, grad_sum=jax.tree.map(jnp.add, self.grad_sum, grad_sum))
+
+    def add_norms(self, grad_sum: Any, sum_norms: jax.Array, items: jax.Array, samples: jax.Array) -> Window:
+        """Add a micro-batch on the norm path: its gradient sum and ``sum_i |g_i|^2``."""
+        return self.add_sum(grad_sum, items, samples).replace(sum_norms=self.sum_norms + sum_norms)
 
     def add_moments(self, items: jax.Array, n: jax.Array, mean: Any, m2: Any) -> Window:
         """Merge an increment's moments into the window's: the core's ``chan_merge``."""
@@ -93,6 +110,22 @@ def increment_moments(per_sample: Any, weights: jax.Array) -> tuple[jax.Array, A
 
     mean, m2 = unzip(jax.tree.map(moments, per_sample), per_sample)
     return n, mean, m2
+
+
+def increment_norms(per_sample: Any, weights: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
+    """Count, gradient sum and ``sum_i |g_i|^2`` of the per-sample gradients of the weighted
+    losses (leading axis = samples); examples of weight 0 add nothing."""
+    batch = jax.tree.leaves(per_sample)[0].shape[0]
+    n = (weights > 0).sum(dtype=jnp.int32)
+    rows = jax.tree.map(lambda g: g.reshape(batch, -1) * weights.astype(g.dtype)[:, None], per_sample)
+    ones = jnp.ones((batch,), jax.tree.leaves(per_sample)[0].dtype)
+    grad_sum = jax.tree.map(lambda r, g: (ones @ r).reshape(g.shape[1:]), rows, per_sample)
+    return n, grad_sum, squared_norm(rows)
+
+
+def squared_norm(tree: Any) -> jax.Array:
+    """The squared norm of every leaf together, in float32 or wider."""
+    return sum(jnp.vdot(x, x).astype(jnp.promote_types(x.dtype, jnp.float32)) for x in jax.tree.leaves(tree))
 
 
 def unzip(pairs: Any, like: Any) -> tuple[Any, Any]:
