@@ -16,7 +16,7 @@ from ..._core.moments import Moments
 from ..._core.noise_scale import NormSums
 from ..._core.rules import KINDS
 from ..._core.validation import check_choice, check_positive_int
-from ._explained import Projector, element_bound, scale_from_squares, unexplained
+from ._explained import Projector, scale_from_squares, unexplained
 from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap_per_sample
 from ._merge import merge_sums_into
 from ._registry import LayerStats, channels_last_positions, lookup
@@ -78,12 +78,20 @@ class _Increment:
             return self.scales[i]
         return None if self.squares[i] is None else scale_from_squares(self.squares[i], n, project)  # type: ignore[arg-type]
 
-    def element_bound(self, i: int, n: int, project: Projector) -> torch.Tensor | None:
-        """The largest per-element magnitude bound of parameter i (a 0-d tensor), if any."""
-        squares, scale = self.squares[i], self.scales[i]
-        if squares is not None:
-            return torch.sqrt(squares.max() * n) if squares.numel() else None
-        return None if scale is None or not scale.numel() else element_bound(scale, project, self.lengths[i])
+    def has_bound(self, i: int) -> bool:
+        source = self.squares[i] if self.squares[i] is not None else self.scales[i]
+        return source is not None and source.numel() > 0
+
+    def bound_source(self, i: int) -> torch.Tensor:
+        """The tensor whose maximum gives parameter i's per-element bound (``element_bound``)."""
+        return self.squares[i] if self.squares[i] is not None else self.scales[i]  # type: ignore[return-value]
+
+    def element_bound(self, i: int, largest: float, n: int, project: Projector) -> float:
+        """The largest per-element magnitude bound of parameter i from ``largest``, the maximum
+        of its ``bound_source``: ``sqrt(n max S2)``, or the largest projected row over ``sum|v|``."""
+        if self.squares[i] is not None:
+            return math.sqrt(max(largest, 0.0) * n)
+        return largest / project.abs_sum(self.lengths[i])
 
     def squared_norm(self, i: int) -> torch.Tensor | None:
         """``sum_i |g_i|^2`` of parameter i over the increment's samples."""
@@ -357,8 +365,8 @@ class PerSampleGradStats:
         for i, per_sample in inc.tied.items():
             inc.squares[i] = (per_sample * per_sample).sum(0)
             inc.hooked[i] = self._project(per_sample.sum(0))
-        for unit in {id(c.unit): c.unit for c in calls}.values():
-            self._set_floor(inc, [self._index[id(p)] for p in unit.params.values()], n)  # type: ignore[union-attr]
+        self._set_floors(inc, [[self._index[id(p)] for p in unit.params.values()]  # type: ignore[union-attr]
+                               for unit in {id(c.unit): c.unit for c in calls}.values()], n)
         dtype = _compute_dtype(calls)
         unexplained = self._unexplained(inc, [i for i, s1 in enumerate(sums) if s1 is not None and i not in on_model],
                                         sums, n, dtype)  # type: ignore[arg-type]
@@ -370,7 +378,7 @@ class PerSampleGradStats:
         needed = sorted(i for i in on_model if sums[i] is not None)
         if needed:
             self._add_model(needed, n, inc)
-            self._set_floor(inc, needed, n)
+            self._set_floors(inc, [needed], n)
             wrong = self._unexplained(inc, needed, sums, n, dtype)  # type: ignore[arg-type]
             if wrong:
                 raise ValueError(
@@ -389,15 +397,18 @@ class PerSampleGradStats:
                             [inc.floor[i] for i in indices], self._project, dtype)
         return [indices[j] for j in wrong]
 
-    def _set_floor(self, inc: _Increment, indices: list[int], n: int) -> None:
-        """The layer's floor for the check: its largest per-element magnitude bound (see _explained),
-        kept on the device (no synchronisation)."""
-        bounds = [b for b in (inc.element_bound(i, n, self._project) for i in indices) if b is not None]
-        if not bounds:
+    def _set_floors(self, inc: _Increment, groups: list[list[int]], n: int) -> None:
+        """Each layer's floor for the check: the largest per-element magnitude bound among its
+        parameters (see _explained), every group's maxima read in one synchronisation."""
+        indices = sorted({i for group in groups for i in group if inc.has_bound(i)})
+        if not indices:
             return
-        floor = torch.stack(bounds).max()
-        for i in indices:
-            inc.floor[i] = torch.maximum(torch.as_tensor(inc.floor[i], dtype=floor.dtype, device=floor.device), floor)
+        maxima = torch.stack([m.to(torch.float64) for m in torch._foreach_max([inc.bound_source(i) for i in indices])])
+        bound = dict(zip(indices, (inc.element_bound(i, m, n, self._project) for i, m in zip(indices, maxima.tolist()))))
+        for group in groups:
+            floor = max((bound[i] for i in group if i in bound), default=0.0)
+            for i in group:
+                inc.floor[i] = max(inc.floor[i], floor)
 
     # ------------------------------------------------------------------ batch dimension
     def _broadcast_units(self, calls: list[_Call], n: int) -> list[_Unit]:

@@ -82,47 +82,38 @@ def scale_from_squares(squares: torch.Tensor, n: int, project: Projector) -> tor
     return scale * math.sqrt(n)
 
 
-def element_bound(scale: torch.Tensor, project: Projector, length: int) -> torch.Tensor:
-    """The largest per-element magnitude a projected bound stands for (a 0-d tensor): a row's
-    bound divided by the sum of ``|v|`` it was projected with."""
-    if length > 1:
-        return scale.max() / project.vector(length, scale.dtype, scale.device).abs().sum()
-    return scale.max()
-
-
 def unexplained(grads: list[torch.Tensor], hooked: list[torch.Tensor | None], scales: list[torch.Tensor | None],
-                terms: list[int], floors: list[Any], project: Projector, compute_dtype: torch.dtype) -> list[int]:
+                terms: list[int], floors: list[float], project: Projector, compute_dtype: torch.dtype) -> list[int]:
     """The positions in the lists whose hooked, projected gradient sum is farther from the
     real gradient's projection than rounding allows; read with one synchronisation.
 
     ``scales[j]`` is the projected magnitude of the terms summed into gradient ``j``, ``terms[j]``
     how many there are per element, ``floors[j]`` a per-element magnitude every element's bound
     is raised to. A gradient without a hooked sum or scale is explained only if it is zero.
-    All parameters are compared in one flat pass: a difference above
-    ``((terms + L) eps + autocast) * (scale + floor * sum|v|)`` is not rounding."""
-    missing = [j for j in range(len(grads)) if hooked[j] is None or scales[j] is None]
-    present = [j for j in range(len(grads)) if hooked[j] is not None and scales[j] is not None]
+    A difference above ``((terms + L) eps + autocast) * (scale + floor * sum|v|)`` is not
+    rounding; all parameters are compared by a few foreach kernels."""
+    missing = [j for j in range(len(grads)) if (hooked[j] is None or scales[j] is None) and grads[j].numel()]
+    present = [j for j in range(len(grads)) if hooked[j] is not None and scales[j] is not None and grads[j].numel()]
     checks = [(grads[j] != 0).any() for j in missing]
     if present:
-        reals = [project(grads[j].detach().to(hooked[j].dtype)) for j in present]  # type: ignore[union-attr]
+        reals = [project(_as(grads[j].detach(), hooked[j].dtype)) for j in present]  # type: ignore[union-attr]
         diffs = torch._foreach_sub(reals, [hooked[j] for j in present])  # type: ignore[misc]
         torch._foreach_abs_(diffs)
-        counts = [d.numel() for d in diffs]
-        device = diffs[0].device
-        constants = []
+        tols, offsets = [], []
         for j, real in zip(present, reals):
             length = grads[j].shape[-1] if grads[j].dim() >= 2 else 1
             tol = relative_tolerance(real.dtype, compute_dtype, terms[j], length)
-            constants.append((tol, tol * project.abs_sum(length), torch.finfo(real.dtype).tiny))
-        per_param = torch.tensor(constants, dtype=torch.float64, device=device)
-        floor = torch.stack([torch.as_tensor(floors[j], dtype=torch.float64, device=device).reshape(()) for j in present])
-        repeat = torch.tensor(counts, device=device)
-        tol, tol_floor = per_param[:, 0].repeat_interleave(repeat), (per_param[:, 1] * floor).repeat_interleave(repeat)
-        tiny = per_param[:, 2].repeat_interleave(repeat)
-        scale = torch.cat([scales[j].reshape(-1) for j in present]).to(torch.float64)  # type: ignore[union-attr]
-        bad = torch.cat([d.reshape(-1) for d in diffs]).to(torch.float64) > tol * scale + tol_floor + tiny
-        checks += [segment.any() for segment in bad.split(counts)]
+            tols.append(tol)
+            offsets.append(tol * project.abs_sum(length) * floors[j] + torch.finfo(real.dtype).tiny)
+        allowed = torch._foreach_mul([scales[j] for j in present], tols)  # type: ignore[misc]
+        torch._foreach_add_(allowed, offsets)
+        torch._foreach_sub_(diffs, allowed)  # > 0 where rounding does not explain the difference
+        checks += [worst > 0 for worst in torch._foreach_max(diffs)]
     if not checks:
         return []
     verdict = torch.stack([c.to("cpu") for c in checks]).tolist()
     return [j for j, wrong in zip(missing + present, verdict) if wrong]
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
