@@ -518,7 +518,11 @@ class PerSampleGradStats:
             if unit.entry.subtree:
                 extra = ({k: v.narrow(0, start, size) if k in BATCHED_KWARGS and isinstance(v, torch.Tensor) else v
                           for k, v in kwargs.items()},)
-            per_sample = unit.entry.per_sample(unit.module, part, d.narrow(0, start, size), *extra)
+            self._replaying = True  # an entry may call the module itself (torch.func): its hooks stay quiet
+            try:
+                per_sample = unit.entry.per_sample(unit.module, part, d.narrow(0, start, size), *extra)
+            finally:
+                self._replaying = False
             self._add_per_sample(unit, {k: g for k, g in per_sample.items() if k in wanted}, inc,
                                  needs_per_sample, offset=start, batch=n)
 
