@@ -120,9 +120,9 @@ def _nan_grad_loss(model, part):
 @pytest.mark.parametrize("foreach_below", [1 << 20, 0], ids=["foreach_norm", "sums"])
 @pytest.mark.parametrize("bad", ["loss", "gradient"])
 def test_nonfinite_raise_leaves_window_intact(bad: str, foreach_below: int, monkeypatch) -> None:
-    from gradaccum.torch import _accumulator
+    from gradaccum.torch import _nonfinite
 
-    monkeypatch.setattr(_accumulator, "_FOREACH_BELOW", foreach_below)
+    monkeypatch.setattr(_nonfinite, "_FOREACH_BELOW", foreach_below)
     data = classification(12)
     model = mlp()
     good = take(data, slice(0, 8))

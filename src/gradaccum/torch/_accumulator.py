@@ -26,15 +26,10 @@ from ._checks import check_count, check_loss, check_model, tracked_parameters
 from ._distributed import CLOSE, FLUSH, INCREMENT, NORMS, RankContract, disable_ddp_sync, is_ddp
 from ._state import VERSION, checked_state
 from ._stats import PerSampleGradStats
+from ._nonfinite import POLICIES, NonFiniteError, NonFinitePolicy, Screen, all_finite, finite_loss
 from ._window_sums import WindowSums
 
-NonFinitePolicy = Literal["raise", "skip_micro_batch", "skip_window"]
-_POLICIES: tuple[str, ...] = ("raise", "skip_micro_batch", "skip_window")
-_FOREACH_BELOW = 1 << 20  # gradient elements below which the finiteness check uses one foreach call
-
-
-class NonFiniteError(FloatingPointError):
-    """A micro-batch produced a NaN or Inf loss or gradient (policy ``"raise"``)."""
+__all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy"]
 
 
 class Accumulator:
@@ -140,7 +135,7 @@ class Accumulator:
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         self.scaler = scaler
         self.clip_grad_norm = None if clip_grad_norm is None else check_positive_float("clip_grad_norm", clip_grad_norm)
-        self.nonfinite = check_choice("nonfinite", nonfinite, _POLICIES)
+        self.nonfinite = check_choice("nonfinite", nonfinite, POLICIES)
         self.keep_history = bool(keep_history)
         self.lr_scaling = None if lr_scaling is None else check_choice("lr_scaling", lr_scaling, LR_SCALINGS)
         if self.lr_scaling is not None and reference_batch is None:
@@ -160,6 +155,7 @@ class Accumulator:
         # .grad (the hand-written loop's way, the fastest): the others must be able to drop
         # one micro-batch, and a statistics rule needs each micro-batch's own gradient.
         self._window = WindowSums(self._params, in_place=self.nonfinite == "skip_window" and self.stats is None)
+        self._screen = Screen(self.nonfinite, self._window.in_place, scaler is not None)
         self._contract: RankContract | None = None
         if self._ddp:
             disable_ddp_sync(model)  # type: ignore[arg-type]
@@ -354,7 +350,8 @@ class Accumulator:
     # ------------------------------------------------------------------ one micro-batch
     def _take_micro_batch(self, loss: torch.Tensor, count: int, reduction: str, samples: int | None
                           ) -> tuple[bool, bool]:
-        """Backward, non-finite policy, statistics and the window sum for one micro-batch.
+        """One micro-batch in straight-line order: screen the loss, backward, screen the
+        gradient, statistics, add to the window sum.
 
         Returns (statistics committed, the scaler's loss scale overflowed). Until the
         window sum is added to, nothing of the window has changed.
@@ -367,77 +364,101 @@ class Accumulator:
         # (a statistics rule still needs the window's statistics to decide its length, so a
         # poisoned window goes on gathering them from its good micro-batches; it is dropped
         # when it closes, on every rank)
-        if (self.scaler is not None or self._in_place) and not bool(torch.isfinite(loss.detach()).all()):
-            self._on_nonfinite("loss", count)
+        if self._screen.loss_before_backward and not finite_loss(loss):
+            self._reject("loss", count)
             return False, False
-        seed = self._window.seed(count, reduction)
-        total = loss * seed
+        grads = self._backward(loss, count, reduction)
+        if self._screen.each_gradient and not all_finite([loss.detach(), *grads]):
+            self._reject("loss or gradient", count)
+            return False, False
+        committed, overflow = self._statistics(grads, samples)
+        self._window.take(grads)
+        self._items += count
+        self._samples += (self.stats.last_samples if committed else samples) or 0  # type: ignore[union-attr]
+        return committed, overflow
+
+    def _backward(self, loss: torch.Tensor, count: int, reduction: str) -> list[torch.Tensor | None]:
+        """The backward of the micro-batch's summed loss (times the window's power-of-two
+        seed, and the scaler's scale); its gradient, in ``.grad``."""
+        total = loss * self._window.seed(count, reduction)
         if self.scaler is not None:
             total = self.scaler.scale(total)
         total.backward()
         self._check_untracked()
-        grads = [p.grad for p in self._params]
-        # With a scaler, non-finite gradients are overflow: the scaler skips the window. In
-        # place, the window sum is checked once when it closes (a bad micro-batch dooms it).
-        if self.scaler is None and not self._in_place and not _all_finite([loss.detach(), *grads]):
-            self._on_nonfinite("loss or gradient", count)
+        return [p.grad for p in self._params]
+
+    def _statistics(self, grads: list[torch.Tensor | None], samples: int | None) -> tuple[bool, bool]:
+        """Commit the increment's statistics; (committed, overflow). An overflowing increment
+        under a scaler is not committed: the scaler skips its window, which closes now."""
+        if self.stats is None:
             return False, False
-        committed = overflow = False
-        if self.stats is not None:
-            scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
-            if self.scaler is not None and not _all_finite(grads):
-                overflow = True  # the scaler will skip this window: close it now, statistics untouched
-                self._discard_statistics()
-            else:
-                self.stats.commit(grads, reduce=self._reduce_increment if self._reduces_moments else None,
-                                  samples=samples, scale=scale)
-                samples = self.stats.last_samples
-                committed = True
-        self._window.take(grads)
-        self._items += count
-        self._samples += samples or 0
-        return committed, overflow
+        if self.scaler is not None and not all_finite(grads):
+            self._discard_statistics()
+            return False, True
+        scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
+        self.stats.commit(grads, reduce=self._reduce_increment if self._reduces_moments else None,
+                          samples=samples, scale=scale)
+        return True, False
 
     # ------------------------------------------------------------------ the close
     def _close_window(self, reason: str, decision: Decision) -> bool:
-        """Reduce (DDP), then in straight-line order: check, divide, unscale, clip, scale the
-        lr, step, restore the lr, step the scheduler, record."""
+        """Totals (reduced under DDP), apply, record: each a piece of its own."""
         if self.planner is not None and self.stats is not None:
             decision = Decision(decision.stop, {**decision.info, **self._noise_info()})
         scheduled = self._schedule if self._schedule is not None else self._scheduled_factor()
-        items, samples, poisoned = self._items, self._samples, self._poisoned
+        items, samples, poisoned = self._window_totals(reason)
+        lrs, grad_norm, skipped = self._apply_window(items, scheduled, skip=poisoned or items == 0)
+        self._record_window(reason, decision, items, samples, poisoned, skipped, lrs, grad_norm)
+        self._items_seen += items
+        self._steps += 1
+        self._reset_window()
+        return not skipped
+
+    def _window_totals(self, reason: str) -> tuple[int, int, bool]:
+        """The window's items, samples and whether it is poisoned: all-reduced with its
+        gradient sums under DDP; a sum in ``.grad`` is screened here, once."""
         if self._ddp:
             items, samples, poisoned = self._all_reduce_window(FLUSH if reason == "flush" else CLOSE)
-        if self._in_place and self.scaler is None and not poisoned:
-            poisoned = not _all_finite(self._window.sums)
-        skipped = poisoned or items == 0
-        grad_norm: float | None = None
+        else:
+            items, samples, poisoned = self._items, self._samples, self._poisoned
+        if self._screen.window_at_close and not poisoned:
+            poisoned = not all_finite(self._window.sums)
+        return items, samples, poisoned
+
+    def _apply_window(self, items: int, scheduled: float, skip: bool) -> tuple[list[float], float | None, bool]:
+        """In straight-line order: scale the lr, divide, unscale, clip, step, restore the lr,
+        step the scheduler, clear the gradients. Returns (the lrs used, the clipped norm,
+        whether the step was skipped)."""
         base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        factor = 1.0
+        factor = scheduled
         if self.lr_scaling is not None and items > 0:
-            factor = lr_factor(self.lr_scaling, items, self.reference_batch)  # type: ignore[arg-type]
-        factor *= scheduled
+            factor *= lr_factor(self.lr_scaling, items, self.reference_batch)  # type: ignore[arg-type]
         if factor != 1.0:
             for g in self.optimizer.param_groups:
                 g["lr"] = g["lr"] * factor
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-        if not skipped:
+        grad_norm: float | None = None
+        if not skip:
             self._window.to_grads(items)
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if self.clip_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm))
             if self.scaler is not None:
-                skipped = not _all_finite([p.grad for p in self._params])
+                skip = not all_finite([p.grad for p in self._params])
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
             else:
                 self.optimizer.step()
         for g, lr in zip(self.optimizer.param_groups, base_lrs):
             g["lr"] = lr  # the scaling holds for this step only; the scheduler owns the base lr
-        if not skipped and self.scheduler is not None:
+        if not skip and self.scheduler is not None:
             self.scheduler.step()
         self._clear_grads()
+        return lrs, grad_norm, skip
+
+    def _record_window(self, reason: str, decision: Decision, items: int, samples: int, poisoned: bool,
+                       skipped: bool, lrs: list[float], grad_norm: float | None) -> None:
         record = StepRecord(
             step=self._steps,
             items=items,
@@ -452,14 +473,10 @@ class Accumulator:
         if self.stats is not None and self.planner is None and reason == "rule":
             message = self.monitor.observe(self._micro_batches, bool(decision.info.get("capped", False)))
             if message:
-                warnings.warn(f"gradaccum: {message}", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"gradaccum: {message}", RuntimeWarning, stacklevel=4)
         self.last_record = record
         if self.keep_history:
             self.history.append(record)
-        self._items_seen += items
-        self._steps += 1
-        self._reset_window()
-        return not skipped
 
     def _scheduled_factor(self) -> float:
         if self.lr_schedule is None:
@@ -532,20 +549,19 @@ class Accumulator:
         if self.stats is not None:
             self.stats.discard()
 
-    def _on_nonfinite(self, what: str, count: int) -> None:
+    def _reject(self, what: str, count: int) -> None:
+        """A non-finite micro-batch: its statistics and (apart) its gradient go; the policy
+        says whether it raises, dooms the window, or only loses its items."""
         self._discard_statistics()
         if not self._in_place:
             self._clear_grads()  # the window sum is apart from .grad: the bad gradient goes
-        if self.nonfinite == "skip_window":
+        if self._screen.dooms_window:
             self._poisoned = True  # the whole window is dropped, so in-place sums may be poisoned
             return
-        if self.nonfinite == "raise":
+        error = self._screen.error(what, count, self._steps, self._micro_batches)
+        if error is not None:
             self._micro_batches -= 1
-            raise NonFiniteError(
-                f"non-finite {what} in micro-batch of {count} items (window {self._steps}, "
-                f"micro-batch {self._micro_batches + 1}); the accumulated window is unchanged. "
-                "Pass nonfinite='skip_micro_batch' or 'skip_window' to go on instead."
-            )
+            raise error
         # skip_micro_batch: the micro-batch counts toward the window's length, its items don't
 
     def _reduce_increment(self, tensors: list[torch.Tensor], n: int) -> int:
@@ -565,22 +581,3 @@ class Accumulator:
         contract.agree(kind, self._steps, self._micro_batches, sum(s.numel() for s in sums))
         contract.all_reduce([*sums, counts], kind, self._steps, self._micro_batches)
         return int(counts[0]), int(counts[1]), bool(counts[2] > 0)
-
-
-def _all_finite(grads: list[torch.Tensor | None]) -> bool:
-    """Whether every element of every gradient is finite, in one synchronisation.
-
-    A tensor's sum (or norm) is NaN or Inf whenever one of its elements is, and is a
-    fast, vectorised read; only when one is not finite (which huge finite values can
-    also cause) do the exact, slower per-element checks run.
-    """
-    present = [g for g in grads if g is not None]
-    if not present:
-        return True
-    if sum(g.numel() for g in present) <= _FOREACH_BELOW:
-        reduced = torch.stack(torch._foreach_norm(present, 1))  # one dispatch for many small tensors
-    else:
-        reduced = torch.stack([g.sum() for g in present])  # large tensors: the fastest kernel
-    if bool(torch.isfinite(reduced).all()):
-        return True
-    return all(bool(torch.isfinite(g).all()) for g in present)
