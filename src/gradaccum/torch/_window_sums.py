@@ -84,5 +84,8 @@ class WindowSums:
     def to_grads(self, items: int) -> None:
         """``.grad = sum / items``: the window's mean gradient, in place."""
         denominator = items * self.factor  # exact: a power of two times an int
+        present = [s for s in self.sums if s is not None]
+        if present:
+            torch._foreach_div_(present, denominator)  # one dispatch for every parameter
         for p, s in zip(self.params, self.sums):
-            p.grad = None if s is None else s.div_(denominator)
+            p.grad = s
