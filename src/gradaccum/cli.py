@@ -156,6 +156,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot_monitor(args: argparse.Namespace) -> int:
+    from .experiments.monitor_plot import plot_monitor
+
+    path = Path(args.csv)
+    out = plot_monitor(path, Path(args.out) if args.out else path.with_suffix(".png"))
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .experiments.arms import ARMS
 
@@ -195,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-size", type=_positive_int, help="largest micro-batch to try (default: the "
                       "effective batch)")
     plan.set_defaults(func=_plan)
+
+    monitor = sub.add_parser("plot-monitor", help="plot the noise scale (and GSNR) a Monitor wrote to CSV")
+    monitor.add_argument("csv", help="the CSV file gradaccum.torch.Monitor(..., csv=...) wrote")
+    monitor.add_argument("--out", help="the PNG to write (default: the CSV's name with .png)")
+    monitor.set_defaults(func=_plot_monitor)
 
     demo = sub.add_parser("demo", help="check exactness and train a small model with accumulation")
     demo.add_argument("--out", default="gradaccum-out/demo", help="output directory (default: %(default)s)")

@@ -242,6 +242,11 @@ class PerSampleGradStats:
         self._record(call, output, keep=False)
 
     @property
+    def forward_passes(self) -> int:
+        """Forward passes of the model since the last commit whose outputs reached the loss."""
+        return sum(1 for c in self._model_calls if c.reached_loss)
+
+    @property
     def _model_call(self) -> _Call | None:
         """The model's call this increment's loss came from: the last one whose outputs reached
         it (a forward for monitoring in between, with gradients on, does not count)."""

@@ -1,0 +1,128 @@
+"""Monitor: measure the gradient noise scale (and GSNR) of an unchanged training loop.
+
+It changes nothing about training: hooks record each layer's input and output gradient
+during the ordinary backward, and just before every ``optimizer.step()`` (an optimizer step
+pre-hook) the step's per-sample statistics are committed, exactly as the Accumulator's are
+(the same registry, checks and fallbacks: exact or refused), and one row is recorded:
+
+- ``samples``, ``trace`` and ``squared_norm``: the unbiased ``tr(Sigma)`` and ``|G|^2`` of this
+  step's batch (McCandlish et al. 2018), ``noise_scale`` their ratio ``B_simple``, and
+  ``noise_scale_ema`` the ratio of their exponential moving averages (one batch's estimate is
+  noisy and its ``|G|^2`` can be <= 0: the averages are what to read);
+- with ``statistics="elements"`` also ``gsnr_sample`` and ``gsnr_mean``, the mean GSNR on
+  both scales (docs/design.md, "GSNR"), at the cost of the per-element path.
+
+Two lines: ``monitor = Monitor(model, optimizer, csv="noise.csv")`` before the loop, and
+``monitor.close()`` after it. A step must be one backward of one batch through ``model``
+(with gradient accumulation, use the Accumulator, whose records hold the same numbers).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._core.noise_scale import NoiseScaleEMA, noise_scale, noise_terms, pooled_terms
+from .._core.statistics import mean_gsnr
+from .._core.validation import check_choice
+from ._stats import PerSampleGradStats
+
+
+class Monitor:
+    """Per optimizer step: the step's gradient noise scale (and GSNR), measured only.
+
+    Args:
+      model: the module being trained.
+      optimizer: its optimizer; every ``step()`` records one row.
+      statistics: ``"norms"`` (default; the noise scale from per-sample gradient norms, about
+        free for ``nn.Linear``) or ``"elements"`` (also the GSNR on both scales; per-element cost).
+      reduction: how the loss the backward ran on was reduced over the batch: ``"mean"``
+        (``.grad`` is the batch's mean gradient) or ``"sum"``.
+      csv: optional path of a CSV file written row by row (flushed after each step).
+      decay: the weight of the past in the noise terms' moving averages.
+
+    ``rows`` holds every recorded row (dicts of floats); ``close()`` removes the hooks and
+    closes the file.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, statistics: str = "norms",
+                 reduction: str = "mean", csv: str | Path | None = None, decay: float = 0.9) -> None:
+        check_choice("statistics", statistics, ("norms", "elements"))
+        self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
+        self._ema = NoiseScaleEMA(decay)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self.stats = PerSampleGradStats(model, params=params, kind=statistics)
+        self.rows: list[dict[str, float]] = []
+        self._terms: list[tuple[float, float]] = []
+        self._path = None if csv is None else Path(csv)
+        self._file: Any = None
+        self._writer: Any = None
+        self._handle = optimizer.register_step_pre_hook(self._before_step)
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        passes = self.stats.forward_passes
+        if passes > 1:
+            self.stats.discard()
+            raise ValueError(
+                f"Monitor: this optimizer step's gradient comes from {passes} forward passes of the model; a "
+                "monitored step must be one backward of one batch. With gradient accumulation use "
+                "gradaccum.torch.Accumulator, whose step records hold the same statistics")
+        grads = [p.grad for p in self.stats.params]
+        try:
+            n = self.stats.commit(grads)
+            row = self._row(n, grads)
+        finally:
+            self.stats.reset()
+        self.rows.append(row)
+        self._write(row)
+
+    def _row(self, n: int, grads: list[torch.Tensor | None]) -> dict[str, float]:
+        # the statistics are in .grad's units: per-sample gradients of the loss as reduced, so
+        # with a mean over n samples both terms are n^2 too small (their ratio is not)
+        units = float(n * n) if self.reduction == "mean" else 1.0
+        row: dict[str, float] = {"step": float(len(self.rows)), "samples": float(n)}
+        if self.stats.kind == "norms":
+            pooled = pooled_terms(self.stats.norm_sums(grads))
+            trace, squared = pooled.trace * units, pooled.squared_norm * units
+        else:
+            moments = self.stats.moments()
+            t, g = noise_terms(n, [m.mean for m in moments], [m.m2 for m in moments])
+            trace, squared = float(t) * units, float(g) * units
+            row["gsnr_sample"] = mean_gsnr(moments, "sample").value if n > 1 else math.nan
+            row["gsnr_mean"] = mean_gsnr(moments, "mean").value if n > 1 else math.nan
+        if n > 1:
+            self._terms.append((trace, squared))
+        else:
+            trace = squared = math.nan
+        row.update(trace=trace, squared_norm=squared,
+                   noise_scale=noise_scale(trace, squared) if n > 1 else math.nan,
+                   noise_scale_ema=self._ema.estimate(self._terms))
+        return row
+
+    def _write(self, row: dict[str, float]) -> None:
+        if self._path is None:
+            return
+        if self._writer is None:
+            self._file = open(self._path, "w", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=list(row))
+            self._writer.writeheader()
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        """Remove the hooks and close the CSV file."""
+        self._handle.remove()
+        self.stats.remove()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
