@@ -16,7 +16,9 @@ def python_blocks(page: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_python_blocks_run(page: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_python_blocks_run(page: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # examples that write files (the Monitor's CSV) write them here
     blocks = python_blocks(page)
     assert blocks, f"{page.name} has no python block"
     namespace: dict[str, object] = {"__name__": "__doc_example__"}
