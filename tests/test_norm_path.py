@@ -79,7 +79,7 @@ def test_linear_layers_take_the_closed_forms() -> None:
         for i in range(5):
             grads = torch.autograd.grad((layer(x[i:i + 1]) ** 3).sum(), list(layer.parameters()))
             want += sum(float((g * g).sum()) for g in grads)
-        assert stats._norm_total == pytest.approx(want, rel=1e-12)
+        assert sum(stats._norm_totals) == pytest.approx(want, rel=1e-12)
 
 
 def test_norm_test_on_the_norm_path_decides_as_on_moments() -> None:
@@ -149,7 +149,9 @@ def test_norm_state_resumes_mid_window_and_refuses_bad_state() -> None:
     assert runs[0][0] == runs[1][0] and len(runs[0][0]) >= 1
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     state = acc.state_dict()
-    for bad, match in ((("x", 1.0), "sample count"), ((4, -1.0), "finite float >= 0"), ((4, math.nan), "finite")):
+    size = len(acc._params)
+    for bad, match in ((("x", [1.0] * size), "sample count"), ((4, [-1.0] * size), "finite float >= 0"),
+                       ((4, [math.nan] * size), "finite"), ((4, [1.0]), f"a list of {size} floats")):
         broken = {**state, "statistics": {"norms": bad}}
         before = acc.state_dict()
         with pytest.raises(ValueError, match=match):
@@ -170,3 +172,33 @@ def test_the_check_still_moves_a_functional_tied_head_to_the_model_fallback() ->
     stats.commit()
     assert stats.paths["wte"] == "embedding:norms"
     assert stats.paths["wte.weight"].startswith("model:")
+
+
+@pytest.mark.parametrize("name", ["mlp", "nanogpt_modules", "resnet_groupnorm"])
+def test_per_layer_noise_scales_equal_the_loop_and_add_up_to_the_model(name: str) -> None:
+    """Each closed window records ``noise_scale/<layer>``, the layer's own ``B_simple``, equal
+    to the loop's over that layer's parameters in float64; the layers' terms add up to the
+    model's (so the model's noise scale lies between the layers' smallest and largest)."""
+    pattern = zoo.ZOO[name]
+    model = zoo.build(name)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), RecordNorms(2))
+    increments = [pattern.batch(4, 1), pattern.batch(3, 2)]
+    for batch in increments:
+        acc.backward(pattern.losses(model, batch).sum(), pattern.items(batch), reduction="sum")
+    info = acc.history[0].info
+    layers = {k[len("noise_scale/"):]: v for k, v in info.items() if k.startswith("noise_scale/")}
+    owners = dict(zip(map(id, acc._params), acc.stats._owners))  # type: ignore[union-attr]
+    assert set(layers) == set(owners.values()) and len(layers) > 2
+    moments = reference(model, pattern, increments, acc._params)
+    totals, positive = [0.0, 0.0], True
+    for layer, value in layers.items():
+        mine = [m for p, m in zip(acc._params, moments) if owners[id(p)] == layer]
+        trace, squared = loop_terms(mine, 7)
+        totals[0] += trace
+        totals[1] += squared
+        positive &= squared > 0
+        assert value == pytest.approx(trace / squared if squared > 0 else math.inf, rel=1e-8)
+    whole = loop_terms(moments, 7)
+    assert totals == pytest.approx(list(whole), rel=1e-9)
+    if positive:  # a mediant of positive fractions lies between them
+        assert min(layers.values()) <= whole[0] / whole[1] <= max(layers.values())

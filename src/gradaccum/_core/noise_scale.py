@@ -118,6 +118,16 @@ def pooled_terms(sums: NormSums) -> NormStatistics:
     return NormStatistics(n, trace, squared)
 
 
+def layer_noise_scales(layers: dict[str, NormSums]) -> dict[str, float]:
+    """``{"noise_scale/<layer>": B_simple}`` from per-layer norm sums (layers with >= 2 samples)."""
+    out = {}
+    for name, sums in layers.items():
+        terms = pooled_terms(sums)
+        if terms.samples >= 2:
+            out[f"noise_scale/{name}"] = noise_scale(terms.trace, terms.squared_norm)
+    return out
+
+
 def noise_scale(trace: float, squared_norm: float) -> float:
     """``tr(Sigma) / |G|^2``; infinite when ``|G|^2 <= 0`` (no measurable signal)."""
     return trace / squared_norm if squared_norm > 0 else math.inf

@@ -16,7 +16,7 @@ from .._core import (
     WindowView,
 )
 from .._core.config import AccumulationConfig, as_rule
-from .._core.noise_scale import NormStatistics, NormSums, noise_scale, noise_terms, pooled_terms
+from .._core.noise_scale import NormStatistics, NormSums, layer_noise_scales, noise_scale, noise_terms, pooled_terms
 from .._core.planners import Planner, is_planner
 from .._core.rules import statistics_kind
 from .._core.statistics import mean_gsnr
@@ -405,6 +405,8 @@ class Accumulator:
         """Totals (reduced under DDP), apply, record: each a piece of its own."""
         if self.planner is not None and self.stats is not None:
             decision = Decision(decision.stop, {**decision.info, **self._noise_info()})
+        if self.stats is not None and self.stats.kind == "norms" and not self._ddp:
+            decision = Decision(decision.stop, {**decision.info, **self._layer_noise_info()})
         scheduled = self._schedule if self._schedule is not None else self._scheduled_factor()
         items, samples, poisoned = self._window_totals(reason)
         lrs, grad_norm, skipped = self._apply_window(items, scheduled, skip=poisoned or items == 0)
@@ -507,6 +509,11 @@ class Accumulator:
             sums = NormSums(*(math.fsum(column) for column in zip(*gathered)))
         pooled = pooled_terms(sums)
         return pooled if pooled.samples else None
+
+    def _layer_noise_info(self) -> dict[str, float]:
+        """Each layer's noise scale, ``noise_scale/<layer>`` (the norm path, one process)."""
+        scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
+        return layer_noise_scales(self.stats.layer_norm_sums(self._window.sums, scale))  # type: ignore[union-attr]
 
     def _noise_info(self) -> dict[str, float]:
         """The window's noise terms (unbiased ``tr(Sigma)``, ``|G|^2``), its noise scale and,

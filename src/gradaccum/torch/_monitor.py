@@ -9,6 +9,8 @@ pre-hook) the step's per-sample statistics are committed, exactly as the Accumul
   step's batch (McCandlish et al. 2018), ``noise_scale`` their ratio ``B_simple``, and
   ``noise_scale_ema`` the ratio of their exponential moving averages (one batch's estimate is
   noisy and its ``|G|^2`` can be <= 0: the averages are what to read);
+- on the norm path, ``noise_scale/<layer>``: each layer's own ``B_simple`` (the terms add up
+  over layers to the whole model's);
 - with ``statistics="elements"`` also ``gsnr_sample`` and ``gsnr_mean``, the mean GSNR on
   both scales (docs/design.md, "GSNR"), at the cost of the per-element path.
 
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .._core.noise_scale import NoiseScaleEMA, noise_scale, noise_terms, pooled_terms
+from .._core.noise_scale import NoiseScaleEMA, layer_noise_scales, noise_scale, noise_terms, pooled_terms
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice
 from ._stats import PerSampleGradStats
@@ -88,6 +90,7 @@ class Monitor:
         if self.stats.kind == "norms":
             pooled = pooled_terms(self.stats.norm_sums(grads))
             trace, squared = pooled.trace * units, pooled.squared_norm * units
+            layers = layer_noise_scales(self.stats.layer_norm_sums(grads))  # ratios: the units cancel
         else:
             moments = self.stats.moments()
             t, g = noise_terms(n, [m.mean for m in moments], [m.m2 for m in moments])
@@ -101,6 +104,8 @@ class Monitor:
         row.update(trace=trace, squared_norm=squared,
                    noise_scale=noise_scale(trace, squared) if n > 1 else math.nan,
                    noise_scale_ema=self._ema.estimate(self._terms))
+        if self.stats.kind == "norms":
+            row.update(layers)
         return row
 
     def _write(self, row: dict[str, float]) -> None:

@@ -173,8 +173,9 @@ class PerSampleGradStats:
         self._probe: dict[int, list[tuple[int | None, int | None]]] | None = None
         self._lengths = [p.shape[-1] if p.dim() >= 2 else 1 for p in self.params]
         self._moments: list[Moments] | None = None
-        self._norm_samples = 0  # the norm path's window: samples and sum_i |g_i|^2 (float64)
-        self._norm_total = 0.0
+        self._norm_samples = 0  # the norm path's window: samples and, per parameter, sum_i |g_i|^2 (float64)
+        self._norm_totals = [0.0] * len(self.params)
+        self._owners = self._layer_of_parameters()
         self.last_samples = 0  # this process's samples in the last committed increment
         self._reset_increment()
 
@@ -303,10 +304,12 @@ class PerSampleGradStats:
         unscale = 1.0 if scale is None else float(scale)
         if self.kind == "norms":
             parts = [inc.squared_norm(i) for i in range(len(self.params))]
-            present = [t.to(torch.float64) for t in parts if t is not None]
-            total = float(torch.stack(present).sum()) if present else 0.0
+            present = [i for i, t in enumerate(parts) if t is not None]
+            if present:  # one synchronisation for every parameter
+                values = torch.stack([parts[i].to(torch.float64) for i in present]).tolist()  # type: ignore[union-attr]
+                for i, v in zip(present, values):
+                    self._norm_totals[i] += v / (unscale * unscale)
             self._norm_samples += n
-            self._norm_total += total / (unscale * unscale)
             return n
         firsts = [torch.zeros_like(p) if s1 is None else s1.detach() for p, s1 in zip(self.params, sums)]
         seconds = [torch.zeros_like(p) if s2 is None else s2.to(p.dtype) for p, s2 in zip(self.params, inc.squares)]
@@ -325,11 +328,39 @@ class PerSampleGradStats:
         as ``NormSums`` that add up over processes (``pooled_terms`` makes the estimates)."""
         if self.kind != "norms":
             raise ValueError("norm_sums needs PerSampleGradStats(kind='norms')")
-        present = [t.detach() for t in window_sums if t is not None]
-        squared = 0.0
+        squared = self._squared_norms(window_sums, scale)
+        return NormSums.of(self._norm_samples, math.fsum(self._norm_totals), math.fsum(squared))
+
+    def layer_norm_sums(self, window_sums: list[torch.Tensor | None], scale: float = 1.0) -> dict[str, NormSums]:
+        """``norm_sums`` per layer (the module owning each parameter; a parameter used by several
+        layers counts for the first): the terms add up over layers to the whole model's, so each
+        layer has its own noise scale (Gray et al. 2024 report LayerNorm's tracking the total)."""
+        if self.kind != "norms":
+            raise ValueError("layer_norm_sums needs PerSampleGradStats(kind='norms')")
+        squared = self._squared_norms(window_sums, scale)
+        layers: dict[str, tuple[list[float], list[float]]] = {}
+        for owner, total, sq in zip(self._owners, self._norm_totals, squared):
+            entry = layers.setdefault(owner, ([], []))
+            entry[0].append(total)
+            entry[1].append(sq)
+        return {name: NormSums.of(self._norm_samples, math.fsum(t), math.fsum(q)) for name, (t, q) in layers.items()}
+
+    def _squared_norms(self, window_sums: list[torch.Tensor | None], scale: float) -> list[float]:
+        """Each parameter's ``|S1|^2`` (0 where it has no sum), read in one synchronisation."""
+        present = [i for i, t in enumerate(window_sums) if t is not None]
+        out = [0.0] * len(self.params)
         if present:
-            squared = float(torch.stack(torch._foreach_norm(present)).to(torch.float64).square().sum()) / (scale * scale)
-        return NormSums.of(self._norm_samples, self._norm_total, squared)
+            norms = torch.stack(torch._foreach_norm([window_sums[i].detach() for i in present]))  # type: ignore[union-attr]
+            for i, v in zip(present, norms.to(torch.float64).square().tolist()):
+                out[i] = v / (scale * scale)
+        return out
+
+    def _layer_of_parameters(self) -> list[str]:
+        owner: dict[int, str] = {}
+        for unit in self._units:
+            for p in unit.params.values():
+                owner.setdefault(id(p), unit.label)
+        return [owner.get(id(p), name) for p, name in zip(self.params, self._names)]
 
     def commit_empty(self, reduce: Callable[[list[torch.Tensor], int], int]) -> int:
         """Take part in a data-parallel increment for which this process has no samples
@@ -620,13 +651,13 @@ class PerSampleGradStats:
     def reset(self) -> None:
         """Start a new window: forget the running moments."""
         self._moments = None
-        self._norm_samples, self._norm_total = 0, 0.0
+        self._norm_samples, self._norm_totals = 0, [0.0] * len(self.params)
         self._reset_increment()
 
     def state_dict(self) -> dict[str, Any]:
         """The running moments (for a checkpoint taken mid-window)."""
         if self.kind == "norms":
-            return {"norms": (self._norm_samples, self._norm_total)}
+            return {"norms": (self._norm_samples, list(self._norm_totals))}
         if self._moments is None:
             return {"moments": None}
         return {"moments": [(m.n, m.mean.clone(), m.m2.clone()) for m in self._moments]}
@@ -635,7 +666,7 @@ class PerSampleGradStats:
         """Restore ``state_dict``'s moments (checked against the parameters first)."""
         checked = self.check_state(state)
         if self.kind == "norms":
-            self._norm_samples, self._norm_total = checked  # type: ignore[misc]
+            self._norm_samples, self._norm_totals = checked  # type: ignore[misc]
         else:
             self._moments = checked  # type: ignore[assignment]
         self._reset_increment()
@@ -643,7 +674,7 @@ class PerSampleGradStats:
     def check_state(self, state: Any) -> list[Moments] | None:
         """The moments ``state`` holds, validated against the parameters; nothing is assigned."""
         if self.kind == "norms":
-            return _check_norm_state(state)
+            return _check_norm_state(state, len(self.params))
         if not isinstance(state, dict) or "moments" not in state:
             raise ValueError("statistics state must be a dict with 'moments' (from PerSampleGradStats.state_dict())")
         moments = state["moments"]
@@ -671,18 +702,22 @@ class PerSampleGradStats:
         return out
 
 
-def _check_norm_state(state: Any) -> tuple[int, float]:
+def _check_norm_state(state: Any, size: int) -> tuple[int, list[float]]:
     if not isinstance(state, dict) or "norms" not in state:
         raise ValueError("statistics state must be a dict with 'norms' (from PerSampleGradStats(kind='norms').state_dict())")
     entry = state["norms"]
     if not isinstance(entry, (tuple, list)) or len(entry) != 2:
-        raise ValueError("statistics state: 'norms' must be (samples, sum of squared norms)")
-    n, total = entry
+        raise ValueError("statistics state: 'norms' must be (samples, per-parameter sums of squared norms)")
+    n, totals = entry
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"statistics state: the norm path's sample count must be an int >= 0, got {n!r}")
-    if isinstance(total, bool) or not isinstance(total, (int, float)) or not 0 <= total < math.inf:
-        raise ValueError(f"statistics state: the sum of squared norms must be a finite float >= 0, got {total!r}")
-    return n, float(total)
+    if not isinstance(totals, (list, tuple)) or len(totals) != size:
+        raise ValueError(f"statistics state: the sums of squared norms must be a list of {size} floats (one per "
+                         f"parameter), got {type(totals).__name__}")
+    for total in totals:
+        if isinstance(total, bool) or not isinstance(total, (int, float)) or not 0 <= total < math.inf:
+            raise ValueError(f"statistics state: a sum of squared norms must be a finite float >= 0, got {total!r}")
+    return n, [float(t) for t in totals]
 
 
 def _refuse_compiled(model: nn.Module) -> None:
