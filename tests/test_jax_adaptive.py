@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import serialization
 
-from gradaccum import GSNR, FixedSteps, NormTest, WindowView
+from gradaccum import GSNR, BatchRamp, FixedSteps, NoiseScalePlanner, NormTest, NormTestPlanner, WindowView
 from gradaccum._core.moments import Moments
 from gradaccum.jax import AccumulatingTrainState, Window, accumulate, make_train_step, traced_decision, window_kind
 from gradaccum.torch import Accumulator
@@ -224,3 +224,54 @@ def test_optax_state_resumes_mid_window_exactly() -> None:
     restored = serialization.from_bytes(tx.init(init_params(seed=5)), serialization.to_bytes(half_state))
     _, resumed = run(restored, half_params, grads[4:])
     assert max_abs_diff(resumed, straight) == 0
+
+
+# --- planners: the window's length fixed before it starts, planned inside jit ------------------
+PLANNERS = [
+    BatchRamp(8, 32, over=160, micro_batch=4),
+    BatchRamp(8, 40, over=12, micro_batch=4, unit="steps", stages=3),
+    NoiseScalePlanner(c=0.1, min_batch=8, max_batch=64, micro_batch=4, every=2),
+    NormTestPlanner(theta=0.9, min_batch=8, max_batch=64, micro_batch=4),
+]
+
+
+@pytest.mark.parametrize("planner", PLANNERS, ids=repr)
+def test_torch_and_jax_plan_the_same_windows(planner) -> None:
+    """The core's planners run on host records in torch and on the traced state's summary in
+    JAX (the same formulas, array code): the same windows, plans and weights."""
+    batch, params = data(480, seed=12), init_params()
+    model = torch_twin(params)
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), planner)
+    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=params, tx=SGD, rule=planner)
+    x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
+    plans = []
+    for a in range(0, 480, 4):
+        plans.append((acc.planned_micro_batches, int(state.planned_micro_batches)))
+        acc.backward(torch.nn.functional.cross_entropy(model(x[a:a + 4]), y[a:a + 4]), 4)
+        state, metrics = STEP(state, take(batch, slice(a, a + 4)))
+    assert all(a == b for a, b in plans)
+    assert len({a for a, _ in plans}) > 1, "the plan should change on this problem"
+    twin = torch_twin(state.params)
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+
+
+def test_a_planned_train_state_resumes_mid_window_with_its_plan() -> None:
+    planner = NoiseScalePlanner(c=0.1, min_batch=8, max_batch=64, micro_batch=4)
+    batch = data(160, seed=13)
+    parts = [take(batch, slice(a, a + 4)) for a in range(0, 160, 4)]
+    straight = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=SGD, rule=planner)
+    for part in parts:
+        straight, _ = STEP(straight, part)
+    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=SGD, rule=planner)
+    cut = 0
+    while cut < 12 or int(state.window.micro_batches) == 0:
+        state, _ = STEP(state, parts[cut])
+        cut += 1
+    template = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(seed=5), tx=SGD, rule=planner)
+    resumed = serialization.from_bytes(template, serialization.to_bytes(state))
+    assert int(resumed.planned_micro_batches) == int(state.planned_micro_batches)
+    for part in parts[cut:]:
+        resumed, _ = STEP(resumed, part)
+    assert max_abs_diff(resumed.params, straight.params) == 0
+    assert int(resumed.plan.summary.steps) == int(straight.plan.summary.steps) > 3

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
-from .noise_scale import NoiseScaleEMA
+from array_api_compat import array_namespace
+
+from .noise_scale import NoiseScaleEMA, noise_scale
 from .records import StepRecord
 from .validation import check_choice, check_positive_float, check_positive_int
 
@@ -49,9 +51,57 @@ def is_planner(obj: object) -> bool:
     return isinstance(obj, Planner) and not isinstance(obj, type)
 
 
-def _micro_batches(batch: float, micro_batch: int, low: int, high: int) -> int:
-    """``batch`` samples as whole micro-batches, within ``[low, high]`` micro-batches."""
-    return int(min(max(round(batch / micro_batch), low, 1), high))
+class PlanSummary(NamedTuple):
+    """All a built-in planner reads of the windows so far: Python numbers summarised from the
+    step records (``summarize``), or arrays a traced train state carries and updates at every
+    close (``after_window``), so the JAX backend plans inside ``jit`` with the same formulas.
+
+    Attributes:
+      items: items of every closed window (skipped ones included).
+      steps: windows closed.
+      trace, squared, weight: the exponential moving averages (``NoiseScaleEMA``, not yet
+        divided by ``weight``) of the windows' ``tr(Sigma)`` and ``|G|^2`` that count:
+        applied, with a finite trace, up to the planner's last plan boundary.
+    """
+
+    items: Any
+    steps: Any
+    trace: Any
+    squared: Any
+    weight: Any
+
+
+def summarize(history: Sequence[StepRecord], decay: float = 0.9, every: int = 1) -> PlanSummary:
+    """``PlanSummary`` of the step records; the noise terms of windows up to the last
+    multiple of ``every`` windows."""
+    trace = squared = weight = 0.0
+    for r in history[: len(history) - len(history) % every]:
+        if "trace" in r.info and not r.skipped and math.isfinite(r.info["trace"]):
+            trace, squared, weight = _ema(decay, (trace, squared, weight), r.info["trace"], r.info["squared_norm"])
+    return PlanSummary(sum(r.items for r in history), len(history), trace, squared, weight)
+
+
+def after_window(summary: PlanSummary, decay: float, items: Any, counts: Any, trace: Any, squared: Any
+                 ) -> PlanSummary:
+    """The summary after one more window (array code, traced by the JAX backend): its
+    ``items``; its noise terms join the averages where ``counts`` (applied, finite trace)."""
+    xp = array_namespace(summary.trace)
+    new = _ema(decay, (summary.trace, summary.squared, summary.weight), trace, squared)
+    keep = [xp.where(counts, a, b) for a, b in zip(new, (summary.trace, summary.squared, summary.weight))]
+    return PlanSummary(summary.items + items, summary.steps + 1, *keep)
+
+
+def _ema(decay: float, state: tuple[Any, Any, Any], trace: Any, squared: Any) -> tuple[Any, Any, Any]:
+    t, g, w = state
+    return decay * t + (1 - decay) * trace, decay * g + (1 - decay) * squared, decay * w + (1 - decay)
+
+
+def _micro_batches(batch: Any, micro_batch: int, low: int, high: int) -> Any:
+    """``batch`` samples as whole micro-batches (rounded half to even), within ``[low, high]``."""
+    if isinstance(batch, (int, float)):
+        return int(min(max(round(batch / micro_batch), low, 1), high))
+    xp = array_namespace(batch)
+    return xp.astype(xp.clip(xp.round(batch / micro_batch), max(low, 1), high), xp.int32)
 
 
 @dataclass(frozen=True)
@@ -85,15 +135,25 @@ class BatchRamp:
             raise ValueError(f"over ({self.over} {self.unit}) is longer than the budget ({self.budget}): "
                              "the ramp would never reach its end")
 
-    def batch_at(self, progress: int) -> float:
+    def batch_at(self, progress: Any) -> Any:
         """The window's target size in samples after ``progress`` samples (or steps)."""
-        fraction = min(1.0, progress / self.over)
-        if self.stages is not None:
-            fraction = math.floor(fraction * self.stages) / self.stages
+        if isinstance(progress, (int, float)):
+            fraction = min(1.0, progress / self.over)
+            if self.stages is not None:
+                fraction = math.floor(fraction * self.stages) / self.stages
+        else:
+            xp = array_namespace(progress)
+            fraction = xp.minimum(progress / self.over, 1.0)  # true division: the default float dtype
+            if self.stages is not None:
+                fraction = xp.floor(fraction * self.stages) / self.stages
         return self.start + (self.end - self.start) * fraction
 
     def plan(self, history: Sequence[StepRecord]) -> int:
-        progress = sum(r.items for r in history) if self.unit == "samples" else len(history)
+        return self.plan_from(summarize(history))
+
+    def plan_from(self, summary: PlanSummary) -> Any:
+        """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""
+        progress = summary.items if self.unit == "samples" else summary.steps
         low = -(-self.start // self.micro_batch)
         return _micro_batches(self.batch_at(progress), self.micro_batch, low, self.end // self.micro_batch)
 
@@ -121,16 +181,42 @@ class _NoisePlanner:
 
     def noise_scale(self, history: Sequence[StepRecord]) -> float:
         """``B_simple`` from the windows up to the last multiple of ``every`` steps (NaN if none)."""
-        seen = history[: len(history) - len(history) % self.every]
-        terms = [(r.info["trace"], r.info["squared_norm"]) for r in seen
-                 if "trace" in r.info and not r.skipped and math.isfinite(r.info["trace"])]
-        return NoiseScaleEMA(self.decay).estimate(terms)
+        return self.noise_scale_from(summarize(history, self.decay, self.every))
 
-    def _plan_batch(self, batch: float) -> int:
-        if math.isnan(batch):
-            batch = self.min_batch  # nothing measured yet: start small
+    def noise_scale_from(self, summary: PlanSummary) -> Any:
+        """``B_simple`` of the summary's averages: NaN before any window counted, infinite
+        when the averaged ``|G|^2`` is not positive (no division by it)."""
+        if isinstance(summary.weight, (int, float)):
+            if summary.weight == 0:
+                return math.nan
+            return noise_scale(summary.trace / summary.weight, summary.squared / summary.weight)
+        xp = array_namespace(summary.weight)
+        weight = xp.where(summary.weight > 0, summary.weight, 1.0)
+        trace, squared = summary.trace / weight, summary.squared / weight
+        positive = squared > 0
+        ratio = xp.where(positive, trace / xp.where(positive, squared, 1.0), math.inf)
+        return xp.where(summary.weight > 0, ratio, math.nan)
+
+    def plan(self, history: Sequence[StepRecord]) -> int:
+        return self.plan_from(summarize(history, self.decay, self.every))
+
+    def plan_from(self, summary: PlanSummary) -> Any:
+        """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""
+        return self._plan_batch(self._target(self.noise_scale_from(summary)))
+
+    def _target(self, noise_scale: Any) -> Any:
+        raise NotImplementedError
+
+    def _plan_batch(self, batch: Any) -> Any:
         low = -(-self.min_batch // self.micro_batch)
-        return _micro_batches(min(batch, self.max_batch), self.micro_batch, low, self.max_batch // self.micro_batch)
+        if isinstance(batch, (int, float)):
+            if math.isnan(batch):
+                batch = self.min_batch  # nothing measured yet: start small
+            return _micro_batches(min(batch, self.max_batch), self.micro_batch, low,
+                                  self.max_batch // self.micro_batch)
+        xp = array_namespace(batch)
+        batch = xp.minimum(xp.where(xp.isnan(batch), float(self.min_batch), batch), float(self.max_batch))
+        return _micro_batches(batch, self.micro_batch, low, self.max_batch // self.micro_batch)
 
 
 @dataclass(frozen=True)
@@ -148,8 +234,8 @@ class NoiseScalePlanner(_NoisePlanner):
         check_positive_float("c", self.c)
         self._check()
 
-    def plan(self, history: Sequence[StepRecord]) -> int:
-        return self._plan_batch(self.c * self.noise_scale(history))
+    def _target(self, noise_scale: Any) -> Any:
+        return self.c * noise_scale
 
 
 @dataclass(frozen=True)
@@ -171,7 +257,6 @@ class NormTestPlanner(_NoisePlanner):
             raise ValueError(f"theta ({self.theta}) must be < 1 for the biased norm test: it always passes at >= 1")
         self._check()
 
-    def plan(self, history: Sequence[StepRecord]) -> int:
-        b = self.noise_scale(history)
+    def _target(self, noise_scale: Any) -> Any:
         factor = 1 / self.theta**2 if self.unbiased else (1 - self.theta**2) / self.theta**2
-        return self._plan_batch(b * factor)
+        return noise_scale * factor

@@ -8,7 +8,7 @@ closes the window, so a micro-step that only accumulates never pays for it.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,15 +18,48 @@ from flax.training import train_state
 
 from .._core.config import AccumulationConfig, as_rule
 from .._core.moments import moments_from_sums
+from .._core.noise_scale import window_terms
+from .._core.planners import PlanSummary, after_window, is_planner
 from .._core.rules import StoppingRule, statistics_kind
 from .._core.validation import check_choice
 from ._decisions import traced_decision
 from ._layer_stats import LOG, statistics_path, sums_and_squares
-from ._window import Window, all_finite, increment_moments, increment_norms, unzip, weighted_sum
+from ._window import Window, all_finite, increment_moments, increment_norms, squared_norm, unzip, weighted_sum
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
 STATISTICS = ("auto", "vmap")
 LossFn = Callable[[Any, Any], jax.Array]
+
+
+class PlanState(NamedTuple):
+    """A planner's state in the train state: the summary of the windows so far (the core's
+    ``PlanSummary``, as arrays updated at every close) and the current window's length."""
+
+    summary: PlanSummary
+    planned: jax.Array
+
+    @classmethod
+    def start(cls, planner: Any, params: Any) -> "PlanState":
+        dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
+        zero = jnp.zeros((), dtype)
+        summary = PlanSummary(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), zero, zero, zero)
+        return cls(summary, jnp.asarray(planner.plan_from(summary), jnp.int32))
+
+    def after(self, planner: Any, window: Window, applied: jax.Array) -> "PlanState":
+        """The state after ``window`` closed: its items and (noise planners) its noise terms
+        join the summary; the plan is renewed at the planner's boundaries (``every``)."""
+        if window.sum_norms is not None:
+            trace, squared = window_terms(window.samples, window.sum_norms, squared_norm(window.grad_sum))
+            counts = applied & (window.samples >= 2) & jnp.isfinite(trace)
+        else:
+            trace = squared = jnp.zeros((), self.summary.trace.dtype)
+            counts = jnp.zeros((), bool)
+        decay = getattr(planner, "decay", 0.9)
+        summary = after_window(self.summary, decay, window.items, counts, trace.astype(self.summary.trace.dtype),
+                               squared.astype(self.summary.trace.dtype))
+        boundary = summary.steps % getattr(planner, "every", 1) == 0
+        planned = jnp.where(boundary, jnp.asarray(planner.plan_from(summary), jnp.int32), self.planned)
+        return PlanState(summary, planned)
 
 
 class AccumulatingTrainState(train_state.TrainState):
@@ -45,6 +78,7 @@ class AccumulatingTrainState(train_state.TrainState):
     rule: StoppingRule = struct.field(pytree_node=False)
     nonfinite: str = struct.field(pytree_node=False)
     window: Window
+    plan: PlanState | None = None
 
     @classmethod
     def create(cls, *, apply_fn: Any, params: Any, tx: Any, rule: StoppingRule | AccumulationConfig | None = None,
@@ -53,7 +87,8 @@ class AccumulatingTrainState(train_state.TrainState):
         if rule is None:
             raise TypeError("rule is required: a stopping rule such as gradaccum.FixedSteps(4) or an AccumulationConfig")
         rule = as_rule(rule)
-        traced_decision(rule)
+        if not is_planner(rule):
+            traced_decision(rule)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         leaves = jax.tree.leaves(params)
         if not leaves:
@@ -62,8 +97,9 @@ class AccumulatingTrainState(train_state.TrainState):
             if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
                 raise TypeError(f"params must hold floating-point arrays, got one of dtype {jnp.asarray(leaf).dtype}")
         window = Window.empty(params, window_kind(rule))
+        plan = PlanState.start(rule, params) if is_planner(rule) else None
         state = super().create(apply_fn=apply_fn, params=params, tx=tx, rule=rule, nonfinite=nonfinite,
-                               window=window, **kwargs)
+                               window=window, plan=plan, **kwargs)
         # a typed step counter: a Python 0 would make the first step's state differ in type
         # from the next one's, and the jitted step compile twice
         return state.replace(step=jnp.zeros((), jnp.int32))
@@ -74,7 +110,14 @@ class AccumulatingTrainState(train_state.TrainState):
         grads = window.mean_gradient()
         apply = (window.items > 0) & ~window.poisoned & all_finite(grads)
         stepped = jax.lax.cond(apply, lambda s: s.apply_gradients(grads=grads), lambda s: s, self)
-        return stepped.replace(window=Window.empty(self.params, window_kind(self.rule)))
+        plan = None if self.plan is None else self.plan.after(self.rule, window, apply)
+        return stepped.replace(window=Window.empty(self.params, window_kind(self.rule)), plan=plan)
+
+    @property
+    def planned_micro_batches(self) -> jax.Array | None:
+        """With a planner, the micro-batches of the current window (fixed before it starts),
+        as ``Accumulator.planned_micro_batches`` in torch; None with a stopping rule."""
+        return None if self.plan is None else self.plan.planned
 
 
 def window_kind(rule: StoppingRule) -> str:
@@ -248,7 +291,10 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
     else:
         finite = jnp.isfinite(loss_sum) & all_finite(gradient)
         added = add(*_zero_unless(finite, increment))
-    stop, info = traced_decision(state.rule)(state.rule, added)
+    if state.plan is not None:  # a planner: the window's length was fixed before it started
+        stop, info = added.micro_batches >= state.plan.planned, {"planned": state.plan.planned}
+    else:
+        stop, info = traced_decision(state.rule)(state.rule, added)
     stop = jnp.asarray(stop)
     grown = state.replace(window=added)
     new_state = jax.lax.cond(stop, AccumulatingTrainState.close_window, lambda s: s, grown)
