@@ -13,10 +13,11 @@ from ._memory import is_out_of_memory as is_out_of_memory
 from ._memory import measure_peak_memory as measure_peak_memory
 from ._memory import plan_accumulation as plan_accumulation
 from ._monitor import Monitor as Monitor
+from ._sampler import MicroBatchSampler as MicroBatchSampler
 from ._stats import LayerStats as LayerStats
 from ._stats import PerSampleGradStats as PerSampleGradStats
 from ._stats import register_layer_stats as register_layer_stats
 
-__all__ = ["Accumulator", "LayerStats", "Monitor", "NonFiniteError", "NonFinitePolicy", "PerSampleGradStats",
+__all__ = ["Accumulator", "LayerStats", "MicroBatchSampler", "Monitor", "NonFiniteError", "NonFinitePolicy", "PerSampleGradStats",
            "find_micro_batch_size", "is_out_of_memory", "measure_peak_memory", "plan_accumulation",
            "register_layer_stats"]
