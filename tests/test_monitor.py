@@ -117,3 +117,27 @@ def test_a_step_over_several_forward_passes_is_refused_and_a_bad_csv_is_named(tm
     bad.write_text("a,b\n1,2\n")
     assert main(["plot-monitor", str(bad)]) == 2
     assert "is not a Monitor CSV" in capsys.readouterr().err
+
+
+def test_tensorboard_scalars_hold_the_rows(tmp_path: Path) -> None:
+    """Every finite value of every row is a scalar ``gradaccum/<column>`` at its step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = nn.Linear(DIM, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.fill_(OFFSET)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(4)
+    with Monitor(model, opt, tensorboard=tmp_path / "tb") as monitor:
+        for _ in range(5):
+            opt.zero_grad()
+            regression_step(model, g).backward()
+            opt.step()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    for key in ("trace", "noise_scale_ema"):
+        scalars = events.Scalars(f"gradaccum/{key}")
+        assert [e.step for e in scalars] == [i for i, r in enumerate(monitor.rows) if math.isfinite(r[key])]
+        assert [e.value for e in scalars] == pytest.approx([r[key] for r in monitor.rows if math.isfinite(r[key])],
+                                                           rel=1e-6)
+    assert len(events.Scalars("gradaccum/noise_scale_ema")) >= 3

@@ -45,6 +45,9 @@ class Monitor:
       reduction: how the loss the backward ran on was reduced over the batch: ``"mean"``
         (``.grad`` is the batch's mean gradient) or ``"sum"``.
       csv: optional path of a CSV file written row by row (flushed after each step).
+      tensorboard: optional log directory: every row's finite values as TensorBoard scalars
+        ``gradaccum/<column>`` at the step (needs ``torch.utils.tensorboard``, the
+        ``tensorboard`` extra).
       decay: the weight of the past in the noise terms' moving averages.
 
     ``rows`` holds every recorded row (dicts of floats); ``close()`` removes the hooks and
@@ -52,7 +55,8 @@ class Monitor:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, statistics: str = "norms",
-                 reduction: str = "mean", csv: str | Path | None = None, decay: float = 0.9) -> None:
+                 reduction: str = "mean", csv: str | Path | None = None, tensorboard: str | Path | None = None,
+                 decay: float = 0.9) -> None:
         check_choice("statistics", statistics, ("norms", "elements"))
         self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
         self._ema = NoiseScaleEMA(decay)
@@ -63,6 +67,14 @@ class Monitor:
         self._path = None if csv is None else Path(csv)
         self._file: Any = None
         self._writer: Any = None
+        self._board: Any = None
+        if tensorboard is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ImportError("Monitor(tensorboard=...) needs TensorBoard: pip install 'gradaccum[tensorboard]' "
+                                  f"({error})") from error
+            self._board = SummaryWriter(str(tensorboard))
         self._handle = optimizer.register_step_pre_hook(self._before_step)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -109,6 +121,11 @@ class Monitor:
         return row
 
     def _write(self, row: dict[str, float]) -> None:
+        if self._board is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key != "step" and math.isfinite(value):
+                    self._board.add_scalar(f"gradaccum/{key}", value, step)
         if self._path is None:
             return
         if self._writer is None:
@@ -119,9 +136,12 @@ class Monitor:
         self._file.flush()
 
     def close(self) -> None:
-        """Remove the hooks and close the CSV file."""
+        """Remove the hooks and close the CSV file and the TensorBoard writer."""
         self._handle.remove()
         self.stats.remove()
+        if self._board is not None:
+            self._board.close()
+            self._board = None
         if self._file is not None:
             self._file.close()
             self._file = None
