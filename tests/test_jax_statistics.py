@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
@@ -254,3 +256,28 @@ def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines(
         assert max_abs_diff(state.window.mean, mean) < 1e-12 and max_abs_diff(state.window.m2, m2) < 1e-10
     finally:
         _REGISTRY.pop(Scaled, None)
+
+
+@pytest.mark.parametrize("name", ["mlp", "sequence", "conv", "shared"])
+def test_noise_value_and_grad_is_value_and_grad_plus_the_loops_terms(name: str) -> None:
+    """The JAX measure-only path: the mean loss and gradient of ``jax.value_and_grad`` and the
+    batch's unbiased noise terms, equal to the loop's; a MonitorLog records them."""
+    from gradaccum import MonitorLog
+    from gradaccum._core.noise_scale import noise_terms
+    from gradaccum.jax import noise_value_and_grad
+
+    model, batch = MODELS[name], data(9, seed=33)
+    params = model.init(jax.random.key(2), batch["x"][:1])["params"]
+    losses = losses_of(model)
+    (loss, grads), stats = jax.jit(noise_value_and_grad(losses))(params, batch)
+    want_loss, want_grads = jax.value_and_grad(lambda p: losses(p, batch).mean())(params)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-12)
+    assert max_abs_diff(grads, want_grads) < 1e-12
+    mean, m2 = reference_moments(losses, params, batch, np.ones(9))
+    trace, squared = noise_terms(9, jax.tree.leaves(mean), jax.tree.leaves(m2))
+    assert int(stats["samples"]) == 9
+    assert float(stats["trace"]) == pytest.approx(float(trace), rel=1e-9)
+    assert float(stats["squared_norm"]) == pytest.approx(float(squared), rel=1e-9, abs=1e-12 * float(trace))
+    log = MonitorLog()
+    row = log.record(**jax.device_get(stats))
+    assert row["noise_scale"] == pytest.approx(float(trace) / float(squared) if float(squared) > 0 else math.inf)

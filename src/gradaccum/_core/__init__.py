@@ -10,6 +10,7 @@ from .moments import Moments as Moments
 from .moments import merge as merge
 from .moments import moments_from_sums as moments_from_sums
 from .monitor import DecisionMonitor as DecisionMonitor
+from .monitor_log import MonitorLog as MonitorLog
 from .noise_scale import NoiseScaleEMA as NoiseScaleEMA
 from .noise_scale import noise_scale as noise_scale
 from .noise_scale import noise_terms as noise_terms

@@ -25,9 +25,10 @@ from ._train_state import flush as flush
 from ._train_state import make_train_step as make_train_step
 from ._transform import AccumulationState as AccumulationState
 from ._transform import accumulate as accumulate
+from ._train_state import noise_value_and_grad as noise_value_and_grad
 from ._train_state import window_kind as window_kind
 from ._window import Window as Window
 
 __all__ = ["AccumulatingTrainState", "AccumulationState", "Window", "accumulate", "data_mesh", "flush", "layer_paths",
-           "make_train_step", "register_decision", "register_sum_norms", "register_sum_squares", "replicate",
-           "shard_batch", "statistics_path", "traced_decision", "window_kind"]
+           "make_train_step", "noise_value_and_grad", "register_decision", "register_sum_norms",
+           "register_sum_squares", "replicate", "shard_batch", "statistics_path", "traced_decision", "window_kind"]

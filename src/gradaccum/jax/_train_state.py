@@ -308,3 +308,29 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
 def flush(state: AccumulatingTrainState) -> AccumulatingTrainState:
     """Close the current window now (the short last window of a run); a no-op when it is empty."""
     return state.close_window()
+
+
+def noise_value_and_grad(loss_fn: LossFn, *, statistics: str = "auto") -> Callable[..., tuple[tuple[jax.Array, Any], dict]]:
+    """``jax.value_and_grad`` of the mean loss, plus the batch's gradient noise terms from the
+    same backward: ``f(params, batch, weights=None) -> ((loss, grads), stats)``.
+
+    A drop-in for an unchanged JAX training loop that wants to measure (``gradaccum.MonitorLog``
+    records the rows): ``loss`` and ``grads`` are the mean over the batch's items (``weights``:
+    item counts per example, as in ``make_train_step``), and ``stats`` holds ``samples``,
+    ``trace`` and ``squared_norm``, the unbiased ``tr(Sigma)`` and ``|G|^2`` of the per-sample
+    gradients of the weighted losses, from the norm path (``nn.Dense`` closed forms, per-layer
+    VJPs, or the whole model's vmap: ``statistics_path`` says which). Traceable: jit it.
+    """
+    check_choice("statistics", statistics, STATISTICS)
+
+    def value_grad_and_noise(params: Any, batch: Any, weights: Any = None) -> tuple[tuple[jax.Array, Any], dict]:
+        size = _check_batch(batch, weights)
+        weights = jnp.ones((size,), jnp.int32) if weights is None else jnp.asarray(weights).astype(jnp.int32)
+        losses, n, grad_sum, total = _norm_increment(loss_fn, statistics, params, batch, weights)
+        items = jnp.maximum(weights.sum(dtype=jnp.int32), 1)
+        grads = jax.tree.map(lambda g: g / items.astype(g.dtype), grad_sum)
+        trace, squared = window_terms(n, total, squared_norm(grad_sum))
+        loss = weighted_sum(losses, weights) / items
+        return (loss, grads), {"samples": n, "trace": trace, "squared_norm": squared}
+
+    return value_grad_and_noise

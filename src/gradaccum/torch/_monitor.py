@@ -21,14 +21,14 @@ Two lines: ``monitor = Monitor(model, optimizer, csv="noise.csv")`` before the l
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._core.noise_scale import NoiseScaleEMA, layer_noise_scales, noise_scale, noise_terms, pooled_terms
+from .._core.monitor_log import MonitorLog
+from .._core.noise_scale import layer_noise_scales, noise_terms, pooled_terms
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice
 from ._stats import PerSampleGradStats
@@ -59,14 +59,6 @@ class Monitor:
                  decay: float = 0.9) -> None:
         check_choice("statistics", statistics, ("norms", "elements"))
         self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
-        self._ema = NoiseScaleEMA(decay)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self.stats = PerSampleGradStats(model, params=params, kind=statistics)
-        self.rows: list[dict[str, float]] = []
-        self._terms: list[tuple[float, float]] = []
-        self._path = None if csv is None else Path(csv)
-        self._file: Any = None
-        self._writer: Any = None
         self._board: Any = None
         if tensorboard is not None:
             try:
@@ -75,7 +67,15 @@ class Monitor:
                 raise ImportError("Monitor(tensorboard=...) needs TensorBoard: pip install 'gradaccum[tensorboard]' "
                                   f"({error})") from error
             self._board = SummaryWriter(str(tensorboard))
+        self.log = MonitorLog(csv, decay, sink=None if self._board is None else self._to_board)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self.stats = PerSampleGradStats(model, params=params, kind=statistics)
         self._handle = optimizer.register_step_pre_hook(self._before_step)
+
+    @property
+    def rows(self) -> list[dict[str, float]]:
+        """Every recorded row (dicts of floats), one per optimizer step."""
+        return self.log.rows
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         passes = self.stats.forward_passes
@@ -88,52 +88,35 @@ class Monitor:
         grads = [p.grad for p in self.stats.params]
         try:
             n = self.stats.commit(grads)
-            row = self._row(n, grads)
+            self._record(n, grads)
         finally:
             self.stats.reset()
-        self.rows.append(row)
-        self._write(row)
 
-    def _row(self, n: int, grads: list[torch.Tensor | None]) -> dict[str, float]:
+    def _record(self, n: int, grads: list[torch.Tensor | None]) -> None:
         # the statistics are in .grad's units: per-sample gradients of the loss as reduced, so
         # with a mean over n samples both terms are n^2 too small (their ratio is not)
         units = float(n * n) if self.reduction == "mean" else 1.0
-        row: dict[str, float] = {"step": float(len(self.rows)), "samples": float(n)}
+        extra: dict[str, float] = {}
         if self.stats.kind == "norms":
             pooled = pooled_terms(self.stats.norm_sums(grads))
             trace, squared = pooled.trace * units, pooled.squared_norm * units
-            layers = layer_noise_scales(self.stats.layer_norm_sums(grads))  # ratios: the units cancel
+            extra.update(layer_noise_scales(self.stats.layer_norm_sums(grads)))  # ratios: the units cancel
         else:
             moments = self.stats.moments()
-            t, g = noise_terms(n, [m.mean for m in moments], [m.m2 for m in moments])
-            trace, squared = float(t) * units, float(g) * units
-            row["gsnr_sample"] = mean_gsnr(moments, "sample").value if n > 1 else math.nan
-            row["gsnr_mean"] = mean_gsnr(moments, "mean").value if n > 1 else math.nan
-        if n > 1:
-            self._terms.append((trace, squared))
-        else:
-            trace = squared = math.nan
-        row.update(trace=trace, squared_norm=squared,
-                   noise_scale=noise_scale(trace, squared) if n > 1 else math.nan,
-                   noise_scale_ema=self._ema.estimate(self._terms))
-        if self.stats.kind == "norms":
-            row.update(layers)
-        return row
+            if n > 1:
+                t, g = noise_terms(n, [m.mean for m in moments], [m.m2 for m in moments])
+                trace, squared = float(t) * units, float(g) * units
+            else:
+                trace = squared = math.nan
+            extra["gsnr_sample"] = mean_gsnr(moments, "sample").value if n > 1 else math.nan
+            extra["gsnr_mean"] = mean_gsnr(moments, "mean").value if n > 1 else math.nan
+        self.log.record(n, trace, squared, **extra)
 
-    def _write(self, row: dict[str, float]) -> None:
-        if self._board is not None:
-            step = int(row["step"])
-            for key, value in row.items():
-                if key != "step" and math.isfinite(value):
-                    self._board.add_scalar(f"gradaccum/{key}", value, step)
-        if self._path is None:
-            return
-        if self._writer is None:
-            self._file = open(self._path, "w", newline="")
-            self._writer = csv.DictWriter(self._file, fieldnames=list(row))
-            self._writer.writeheader()
-        self._writer.writerow(row)
-        self._file.flush()
+    def _to_board(self, row: dict[str, float]) -> None:
+        step = int(row["step"])
+        for key, value in row.items():
+            if key != "step" and math.isfinite(value):
+                self._board.add_scalar(f"gradaccum/{key}", value, step)
 
     def close(self) -> None:
         """Remove the hooks and close the CSV file and the TensorBoard writer."""
@@ -142,9 +125,7 @@ class Monitor:
         if self._board is not None:
             self._board.close()
             self._board = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self.log.close()
 
     def __enter__(self) -> "Monitor":
         return self
