@@ -202,3 +202,23 @@ def test_per_layer_noise_scales_equal_the_loop_and_add_up_to_the_model(name: str
     assert totals == pytest.approx(list(whole), rel=1e-9)
     if positive:  # a mediant of positive fractions lies between them
         assert min(layers.values()) <= whole[0] / whole[1] <= max(layers.values())
+
+
+def test_grad_scaler_on_the_norm_path_equals_no_scaler() -> None:
+    """The increment's squared norms are unscaled by the scale's square and the window sum's
+    norm by the scale: with a GradScaler the same windows, ratios and weights as without."""
+    pattern = zoo.ZOO["mlp"]
+    runs = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        model = zoo.build("mlp")
+        acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          NormTest(0.7, increment=4, max_samples=16), scaler=scaler)
+        for k in range(14):
+            batch = pattern.batch(4, 20 + k)
+            acc.backward(pattern.losses(model, batch).mean(), 4)
+        runs.append(([r.items for r in acc.history], [r.info.get("norm_test") for r in acc.history],
+                     [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0] and len(set(runs[0][0])) > 1
+    assert runs[1][1] == pytest.approx(runs[0][1], rel=1e-9)
+    for a, b in zip(runs[0][2], runs[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
