@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gradaccum import GSNR, BatchRamp, Decision, FixedSteps
+from gradaccum import GSNR, BatchRamp, Decision, FixedSteps, NormTest
 from gradaccum.torch import Accumulator, find_micro_batch_size
 
 from .reference import GradCapture, ce_mean, classification, mlp, take
@@ -56,6 +56,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_ramp(rank, out)
     elif mode == "norms":
         run_norms(rank, out)
+    elif mode == "norms_skip":
+        run_norms_skip(rank, out)
     elif mode in ("gsnr", "gsnr_skip"):
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
     elif mode == "probe":
@@ -197,6 +199,25 @@ def run_norms(rank: int, out: Path) -> None:
         acc.backward(loss, NORM_PER_RANK)
     dist.all_reduce, dist.all_gather = reduce, gather
     torch.save({"seen": rule.seen, "counts": counts, "steps": acc.steps}, out / f"rank{rank}.pt")
+
+
+def run_norms_skip(rank: int, out: Path) -> None:
+    """NormTest under DDP where rank 1's third micro-batch has a NaN loss and is skipped: that
+    rank's norm sums stay as they were, both ranks still meet at every increment and decide alike."""
+    model = DistributedDataParallel(mlp())
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                      NormTest(0.6, increment=2 * GSNR_INC, max_samples=32), nonfinite="skip_micro_batch")
+    data = gsnr_data()
+    for k, start in enumerate(range(0, GSNR_SAMPLES, 2 * GSNR_INC)):
+        part = take(data, slice(start + rank * GSNR_INC, start + (rank + 1) * GSNR_INC))
+        loss, count = ce_mean(model, part)
+        if rank == 1 and k == 2:
+            loss = loss * float("nan")
+        acc.backward(loss, count)
+    acc.flush()
+    torch.save({"history": [(r.items, r.micro_batches, r.info.get("norm_test"), r.info.get("samples"))
+                            for r in acc.history],
+                "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
 
 
 PROBE_LIMITS = {0: 37, 1: 20}  # the largest micro-batch that fits, per rank

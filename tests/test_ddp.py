@@ -169,3 +169,15 @@ def test_norm_rules_reduce_scalars_per_increment_and_the_gradient_once_per_windo
         values = torch.tensor([s[column] for s in closing])
         error = float(values.std()) / len(values) ** 0.5
         assert abs(float(values.mean()) - truth) < 3 * error, (float(values.mean()), truth, error)
+
+
+def test_a_skipped_micro_batch_under_ddp_norm_rules_keeps_ranks_in_step(tmp_path: Path) -> None:
+    """Rank 1 skips a NaN micro-batch: its norm sums are as before, both ranks still pool at
+    every increment, decide the same windows and end at the same weights; the window with
+    the skipped micro-batch counts 4 fewer samples."""
+    ranks = run_two_ranks(tmp_path, "norms_skip")
+    assert ranks[0]["history"] == ranks[1]["history"]
+    samples = [h[3] for h in ranks[0]["history"] if h[3] is not None]
+    assert len(ranks[0]["history"]) >= 2 and any(s % 8 == 4 for s in samples)
+    for p, q in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p, q)
