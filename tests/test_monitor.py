@@ -141,3 +141,29 @@ def test_tensorboard_scalars_hold_the_rows(tmp_path: Path) -> None:
         assert [e.value for e in scalars] == pytest.approx([r[key] for r in monitor.rows if math.isfinite(r[key])],
                                                            rel=1e-6)
     assert len(events.Scalars("gradaccum/noise_scale_ema")) >= 3
+
+
+def test_the_adam_preconditioned_noise_scale_equals_the_loop() -> None:
+    """``noise_scale_adam`` weights each element by Adam's ``1 / (sqrt(v_hat) + eps)`` from
+    the state before the step: NaN at the first step, then the loop's value in float64."""
+    pattern = zoo.ZOO["mlp"]
+    model = zoo.build("mlp")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.01)
+    monitor = Monitor(model, opt, statistics="elements")
+    for k in range(3):
+        batch = pattern.batch(6, 40 + k)
+        if k == 2:  # the loop's value, from the state before this step
+            moments = reference(model, pattern, [batch], params)
+            monitor.stats.discard()  # the loop's own forward passes are not the step's
+            beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+            weights = [1 / ((opt.state[p]["exp_avg_sq"] / (1 - beta2 ** float(opt.state[p]["step"]))).sqrt() + eps)
+                       for p in params]
+            trace = sum(float((w * m2).sum()) for w, (_, m2) in zip(weights, moments)) / 5
+            signal = sum(float((w * m * m).sum()) for w, (m, _) in zip(weights, moments)) - trace / 6
+        opt.zero_grad()
+        (pattern.losses(model, batch).sum() / len(batch)).backward()
+        opt.step()
+    monitor.close()
+    assert math.isnan(monitor.rows[0]["noise_scale_adam"])
+    assert signal > 0 and monitor.rows[2]["noise_scale_adam"] == pytest.approx(trace / signal, rel=1e-9)

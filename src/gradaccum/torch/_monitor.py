@@ -12,7 +12,12 @@ pre-hook) the step's per-sample statistics are committed, exactly as the Accumul
 - on the norm path, ``noise_scale/<layer>``: each layer's own ``B_simple`` (the terms add up
   over layers to the whole model's);
 - with ``statistics="elements"`` also ``gsnr_sample`` and ``gsnr_mean``, the mean GSNR on
-  both scales (docs/design.md, "GSNR"), at the cost of the per-element path.
+  both scales (docs/design.md, "GSNR"), at the cost of the per-element path, and with an
+  Adam-like optimizer (``exp_avg_sq`` in its state) ``noise_scale_adam``: the preconditioned
+  noise scale ``tr(P Sigma) / G^T P G`` with Adam's ``P = 1 / (sqrt(v_hat) + eps)``
+  (AdaptDL/Pollux), from the state before this step's update (NaN before the first step). It
+  needs the per-element moments (``P`` weights each element, so the per-sample norms no
+  longer factor): it costs what the per-element path costs.
 
 Two lines: ``monitor = Monitor(model, optimizer, csv="noise.csv")`` before the loop, and
 ``monitor.close()`` after it. A step must be one backward of one batch through ``model``
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 
 from .._core.monitor_log import MonitorLog
-from .._core.noise_scale import layer_noise_scales, noise_terms, pooled_terms
+from .._core.noise_scale import layer_noise_scales, noise_scale, noise_terms, pooled_terms
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice
 from ._stats import PerSampleGradStats
@@ -70,6 +75,7 @@ class Monitor:
         self.log = MonitorLog(csv, decay, sink=None if self._board is None else self._to_board)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.stats = PerSampleGradStats(model, params=params, kind=statistics)
+        self._optimizer = optimizer
         self._handle = optimizer.register_step_pre_hook(self._before_step)
 
     @property
@@ -110,7 +116,23 @@ class Monitor:
                 trace = squared = math.nan
             extra["gsnr_sample"] = mean_gsnr(moments, "sample").value if n > 1 else math.nan
             extra["gsnr_mean"] = mean_gsnr(moments, "mean").value if n > 1 else math.nan
+            extra["noise_scale_adam"] = self._preconditioned(moments, n)
         self.log.record(n, trace, squared, **extra)
+
+    def _preconditioned(self, moments: list[Any], n: int) -> float:
+        """``tr(P Sigma) / G^T P G`` with Adam's current preconditioner (NaN without one)."""
+        weights = []
+        for p in self.stats.params:
+            state = self._optimizer.state.get(p, {})
+            group = next(g for g in self._optimizer.param_groups if any(q is p for q in g["params"]))
+            if "exp_avg_sq" not in state or "step" not in state or "betas" not in group or n < 2:
+                return math.nan
+            step = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** step)
+            weights.append(1.0 / (v_hat.sqrt() + group["eps"]))
+        trace = sum(float((w * m.m2).sum()) for w, m in zip(weights, moments)) / (n - 1)
+        signal = sum(float((w * m.mean * m.mean).sum()) for w, m in zip(weights, moments)) - trace / n
+        return noise_scale(trace, signal)
 
     def _to_board(self, row: dict[str, float]) -> None:
         step = int(row["step"])
