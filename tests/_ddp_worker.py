@@ -217,6 +217,7 @@ def run_norms_skip(rank: int, out: Path) -> None:
     acc.flush()
     torch.save({"history": [(r.items, r.micro_batches, r.info.get("norm_test"), r.info.get("samples"))
                             for r in acc.history],
+                "layers": [{k: v for k, v in r.info.items() if k.startswith("noise_scale/")} for r in acc.history],
                 "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
 
 

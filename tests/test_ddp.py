@@ -162,7 +162,8 @@ def test_norm_rules_reduce_scalars_per_increment_and_the_gradient_once_per_windo
     for r in ranks:
         assert r["steps"] == windows
         assert r["counts"]["all_reduce_large"] == [2] * windows  # one parameter-sized reduce, at each close
-        assert r["counts"]["all_gather"] == 2 * windows + windows  # a header per increment, one per close
+        # a header per increment; at each close, one for the gradient and one for the per-layer sums
+        assert r["counts"]["all_gather"] == 2 * windows + 2 * windows
     closing = [s for s in ranks[0]["seen"] if s[0] == 4 * worker.NORM_PER_RANK]
     assert len(closing) == windows
     for column, truth in zip((1, 2), worker.norm_truth()):
@@ -177,6 +178,8 @@ def test_a_skipped_micro_batch_under_ddp_norm_rules_keeps_ranks_in_step(tmp_path
     the skipped micro-batch counts 4 fewer samples."""
     ranks = run_two_ranks(tmp_path, "norms_skip")
     assert ranks[0]["history"] == ranks[1]["history"]
+    assert ranks[0]["layers"] == ranks[1]["layers"]  # per-layer noise scales pooled over the ranks
+    assert all(set(layers) == {"noise_scale/0", "noise_scale/2", "noise_scale/4"} for layers in ranks[0]["layers"][:-1])
     samples = [h[3] for h in ranks[0]["history"] if h[3] is not None]
     assert len(ranks[0]["history"]) >= 2 and any(s % 8 == 4 for s in samples)
     for p, q in zip(ranks[0]["params"], ranks[1]["params"]):

@@ -23,7 +23,7 @@ from .._core.statistics import mean_gsnr
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int
 from ._checks import check_count, check_loss, check_model, tracked_parameters
-from ._distributed import CLOSE, FLUSH, INCREMENT, NORMS, RankContract, disable_ddp_sync, is_ddp
+from ._distributed import CLOSE, FLUSH, INCREMENT, LAYERS, NORMS, RankContract, disable_ddp_sync, is_ddp
 from ._state import VERSION, checked_state
 from ._stats import PerSampleGradStats
 from ._nonfinite import POLICIES, NonFiniteError, NonFinitePolicy, Screen, all_finite, finite_loss
@@ -405,7 +405,7 @@ class Accumulator:
         """Totals (reduced under DDP), apply, record: each a piece of its own."""
         if self.planner is not None and self.stats is not None:
             decision = Decision(decision.stop, {**decision.info, **self._noise_info()})
-        if self.stats is not None and self.stats.kind == "norms" and not self._ddp:
+        if self.stats is not None and self.stats.kind == "norms":
             decision = Decision(decision.stop, {**decision.info, **self._layer_noise_info()})
         scheduled = self._schedule if self._schedule is not None else self._scheduled_factor()
         items, samples, poisoned = self._window_totals(reason)
@@ -511,9 +511,20 @@ class Accumulator:
         return pooled if pooled.samples else None
 
     def _layer_noise_info(self) -> dict[str, float]:
-        """Each layer's noise scale, ``noise_scale/<layer>`` (the norm path, one process)."""
+        """Each layer's noise scale, ``noise_scale/<layer>`` (the norm path); under DDP the
+        ranks' per-layer norm sums are pooled by one small all-reduce at the close."""
         scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
-        return layer_noise_scales(self.stats.layer_norm_sums(self._window.sums, scale))  # type: ignore[union-attr]
+        layers = self.stats.layer_norm_sums(self._window.sums, scale)  # type: ignore[union-attr]
+        if self._ddp:
+            names = list(layers)  # the same model on every rank: the same layers, in the same order
+            flat = torch.tensor([v for name in names for v in layers[name]], dtype=torch.float64)
+            contract = self._contract
+            assert contract is not None
+            contract.agree(LAYERS, self._steps, self._micro_batches, flat.numel())
+            contract.all_reduce([flat], LAYERS, self._steps, self._micro_batches)
+            width = len(NormSums._fields)
+            layers = {name: NormSums(*flat[k * width:(k + 1) * width].tolist()) for k, name in enumerate(names)}
+        return layer_noise_scales(layers)
 
     def _noise_info(self) -> dict[str, float]:
         """The window's noise terms (unbiased ``tr(Sigma)``, ``|G|^2``), its noise scale and,

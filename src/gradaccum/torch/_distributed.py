@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 KINDS = {1: "a statistics increment (backward)", 2: "the window's close (the rule)", 3: "flush()",
-         4: "a norm-statistics increment (backward)"}
-INCREMENT, CLOSE, FLUSH, NORMS = 1, 2, 3, 4
+         4: "a norm-statistics increment (backward)", 5: "the window's per-layer norm sums (close)"}
+INCREMENT, CLOSE, FLUSH, NORMS, LAYERS = 1, 2, 3, 4, 5
 PAYLOAD = 5  # float64 slots a header carries after its four fields (the norm path's scalars)
 
 
