@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import serialization
 
-from gradaccum import GSNR, BatchRamp, FixedSteps, NoiseScalePlanner, NormTest, NormTestPlanner, WindowView
+from gradaccum import GSNR, BatchRamp, FixedSteps, GSNRPlanner, NoiseScalePlanner, NormTest, NormTestPlanner, WindowView
 from gradaccum._core.moments import Moments
 from gradaccum.jax import AccumulatingTrainState, Window, accumulate, make_train_step, traced_decision, window_kind
 from gradaccum.torch import Accumulator
@@ -232,6 +232,7 @@ PLANNERS = [
     BatchRamp(8, 40, over=12, micro_batch=4, unit="steps", stages=3),
     NoiseScalePlanner(c=0.1, min_batch=8, max_batch=64, micro_batch=4, every=2),
     NormTestPlanner(theta=0.9, min_batch=8, max_batch=64, micro_batch=4),
+    GSNRPlanner(tau=4.0, min_batch=8, max_batch=64, micro_batch=4),
 ]
 
 

@@ -16,7 +16,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gradaccum import BatchRamp, FixedSteps, NoiseScaleEMA, NoiseScalePlanner, NormTestPlanner, StepRecord
+from gradaccum import BatchRamp, FixedSteps, GSNRPlanner, NoiseScaleEMA, NoiseScalePlanner, NormTestPlanner, StepRecord
 from gradaccum._core.noise_scale import noise_terms
 from gradaccum.torch import Accumulator
 
@@ -216,3 +216,30 @@ def test_a_bad_lr_schedule_is_named() -> None:
     with pytest.raises(ValueError, match=r"lr_schedule\(0\) must return a finite factor"):
         acc.backward(*ce_mean(model, take(classification(4), slice(0, 4))))
     assert acc.window_micro_batches == 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_gsnr_planner_plans_where_the_mean_scale_test_is_expected_to_pass() -> None:
+    """Windows that measured a per-sample GSNR g over n samples estimate r = g - 1/n; the plan
+    is (tau - 1) / r samples, clamped; no signal plans the cap, nothing measured the floor."""
+    planner = GSNRPlanner(tau=3.0, min_batch=8, max_batch=512, micro_batch=8)
+    assert planner.plan([]) == 1
+    history = records([64] * 3, {"trace": 1.0, "squared_norm": 0.1, "gsnr": 0.02 + 1 / 64, "samples": 64})
+    assert planner.plan(history) == round((3.0 - 1) / 0.02 / 8)  # 100 samples: 12 micro-batches (12.5 rounds to even)
+    flat = records([64] * 3, {"trace": 1.0, "squared_norm": 0.1, "gsnr": 1 / 64, "samples": 64})
+    assert planner.plan(flat) == 512 // 8
+    assert GSNRPlanner(tau=3.0, min_batch=8, max_batch=512, micro_batch=8).statistics == "elements"
+    with pytest.raises(ValueError, match="tau .* must be > 1"):
+        GSNRPlanner(tau=1.0, min_batch=8, max_batch=512, micro_batch=8)
+
+
+def test_gsnr_planner_records_the_gsnr_it_plans_from() -> None:
+    data = classification(256)
+    planner = GSNRPlanner(tau=2.0, min_batch=8, max_batch=64, micro_batch=8)
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), planner)
+    for start in range(0, 256, 8):
+        acc.backward(*ce_mean(model, take(data, slice(start, start + 8))))
+    assert acc.stats is not None and acc.stats.kind == "elements"
+    assert {"gsnr", "samples", "trace", "squared_norm"} <= set(acc.history[0].info)
+    for k in range(1, len(acc.history)):
+        assert acc.history[k].micro_batches == planner.plan(acc.history[:k])

@@ -14,6 +14,7 @@ from ._core import NormTestPlanner as NormTestPlanner
 from ._core import Planner as Planner
 from ._core import Decision as Decision
 from ._core import FixedSteps as FixedSteps
+from ._core import GSNRPlanner as GSNRPlanner
 from ._core import MonitorLog as MonitorLog
 from ._core import NormTest as NormTest
 from ._core import StepRecord as StepRecord
@@ -24,6 +25,6 @@ from ._core import plan_micro_batches as plan_micro_batches
 
 __version__ = "0.1.0"
 
-__all__ = ["GSNR", "AccumulationConfig", "BatchRamp", "Decision", "FixedSteps", "MonitorLog", "NoiseScaleEMA",
-           "NoiseScalePlanner", "NormTest", "NormTestPlanner", "Planner", "StepRecord", "StoppingRule", "WindowView",
+__all__ = ["GSNR", "AccumulationConfig", "BatchRamp", "Decision", "FixedSteps", "GSNRPlanner", "MonitorLog",
+           "NoiseScaleEMA", "NoiseScalePlanner", "NormTest", "NormTestPlanner", "Planner", "StepRecord", "StoppingRule", "WindowView",
            "lr_factor", "plan_micro_batches", "__version__"]

@@ -15,6 +15,7 @@ from .noise_scale import NoiseScaleEMA as NoiseScaleEMA
 from .noise_scale import noise_scale as noise_scale
 from .noise_scale import noise_terms as noise_terms
 from .planners import BatchRamp as BatchRamp
+from .planners import GSNRPlanner as GSNRPlanner
 from .planners import NoiseScalePlanner as NoiseScalePlanner
 from .planners import NormTestPlanner as NormTestPlanner
 from .planners import Planner as Planner

@@ -62,6 +62,8 @@ class PlanSummary(NamedTuple):
       trace, squared, weight: the exponential moving averages (``NoiseScaleEMA``, not yet
         divided by ``weight``) of the windows' ``tr(Sigma)`` and ``|G|^2`` that count:
         applied, with a finite trace, up to the planner's last plan boundary.
+      signal: the same average of the windows' per-sample GSNR less its ``1/n`` bias (windows
+        with per-element statistics; 0 otherwise), which ``GSNRPlanner`` reads.
     """
 
     items: Any
@@ -69,31 +71,38 @@ class PlanSummary(NamedTuple):
     trace: Any
     squared: Any
     weight: Any
+    signal: Any = 0.0
 
 
 def summarize(history: Sequence[StepRecord], decay: float = 0.9, every: int = 1) -> PlanSummary:
     """``PlanSummary`` of the step records; the noise terms of windows up to the last
     multiple of ``every`` windows."""
-    trace = squared = weight = 0.0
+    trace = squared = weight = signal = 0.0
     for r in history[: len(history) - len(history) % every]:
         if "trace" in r.info and not r.skipped and math.isfinite(r.info["trace"]):
-            trace, squared, weight = _ema(decay, (trace, squared, weight), r.info["trace"], r.info["squared_norm"])
-    return PlanSummary(sum(r.items for r in history), len(history), trace, squared, weight)
+            measured = r.info["gsnr"] - 1 / r.info["samples"] if "gsnr" in r.info else 0.0
+            trace, squared, weight, signal = _ema(decay, (trace, squared, weight, signal), r.info["trace"],
+                                                  r.info["squared_norm"], measured)
+    return PlanSummary(sum(r.items for r in history), len(history), trace, squared, weight, signal)
 
 
-def after_window(summary: PlanSummary, decay: float, items: Any, counts: Any, trace: Any, squared: Any
-                 ) -> PlanSummary:
+def after_window(summary: PlanSummary, decay: float, items: Any, counts: Any, trace: Any, squared: Any,
+                 signal: Any = 0.0) -> PlanSummary:
     """The summary after one more window (array code, traced by the JAX backend): its
-    ``items``; its noise terms join the averages where ``counts`` (applied, finite trace)."""
+    ``items``; its noise terms (and GSNR signal) join the averages where ``counts``
+    (applied, finite trace)."""
     xp = array_namespace(summary.trace)
-    new = _ema(decay, (summary.trace, summary.squared, summary.weight), trace, squared)
-    keep = [xp.where(counts, a, b) for a, b in zip(new, (summary.trace, summary.squared, summary.weight))]
+    old = (summary.trace, summary.squared, summary.weight, summary.signal)
+    new = _ema(decay, old, trace, squared, signal)
+    keep = [xp.where(counts, a, b) for a, b in zip(new, old)]
     return PlanSummary(summary.items + items, summary.steps + 1, *keep)
 
 
-def _ema(decay: float, state: tuple[Any, Any, Any], trace: Any, squared: Any) -> tuple[Any, Any, Any]:
-    t, g, w = state
-    return decay * t + (1 - decay) * trace, decay * g + (1 - decay) * squared, decay * w + (1 - decay)
+def _ema(decay: float, state: tuple[Any, Any, Any, Any], trace: Any, squared: Any, signal: Any
+         ) -> tuple[Any, Any, Any, Any]:
+    t, g, w, r = state
+    return (decay * t + (1 - decay) * trace, decay * g + (1 - decay) * squared, decay * w + (1 - decay),
+            decay * r + (1 - decay) * signal)
 
 
 def _micro_batches(batch: Any, micro_batch: int, low: int, high: int) -> Any:
@@ -202,7 +211,10 @@ class _NoisePlanner:
 
     def plan_from(self, summary: PlanSummary) -> Any:
         """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""
-        return self._plan_batch(self._target(self.noise_scale_from(summary)))
+        return self._plan_batch(self._target_from(summary))
+
+    def _target_from(self, summary: PlanSummary) -> Any:
+        return self._target(self.noise_scale_from(summary))
 
     def _target(self, noise_scale: Any) -> Any:
         raise NotImplementedError
@@ -260,3 +272,37 @@ class NormTestPlanner(_NoisePlanner):
     def _target(self, noise_scale: Any) -> Any:
         factor = 1 / self.theta**2 if self.unbiased else (1 - self.theta**2) / self.theta**2
         return noise_scale * factor
+
+
+@dataclass(frozen=True)
+class GSNRPlanner(_NoisePlanner):
+    """The plan-ahead ``GSNR(tau, scale="mean")``: the window at which the mean-scale GSNR is
+    expected to pass tau.
+
+    Per window the per-sample GSNR estimate is about ``r + 1/n`` (r the mean per-sample GSNR,
+    n the window's samples); its average less that bias estimates r, and the mean-scale
+    statistic of a window of n samples is about ``n r + 1``, so the plan is
+    ``n = (tau - 1) / r``, clamped to ``[min_batch, max_batch]`` (``max_batch`` while r <= 0,
+    ``min_batch`` before anything is measured). It needs per-element statistics
+    (``statistics = "elements"``): the windows record their ``gsnr``.
+    """
+
+    tau: float
+    statistics: str = field(default="elements", init=False)
+
+    def __post_init__(self) -> None:
+        check_positive_float("tau", self.tau)
+        if self.tau <= 1:
+            raise ValueError(f"tau ({self.tau}) must be > 1: the mean-scale GSNR is about 1 with no signal")
+        self._check()
+
+    def _target_from(self, summary: PlanSummary) -> Any:
+        if isinstance(summary.weight, (int, float)):
+            if summary.weight == 0:
+                return math.nan
+            signal = summary.signal / summary.weight
+            return (self.tau - 1) / signal if signal > 0 else math.inf
+        xp = array_namespace(summary.weight)
+        signal = summary.signal / xp.where(summary.weight > 0, summary.weight, 1.0)
+        target = xp.where(signal > 0, (self.tau - 1) / xp.where(signal > 0, signal, 1.0), math.inf)
+        return xp.where(summary.weight > 0, target, math.nan)

@@ -18,7 +18,8 @@ from flax.training import train_state
 
 from .._core.config import AccumulationConfig, as_rule
 from .._core.moments import moments_from_sums
-from .._core.noise_scale import window_terms
+from .._core.noise_scale import noise_terms, window_terms
+from .._core.statistics import gsnr_of
 from .._core.planners import PlanSummary, after_window, is_planner
 from .._core.rules import StoppingRule, statistics_kind
 from .._core.validation import check_choice
@@ -42,21 +43,28 @@ class PlanState(NamedTuple):
     def start(cls, planner: Any, params: Any) -> "PlanState":
         dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
         zero = jnp.zeros((), dtype)
-        summary = PlanSummary(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), zero, zero, zero)
+        summary = PlanSummary(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), zero, zero, zero, zero)
         return cls(summary, jnp.asarray(planner.plan_from(summary), jnp.int32))
 
     def after(self, planner: Any, window: Window, applied: jax.Array) -> "PlanState":
         """The state after ``window`` closed: its items and (noise planners) its noise terms
         join the summary; the plan is renewed at the planner's boundaries (``every``)."""
+        dtype = self.summary.trace.dtype
+        signal = jnp.zeros((), dtype)
         if window.sum_norms is not None:
             trace, squared = window_terms(window.samples, window.sum_norms, squared_norm(window.grad_sum))
-            counts = applied & (window.samples >= 2) & jnp.isfinite(trace)
+        elif window.mean is not None:  # per-element moments: the noise terms and the GSNR signal
+            means, m2s = jax.tree.leaves(window.mean), jax.tree.leaves(window.m2)
+            trace, squared = noise_terms(window.samples, means, m2s)
+            gsnr = gsnr_of(means, m2s, window.samples, "sample")[0]
+            signal = (gsnr - 1 / jnp.maximum(window.samples, 1)).astype(dtype)
         else:
-            trace = squared = jnp.zeros((), self.summary.trace.dtype)
-            counts = jnp.zeros((), bool)
+            trace = squared = jnp.zeros((), dtype)
+        counts = applied & (window.samples >= 2) & jnp.isfinite(trace) if planner.needs_statistics \
+            else jnp.zeros((), bool)
         decay = getattr(planner, "decay", 0.9)
-        summary = after_window(self.summary, decay, window.items, counts, trace.astype(self.summary.trace.dtype),
-                               squared.astype(self.summary.trace.dtype))
+        summary = after_window(self.summary, decay, window.items, counts, trace.astype(dtype), squared.astype(dtype),
+                               signal)
         boundary = summary.steps % getattr(planner, "every", 1) == 0
         planned = jnp.where(boundary, jnp.asarray(planner.plan_from(summary), jnp.int32), self.planned)
         return PlanState(summary, planned)

@@ -531,12 +531,16 @@ class Accumulator:
         with per-element statistics, its per-sample GSNR: what the noise-scale planners read
         from the records. Nothing with fewer than 2 samples."""
         stats = self._window_statistics()
-        if stats is None or stats.samples < 2:
+        if stats is None:
             return {}
         if isinstance(stats, NormStatistics):
             n, trace, squared, extra = stats.samples, stats.trace, stats.squared_norm, {}
+            if n < 2:
+                return {}
         else:
             n = stats[0].n
+            if n < 2:
+                return {}
             trace, squared = (float(t) for t in noise_terms(n, [m.mean for m in stats], [m.m2 for m in stats]))
             extra = {"gsnr": mean_gsnr(stats, "sample").value}
         return {"samples": n, "trace": trace, "squared_norm": squared, "noise_scale": noise_scale(trace, squared),
