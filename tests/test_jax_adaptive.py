@@ -81,19 +81,32 @@ def torch_twin(params) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("rule", RULES, ids=repr)
-def test_torch_and_jax_give_the_same_windows_statistics_and_weights(rule) -> None:
-    batch, params = data(480, seed=11), init_params()
+def run_twins(rule, seed: int):
+    """The torch Accumulator and the JAX train state on the same 480 samples (micro-batches of
+    4) from the same weights; the plans each saw before every micro-batch, and JAX's metrics
+    of the micro-batches that closed a window. Checks the final weights agree."""
+    batch, params = data(480, seed=seed), init_params()
     model = torch_twin(params)
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule)
     state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=params, tx=SGD, rule=rule)
     x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
-    jax_windows = []
+    plans, jax_windows = [], []
     for a in range(0, 480, 4):
+        planned = state.planned_micro_batches
+        plans.append((acc.planned_micro_batches, None if planned is None else int(planned)))
         acc.backward(torch.nn.functional.cross_entropy(model(x[a:a + 4]), y[a:a + 4]), 4)
         state, metrics = STEP(state, take(batch, slice(a, a + 4)))
         if bool(metrics["stop"]):
             jax_windows.append(metrics)
+    twin = torch_twin(state.params)
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
+    return acc, state, plans, jax_windows
+
+
+@pytest.mark.parametrize("rule", RULES, ids=repr)
+def test_torch_and_jax_give_the_same_windows_statistics_and_weights(rule) -> None:
+    acc, state, _, jax_windows = run_twins(rule, seed=11)
     torch_windows = [r for r in acc.history if r.reason == "rule"]
     sizes = [int(m["items"]) for m in jax_windows]
     assert sizes == [r.items for r in torch_windows]
@@ -102,9 +115,6 @@ def test_torch_and_jax_give_the_same_windows_statistics_and_weights(rule) -> Non
     np.testing.assert_allclose([float(m[key]) for m in jax_windows], [r.info[key] for r in torch_windows],
                                rtol=1e-9)
     assert max_abs_diff(state.params, {k: v for k, v in init_params().items()}) > 1e-3
-    twin = torch_twin(state.params)
-    for ours, theirs in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
 
 
 # --- non-finite micro-batches ------------------------------------------------------------------
@@ -240,21 +250,9 @@ PLANNERS = [
 def test_torch_and_jax_plan_the_same_windows(planner) -> None:
     """The core's planners run on host records in torch and on the traced state's summary in
     JAX (the same formulas, array code): the same windows, plans and weights."""
-    batch, params = data(480, seed=12), init_params()
-    model = torch_twin(params)
-    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), planner)
-    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=params, tx=SGD, rule=planner)
-    x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
-    plans = []
-    for a in range(0, 480, 4):
-        plans.append((acc.planned_micro_batches, int(state.planned_micro_batches)))
-        acc.backward(torch.nn.functional.cross_entropy(model(x[a:a + 4]), y[a:a + 4]), 4)
-        state, metrics = STEP(state, take(batch, slice(a, a + 4)))
+    _, _, plans, _ = run_twins(planner, seed=12)
     assert all(a == b for a, b in plans)
     assert len({a for a, _ in plans}) > 1, "the plan should change on this problem"
-    twin = torch_twin(state.params)
-    for ours, theirs in zip(model.parameters(), twin.parameters()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-10)
 
 
 def test_a_planned_train_state_resumes_mid_window_with_its_plan() -> None:

@@ -167,20 +167,25 @@ def test_ramp_through_the_accumulator_and_resume_keeps_the_plan() -> None:
     assert all(r.info == {"planned": r.micro_batches} for r in acc.history)
 
 
-def test_noise_scale_planner_records_its_terms_and_plans_from_them() -> None:
+def planned_run(planner) -> Accumulator:
+    """256 samples in micro-batches of 8 through an Accumulator with ``planner``; checks that
+    each window is what the planner computes from the records before it."""
     data = classification(256)
-    planner = NoiseScalePlanner(c=1.0, min_batch=8, max_batch=64, micro_batch=8)
     model = mlp()
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), planner)
     for start in range(0, 256, 8):
         acc.backward(*ce_mean(model, take(data, slice(start, start + 8))))
+    for k in range(1, len(acc.history)):
+        assert acc.history[k].micro_batches == planner.plan(acc.history[:k])
+    return acc
+
+
+def test_noise_scale_planner_records_its_terms_and_plans_from_them() -> None:
+    acc = planned_run(NoiseScalePlanner(c=1.0, min_batch=8, max_batch=64, micro_batch=8))
     first = acc.history[0]
     assert {"trace", "squared_norm", "noise_scale", "planned"} <= set(first.info)
     assert first.items == 8  # nothing measured before the first window
     assert all(8 <= r.items <= 64 for r in acc.history)
-    # the planner's choice is what it computes from the records before each window
-    for k in range(1, len(acc.history)):
-        assert acc.history[k].micro_batches == planner.plan(acc.history[:k])
 
 
 def test_keep_history_is_required_with_a_planner() -> None:
@@ -233,13 +238,6 @@ def test_gsnr_planner_plans_where_the_mean_scale_test_is_expected_to_pass() -> N
 
 
 def test_gsnr_planner_records_the_gsnr_it_plans_from() -> None:
-    data = classification(256)
-    planner = GSNRPlanner(tau=2.0, min_batch=8, max_batch=64, micro_batch=8)
-    model = mlp()
-    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), planner)
-    for start in range(0, 256, 8):
-        acc.backward(*ce_mean(model, take(data, slice(start, start + 8))))
+    acc = planned_run(GSNRPlanner(tau=2.0, min_batch=8, max_batch=64, micro_batch=8))
     assert acc.stats is not None and acc.stats.kind == "elements"
     assert {"gsnr", "samples", "trace", "squared_norm"} <= set(acc.history[0].info)
-    for k in range(1, len(acc.history)):
-        assert acc.history[k].micro_batches == planner.plan(acc.history[:k])
