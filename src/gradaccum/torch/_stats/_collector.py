@@ -6,7 +6,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -18,7 +18,8 @@ from ..._core.rules import KINDS
 from ..._core.validation import check_choice, check_positive_int
 from ._explained import Projector, scale_from_squares, unexplained
 from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap_per_sample
-from ._merge import merge_sums_into
+from ._guard import Values, flag_coefficient, increment_m2
+from ._merge import merge_into
 from ._registry import LayerStats, channels_last_positions, lookup
 
 log = logging.getLogger("gradaccum")
@@ -66,10 +67,12 @@ class _Increment:
     scales: list[torch.Tensor | None] = field(default_factory=list)  # their projected magnitudes
     terms: list[int | None] = field(default_factory=list)  # their summed terms per element (default: samples)
     tied: dict[int, torch.Tensor] = field(default_factory=dict)  # per-sample gradients summed over calls
+    values: list[Values | None] = field(default_factory=list)  # per-sample values at given elements (the guard)
 
     def __post_init__(self) -> None:
         size = len(self.lengths)
-        self.squares, self.hooked, self.norms, self.scales = ([None] * size for _ in range(4))  # type: ignore[assignment]
+        self.squares, self.hooked, self.norms, self.scales, self.values = (  # type: ignore[assignment]
+            [None] * size for _ in range(5))
         self.floor, self.terms = [0.0] * size, [None] * size
 
     def scale(self, i: int, n: int, project: Projector) -> torch.Tensor | None:
@@ -313,14 +316,31 @@ class PerSampleGradStats:
             return n
         firsts = [torch.zeros_like(p) if s1 is None else s1.detach() for p, s1 in zip(self.params, sums)]
         seconds = [torch.zeros_like(p) if s2 is None else s2.to(p.dtype) for p, s2 in zip(self.params, inc.squares)]
+        coefficients = [flag_coefficient(inc.terms[i] or n, p.dtype, n) for i, p in enumerate(self.params)]
+        m2s = increment_m2(firsts, seconds, n, coefficients, inc.values, self._names)
         if unscale != 1.0:
             firsts = torch._foreach_div(firsts, unscale)
-            torch._foreach_div_(seconds, unscale * unscale)
+            torch._foreach_div_(m2s, unscale * unscale)
         if reduce is not None:
-            firsts = [s1.clone() for s1 in firsts]
-            n = reduce(firsts + seconds, n)
-        self._moments = merge_sums_into(self._moments, firsts, seconds, n)
+            firsts, n = self._reduce_moments(reduce, firsts, m2s, n)
+        self._moments = merge_into(self._moments, firsts, m2s, n)
         return n
+
+    @staticmethod
+    def _reduce_moments(reduce: Callable[[list[torch.Tensor], int], int], firsts: list[torch.Tensor],
+                        m2s: list[torch.Tensor], n_local: int) -> tuple[list[torch.Tensor], int]:
+        """The global increment over processes from each one's sum and exact ``M2``: first the
+        sums and the count, then ``M2 = sum_r M2_r + (S1_r - n_r S1 / n)^2 / n_r`` (Chan's merge
+        over the ranks, no cancellation); ``m2s`` becomes the global one in place. Returns the
+        global sums and count."""
+        totals = [s1.clone() for s1 in firsts]
+        n = reduce(totals, n_local)
+        if n_local > 0 and n > 0:
+            deviation = torch._foreach_mul(totals, -n_local / n)
+            torch._foreach_add_(deviation, firsts)
+            torch._foreach_addcmul_(m2s, deviation, deviation, value=1.0 / n_local)
+        reduce(m2s, 0)
+        return totals, n
 
     def norm_sums(self, window_sums: list[torch.Tensor | None], scale: float = 1.0) -> NormSums:
         """The norm path's window on this process: its samples, ``sum_i |g_i|^2`` and the
@@ -367,11 +387,10 @@ class PerSampleGradStats:
         (its micro-batch was skipped): contribute zeros, merge what the others saw
         (elements only: the norm path reduces its scalars at the decision)."""
         self._reset_increment()
-        firsts = [torch.zeros_like(p) for p in self.params]
-        seconds = [torch.zeros_like(p) for p in self.params]
-        n = reduce(firsts + seconds, 0)
+        m2s = [torch.zeros_like(p) for p in self.params]
+        firsts, n = self._reduce_moments(reduce, [torch.zeros_like(p) for p in self.params], m2s, 0)
         if n > 0:
-            self._moments = merge_sums_into(self._moments, firsts, seconds, n)
+            self._moments = merge_into(self._moments, firsts, m2s, n)
         return n
 
     def _sample_count(self, samples: int | None) -> int:
@@ -401,6 +420,7 @@ class PerSampleGradStats:
         for i, per_sample in inc.tied.items():
             inc.squares[i] = (per_sample * per_sample).sum(0)
             inc.hooked[i] = self._project(per_sample.sum(0))
+            inc.values[i] = _gather(per_sample)
         self._set_floors(inc, [[self._index[id(p)] for p in unit.params.values()]  # type: ignore[union-attr]
                                for unit in {id(c.unit): c.unit for c in calls}.values()], n)
         dtype = _compute_dtype(calls)
@@ -513,6 +533,9 @@ class PerSampleGradStats:
         if unit.entry is None:
             self._count_terms(unit, wanted, inc, n * _positions(None, d))
             self._add_per_sample(unit, self._fallback(unit, call, n, sorted(wanted), dtype), inc, needs_per_sample)
+            for k in wanted - needs_per_sample:
+                inc.values[self._index[id(unit.params[k])]] = \
+                    lambda index, k=k: self._fallback(unit, call, n, [k], dtype)[k].reshape(n, -1)[:, index]
             return
         if d is None:
             return
@@ -535,18 +558,30 @@ class PerSampleGradStats:
         if fast is not None:
             self.paths[unit.label] = f"{unit.entry.name}:sum_squares"
             squares, sums = fast
+            kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
             for k in wanted & set(squares):
                 i = self._index[id(unit.params[k])]
                 inc.squares[i] = _plus(inc.squares[i], squares[k])
                 inc.hooked[i] = _plus(inc.hooked[i], sums[k])
+                inc.values[i] = self._registered_values(unit, args, d, kwargs, n, k)
             return
         self.paths[unit.label] = f"{unit.entry.name}:per_sample"
         if unit.entry.subtree and any(g is not None for g in call.grads[1:]):
             raise ValueError(f"{unit.label}: per-sample statistics use only the module's first output; "
                              "its other outputs (attention weights?) must not reach the loss")
+        kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
+        for start, per_sample in self._per_sample_chunks(unit, args, d, kwargs, n):
+            self._add_per_sample(unit, {k: g for k, g in per_sample.items() if k in wanted}, inc,
+                                 needs_per_sample, offset=start, batch=n)
+        for k in wanted - needs_per_sample:
+            inc.values[self._index[id(unit.params[k])]] = self._registered_values(unit, args, d, kwargs, n, k)
+
+    def _per_sample_chunks(self, unit: _Unit, args: tuple, d: torch.Tensor, kwargs: dict[str, Any], n: int
+                           ) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """The registered layer's per-sample gradients, in chunks of samples below ``chunk_elements``."""
+        assert unit.entry is not None
         numel = sum(p.numel() for p in unit.params.values())
         chunk = max(1, self.chunk_elements // numel)
-        kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
         for start in range(0, n, chunk):
             size = min(chunk, n - start)
             part = tuple(a.narrow(0, start, size) if isinstance(a, torch.Tensor) else a for a in args)
@@ -556,11 +591,23 @@ class PerSampleGradStats:
                           for k, v in kwargs.items()},)
             self._replaying = True  # an entry may call the module itself (torch.func): its hooks stay quiet
             try:
-                per_sample = unit.entry.per_sample(unit.module, part, d.narrow(0, start, size), *extra)
+                yield start, unit.entry.per_sample(unit.module, part, d.narrow(0, start, size), *extra)
             finally:
                 self._replaying = False
-            self._add_per_sample(unit, {k: g for k, g in per_sample.items() if k in wanted}, inc,
-                                 needs_per_sample, offset=start, batch=n)
+
+    def _registered_values(self, unit: _Unit, args: tuple, d: torch.Tensor, kwargs: dict[str, Any], n: int,
+                           name: str) -> Values:
+        """The precision guard's per-sample values of one parameter of a registered layer's call."""
+        entry = unit.entry
+        assert entry is not None
+        if entry.values is not None and not entry.subtree:
+            return lambda index: entry.values(unit.module, args, d, name, index)  # type: ignore[misc]
+
+        def values(index: torch.Tensor) -> torch.Tensor:
+            return torch.cat([g[name].reshape(len(g[name]), -1)[:, index]
+                              for _, g in self._per_sample_chunks(unit, args, d, kwargs, n)])
+
+        return values
 
     def _count_terms(self, unit: _Unit, wanted: set[str], inc: _Increment, terms: int) -> None:
         """Autograd adds ``terms`` terms of this call into each element of the wanted parameters."""
@@ -616,6 +663,7 @@ class PerSampleGradStats:
             g = per_sample[name]
             inc.squares[i] = (g * g).sum(0)
             inc.hooked[i] = self._project(g.sum(0))
+            inc.values[i] = _gather(g)
             inc.norms[i] = inc.scales[i] = None  # what the layer paths said is replaced
             inc.terms[i] = max(inc.terms[i] or 0, n * _positions(None, next((g for g in call.grads if g is not None), None)))
             self.paths[self._names[i]] = f"model:{self.paths[MODEL]}"
@@ -776,6 +824,11 @@ def _detach_all(args: tuple) -> tuple:
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _gather(per_sample: torch.Tensor) -> Values:
+    """Per-sample values at flat element indices from per-sample gradients at hand."""
+    return lambda index: per_sample.reshape(len(per_sample), -1)[:, index]
 
 
 def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

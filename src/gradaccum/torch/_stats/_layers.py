@@ -82,11 +82,25 @@ def _linear_norms(module: nn.Linear, args: tuple, d: torch.Tensor, project: Proj
     return NormParts(_own(module, squared), _own(module, sums), _own(module, magnitudes), rows)
 
 
+def _linear_values(module: nn.Linear, args: tuple, d: torch.Tensor, name: str, index: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients at flat element indices, ``(B, len(index))``, without the rest:
+    ``g_i[r, c] = sum_t d_i[t, r] x_i[t, c]`` (the precision guard's recomputation)."""
+    x = args[0]
+    b = x.shape[0]
+    x3, d3 = x.reshape(b, -1, x.shape[-1]), d.reshape(b, -1, d.shape[-1])
+    if name == "bias":
+        return d3[:, :, index].sum(1)
+    rows, cols = index // x3.shape[-1], index % x3.shape[-1]
+    chunk = max(1, (1 << 24) // max(1, b * x3.shape[1]))
+    return torch.cat([(d3[:, :, rows[s:s + chunk]] * x3[:, :, cols[s:s + chunk]]).sum(1)
+                      for s in range(0, len(index), chunk)], dim=1)
+
+
 def _squared(t: torch.Tensor) -> torch.Tensor:
     return (t * t).sum()
 
 
-register(nn.Linear)(LayerStats("linear", _linear_per_sample, _linear_sum_squares, _linear_norms))
+register(nn.Linear)(LayerStats("linear", _linear_per_sample, _linear_sum_squares, _linear_norms, values=_linear_values))
 
 
 # ---------------------------------------------------------------- Conv1d / Conv2d
@@ -152,7 +166,22 @@ def _embedding_norms(module: nn.Embedding, args: tuple, d: torch.Tensor, project
                      _own(module, {"weight": magnitudes}), idx.numel())
 
 
-register(nn.Embedding)(LayerStats("embedding", _embedding_per_sample, _embedding_sum_squares, _embedding_norms))
+def _embedding_values(module: nn.Embedding, args: tuple, d: torch.Tensor, name: str, index: torch.Tensor
+                      ) -> torch.Tensor:
+    """Per-sample gradients at flat element indices, ``(B, len(index))``, from the per-(sample,
+    token) rows: a row adds to the elements of its token's embedding."""
+    sample, tokens, rows = _embedding_rows(module, args, d)
+    token, column = index // module.embedding_dim, index % module.embedding_dim
+    out = torch.zeros(args[0].shape[0], len(index), dtype=d.dtype, device=d.device)
+    chunk = max(1, (1 << 24) // max(1, len(tokens)))
+    for s in range(0, len(index), chunk):
+        hit = (tokens[:, None] == token[None, s:s + chunk]).to(d.dtype)  # (rows, chunk)
+        out[:, s:s + chunk].index_add_(0, sample, rows[:, column[s:s + chunk]] * hit)
+    return out
+
+
+register(nn.Embedding)(LayerStats("embedding", _embedding_per_sample, _embedding_sum_squares, _embedding_norms,
+                                  values=_embedding_values))
 
 
 # ---------------------------------------------------------------- LayerNorm / GroupNorm

@@ -46,6 +46,7 @@ class NormParts(NamedTuple):
 PerSample = Callable[[nn.Module, tuple, torch.Tensor], Grads]
 SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector], "tuple[Grads, Grads] | None"]
 Norms = Callable[[nn.Module, tuple, torch.Tensor, Projector], "NormParts | None"]
+Values = Callable[[nn.Module, tuple, torch.Tensor, str, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class LayerStats:
         per-sample squared gradient norms without per-element squares (``NormParts``); None
         when it does not apply to these inputs. Without it the norm path sums the squares
         of ``sum_squares`` or of the per-sample gradients.
+      values: optional, the per-sample gradients of one parameter (by its local name) at flat
+        element indices, ``(B, len(index))``, without forming the others: what the precision
+        guard recomputes flagged elements from (docs/design.md, "Moments"). Without it they
+        are gathered from ``per_sample`` (chunked over samples).
       positions: optional, how many positions of a sample the layer's gradient sums over,
         from the output gradient ``d``: autograd adds ``samples x positions`` terms into each
         gradient element, which sets the rounding tolerance of the check. Default
@@ -84,6 +89,7 @@ class LayerStats:
     per_sample: PerSample
     sum_squares: SumSquares | None = None
     norms: Norms | None = None
+    values: Values | None = None
     positions: Callable[[torch.Tensor], int] | None = None
     subtree: bool = False
     applies: Callable[[nn.Module], bool] | None = None
