@@ -13,7 +13,8 @@ from flax import serialization
 
 from gradaccum import GSNR, BatchRamp, FixedSteps, GSNRPlanner, NoiseScalePlanner, NormTest, NormTestPlanner, WindowView
 from gradaccum._core.moments import Moments
-from gradaccum.jax import AccumulatingTrainState, Window, accumulate, make_train_step, traced_decision, window_kind
+from gradaccum.jax import (AccumulatingTrainState, Window, accumulate, make_train_step, scale_by_items, traced_decision,
+                          window_kind)
 from gradaccum.torch import Accumulator
 
 from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff, take
@@ -81,14 +82,20 @@ def torch_twin(params) -> torch.nn.Module:
     return model
 
 
-def run_twins(rule, seed: int):
+def run_twins(rule, seed: int, schedule=None):
     """The torch Accumulator and the JAX train state on the same 480 samples (micro-batches of
     4) from the same weights; the plans each saw before every micro-batch, and JAX's metrics
-    of the micro-batches that closed a window. Checks the final weights agree."""
+    of the micro-batches that closed a window. Checks the final weights agree. With
+    ``schedule`` (items seen -> factor) both run Adam with that LR schedule over items."""
     batch, params = data(480, seed=seed), init_params()
     model = torch_twin(params)
-    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule)
-    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=params, tx=SGD, rule=rule)
+    if schedule is None:
+        acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule)
+        tx = SGD
+    else:
+        acc = Accumulator(model, torch.optim.Adam(model.parameters(), lr=0.01), rule, lr_schedule=schedule)
+        tx = optax.chain(optax.adam(0.01), scale_by_items(schedule))
+    state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=params, tx=tx, rule=rule)
     x, y = torch.from_numpy(batch["x"]), torch.from_numpy(batch["y"])
     plans, jax_windows = [], []
     for a in range(0, 480, 4):
@@ -115,6 +122,30 @@ def test_torch_and_jax_give_the_same_windows_statistics_and_weights(rule) -> Non
     np.testing.assert_allclose([float(m[key]) for m in jax_windows], [r.info[key] for r in torch_windows],
                                rtol=1e-9)
     assert max_abs_diff(state.params, {k: v for k, v in init_params().items()}) > 1e-3
+
+
+def test_an_lr_schedule_over_items_is_the_same_on_both_backends() -> None:
+    """A ramp changes the windows, so the schedule runs over items seen: torch's
+    ``lr_schedule`` and optax's ``scale_by_items`` give Adam the same factors and weights."""
+    def decay(items):
+        return 1.0 / (1.0 + items / 100.0)
+
+    ramp = BatchRamp(8, 32, over=240, micro_batch=4)
+    acc, state, _, _ = run_twins(ramp, seed=3, schedule=decay)
+    assert len({r.items for r in acc.history}) > 1
+    assert int(state.opt_state[1].items_seen()) == sum(r.items for r in acc.history if r.reason == "rule")
+    plain, _, _, _ = run_twins(ramp, seed=3, schedule=lambda items: 1.0)
+    with torch.no_grad():
+        moved = [float((a - b).abs().max()) for a, b in zip(acc.model.parameters(), plain.model.parameters())]
+    assert max(moved) > 1e-3  # the schedule changed the run
+
+
+def test_scale_by_items_refuses_a_call_without_items() -> None:
+    tx = scale_by_items(lambda items: 1.0)
+    with pytest.raises(TypeError, match="items"):
+        tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))
+    with pytest.raises(TypeError, match="schedule"):
+        scale_by_items(0.5)
 
 
 # --- non-finite micro-batches ------------------------------------------------------------------

@@ -13,8 +13,10 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 from flax.training import train_state
+from flax.training.train_state import OVERWRITE_WITH_GRADIENT
 
 from .._core.config import AccumulationConfig, as_rule
 from .._core.moments import moments_from_sums
@@ -117,9 +119,20 @@ class AccumulatingTrainState(train_state.TrainState):
         window = self.window
         grads = window.mean_gradient()
         apply = (window.items > 0) & ~window.poisoned & all_finite(grads)
-        stepped = jax.lax.cond(apply, lambda s: s.apply_gradients(grads=grads), lambda s: s, self)
+        stepped = jax.lax.cond(apply, lambda s: s.apply_gradients(grads=grads, items=window.items), lambda s: s, self)
         plan = None if self.plan is None else self.plan.after(self.rule, window, apply)
         return stepped.replace(window=Window.empty(self.params, window_kind(self.rule)), plan=plan)
+
+    def apply_gradients(self, *, grads: Any, items: Any = None, **kwargs: Any) -> AccumulatingTrainState:
+        """Flax's ``apply_gradients``; with ``items`` (the window's item count) an optimizer that
+        takes optax's extra arguments gets it, which ``scale_by_items`` (an LR schedule over items
+        seen) reads."""
+        if items is None or not isinstance(self.tx, optax.GradientTransformationExtraArgs) \
+                or OVERWRITE_WITH_GRADIENT in grads:
+            return super().apply_gradients(grads=grads, **kwargs)
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params, items=items)
+        return self.replace(step=self.step + 1, params=optax.apply_updates(self.params, updates),
+                            opt_state=opt_state, **kwargs)
 
     @property
     def planned_micro_batches(self) -> jax.Array | None:

@@ -2,22 +2,23 @@
 
 An increment's own ``M2_b = S2_b - S1_b^2 / n`` subtracts two float sums, and where an
 element's gradient barely varies across samples (a high per-sample GSNR) the difference loses
-every digit. The rounding error of a float sum of ``t`` terms is below ``LAMBDA sqrt(t) u``
-times the sum of their magnitudes with probability at least ``1 - 2 exp(-LAMBDA^2 / 2)``
-(Higham & Mary 2019), ``u`` the unit roundoff; ``S2_b`` and ``S1_b`` each sum ``t`` terms (the
-increment's samples times positions), so
+every digit. A float sum of ``t`` terms is typically off by about ``sqrt(t) u`` times the sum
+of their magnitudes, ``u`` the unit roundoff (Higham & Mary 2019: the rounding errors behave
+as independent, so the bound grows as ``sqrt(t)``, not ``t``, with overwhelming probability
+for a constant a few times larger). ``S2_b`` and ``S1_b`` each sum ``t`` terms (the
+increment's samples times positions), so, with ``|S1_b| <= sqrt(n S2_b)``,
 
-    |error of M2_b| <= c u S2_b,   c = LAMBDA (3 sqrt(t) + 1)
+    |error of M2_b| ~ c u S2_b,   c = 3 sqrt(t) + 1
 
-(S1_b's error enters doubled through ``S1_b^2 / n``, bounded via ``|S1_b| <= sqrt(n S2_b)``;
-one more ``u`` for the subtraction). An element whose bound exceeds ``TOLERANCE`` relative is
-*flagged*: ``c u S2_b > TOLERANCE M2_b``, i.e. with ``k = c u / TOLERANCE`` and
-``S2_b = M2_b + S1_b^2 / n``, ``M2_b < k / ((1 - k) n) S1_b^2``. Flagged elements (and those
-rounding left negative) are recomputed two-pass in float64 from their per-sample values, which
-the layer's hooks still hold. Every element's ``M2_b`` then carries at most ``TOLERANCE``
-relative error; Chan's merge across increments adds about ``u sqrt(GSNR_j)`` (its ``delta``
-cancels only to the means' precision), so the mean GSNR is within about ``TOLERANCE`` of its
-float64 value.
+and the relative error of ``M2_b`` is the float32 sums' own (``c u``) amplified by
+``A = S2_b / M2_b``. An element is *flagged* where ``A > max(2, TOLERANCE / (c u))``: where
+the cancellation would take ``M2_b`` past ``TOLERANCE`` relative, and never where it loses
+less than one bit (there the error is the float sums' own, as in the gradient itself). With
+``S2_b = M2_b + S1_b^2 / n`` that is ``M2_b < S1_b^2 / ((A - 1) n)``. Flagged elements (and
+those rounding left negative) are recomputed two-pass in float64 from their per-sample values,
+which the layer's hooks still hold. Chan's merge across increments then adds about
+``u sqrt(n_b GSNR_j)`` on the between-increment part (its ``delta`` is known only to the
+float32 means' precision).
 """
 
 from __future__ import annotations
@@ -27,20 +28,18 @@ from typing import Callable
 
 import torch
 
-TOLERANCE = 1e-5  # relative error allowed on an element's increment M2
-LAMBDA = 6.0  # the probabilistic bound holds with probability >= 1 - 3e-8 per element
+TOLERANCE = 1e-5  # relative error allowed on an element's increment M2 (where float32 sums allow it)
+MIN_AMPLIFICATION = 2.0  # never flag an element whose cancellation loses less than one bit
 
 Values = Callable[[torch.Tensor], torch.Tensor]
 """Per-sample values of one parameter at flat element indices: ``(index,) -> (n, len(index))``."""
 
 
 def flag_coefficient(terms: int, dtype: torch.dtype, samples: int) -> float:
-    """``c'`` such that element j is flagged where ``M2_b < c' S1_b^2``. Where even an element
-    without signal would miss the tolerance (``k >= 1``: low precision, huge ``t``), ``k`` is
-    held just below 1, which flags every element whose mean is not negligible."""
-    k = LAMBDA * (3.0 * math.sqrt(max(terms, 1)) + 1.0) * torch.finfo(dtype).eps / 2 / TOLERANCE
-    k = min(k, 1.0 - 2.0**-20)
-    return k / ((1.0 - k) * samples)
+    """``c'`` such that element j is flagged where ``M2_b < c' S1_b^2`` (see the module docstring)."""
+    c = 3.0 * math.sqrt(max(terms, 1)) + 1.0
+    amplification = max(MIN_AMPLIFICATION, TOLERANCE / (c * torch.finfo(dtype).eps / 2))
+    return 1.0 / ((amplification - 1.0) * samples)
 
 
 @torch.no_grad()
