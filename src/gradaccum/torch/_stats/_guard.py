@@ -30,6 +30,7 @@ import torch
 
 TOLERANCE = 1e-5  # relative error allowed on an element's increment M2 (where float32 sums allow it)
 MIN_AMPLIFICATION = 2.0  # never flag an element whose cancellation loses less than one bit
+FOREACH_BELOW = 1 << 20  # elements below which the check runs over every parameter at once
 
 Values = Callable[[torch.Tensor], torch.Tensor]
 """Per-sample values of one parameter at flat element indices: ``(index,) -> (n, len(index))``."""
@@ -54,12 +55,16 @@ def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int
     """
     m2s = seconds
     torch._foreach_addcmul_(m2s, firsts, firsts, value=-1.0 / n)
-    slack = torch._foreach_addcmul(m2s, firsts, firsts, [-c for c in coefficients])
-    torch._foreach_neg_(slack)  # c' S1_b^2 - M2_b: > 0 where flagged (and where rounding left M2_b negative)
-    worst = torch.stack([w.to(torch.float64) for w in torch._foreach_max(slack)]).tolist()  # one synchronisation
+    if sum(m.numel() for m in m2s) <= FOREACH_BELOW:  # few kernel launches for every parameter at once
+        slack = torch._foreach_addcmul(m2s, firsts, firsts, [-c for c in coefficients])
+        lowest = [-w for w in torch._foreach_max(torch._foreach_neg(slack))]
+    else:  # one parameter at a time: no second model-sized temporary
+        lowest = [torch.addcmul(m2, s1, s1, value=-c).min() for m2, s1, c in zip(m2s, firsts, coefficients)]
+    worst = torch.stack([w.to(torch.float64) for w in lowest]).tolist()  # one synchronisation
     for i, w in enumerate(worst):
-        if w > 0:  # NaN compares False: a non-finite moment is left for the statistic to report
-            index = (slack[i] > 0).reshape(-1).nonzero().squeeze(1)
+        if w < 0:  # M2_b < c' S1_b^2: flagged, or negative from rounding (NaN compares False: reported as is)
+            index = (torch.addcmul(m2s[i], firsts[i], firsts[i], value=-coefficients[i]) < 0).reshape(-1)
+            index = index.nonzero().squeeze(1)
             source = values[i]
             if source is None:
                 raise ValueError(f"{names[i]}: its increment's M2 needs recomputing (a high per-sample GSNR) and "
