@@ -59,7 +59,7 @@ def _config(args: argparse.Namespace, **fixed: Any):
         if args.quick:
             quick = ExperimentConfig.quick().to_dict()
             base = ExperimentConfig.from_yaml(args.config).to_dict()
-            return ExperimentConfig(**{**base, **{k: quick[k] for k in ("trials", "seeds", "budget", "eval_every")},
+            return ExperimentConfig(**{**base, **{k: quick[k] for k in ("trials", "seeds", "budget", "eval_every", "front_trials")},
                                        **overrides})
         return ExperimentConfig.from_yaml(args.config, **overrides)
     return ExperimentConfig.quick(**overrides) if args.quick else ExperimentConfig(**overrides)

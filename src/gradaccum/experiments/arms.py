@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .. import GSNR, FixedSteps, NormTest, StoppingRule
+from .. import GSNR, BatchRamp, FixedSteps, NoiseScalePlanner, NormTest, StoppingRule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ExperimentConfig
@@ -50,6 +50,15 @@ def _gsnr(scale: str) -> Callable[[Params, Any], StoppingRule]:
     return lambda p, cfg: GSNR(p["tau"], increment=cfg.increment, max_samples=cfg.max_samples, scale=scale)
 
 
+def _fixed(batch: int) -> Arm:
+    return Arm(f"fixed{batch}", f"fixed batch {batch}", lambda p, cfg: FixedSteps(max(1, batch // cfg.increment)), {})
+
+
+def _ramp(p: Params, cfg: Any) -> int:
+    """The ramp's length in samples: the tuned fraction of the budget."""
+    return max(1, round(p["ramp"] * cfg.budget))
+
+
 ARM_TABLE: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("baseline", "baseline (batch 32)", lambda p, cfg: FixedSteps(1), {}),
     Arm("gaga", "GAGA (per-sample GSNR)", _gsnr("sample"), {"tau": ("tau_low", "tau_high")}),
@@ -58,9 +67,17 @@ ARM_TABLE: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("normtest", "norm test",
         lambda p, cfg: NormTest(p["theta"], increment=cfg.increment, max_samples=cfg.max_samples),
         {"theta": ("theta_low", "theta_high")}),
+    *(_fixed(batch) for batch in (64, 128, 256)),
+    Arm("ramp", "batch ramp", lambda p, cfg: BatchRamp(cfg.increment, cfg.max_samples, over=_ramp(p, cfg),
+                                                       micro_batch=cfg.increment), {"ramp": ("ramp_low", "ramp_high")}),
+    Arm("noise", "noise-scale planner",
+        lambda p, cfg: NoiseScalePlanner(p["c"], min_batch=cfg.increment, max_batch=cfg.max_samples,
+                                         micro_batch=cfg.increment), {"c": ("c_low", "c_high")}),
 )}
 ARMS = tuple(ARM_TABLE)
 DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
+FRONT_ARMS = ("baseline", "fixed64", "fixed128", "fixed256", "baseline512", "ramp", "noise", "gaga_mean", "normtest")
+"""The arms of the steps-quality front (docs/design.md, "The steps-quality front")."""
 
 
 def label(name: str) -> str:

@@ -47,6 +47,12 @@ class ExperimentConfig:
     tau_mean_high: float = _f(20.0, "upper end of the log-uniform tau range, mean-gradient GSNR scale")
     theta_low: float = _f(0.1, "lower end of the log-uniform theta range of the norm test")
     theta_high: float = _f(3.0, "upper end of the log-uniform theta range of the norm test")
+    ramp_low: float = _f(0.05, "lower end of the log-uniform range of the batch ramp's length, as a fraction of the budget")
+    ramp_high: float = _f(1.0, "upper end of the batch ramp's length range, as a fraction of the budget")
+    c_low: float = _f(0.01, "lower end of the log-uniform range of the noise-scale planner's c (window = c B_simple)")
+    c_high: float = _f(1.0, "upper end of the noise-scale planner's c range")
+    front_trials: int = _f(12, "Optuna trials per adaptive arm of the steps-quality front (a fixed arm gets half)")
+    workers: int = _f(0, "worker processes for trials and final runs, one thread each (0: one per core)")
     storage: str = _f("", "Optuna storage: an RDB URL (default: sqlite:///<out>/optuna.db; postgresql://... "
                           "for several machines) or journal:PATH (a file several local processes can share)")
     n_jobs: int = _f(1, "parallel Optuna trials in this process")
@@ -71,9 +77,11 @@ class ExperimentConfig:
                                 f"got {self.arms!r}")
         if self.backend not in BACKENDS:
             raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs"):
+        for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs", "front_trials"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.workers < 0:
+            raise SettingsError(f"workers must be 0 (one per core) or a positive integer, got {self.workers!r}")
         if self.seed < 0:
             raise SettingsError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.increment > self.max_samples:
@@ -81,12 +89,21 @@ class ExperimentConfig:
         if self.budget < self.increment:
             raise SettingsError(f"budget ({self.budget}) must be at least one increment ({self.increment})")
         for low, high in (("lr_low", "lr_high"), ("tau_low", "tau_high"), ("tau_mean_low", "tau_mean_high"),
-                          ("theta_low", "theta_high")):
+                          ("theta_low", "theta_high"), ("ramp_low", "ramp_high"), ("c_low", "c_high")):
             lo, hi = getattr(self, low), getattr(self, high)
             if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
                 raise SettingsError(f"{low} and {high} must satisfy 0 < {low} < {high}, got {lo!r} and {hi!r}")
+        if self.ramp_high > 1:
+            raise SettingsError(f"ramp_high must be <= 1 (a ramp longer than the budget never ends), got {self.ramp_high!r}")
         if not self.out:
             raise SettingsError("out must name a directory")
+
+    @property
+    def processes(self) -> int:
+        """Worker processes to use: ``workers``, or one per core the process may run on."""
+        import os
+
+        return self.workers or len(os.sched_getaffinity(0))
 
     @property
     def storage_url(self) -> str:
@@ -119,4 +136,4 @@ class ExperimentConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> ExperimentConfig:
         """A small version for smoke tests: few trials, seeds and samples."""
-        return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 1_600, **overrides})
+        return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 1_600, "front_trials": 2, **overrides})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,12 @@ from .config import ExperimentConfig
 from .errors import SettingsError
 from .files import write_atomic
 from .mnist1d_data import MNIST1D, load_mnist1d
+from .arms import ARM_TABLE
 from .report import write_report
+from .run_record import RunResult
 from .runs import train_run
-from .tuning import best_params, best_value, completed, open_study, trial_table, tune_arm
+from .tuning import best_params, best_value, open_study, sampler, trial_table
+from .workers import Tuning, complete, executor, run_all, tune_in_rounds
 
 FINAL_SEED_OFFSET = 10_000  # final runs use seeds no tuning trial used
 
@@ -33,40 +37,61 @@ def prepare_output(cfg: ExperimentConfig) -> tuple[Path, MNIST1D]:
     return out, load_mnist1d(Path(cfg.data_dir) / "mnist1d.npz")
 
 
-def tune_all(cfg: ExperimentConfig, data: MNIST1D) -> dict[str, Any]:
+def tuning_of(arm: str, cfg: ExperimentConfig, data: MNIST1D) -> Tuning:
+    """The reference section's study of an arm: final validation accuracy, maximised."""
+    spec = ARM_TABLE[arm]
+    return Tuning(open_study(arm, cfg), cfg.trials, lambda trial: spec.suggest(trial, cfg),
+                  lambda params, number: (arm, params, cfg.seed + number, data, cfg),
+                  value=lambda r: r.final_val_accuracy, pruned=lambda r: "diverged" if r.diverged else None,
+                  attributes=trial_attributes, sampler=lambda number: sampler(cfg, arm, number))
+
+
+def trial_attributes(result: RunResult) -> dict[str, Any]:
+    """What a trial records beside its value: mean window, steps, test accuracy (never optimised)."""
+    batches = result.batch_sizes or [result.flushed_items]
+    return {"mean_batch": sum(batches) / len(batches), "steps": result.steps, "test_accuracy": result.test_accuracy}
+
+
+def tune_all(cfg: ExperimentConfig, data: MNIST1D, pool: Executor) -> dict[str, Any]:
     """Every arm's study, resumed where it stopped; returns best params and trial tables."""
-    studies = {arm: open_study(arm, cfg) for arm in cfg.arms}
-    done = sum(min(completed(s), cfg.trials) for s in studies.values())
+    tunings = [tuning_of(arm, cfg, data) for arm in cfg.arms]
+    done = sum(min(complete(t.study), cfg.trials) for t in tunings)
     with tqdm(total=len(cfg.arms) * cfg.trials, initial=done, desc="tuning trials", disable=cfg.quiet) as bar:
-        for arm in cfg.arms:
-            studies[arm] = tune_arm(arm, cfg, data, on_trial=bar.update)
-    return {arm: {"best_params": best_params(s, cfg.trials), "best_value": best_value(s, cfg.trials),
-                  "trials": trial_table(s, cfg.trials)} for arm, s in studies.items()}
+        tune_in_rounds(pool, train_run, tunings, cfg.processes, on_trial=bar.update)
+    return {arm: {"best_params": best_params(t.study, cfg.trials), "best_value": best_value(t.study, cfg.trials),
+                  "trials": trial_table(t.study, cfg.trials)} for arm, t in zip(cfg.arms, tunings)}
 
 
-def final_runs(cfg: ExperimentConfig, data: MNIST1D, tuned: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def final_runs(cfg: ExperimentConfig, data: MNIST1D, tuned: dict[str, Any], pool: Executor
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The best settings of each arm over ``cfg.seeds`` seeds; timings kept apart (they vary)."""
+    jobs = [(arm, tuned[arm]["best_params"], cfg.seed + FINAL_SEED_OFFSET + k, data, cfg)
+            for arm in cfg.arms for k in range(cfg.seeds)]
+    with tqdm(total=len(jobs), desc="final runs", disable=cfg.quiet) as bar:
+        results = run_all(pool, train_run, jobs, on_done=bar.update)
     arms: dict[str, Any] = {}
     timings: dict[str, list[float]] = {}
-    with tqdm(total=len(cfg.arms) * cfg.seeds, desc="final runs", disable=cfg.quiet) as bar:
-        for arm in cfg.arms:
-            runs = []
-            for k in range(cfg.seeds):
-                result = train_run(arm, tuned[arm]["best_params"], cfg.seed + FINAL_SEED_OFFSET + k, data, cfg)
-                timings.setdefault(arm, []).append(result.wall_seconds)
-                record = result.as_dict()
-                record.pop("wall_seconds")
-                runs.append(record)
-                bar.update()
-            arms[arm] = {**tuned[arm], "runs": runs}
+    for (arm, *_), result in zip(jobs, results):
+        timings.setdefault(arm, []).append(result.wall_seconds)
+        arms.setdefault(arm, {**tuned[arm], "runs": []})["runs"].append(timeless(result))
     return arms, timings
+
+
+def timeless(result: RunResult) -> dict[str, Any]:
+    """A run's record without its times (they vary from run to run: timings.json keeps them)."""
+    record = result.as_dict()
+    record.pop("wall_seconds")
+    for evaluation in record["evaluations"]:
+        evaluation.pop("seconds")
+    return record
 
 
 def reproduce(cfg: ExperimentConfig) -> Path:
     """Run the whole experiment; returns the output directory."""
     out, data = prepare_output(cfg)
-    tuned = tune_all(cfg, data)
-    arms, timings = final_runs(cfg, data, tuned)
+    with executor(cfg.processes) as pool:
+        tuned = tune_all(cfg, data, pool)
+        arms, timings = final_runs(cfg, data, tuned, pool)
     results = {"config": cfg.to_dict(), "arms": arms}
     write_atomic(out / "timings.json", json.dumps({"wall_seconds": timings}, indent=1) + "\n")
     write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")

@@ -27,6 +27,19 @@ class Window:
 
 
 @dataclass
+class Evaluation:
+    """One evaluation during a run: after ``samples`` training samples and ``steps`` optimizer
+    steps, ``seconds`` of training (evaluations excluded), the metric on the validation and on
+    the test split (accuracy for mnist1d, loss for the LM)."""
+
+    samples: int
+    steps: int
+    seconds: float
+    val: float
+    test: float
+
+
+@dataclass
 class Trained:
     """What a trainer hands back: windows, validation curve, accuracies, time, warnings."""
 
@@ -37,6 +50,7 @@ class Trained:
     wall_seconds: float
     diverged: bool
     warnings: list[str] = field(default_factory=list)
+    evaluations: list[Evaluation] = field(default_factory=list)
 
 
 @dataclass
@@ -63,6 +77,7 @@ class RunResult:
     wall_seconds: float
     warnings: list[str] = field(default_factory=list)
     diverged: bool = False
+    evaluations: list[Evaluation] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +91,7 @@ class RunResult:
                    batch_sizes=[w.items for w in windows if w.reason == "rule" and not w.skipped],
                    flushed_items=sum(w.items for w in windows if w.reason == "flush" and not w.skipped),
                    statistic=[w.statistic for w in windows], wall_seconds=trained.wall_seconds,
-                   warnings=trained.warnings, diverged=trained.diverged)
+                   warnings=trained.warnings, diverged=trained.diverged, evaluations=trained.evaluations)
 
 
 def increments(n: int, size: int, budget: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -12,7 +12,7 @@ from ..torch import Accumulator, NonFiniteError
 from .arms import ARM_TABLE
 from .config import ExperimentConfig
 from .mnist1d_data import MNIST1D
-from .run_record import Trained, Window, increments
+from .run_record import Evaluation, Trained, Window, increments
 
 
 def mlp() -> nn.Module:
@@ -33,24 +33,30 @@ def train_torch(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cf
     torch.manual_seed(seed)
     model = mlp()
     acc = Accumulator(model, torch.optim.Adam(model.parameters(), lr=params["lr"]), ARM_TABLE[arm].rule(params, cfg))
+    x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
     curve: list[tuple[int, float]] = []
-    seen, next_eval, diverged = 0, cfg.eval_every, False
+    evaluations: list[Evaluation] = []
+    seen, next_eval, diverged, steps, evaluating = 0, cfg.eval_every, False, 0, 0.0
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)  # "not adapting": recorded, shown in the report
         try:
             for idx in increments(len(y), cfg.increment, cfg.budget, torch.Generator().manual_seed(seed)):
-                acc.backward(nn.functional.cross_entropy(model(x[idx]), y[idx]), len(idx))
+                steps += acc.backward(nn.functional.cross_entropy(model(x[idx]), y[idx]), len(idx))
                 seen += len(idx)
                 if seen >= next_eval:
-                    curve.append((seen, accuracy(model, x_val, y_val)))
+                    now = time.perf_counter()
+                    val = accuracy(model, x_val, y_val)
+                    curve.append((seen, val))
+                    evaluations.append(Evaluation(seen, steps, now - start - evaluating, val,
+                                                  accuracy(model, x_test, y_test)))
+                    evaluating += time.perf_counter() - now
                     next_eval += cfg.eval_every
             acc.flush()
         except NonFiniteError:
             diverged = True
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start - evaluating
     windows = [Window(r.items, r.micro_batches, r.skipped, r.reason, r.info.get("gsnr", r.info.get("norm_test")))
                for r in acc.history]
-    return Trained(windows, curve, accuracy(model, x_val, y_val),
-                   accuracy(model, torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)), wall, diverged,
-                   sorted({str(w.message) for w in caught}))
+    return Trained(windows, curve, accuracy(model, x_val, y_val), accuracy(model, x_test, y_test), wall, diverged,
+                   sorted({str(w.message) for w in caught}), evaluations)

@@ -74,7 +74,7 @@ def open_study(arm: str, cfg: ExperimentConfig) -> optuna.Study:
     for attempt in range(_OPEN_RETRIES):
         try:
             return optuna.create_study(study_name=f"gradaccum-{arm}", storage=storage(cfg.storage_url),
-                                       load_if_exists=True, direction="maximize", sampler=_sampler(cfg, arm, 0))
+                                       load_if_exists=True, direction="maximize", sampler=sampler(cfg, arm, 0))
         except SettingsError:
             raise
         except Exception as error:  # SQLAlchemy / driver errors carry the useful message
@@ -86,7 +86,7 @@ def open_study(arm: str, cfg: ExperimentConfig) -> optuna.Study:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _sampler(cfg: ExperimentConfig, arm: str, number: int) -> optuna.samplers.BaseSampler:
+def sampler(cfg: ExperimentConfig, arm: str, number: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=(cfg.seed * len(ARMS) + ARMS.index(arm)) * 1_000_003 + number)
 
 
@@ -102,7 +102,7 @@ def tune_arm(arm: str, cfg: ExperimentConfig, data: MNIST1D,
     try:
         while completed(study) < cfg.trials:
             trial = study.ask()
-            study.sampler = _sampler(cfg, arm, trial.number)  # suggestions below draw from this seed
+            study.sampler = sampler(cfg, arm, trial.number)  # suggestions below draw from this seed
             params = spec.suggest(trial, cfg)
             try:
                 result = train_run(arm, params, cfg.seed + trial.number, data, cfg)
