@@ -37,6 +37,7 @@ from torch.func import functional_call, grad, vmap
 import torch.nn.functional as F
 
 from gradaccum import GSNR, NormTest, WindowView
+from gradaccum.experiments.lm_task import ByteGPT
 from gradaccum._core.noise_scale import pooled_terms
 from gradaccum.torch import PerSampleGradStats
 
@@ -53,45 +54,6 @@ class Encoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(tokens)).mean(1))
-
-
-class Block(nn.Module):
-    """A nanoGPT block: pre-LayerNorm causal self-attention and MLP, nn.Linear throughout."""
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.fc, self.out = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, c)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class TinyGPT(nn.Module):
-    """A nanoGPT-style LM: 2 blocks, d=128, 4 heads, 64 tokens, byte vocabulary (256), head
-    tied to the token embedding; positions given per sample (``pos.expand(B, -1)``)."""
-
-    def __init__(self, vocab: int = 256, dim: int = 128, block: int = 64) -> None:
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, dim), nn.Embedding(block, dim)
-        self.blocks = nn.ModuleList([Block(dim, 4) for _ in range(2)])
-        self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab, bias=False)
-        self.head.weight = self.wte.weight
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        b, t = tokens.shape
-        x = self.wte(tokens) + self.wpe(torch.arange(t).expand(b, -1))
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln(x))
 
 
 class ResNetLike(nn.Module):
@@ -124,7 +86,9 @@ CONFIGS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor],
     "MLP 512-1024-1024-10, 256 samples": (lambda: mlp(512, 1024, 1024, 10), lambda n: torch.randn(n, 512), 256),
     "MLP 1024-4096-4096-10, 128 samples": (lambda: mlp(1024, 4096, 4096, 10), lambda n: torch.randn(n, 1024), 128),
     "Transformer encoder 2x64, 32 tokens, 32 samples": (Encoder, lambda n: torch.randint(0, 1000, (n, 32)), 32),
-    "nanoGPT-style LM 2x128, 64 tokens, 16 samples": (TinyGPT, lambda n: torch.randint(0, 256, (n, 64)), 16),
+    # the experiment's byte-level GPT: 2 blocks, d=128, 4 heads, 64 tokens, head tied to the embedding
+    "nanoGPT-style LM 2x128, 64 tokens, 16 samples": (lambda: ByteGPT(64, 128, 2), lambda n: torch.randint(0, 256, (n, 64)),
+                                                      16),
     "ResNet-like CNN, GroupNorm, 32x32, 32 samples": (ResNetLike, lambda n: torch.randn(n, 3, 32, 32), 32),
 }
 

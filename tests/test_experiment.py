@@ -17,7 +17,7 @@ import pytest
 from gradaccum.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--quick", "--budget", "1600", "--eval-every", "400", "--quiet"]
+TINY = ["--quick", "--budget", "1600", "--eval-every", "400", "--quiet", "--sections", "reference"]
 
 
 @pytest.fixture(scope="module")

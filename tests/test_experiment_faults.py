@@ -28,7 +28,7 @@ from gradaccum.experiments.run_record import RunResult
 from gradaccum.experiments.runs import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--quick", "--budget", "640", "--eval-every", "320", "--quiet"]
+TINY = ["--quick", "--budget", "640", "--eval-every", "320", "--quiet", "--sections", "reference"]
 
 
 @pytest.fixture(scope="module")

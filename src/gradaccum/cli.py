@@ -25,7 +25,6 @@ EXPERIMENT_MODULES = {"optuna", "matplotlib", "scipy", "mnist1d", "sqlalchemy", 
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per ExperimentConfig field (the YAML names, with dashes)."""
-    from .experiments.arms import ARMS
     from .experiments.config import ExperimentConfig
 
     parser.add_argument("--config", type=Path, help="YAML file with any of the settings below")
@@ -40,7 +39,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None, help=text)
         elif f.type in ("list", list):
-            parser.add_argument(flag, nargs="+", choices=ARMS, default=None, help=text)
+            parser.add_argument(flag, nargs="+", choices=f.metadata["choices"], default=None, help=text)
         elif f.type in ("int", int):
             parser.add_argument(flag, type=int, default=None, help=text)
         elif f.type in ("float", float):
@@ -59,7 +58,8 @@ def _config(args: argparse.Namespace, **fixed: Any):
         if args.quick:
             quick = ExperimentConfig.quick().to_dict()
             base = ExperimentConfig.from_yaml(args.config).to_dict()
-            return ExperimentConfig(**{**base, **{k: quick[k] for k in ("trials", "seeds", "budget", "eval_every", "front_trials")},
+            return ExperimentConfig(**{**base, **{k: quick[k] for k in ("trials", "seeds", "budget", "eval_every", "front_trials",
+                                                                     "lm_budget")},
                                        **overrides})
         return ExperimentConfig.from_yaml(args.config, **overrides)
     return ExperimentConfig.quick(**overrides) if args.quick else ExperimentConfig(**overrides)
@@ -71,6 +71,9 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     out = reproduce(cfg)
+    if "reference" not in cfg.sections:
+        print(f"\nreport: {out / 'report.md'}")
+        return 0
     summary = summarize(load_results(out), {})
     print("\nbest settings, test accuracy over seeds:")
     for arm, s in summary.items():
@@ -126,11 +129,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .experiments.report import load_results, write_report
+    from .experiments.report import write_full_report
 
     out = Path(args.out)
-    write_report(load_results(out), out)
-    print(f"rebuilt {out / 'report.md'}, {out / 'runs.csv'} and the plots")
+    sections = write_full_report(out)
+    print(f"rebuilt {out / 'report.md'} ({', '.join(sections)}) and its tables and plots")
     return 0
 
 

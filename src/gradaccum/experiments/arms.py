@@ -60,14 +60,14 @@ def _ramp(p: Params, cfg: Any) -> int:
 
 
 ARM_TABLE: dict[str, Arm] = {arm.name: arm for arm in (
-    Arm("baseline", "baseline (batch 32)", lambda p, cfg: FixedSteps(1), {}),
+    Arm("baseline", "baseline (batch {increment})", lambda p, cfg: FixedSteps(1), {}),
     Arm("gaga", "GAGA (per-sample GSNR)", _gsnr("sample"), {"tau": ("tau_low", "tau_high")}),
     Arm("gaga_mean", "GSNR, mean-gradient scale", _gsnr("mean"), {"tau": ("tau_mean_low", "tau_mean_high")}),
-    Arm("baseline512", "fixed batch 512", lambda p, cfg: FixedSteps(max(1, cfg.max_samples // cfg.increment)), {}),
+    Arm("baseline512", "fixed batch {max_samples}", lambda p, cfg: FixedSteps(max(1, cfg.max_samples // cfg.increment)), {}),
     Arm("normtest", "norm test",
         lambda p, cfg: NormTest(p["theta"], increment=cfg.increment, max_samples=cfg.max_samples),
         {"theta": ("theta_low", "theta_high")}),
-    *(_fixed(batch) for batch in (64, 128, 256)),
+    *(_fixed(batch) for batch in (64, 128, 256, 16, 32)),
     Arm("ramp", "batch ramp", lambda p, cfg: BatchRamp(cfg.increment, cfg.max_samples, over=_ramp(p, cfg),
                                                        micro_batch=cfg.increment), {"ramp": ("ramp_low", "ramp_high")}),
     Arm("noise", "noise-scale planner",
@@ -77,8 +77,17 @@ ARM_TABLE: dict[str, Arm] = {arm.name: arm for arm in (
 ARMS = tuple(ARM_TABLE)
 DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
 FRONT_ARMS = ("baseline", "fixed64", "fixed128", "fixed256", "baseline512", "ramp", "noise", "gaga_mean", "normtest")
-"""The arms of the steps-quality front (docs/design.md, "The steps-quality front")."""
+"""The arms of the steps-quality front on mnist1d (docs/design.md, "The steps-quality front")."""
+LM_FRONT_ARMS = ("baseline", "fixed16", "fixed32", "fixed64", "fixed128", "baseline512", "ramp", "noise", "gaga_mean",
+                 "normtest")
+"""The same on the LM: micro-batches of 8 sequences and windows up to 256 (fixed 8 to 256), the
+range its measured noise scale spans."""
 
 
-def label(name: str) -> str:
-    return ARM_TABLE[name].label if name in ARM_TABLE else name
+def label(name: str, cfg: dict[str, Any] | None = None) -> str:
+    """The arm's name in reports, with the sizes of ``cfg`` (a config dict; default: the defaults)."""
+    if name not in ARM_TABLE:
+        return name
+    sizes = {"increment": 32, "max_samples": 512, **{k: v for k, v in (cfg or {}).items()
+                                                     if k in ("increment", "max_samples")}}
+    return ARM_TABLE[name].label.format(**sizes)

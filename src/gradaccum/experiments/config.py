@@ -18,6 +18,7 @@ from .arms import ARMS, DEFAULT_ARMS
 from .errors import SettingsError
 
 BACKENDS = ("torch", "jax")
+SECTIONS = ("reference", "front", "lm")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -32,7 +33,10 @@ class ExperimentConfig:
 
     out: str = _f("gradaccum-out/reproduce", "output directory (results, report, plots, Optuna storage)")
     data_dir: str = _f("gradaccum-out/data", "where the generated mnist1d splits are cached")
-    arms: list = _f(list(DEFAULT_ARMS), f"arms to run, from {', '.join(ARMS)}")
+    sections: list = _f(list(SECTIONS), "sections of `reproduce`: reference (the GAGA reproduction), front (fewer "
+                        "steps at equal quality? on mnist1d), lm (the same on a byte-level language model)",
+                        choices=SECTIONS)
+    arms: list = _f(list(DEFAULT_ARMS), f"arms of the reference section, from {', '.join(ARMS)}", choices=ARMS)
     trials: int = _f(20, "Optuna trials per arm")
     seeds: int = _f(5, "seeds the best settings of each arm are trained over")
     budget: int = _f(96_000, "training samples per run")
@@ -53,6 +57,8 @@ class ExperimentConfig:
     c_high: float = _f(1.0, "upper end of the noise-scale planner's c range")
     front_trials: int = _f(12, "Optuna trials per adaptive arm of the steps-quality front (a fixed arm gets half)")
     workers: int = _f(0, "worker processes for trials and final runs, one thread each (0: one per core)")
+    lm_budget: int = _f(4_800, "training sequences per run of the LM section (evaluated every 1/30 of it)")
+    lm_scale: int = _f(1, "size of the LM section's model: width 64k, depth 2k, context 32k bytes (k > 1 for a GPU)")
     storage: str = _f("", "Optuna storage: an RDB URL (default: sqlite:///<out>/optuna.db; postgresql://... "
                           "for several machines) or journal:PATH (a file several local processes can share)")
     n_jobs: int = _f(1, "parallel Optuna trials in this process")
@@ -69,15 +75,16 @@ class ExperimentConfig:
             value = getattr(self, f.name)
             kind = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list}[str(f.type)]
             if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
-                raise SettingsError(f"{f.name} must be {str(f.type).replace('list', 'a list of arm names')}, "
+                raise SettingsError(f"{f.name} must be {str(f.type).replace('list', 'a list of names')}, "
                                     f"got {value!r} ({type(value).__name__})")
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown or not self.arms or len(set(self.arms)) != len(self.arms):
-            raise SettingsError(f"arms must be a non-empty list of distinct names from {', '.join(ARMS)}, "
-                                f"got {self.arms!r}")
+            if kind is list:
+                choices = f.metadata["choices"]
+                if not value or len(set(value)) != len(value) or any(v not in choices for v in value):
+                    raise SettingsError(f"{f.name} must be a non-empty list of distinct names from "
+                                        f"{', '.join(choices)}, got {value!r}")
         if self.backend not in BACKENDS:
             raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs", "front_trials"):
+        for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs", "front_trials", "lm_budget", "lm_scale"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.workers < 0:
@@ -136,4 +143,5 @@ class ExperimentConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> ExperimentConfig:
         """A small version for smoke tests: few trials, seeds and samples."""
-        return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 1_600, "front_trials": 2, **overrides})
+        return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 1_600, "front_trials": 2,
+                      "lm_budget": 1_600, **overrides})

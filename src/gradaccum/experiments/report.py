@@ -19,6 +19,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 from .arms import ARM_TABLE, label  # noqa: E402
 from .errors import SettingsError  # noqa: E402
 from .files import atomic_file, write_atomic  # noqa: E402
+from .front_report import section as front_section  # noqa: E402
 
 BACKEND_NAMES = {"torch": "PyTorch", "jax": "JAX/Flax"}
 REFERENCE = {  # docs/design.md, "Reference experiment"
@@ -76,7 +77,7 @@ def write_runs_csv(results: dict[str, Any], timings: dict[str, list[float]], pat
     write_atomic(path, text.getvalue())
 
 
-def verdict(summary: dict[str, dict[str, Any]]) -> str:
+def verdict(summary: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> str:
     if "baseline" not in summary:
         return "No baseline arm was run, so there is nothing to compare against."
     base = summary["baseline"]
@@ -90,7 +91,7 @@ def verdict(summary: dict[str, dict[str, Any]]) -> str:
                     " than the baseline (95 % intervals do not overlap)")
         steadier = s["stability"] < base["stability"]
         adapting = s["min_batch"] != s["max_batch"]
-        lines.append(f"- **{label(arm)}** {accuracy}; its late validation curve is "
+        lines.append(f"- **{label(arm, cfg)}** {accuracy}; its late validation curve is "
                      f"{'steadier' if steadier else 'not steadier'} (std of the last {STABILITY_LAST} evaluations "
                      f"{s['stability']:.4f} vs {base['stability']:.4f}); its effective batch "
                      + (f"adapted between {s['min_batch']} and {s['max_batch']} (mean {s['mean_batch']:.0f})."
@@ -98,8 +99,39 @@ def verdict(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+FRONT_TASKS = ("mnist1d", "lm")  # the front sections, in the report's order
+
+
+def write_full_report(out: Path) -> list[str]:
+    """report.md from what ``out`` holds: the reference section (results.json) first, then each
+    front section (``<task>_results.json``); returns the sections written."""
+    parts, written = [], []
+    if (out / "results.json").exists():
+        parts.append(reference_section(load_results(out), out))
+        written.append("reference")
+    for task in FRONT_TASKS:
+        path = out / f"{task}_results.json"
+        if path.exists():
+            try:
+                front = json.loads(path.read_text())
+                timings = json.loads((out / f"{task}_timings.json").read_text())
+            except (OSError, ValueError) as error:
+                raise SettingsError(f"out: cannot read {path} or its timings: {error}") from None
+            parts.append(front_section(front, timings, out))
+            written.append(task)
+    if not parts:
+        raise SettingsError(f"out: no results in {out}: run `gradaccum reproduce` first")
+    write_atomic(out / "report.md", "\n".join(parts))
+    return written
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
-    """Write runs.csv, report.md and the plots from ``results`` (and timings.json, if there)."""
+    """Write runs.csv, report.md (the reference section alone) and the plots from ``results``."""
+    write_atomic(out / "report.md", reference_section(results, out))
+
+
+def reference_section(results: dict[str, Any], out: Path) -> str:
+    """Write runs.csv and the plots from ``results`` (and timings.json, if there); the section's text."""
     try:
         timings = json.loads((out / "timings.json").read_text())["wall_seconds"]
     except (OSError, ValueError, KeyError):
@@ -120,28 +152,28 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     ]
     for arm, s in summary.items():
         tuned = ", ".join(f"{k} {v:.4g}" for k, v in s["params"].items())
-        lines.append(f"| {label(arm)} | {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} % | "
+        lines.append(f"| {label(arm, results['config'])} | {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} % | "
                      f"{100 * s['ci95'][0]:.2f} – {100 * s['ci95'][1]:.2f} % | {tuned} | {s['stability']:.4f} | "
                      f"{s['mean_batch']:.0f} ({s['min_batch']}-{s['max_batch']}) | {s['steps']:.0f} | {s['wall']:.1f} |")
     lines += ["", "Reference values (docs/design.md, 'Reference experiment'; one run each):", "",
               "| arm | lr | tau | test accuracy |", "|---|---|---|---|"]
     for arm, ref in REFERENCE.items():
-        lines.append(f"| {label(arm)} | {ref['lr']} | {ref.get('tau', '-')} | {100 * ref['test_accuracy']:.2f} % |")
-    lines += ["", "## Verdict", "", verdict(summary), ""]
+        lines.append(f"| {label(arm, results['config'])} | {ref['lr']} | {ref.get('tau', '-')} | {100 * ref['test_accuracy']:.2f} % |")
+    lines += ["", "## Verdict", "", verdict(summary, cfg), ""]
     diverged = {arm: s for arm, s in summary.items() if s["diverged"]}
     if diverged:
         lines += ["## Diverged runs", ""]
-        lines += [f"- {label(arm)}: {s['diverged']} of {s['runs']} final runs diverged (a non-finite loss or "
+        lines += [f"- {label(arm, results['config'])}: {s['diverged']} of {s['runs']} final runs diverged (a non-finite loss or "
                   "gradient); their accuracies, counted above, are those of the weights when it happened"
                   for arm, s in diverged.items()]
         lines.append("")
     warned = {arm: s["warnings"] for arm, s in summary.items() if s["warnings"]}
     if warned:
         lines += ["## Warnings during the final runs", ""]
-        lines += [f"- {label(arm)}: {w}" for arm, ws in warned.items() for w in ws]
+        lines += [f"- {label(arm, results['config'])}: {w}" for arm, ws in warned.items() for w in ws]
         lines.append("")
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    write_atomic(out / "report.md", "\n".join(lines))
+    return "\n".join(lines)
 
 
 def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
@@ -154,7 +186,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ys = [[c[i][1] for c in curves] for i in range(length)]
         mean = [statistics.fmean(v) for v in ys]
         std = [statistics.pstdev(v) for v in ys]
-        ax.plot(xs, mean, label=label(arm))
+        ax.plot(xs, mean, label=label(arm, results['config']))
         ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
     ax.set(xlabel="training samples seen", ylabel="validation accuracy", title="Validation accuracy (mean ± std over seeds)")
     ax.legend()
@@ -165,9 +197,9 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         for arm in adaptive:
             run = results["arms"][arm]["runs"][0]
-            axes[0].plot(run["batch_sizes"], label=label(arm), lw=0.8)
+            axes[0].plot(run["batch_sizes"], label=label(arm, results['config']), lw=0.8)
             stat = [math.nan if v is None else v for v in run["statistic"]]
-            axes[1].plot(stat, label=label(arm), lw=0.8)
+            axes[1].plot(stat, label=label(arm, results['config']), lw=0.8)
         axes[0].set(ylabel="effective batch (samples)", title="Adaptive arms, first seed")
         axes[1].set(xlabel="optimizer step", ylabel="rule statistic at the stop", yscale="log")
         axes[0].legend()
@@ -180,7 +212,7 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         best = [max(values[:i + 1]) for i in range(len(values))]
         ax.plot(values, "o", ms=3, label="trial")
         ax.plot(best, "-", label="best so far")
-        ax.set(title=label(arm), xlabel="trial", ylabel="final val. accuracy")
+        ax.set(title=label(arm, results['config']), xlabel="trial", ylabel="final val. accuracy")
     axes[0][0].legend()
     paths.append(_save(fig, out / "optuna_history.png"))
     return paths

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import tempfile
 from concurrent.futures import Executor
 from pathlib import Path
@@ -15,7 +17,10 @@ from .errors import SettingsError
 from .files import write_atomic
 from .mnist1d_data import MNIST1D, load_mnist1d
 from .arms import ARM_TABLE
-from .report import write_report
+from .arms import FRONT_ARMS, LM_FRONT_ARMS
+from .front import FrontTask, run_front
+from .lm_task import load_corpus, shape, train_lm_run
+from .report import write_full_report
 from .run_record import RunResult
 from .runs import train_run
 from .tuning import best_params, best_value, open_study, sampler, trial_table
@@ -86,14 +91,44 @@ def timeless(result: RunResult) -> dict[str, Any]:
     return record
 
 
+def mnist1d_front(data: MNIST1D) -> FrontTask:
+    return FrontTask("mnist1d", "Fewer optimizer steps at equal quality? mnist1d", train_run, data, "accuracy",
+                     0.1, FRONT_ARMS)
+
+
+LM_INCREMENT, LM_MAX = 8, 256  # sequences: the LM's noise scale runs from a few to a few hundred of them
+
+
+def lm_front(cfg: ExperimentConfig) -> tuple[FrontTask, ExperimentConfig]:
+    """The LM section's task and settings: its own budget, evaluations every 1/30 of it,
+    micro-batches of LM_INCREMENT sequences and windows up to LM_MAX."""
+    corpus = load_corpus()
+    lm_cfg = dataclasses.replace(cfg, budget=cfg.lm_budget, eval_every=max(1, cfg.lm_budget // 30),
+                                 increment=LM_INCREMENT * cfg.lm_scale, max_samples=LM_MAX * cfg.lm_scale)
+    size = shape(lm_cfg)
+    title = (f"Fewer optimizer steps at equal quality? A byte-level language model (context {size['context']}, "
+             f"width {size['dim']}, {size['layers']} blocks) on Python {corpus.about['python']}'s standard library")
+    about = {"corpus": corpus.about, "model": size}
+    return FrontTask("lm", title, train_lm_run, corpus, "loss", math.log(256), LM_FRONT_ARMS, about), lm_cfg
+
+
 def reproduce(cfg: ExperimentConfig) -> Path:
-    """Run the whole experiment; returns the output directory."""
+    """Run the chosen sections of the experiment; returns the output directory."""
     out, data = prepare_output(cfg)
+    if {"front", "lm"} & set(cfg.sections) and cfg.backend != "torch":
+        raise SettingsError("backend: the front and lm sections run on torch (their trainers record the "
+                            "evaluations they read); use --sections reference with --backend jax")
     with executor(cfg.processes) as pool:
-        tuned = tune_all(cfg, data, pool)
-        arms, timings = final_runs(cfg, data, tuned, pool)
-    results = {"config": cfg.to_dict(), "arms": arms}
-    write_atomic(out / "timings.json", json.dumps({"wall_seconds": timings}, indent=1) + "\n")
-    write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
-    write_report(results, out)
+        if "reference" in cfg.sections:
+            tuned = tune_all(cfg, data, pool)
+            arms, timings = final_runs(cfg, data, tuned, pool)
+            results = {"config": cfg.to_dict(), "arms": arms}
+            write_atomic(out / "timings.json", json.dumps({"wall_seconds": timings}, indent=1) + "\n")
+            write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+        if "front" in cfg.sections:
+            run_front(mnist1d_front(data), cfg, pool, out)
+        if "lm" in cfg.sections:
+            task, lm_cfg = lm_front(cfg)
+            run_front(task, lm_cfg, pool, out)
+    write_full_report(out)
     return out

@@ -8,7 +8,9 @@ backends, so ``steps`` means the same thing in both: optimizer steps applied.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+import time
+import warnings
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -92,6 +94,45 @@ class RunResult:
                    flushed_items=sum(w.items for w in windows if w.reason == "flush" and not w.skipped),
                    statistic=[w.statistic for w in windows], wall_seconds=trained.wall_seconds,
                    warnings=trained.warnings, diverged=trained.diverged, evaluations=trained.evaluations)
+
+
+def train_loop(batches: Iterable[torch.Tensor], backward: Callable[[torch.Tensor], bool],
+               evaluate: Callable[[], tuple[float, float]], every: int, flush: Callable[[], Any]
+               ) -> tuple[list[Evaluation], float, bool, list[str]]:
+    """What both tasks' torch trainers do around their step: ``backward(indices)`` per
+    micro-batch (True when the optimizer stepped), ``evaluate() -> (val, test)`` every ``every``
+    samples, timed apart from training. A NonFiniteError ends the run as diverged; the
+    Accumulator's RuntimeWarnings ("not adapting") are collected. Returns the evaluations, the
+    training seconds, whether it diverged and the warnings."""
+    from ..torch import NonFiniteError
+
+    evaluations: list[Evaluation] = []
+    seen, next_eval, diverged, steps, evaluating = 0, every, False, 0, 0.0
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        try:
+            for idx in batches:
+                steps += backward(idx)
+                seen += len(idx)
+                if seen >= next_eval:
+                    now = time.perf_counter()
+                    evaluations.append(Evaluation(seen, steps, now - start - evaluating, *evaluate()))
+                    evaluating += time.perf_counter() - now
+                    next_eval += every
+            flush()
+        except NonFiniteError:
+            diverged = True
+    return evaluations, time.perf_counter() - start - evaluating, diverged, sorted({str(w.message) for w in caught})
+
+
+def statistic(info: dict[str, Any]) -> float | None:
+    """What a window's record says its rule read: the GSNR, the norm test's statistic, or the
+    noise scale a planner planned from (None for a fixed or a ramp window)."""
+    for key in ("gsnr", "norm_test", "noise_scale"):
+        if key in info:
+            return float(info[key])
+    return None
 
 
 def increments(n: int, size: int, budget: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import time
-import warnings
 
 import torch
 from torch import nn
 
-from ..torch import Accumulator, NonFiniteError
+from ..torch import Accumulator
 from .arms import ARM_TABLE
 from .config import ExperimentConfig
 from .mnist1d_data import MNIST1D
-from .run_record import Evaluation, Trained, Window, increments
+from .run_record import Trained, Window, increments, statistic, train_loop
 
 
 def mlp() -> nn.Module:
@@ -34,29 +32,13 @@ def train_torch(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cf
     model = mlp()
     acc = Accumulator(model, torch.optim.Adam(model.parameters(), lr=params["lr"]), ARM_TABLE[arm].rule(params, cfg))
     x_test, y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
-    curve: list[tuple[int, float]] = []
-    evaluations: list[Evaluation] = []
-    seen, next_eval, diverged, steps, evaluating = 0, cfg.eval_every, False, 0, 0.0
-    start = time.perf_counter()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RuntimeWarning)  # "not adapting": recorded, shown in the report
-        try:
-            for idx in increments(len(y), cfg.increment, cfg.budget, torch.Generator().manual_seed(seed)):
-                steps += acc.backward(nn.functional.cross_entropy(model(x[idx]), y[idx]), len(idx))
-                seen += len(idx)
-                if seen >= next_eval:
-                    now = time.perf_counter()
-                    val = accuracy(model, x_val, y_val)
-                    curve.append((seen, val))
-                    evaluations.append(Evaluation(seen, steps, now - start - evaluating, val,
-                                                  accuracy(model, x_test, y_test)))
-                    evaluating += time.perf_counter() - now
-                    next_eval += cfg.eval_every
-            acc.flush()
-        except NonFiniteError:
-            diverged = True
-    wall = time.perf_counter() - start - evaluating
-    windows = [Window(r.items, r.micro_batches, r.skipped, r.reason, r.info.get("gsnr", r.info.get("norm_test")))
-               for r in acc.history]
-    return Trained(windows, curve, accuracy(model, x_val, y_val), accuracy(model, x_test, y_test), wall, diverged,
-                   sorted({str(w.message) for w in caught}), evaluations)
+
+    def backward(idx: torch.Tensor) -> bool:
+        return acc.backward(nn.functional.cross_entropy(model(x[idx]), y[idx]), len(idx))
+
+    evaluations, wall, diverged, caught = train_loop(
+        increments(len(y), cfg.increment, cfg.budget, torch.Generator().manual_seed(seed)), backward,
+        lambda: (accuracy(model, x_val, y_val), accuracy(model, x_test, y_test)), cfg.eval_every, acc.flush)
+    windows = [Window(r.items, r.micro_batches, r.skipped, r.reason, statistic(r.info)) for r in acc.history]
+    return Trained(windows, [(e.samples, e.val) for e in evaluations], accuracy(model, x_val, y_val),
+                   accuracy(model, x_test, y_test), wall, diverged, caught, evaluations)
