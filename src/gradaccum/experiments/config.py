@@ -75,7 +75,7 @@ class ExperimentConfig:
             value = getattr(self, f.name)
             kind = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list}[str(f.type)]
             if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
-                raise SettingsError(f"{f.name} must be {str(f.type).replace('list', 'a list of names')}, "
+                raise SettingsError(f"{f.name} must be {str(f.type).replace('list', f'a list of {f.name[:-1]} names')}, "
                                     f"got {value!r} ({type(value).__name__})")
             if kind is list:
                 choices = f.metadata["choices"]
@@ -144,4 +144,4 @@ class ExperimentConfig:
     def quick(cls, **overrides: Any) -> ExperimentConfig:
         """A small version for smoke tests: few trials, seeds and samples."""
         return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 1_600, "front_trials": 2,
-                      "lm_budget": 1_600, **overrides})
+                      "lm_budget": 800, **overrides})

@@ -235,8 +235,8 @@ def about_lines(front: dict[str, Any]) -> list[str]:
                                          f"files ({', '.join(corpus[name]['files'][:4])}"
                                          f"{', ...' if len(corpus[name]['files']) > 4 else ''}), SHA-256 "
                                          f"{corpus[name]['sha256'][:12]}" for name in ("train", "val", "test"))
-                  + ". The metric is the next-byte cross-entropy (nats) on 256 fixed sequences of each held-out "
-                  "split; a sample is one sequence."]
+                  + f". The metric is the next-byte cross-entropy (nats) on {front['about']['eval_sequences']} fixed "
+                  "sequences of each held-out split; a sample is one sequence."]
     measured = noise_scale_quarters(front)
     if measured is not None:
         medians, share = measured

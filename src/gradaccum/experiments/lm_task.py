@@ -42,7 +42,7 @@ TRAIN_FILES = ("argparse.py", "ast.py", "calendar.py", "configparser.py", "conte
                "tokenize.py", "typing.py")
 VALIDATION_FILES = ("optparse.py", "sched.py", "json/encoder.py")
 TEST_FILES = ("smtplib.py", "trace.py", "plistlib.py")
-EVAL_SEQUENCES = 256  # sequences of each held-out split the loss is measured on (fixed, evenly spaced)
+EVAL_SEQUENCES = 128  # sequences of each held-out split the loss is measured on (fixed, evenly spaced)
 
 
 class Corpus(NamedTuple):

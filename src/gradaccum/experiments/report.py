@@ -120,7 +120,8 @@ def write_full_report(out: Path) -> list[str]:
             parts.append(front_section(front, timings, out))
             written.append(task)
     if not parts:
-        raise SettingsError(f"out: no results in {out}: run `gradaccum reproduce` first")
+        raise SettingsError(f"out: no readable results.json (nor {', '.join(t + '_results.json' for t in FRONT_TASKS)}) "
+                            f"in {out}: run `gradaccum reproduce` first")
     write_atomic(out / "report.md", "\n".join(parts))
     return written
 

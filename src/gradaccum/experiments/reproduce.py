@@ -19,7 +19,7 @@ from .mnist1d_data import MNIST1D, load_mnist1d
 from .arms import ARM_TABLE
 from .arms import FRONT_ARMS, LM_FRONT_ARMS
 from .front import FrontTask, run_front
-from .lm_task import load_corpus, shape, train_lm_run
+from .lm_task import EVAL_SEQUENCES, load_corpus, shape, train_lm_run
 from .report import write_full_report
 from .run_record import RunResult
 from .runs import train_run
@@ -108,7 +108,7 @@ def lm_front(cfg: ExperimentConfig) -> tuple[FrontTask, ExperimentConfig]:
     size = shape(lm_cfg)
     title = (f"Fewer optimizer steps at equal quality? A byte-level language model (context {size['context']}, "
              f"width {size['dim']}, {size['layers']} blocks) on Python {corpus.about['python']}'s standard library")
-    about = {"corpus": corpus.about, "model": size}
+    about = {"corpus": corpus.about, "model": size, "eval_sequences": EVAL_SEQUENCES}
     return FrontTask("lm", title, train_lm_run, corpus, "loss", math.log(256), LM_FRONT_ARMS, about), lm_cfg
 
 
