@@ -23,7 +23,7 @@ def evaluations(*points: tuple[int, float]) -> list[dict]:
 
 def test_steps_to_target_interpolate_between_evaluations() -> None:
     runs = evaluations((10, 0.3), (20, 0.5), (30, 0.7))
-    assert to_target(runs, [1.0, 2.0, 3.0], 0.6, True, 0.1) == pytest.approx((25.0, 2.5))
+    assert to_target(runs, [1.0, 2.0, 3.0], 0.6, True, 0.1) == pytest.approx((25.0, 2.5, 250.0))
     assert to_target(runs, None, 0.2, True, 0.1)[0] == pytest.approx(5.0)  # from the untrained metric at step 0
     assert to_target(runs, None, 0.8, True, 0.1) is None
     assert math.isnan(to_target(runs, None, 0.6, True, 0.1)[1])

@@ -49,18 +49,19 @@ def reached(metric: float, target: float, higher: bool) -> bool:
 
 
 def to_target(evaluations: Sequence[dict[str, Any]], seconds: Sequence[float] | None, target: float, higher: bool,
-              start: float) -> tuple[float, float] | None:
-    """(steps, training seconds) at which the test metric first reaches ``target``, interpolated
-    linearly between evaluations (from ``start`` at step 0); None if it never does. Seconds are
-    NaN without ``seconds``."""
-    previous = (0.0, 0.0, start)
+              start: float) -> tuple[float, float, float] | None:
+    """(steps, training seconds, samples) at which the test metric first reaches ``target``,
+    interpolated linearly between evaluations (from ``start`` at step 0); None if it never does.
+    Seconds are NaN without ``seconds``."""
+    previous = (0.0, 0.0, 0.0, start)
     for k, e in enumerate(evaluations):
-        now = (float(e["steps"]), float(seconds[k]) if seconds is not None else math.nan, float(e["test"]))
-        if reached(now[2], target, higher):
-            if reached(previous[2], target, higher) or now[2] == previous[2]:
-                return now[0], now[1]
-            w = (target - previous[2]) / (now[2] - previous[2])
-            return previous[0] + w * (now[0] - previous[0]), previous[1] + w * (now[1] - previous[1])
+        now = (float(e["steps"]), float(seconds[k]) if seconds is not None else math.nan, float(e["samples"]),
+               float(e["test"]))
+        if reached(now[3], target, higher):
+            if reached(previous[3], target, higher) or now[3] == previous[3]:
+                return now[:3]
+            w = (target - previous[3]) / (now[3] - previous[3])
+            return tuple(a + w * (b - a) for a, b in zip(previous[:3], now[:3]))  # type: ignore[return-value]
         previous = now
     return None
 
@@ -89,6 +90,7 @@ def point_at_target(point: dict[str, Any], seconds: list[dict[str, Any]] | None,
     if len(ok) == len(hits):
         out["steps"] = interval([h[0] for h in ok])
         out["seconds"] = interval([h[1] for h in ok])
+        out["samples"] = interval([h[2] for h in ok])
     return out
 
 
@@ -178,14 +180,16 @@ def section(front: dict[str, Any], timings: dict[str, Any], out: Path) -> str:
     lines += about_lines(front)
     lines += ["", f"Targets: the best fixed arm ({label(result['best_fixed'], front['config'])}) {'less' if higher else 'plus'} "
               f"margins of at least {MIN_STANDARD_ERRORS}, 4 and 5.5 of its standard errors. Steps and training seconds to each "
-              "target (the arm's best point; '-' where not every seed reached it):", ""]
+              "target, and the training samples it took (for the LM, times its context: tokens) (the arm's best point; '-' "
+              "where not every seed reached it):", ""]
     arms = list(front["arms"])
     lines += ["| target | " + " | ".join(label(a, front['config']) for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for row in result["rows"]:
         cells = []
         for a in arms:
             r = row["arms"][a]
-            cells.append(f"{_fmt(r['steps'])} steps, {_fmt(r['seconds'], 1)} s" if "steps" in r else
+            cells.append(f"{_fmt(r['steps'])} steps, {_fmt(r['seconds'], 1)} s, {_fmt(r['samples'])} samples"
+                         if "steps" in r else
                          f"- ({r['reached']}/{r['seeds']} seeds)")
         lines.append(f"| {scale * row['target']:.{2 if higher else 3}f}{unit} | " + " | ".join(cells) + " |")
     lines += ["", "## Verdicts", ""]
