@@ -164,7 +164,12 @@ def worst_high_gsnr_m2_error() -> dict[str, float]:
     return worst
 
 
-def test_guard_recomputes_flagged_elements_on_every_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("chunked", [False, True], ids=["foreach", "chunked"])
+def test_guard_recomputes_flagged_elements_on_every_path(chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunked:  # the large-model path: one parameter at a time, in chunks through a scratch buffer
+        monkeypatch.setattr(_guard, "FOREACH_BELOW", 0)
+        monkeypatch.setattr(_guard, "CHUNK", 7)
+        monkeypatch.setattr(_guard, "_SCRATCH", {})
     worst = worst_high_gsnr_m2_error()
     assert {"norm.bias", "mix.bias", "gru.bias_ih_l0", "head.bias"} <= set(worst)
     assert max(worst.values()) < 1e-5, worst

@@ -31,6 +31,7 @@ import torch
 TOLERANCE = 1e-5  # relative error allowed on an element's increment M2 (where float32 sums allow it)
 MIN_AMPLIFICATION = 2.0  # never flag an element whose cancellation loses less than one bit
 FOREACH_BELOW = 1 << 20  # elements below which the check runs over every parameter at once
+CHUNK = 1 << 20  # above it, elements checked at a time through one scratch buffer
 
 Values = Callable[[torch.Tensor], torch.Tensor]
 """Per-sample values of one parameter at flat element indices: ``(index,) -> (n, len(index))``."""
@@ -58,8 +59,8 @@ def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int
     if sum(m.numel() for m in m2s) <= FOREACH_BELOW:  # few kernel launches for every parameter at once
         slack = torch._foreach_addcmul(m2s, firsts, firsts, [-c for c in coefficients])
         lowest = [-w for w in torch._foreach_max(torch._foreach_neg(slack))]
-    else:  # one parameter at a time: no second model-sized temporary
-        lowest = [torch.addcmul(m2, s1, s1, value=-c).min() for m2, s1, c in zip(m2s, firsts, coefficients)]
+    else:  # in chunks through one scratch buffer: no fresh model-sized memory per increment
+        lowest = [_lowest_slack(m2, s1, c) for m2, s1, c in zip(m2s, firsts, coefficients)]
     worst = torch.stack([w.to(torch.float64) for w in lowest]).tolist()  # one synchronisation
     for i, w in enumerate(worst):
         if w < 0:  # M2_b < c' S1_b^2: flagged, or negative from rounding (NaN compares False: reported as is)
@@ -71,6 +72,24 @@ def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int
                                  "no layer gave its per-sample values; use a rule without statistics for it")
             m2s[i].view(-1)[index] = two_pass_m2(source(index)).to(m2s[i].dtype)
     return m2s
+
+
+_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _lowest_slack(m2: torch.Tensor, s1: torch.Tensor, c: float) -> torch.Tensor:
+    """``min(M2_b - c' S1_b^2)`` over one parameter, CHUNK elements at a time."""
+    key = (m2.dtype, m2.device)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(CHUNK, dtype=m2.dtype, device=m2.device)
+    scratch, flat_m2, flat_s1 = _SCRATCH[key], m2.reshape(-1), s1.reshape(-1)
+    lows = []
+    for start in range(0, flat_m2.numel(), CHUNK):
+        part = flat_m2[start:start + CHUNK]
+        out = scratch[:part.numel()]
+        torch.addcmul(part, flat_s1[start:start + CHUNK], flat_s1[start:start + CHUNK], value=-c, out=out)
+        lows.append(out.min())
+    return torch.stack(lows).min()
 
 
 def two_pass_m2(values: torch.Tensor) -> torch.Tensor:
