@@ -62,6 +62,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
     elif mode == "probe":
         run_probe(rank, out)
+    elif mode == "accelerate":
+        run_accelerate(rank, out)
     else:
         run_fixed(rank, out, mode)
     dist.barrier()  # both ranks done before either tears gloo down (else one can abort at exit)
@@ -69,6 +71,31 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+
+
+def run_accelerate(rank: int, out: Path) -> None:
+    """FixedSteps(K) over this rank's uneven micro-batches through Accelerate's prepared DDP model
+    and optimizer (the process group is already up: Accelerate finds it from the environment)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+    from accelerate import Accelerator
+
+    from gradaccum.integrations.accelerate import accumulator
+
+    accelerator = Accelerator(cpu=True)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    acc = accumulator(accelerator, model, optimizer, FixedSteps(K))
+    data = rank_data(rank)
+    start = 0
+    for n in SIZES[rank]:
+        loss, count = ce_mean(model, take(data, slice(start, start + n)))
+        start += n
+        acc.backward(loss, count)
+    acc.flush()
+    torch.save({"params": [p.detach() for p in model.parameters()], "type": type(model).__name__,
+                "distributed": str(accelerator.distributed_type.value)}, out / f"rank{rank}.pt")
 
 
 def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:

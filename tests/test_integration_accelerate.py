@@ -122,3 +122,28 @@ def test_what_cannot_work_is_refused_by_name() -> None:
     accelerator.gradient_accumulation_steps = 1
     with pytest.raises(ValueError, match="scaler"):
         accumulator(accelerator, model, optimizer, FixedSteps(2), scaler=torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_through_accelerate_equal_one_process(tmp_path) -> None:
+    """Accelerate's MULTI_CPU DDP: each rank's uneven micro-batches, one window the union of both."""
+    from . import _ddp_worker as worker
+    from .reference import full_batch_grad, mlp
+    from .test_ddp import run_two_ranks, windows_of
+
+    ranks = run_two_ranks(tmp_path, "accelerate")
+    assert [r["distributed"] for r in ranks] == ["MULTI_CPU"] * 2 and ranks[0]["type"] == "DistributedDataParallel"
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [worker.rank_data(r) for r in range(2)]
+    windows = [windows_of(worker.SIZES[r], worker.K) for r in range(2)]
+    for w in range(len(windows[0])):
+        x = torch.cat([data[r].x[windows[r][w]] for r in range(2)])
+        y = torch.cat([data[r].y[windows[r][w]] for r in range(2)])
+        optimizer.zero_grad()
+        for p, g in zip(model.parameters(), full_batch_grad(model, type(data[0])(x, y))):
+            p.grad = g
+        optimizer.step()
+    for r in range(2):
+        for got, want in zip(ranks[r]["params"], model.parameters()):
+            torch.testing.assert_close(got, want.detach(), rtol=1e-10, atol=1e-10)

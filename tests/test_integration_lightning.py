@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from gradaccum import BatchRamp, FixedSteps
 from gradaccum.integrations.lightning import Accumulating
@@ -110,3 +110,32 @@ def test_automatic_optimization_is_refused_by_name() -> None:
     module.automatic_optimization = True
     with pytest.raises(ValueError, match="automatic_optimization"):
         trainer(max_epochs=1).fit(module, DataLoader(data(16), batch_size=8))
+
+
+@pytest.mark.slow
+def test_ddp_spawn_with_two_processes_equals_one_process() -> None:
+    """Two CPU processes (gloo): each window is both ranks' micro-batches; the spawned fit's
+    weights (copied back by Lightning) equal one process stepping on their union."""
+    dataset = data(64)
+    module = Classifier(FixedSteps(2))
+    reference = copy.deepcopy(module.net)
+    L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
+              enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, DataLoader(dataset, batch_size=4))
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    # Lightning gives each rank a DistributedSampler (shuffled, seed 0, epoch 0): window w is
+    # both ranks' micro-batches 2w and 2w + 1
+    orders = []
+    for rank in range(2):
+        sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        sampler.set_epoch(0)
+        orders.append(list(sampler))
+    for w in range(4):
+        x, y = dataset[[i for order in orders for i in order[8 * w:8 * (w + 1)]]]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(reference(x), y).backward()
+        optimizer.step()
+        scheduler.step()
+    for ours, theirs in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-13)
