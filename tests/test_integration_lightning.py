@@ -60,20 +60,27 @@ def uneven(n_windows: int) -> list[list[int]]:
     return out
 
 
-def test_windows_through_the_trainer_equal_the_full_batch_steps_in_float64() -> None:
-    dataset = data(36)
-    module = Classifier(FixedSteps(3))
-    reference = copy.deepcopy(module.net)
+def full_batch_steps(net: nn.Module, dataset: TensorDataset, windows: list) -> nn.Module:
+    """A copy of ``net`` after one AdamW step (and scheduler step) per window of sample indices."""
+    reference = copy.deepcopy(net)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-    fit = trainer(max_epochs=1)
-    fit.fit(module, DataLoader(dataset, batch_sampler=uneven(3)))
-    for w in range(3):
-        x, y = dataset[12 * w:12 * (w + 1)]
+    for window in windows:
+        x, y = dataset[window]
         optimizer.zero_grad()
         nn.functional.cross_entropy(reference(x), y).backward()
         optimizer.step()
         scheduler.step()
+    return reference
+
+
+def test_windows_through_the_trainer_equal_the_full_batch_steps_in_float64() -> None:
+    dataset = data(36)
+    module = Classifier(FixedSteps(3))
+    initial = copy.deepcopy(module.net)
+    fit = trainer(max_epochs=1)
+    fit.fit(module, DataLoader(dataset, batch_sampler=uneven(3)))
+    reference = full_batch_steps(initial, dataset, [slice(12 * w, 12 * (w + 1)) for w in range(3)])
     for ours, theirs in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=1e-14)
     assert fit.global_step == 3 and module.lr_schedulers().last_epoch == 3
@@ -118,12 +125,10 @@ def test_ddp_spawn_with_two_processes_equals_one_process() -> None:
     weights (copied back by Lightning) equal one process stepping on their union."""
     dataset = data(64)
     module = Classifier(FixedSteps(2))
-    reference = copy.deepcopy(module.net)
+    initial = copy.deepcopy(module.net)
     L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
               enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False).fit(module, DataLoader(dataset, batch_size=4))
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     # Lightning gives each rank a DistributedSampler (shuffled, seed 0, epoch 0): window w is
     # both ranks' micro-batches 2w and 2w + 1
     orders = []
@@ -131,11 +136,7 @@ def test_ddp_spawn_with_two_processes_equals_one_process() -> None:
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
         sampler.set_epoch(0)
         orders.append(list(sampler))
-    for w in range(4):
-        x, y = dataset[[i for order in orders for i in order[8 * w:8 * (w + 1)]]]
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(reference(x), y).backward()
-        optimizer.step()
-        scheduler.step()
+    reference = full_batch_steps(initial, dataset,
+                                 [[i for order in orders for i in order[8 * w:8 * (w + 1)]] for w in range(4)])
     for ours, theirs in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-13)
