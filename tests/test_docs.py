@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,13 @@ def test_ci_runs_the_readme_test_command() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     command = re.search(r"<!-- test-command -->\n```bash\n(.+?)\n```", readme, re.S).group(1).strip()
     assert command in ci
+
+
+def test_the_api_reference_builds_without_warnings(tmp_path: Path) -> None:
+    """mkdocs + mkdocstrings from the docstrings, strict: a docstring naming a parameter the
+    signature lacks (or any other warning) fails the build."""
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    page = (tmp_path / "site" / "torch" / "index.html").read_text()
+    assert "Accumulator" in page and "PerSampleGradStats" in page

@@ -30,10 +30,11 @@ class MicroBatchSampler(Sampler[list[int]]):
       shuffle: False serves the examples in order.
       drop_last: drop an epoch's last micro-batch when it is short (default True: every
         micro-batch then has ``micro_batch`` examples).
-      num_replicas, rank: under data parallelism, every process serves its own slice of
-        each global micro-batch of ``micro_batch * num_replicas`` examples (as
+      num_replicas: under data parallelism, the number of processes: every process serves its
+        own slice of each global micro-batch of ``micro_batch * num_replicas`` examples (as
         ``DistributedSampler`` splits an epoch), so the processes' micro-batches together
         are one global micro-batch and windows stay aligned.
+      rank: this process's index among them.
 
     The position advances as micro-batches are served. With ``num_workers > 0`` a DataLoader
     fetches ahead of the training loop: save ``state_dict()`` from a loop that has consumed
