@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import settings
 
 settings.register_profile("gradaccum", deadline=None, derandomize=True, print_blob=True)
@@ -20,3 +21,9 @@ except ImportError:  # pragma: no cover - the JAX tests are then skipped by thei
     pass
 else:
     jax.config.update("jax_enable_x64", True)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One mnist1d cache directory for the experiment tests (generated on first use)."""
+    return str(tmp_path_factory.mktemp("data"))

@@ -21,11 +21,6 @@ TINY = ["--quick", "--budget", "1600", "--eval-every", "400", "--quiet", "--sect
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def reproduced(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> Path:
     out = tmp_path_factory.mktemp("reproduce")
     assert main(["reproduce", *TINY, "--out", str(out), "--data-dir", data_dir, "--arms", "baseline", "gaga"]) == 0

@@ -89,11 +89,6 @@ TINY_FRONT = ["--quick", "--budget", "640", "--eval-every", "160", "--lm-budget"
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def fronts(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> Path:
     out = tmp_path_factory.mktemp("front")
     assert main(["reproduce", *TINY_FRONT, "--out", str(out), "--data-dir", data_dir]) == 0

@@ -110,7 +110,7 @@ def fail_stale(study: optuna.Study) -> None:
 def tune_in_rounds(pool: Executor, fn: Callable[..., Any], tunings: Sequence[Tuning], batch: int,
                    on_trial: Callable[[], None] = lambda: None) -> None:
     """Tune every study to its target of complete trials, ``batch`` trials per round each."""
-    flights: dict[Future, tuple[Tuning, optuna.Trial]] = {}
+    flights: dict[Future, tuple[int, optuna.Trial]] = {}
     in_round: dict[int, int] = {}
     for tuning in tunings:
         fail_stale(tuning.study)
@@ -123,13 +123,14 @@ def tune_in_rounds(pool: Executor, fn: Callable[..., Any], tunings: Sequence[Tun
                     for trial in trials:  # every suggestion of the round from the same history
                         tuning.study.sampler = tuning.sampler(trial.number)
                         params = tuning.suggest(trial)
-                        flights[pool.submit(fn, *tuning.job(params, trial.number))] = (tuning, trial)
+                        flights[pool.submit(fn, *tuning.job(params, trial.number))] = (k, trial)
                     in_round[k] = len(trials)
             if not flights:
                 return
             done, _ = wait(list(flights), return_when=FIRST_COMPLETED)
             for future in done:
-                tuning, trial = flights.pop(future)
+                k, trial = flights.pop(future)
+                tuning = tunings[k]
                 try:
                     result = future.result()
                 except BaseException:
@@ -143,10 +144,10 @@ def tune_in_rounds(pool: Executor, fn: Callable[..., Any], tunings: Sequence[Tun
                     tuning.study.tell(trial, state=TrialState.PRUNED)
                 else:
                     tuning.study.tell(trial, tuning.value(result))
-                in_round[tunings.index(tuning)] -= 1
+                in_round[k] -= 1
                 on_trial()
     except BaseException:
-        for future, (tuning, trial) in flights.items():
+        for future, (k, trial) in flights.items():
             future.cancel()
-            tuning.study.tell(trial, state=TrialState.FAIL)
+            tunings[k].study.tell(trial, state=TrialState.FAIL)
         raise
