@@ -64,6 +64,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_probe(rank, out)
     elif mode == "accelerate":
         run_accelerate(rank, out)
+    elif mode == "lightning":
+        run_lightning(rank, out)
     else:
         run_fixed(rank, out, mode)
     dist.barrier()  # both ranks done before either tears gloo down (else one can abort at exit)
@@ -96,6 +98,24 @@ def run_accelerate(rank: int, out: Path) -> None:
     acc.flush()
     torch.save({"params": [p.detach() for p in model.parameters()], "type": type(model).__name__,
                 "distributed": str(accelerator.distributed_type.value)}, out / f"rank{rank}.pt")
+
+
+def run_lightning(rank: int, out: Path) -> None:
+    """The Accumulating mixin under Trainer(strategy="ddp", devices=2) with the process group already
+    up (Lightning sees LOCAL_RANK, treats the processes as launched for it, and keeps our group);
+    run here rather than with ddp_spawn, whose children tear gloo down at interpreter exit and can
+    abort there ("terminate called without an active exception")."""
+    os.environ.update(LOCAL_RANK=str(rank), NODE_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from .test_integration_lightning import Classifier, data
+
+    module = Classifier(FixedSteps(2))
+    L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False).fit(module, DataLoader(data(64), batch_size=4))
+    torch.save({"params": [p.detach() for p in module.net.parameters()], "global_step": module.trainer.global_step},
+               out / f"rank{rank}.pt")
 
 
 def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:

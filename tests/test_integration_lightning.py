@@ -120,15 +120,13 @@ def test_automatic_optimization_is_refused_by_name() -> None:
 
 
 @pytest.mark.slow
-def test_ddp_spawn_with_two_processes_equals_one_process() -> None:
-    """Two CPU processes (gloo): each window is both ranks' micro-batches; the spawned fit's
-    weights (copied back by Lightning) equal one process stepping on their union."""
+def test_ddp_with_two_processes_equals_one_process(tmp_path) -> None:
+    """Two CPU processes (gloo, tests/_ddp_worker.py): each window is both ranks' micro-batches; both
+    ranks' weights equal one process stepping on their union."""
+    from .test_ddp import run_two_ranks
+
+    ranks = run_two_ranks(tmp_path, "lightning")
     dataset = data(64)
-    module = Classifier(FixedSteps(2))
-    initial = copy.deepcopy(module.net)
-    L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_epochs=1, logger=False,
-              enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False).fit(module, DataLoader(dataset, batch_size=4))
     # Lightning gives each rank a DistributedSampler (shuffled, seed 0, epoch 0): window w is
     # both ranks' micro-batches 2w and 2w + 1
     orders = []
@@ -136,7 +134,9 @@ def test_ddp_spawn_with_two_processes_equals_one_process() -> None:
         sampler = DistributedSampler(dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
         sampler.set_epoch(0)
         orders.append(list(sampler))
-    reference = full_batch_steps(initial, dataset,
+    reference = full_batch_steps(net(), dataset,
                                  [[i for order in orders for i in order[8 * w:8 * (w + 1)]] for w in range(4)])
-    for ours, theirs in zip(module.net.parameters(), reference.parameters()):
-        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-13)
+    for result in ranks:
+        assert result["global_step"] == 4
+        for ours, theirs in zip(result["params"], reference.parameters()):
+            torch.testing.assert_close(ours, theirs.detach(), rtol=1e-12, atol=1e-13)
