@@ -66,6 +66,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_accelerate(rank, out)
     elif mode == "lightning":
         run_lightning(rank, out)
+    elif mode.startswith("transformers"):
+        run_transformers(rank, out, mode)
     else:
         run_fixed(rank, out, mode)
     dist.barrier()  # both ranks done before either tears gloo down (else one can abort at exit)
@@ -116,6 +118,25 @@ def run_lightning(rank: int, out: Path) -> None:
               enable_progress_bar=False, enable_model_summary=False).fit(module, DataLoader(data(64), batch_size=4))
     torch.save({"params": [p.detach() for p in module.net.parameters()], "global_step": module.trainer.global_step},
                out / f"rank{rank}.pt")
+
+
+def run_transformers(rank: int, out: Path, mode: str) -> None:
+    """PlannedTrainer under DDP (the Trainer finds the process group from LOCAL_RANK): a ramp
+    ("transformers") or a noise-scale planner ("transformers_noise") over in-order data."""
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+    from gradaccum import NoiseScalePlanner
+
+    from .test_integration_transformers import DDP_SAMPLES, InOrder, arguments, ddp_ramp, dataset, model, token_loss
+
+    net = model()
+    noise = mode == "transformers_noise"
+    planner = NoiseScalePlanner(1.0, min_batch=8, max_batch=16, micro_batch=4) if noise else ddp_ramp()
+    trainer = InOrder(model=net, args=arguments(out, max_grad_norm=0.0 if noise else 0.5), train_dataset=dataset(DDP_SAMPLES),
+                      compute_loss_func=token_loss, planner=planner)
+    trainer.train()
+    torch.save({"params": [p.detach() for p in net.parameters()], "history": [r.as_dict() for r in trainer.history],
+                "global_step": trainer.state.global_step}, out / f"rank{rank}.pt")
 
 
 def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:
