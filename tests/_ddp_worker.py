@@ -68,6 +68,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_lightning(rank, out)
     elif mode.startswith("transformers"):
         run_transformers(rank, out, mode)
+    elif mode.startswith("fsdp"):
+        run_fsdp(rank, out, mode)
     else:
         run_fixed(rank, out, mode)
     dist.barrier()  # both ranks done before either tears gloo down (else one can abort at exit)
@@ -118,6 +120,61 @@ def run_lightning(rank: int, out: Path) -> None:
               enable_progress_bar=False, enable_model_summary=False).fit(module, DataLoader(data(64), batch_size=4))
     torch.save({"params": [p.detach() for p in module.net.parameters()], "global_step": module.trainer.global_step},
                out / f"rank{rank}.pt")
+
+
+def sharded_mlp():
+    """The reference MLP with each Linear and the root sharded by FSDP2 over the two ranks."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def run_fsdp(rank: int, out: Path, mode: str) -> None:
+    """FixedSteps(K) over this rank's uneven micro-batches on a fully_shard-ed model: "fsdp_raise"
+    and "fsdp_skip_window" (sums apart from .grad, or in it); "fsdp_nan" puts a NaN in rank 1's
+    micro-batch 4 under skip_micro_batch (every rank drops that increment); "fsdp_refusals" tries
+    what is refused, then trains on."""
+    from torch.distributed.tensor import DTensor
+
+    from gradaccum import GSNR
+
+    model = sharded_mlp()
+    opt = GradCapture(model.parameters())
+    policy = {"fsdp_raise": "raise", "fsdp_skip_window": "skip_window"}.get(mode, "skip_micro_batch")
+    result: dict = {}
+    if mode == "fsdp_refusals":
+        for name, make in (("rule", lambda: Accumulator(model, opt, GSNR(1.0, increment=2))),
+                           ("scaler", lambda: Accumulator(model, opt, FixedSteps(K), scaler=torch.amp.GradScaler("cpu")))):
+            try:
+                make()
+            except ValueError as error:
+                result[name] = str(error)
+    acc = Accumulator(model, opt, FixedSteps(K), nonfinite=policy)
+    data = rank_data(rank)
+    start = 0
+    for i, n in enumerate(SIZES[rank]):
+        part = take(data, slice(start, start + n))
+        start += n
+        loss, count = ce_mean(model, part)
+        if mode == "fsdp_nan" and rank == 1 and i == 4:
+            loss = loss * float("nan")
+        if mode == "fsdp_refusals" and i == 2:
+            try:  # rank 1 says it has no items: both ranks refuse, the window is unchanged
+                acc.backward(loss, 0 if rank == 1 else count)
+            except ValueError as error:
+                result["count"] = str(error)
+                result["window_after_refusal"] = acc.window_micro_batches
+            loss, count = ce_mean(model, part)
+        acc.backward(loss, count)
+    acc.flush()
+    seen = [[g.full_tensor() if isinstance(g, DTensor) else g for g in step] for step in opt.seen]
+    params = [p.full_tensor().detach() for p in model.parameters()]
+    torch.save({"seen": seen, "params": params, "items": [r.items for r in acc.history],
+                "reasons": [r.reason for r in acc.history], **result}, out / f"rank{rank}.pt")
 
 
 def run_transformers(rank: int, out: Path, mode: str) -> None:

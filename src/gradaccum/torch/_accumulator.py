@@ -23,11 +23,12 @@ from .._core.statistics import mean_gsnr
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int
 from ._checks import check_count, check_loss, check_model, tracked_parameters
-from ._distributed import CLOSE, FLUSH, INCREMENT, LAYERS, NORMS, RankContract, disable_ddp_sync, is_ddp
+from ._distributed import (CHECK, CLOSE, FLUSH, GATE, INCREMENT, LAYERS, NORMS, RankContract, disable_ddp_sync, is_ddp,
+                           is_fsdp, local, sum_fsdp_gradients)
 from ._state import VERSION, checked_state
 from ._stats import PerSampleGradStats
 from ._nonfinite import POLICIES, NonFiniteError, NonFinitePolicy, Screen, all_finite, finite_loss
-from ._window_sums import WindowSums
+from ._window_sums import UnshiftedWindowSums, WindowSums
 
 __all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy"]
 
@@ -42,7 +43,8 @@ class Accumulator:
     micro-batch sizes or token counts (docs/design.md, "Window mean").
 
     Args:
-      model: the module being trained (plain or DistributedDataParallel).
+      model: the module being trained (plain, DistributedDataParallel, or sharded with FSDP2's
+        ``fully_shard``).
       optimizer: an optimizer that owns every trainable parameter of ``model``.
       rule: a stopping rule, for example ``gradaccum.FixedSteps(4)``, an ``AccumulationConfig``,
         or a planner (``gradaccum.BatchRamp``, ``NoiseScalePlanner``, ``NormTestPlanner``),
@@ -89,6 +91,12 @@ class Accumulator:
     micro-batch was skipped as non-finite contributes zeros, so no rank waits; the
     ``"raise"`` policy raises on the rank that saw the bad micro-batch only, so use a
     skip policy under DDP.
+
+    Under FSDP2 (``fully_shard``) every micro-batch's gradient is reduce-scattered as a plain
+    sum over ranks into the window's sharded sum, and the ranks agree on the window's items
+    when it closes (one small collective); before each backward they agree that every rank
+    has items and whether every loss is finite, so a micro-batch is kept or dropped on every
+    rank (docs/design.md, "Window mean"). Statistics rules and a GradScaler are refused there.
 
     Memory: the window sum is kept apart from ``param.grad`` (one extra gradient-sized
     buffer), so that a bad micro-batch can be dropped without touching the sum, except
@@ -146,6 +154,15 @@ class Accumulator:
         self.lr_schedule = lr_schedule
         timeout = check_positive_float("collective_timeout", collective_timeout)
         self._ddp = is_ddp(model)
+        self._fsdp = is_fsdp(model)
+        if self._fsdp:
+            if self.rule.needs_statistics:
+                raise ValueError(f"rule: {type(self.rule).__name__} needs per-sample statistics, which are not taken on a "
+                                 "model sharded with fully_shard (each rank holds a shard of the summed gradient, "
+                                 "the hooks see its own samples); use FixedSteps or BatchRamp, or DDP")
+            if scaler is not None:
+                raise ValueError("scaler: a GradScaler is not supported with fully_shard; use bf16 or 32-bit")
+            sum_fsdp_gradients(model)
         self.stats: PerSampleGradStats | None = None
         if self.rule.needs_statistics:
             # matched to the optimizer's parameters by identity: its groups may list them in any order
@@ -154,11 +171,14 @@ class Accumulator:
         # Only "skip_window" without statistics may let autograd accumulate straight into
         # .grad (the hand-written loop's way, the fastest): the others must be able to drop
         # one micro-batch, and a statistics rule needs each micro-batch's own gradient.
-        self._window = WindowSums(self._params, in_place=self.nonfinite == "skip_window" and self.stats is None)
+        # Under FSDP2 the reduce-scatter sums every rank's backward: one scale for all seeds.
+        sums = UnshiftedWindowSums if self._fsdp else WindowSums
+        self._window = sums(self._params, in_place=self.nonfinite == "skip_window" and self.stats is None)
         self._screen = Screen(self.nonfinite, self._window.in_place, scaler is not None)
         self._contract: RankContract | None = None
         if self._ddp:
             disable_ddp_sync(model)  # type: ignore[arg-type]
+        if self._ddp or self._fsdp:
             self._contract = RankContract(model, timeout)  # type: ignore[arg-type]
         self.monitor = DecisionMonitor()
         self.history: list[StepRecord] = []
@@ -250,9 +270,10 @@ class Accumulator:
         if self._micro_batches == 0:
             self._schedule = self._scheduled_factor()  # a bad schedule is refused before the window changes
         self._check_grads_untouched()
+        agreed = self._agree_micro_batch(loss, count) if self._fsdp else None
         self._micro_batches += 1
         try:
-            committed, overflow = self._take_micro_batch(loss, count, reduction, samples)
+            committed, overflow = self._take_micro_batch(loss, count, reduction, samples, agreed)
         except NonFiniteError:
             raise  # already handled: the micro-batch is not counted and the window is unchanged
         except BaseException:
@@ -348,11 +369,12 @@ class Accumulator:
                 p.grad = window_sum
 
     # ------------------------------------------------------------------ one micro-batch
-    def _take_micro_batch(self, loss: torch.Tensor, count: int, reduction: str, samples: int | None
-                          ) -> tuple[bool, bool]:
+    def _take_micro_batch(self, loss: torch.Tensor, count: int, reduction: str, samples: int | None,
+                          agreed: bool | None = None) -> tuple[bool, bool]:
         """One micro-batch in straight-line order: screen the loss, backward, screen the
         gradient, statistics, add to the window sum.
 
+        ``agreed``: under FSDP2, whether every rank's loss is finite (``_agree_micro_batch``).
         Returns (statistics committed, the scaler's loss scale overflowed). Until the
         window sum is added to, nothing of the window has changed.
         """
@@ -364,11 +386,11 @@ class Accumulator:
         # (a statistics rule still needs the window's statistics to decide its length, so a
         # poisoned window goes on gathering them from its good micro-batches; it is dropped
         # when it closes, on every rank)
-        if self._screen.loss_before_backward and not finite_loss(loss):
+        if agreed is False or (agreed is None and self._screen.loss_before_backward and not finite_loss(loss)):
             self._reject("loss", count)
             return False, False
         grads = self._backward(loss, count, reduction)
-        if self._screen.each_gradient and not all_finite([loss.detach(), *grads]):
+        if self._screen.each_gradient and not self._finite([loss.detach(), *grads]):
             self._reject("loss or gradient", count)
             return False, False
         committed, overflow = self._statistics(grads, samples)
@@ -421,6 +443,8 @@ class Accumulator:
         gradient sums under DDP; a sum in ``.grad`` is screened here, once."""
         if self._ddp:
             items, samples, poisoned = self._all_reduce_window(FLUSH if reason == "flush" else CLOSE)
+        elif self._fsdp:
+            return self._agree_window(FLUSH if reason == "flush" else CLOSE)
         else:
             items, samples, poisoned = self._items, self._samples, self._poisoned
         if self._screen.window_at_close and not poisoned:
@@ -593,6 +617,39 @@ class Accumulator:
         contract.agree(INCREMENT, self._steps, self._micro_batches, sum(t.numel() for t in tensors))
         contract.all_reduce([*tensors, count], INCREMENT, self._steps, self._micro_batches)
         return int(count[0])
+
+    # ------------------------------------------------------------------ FSDP2: the ranks agree on scalars
+    def _agree_micro_batch(self, loss: torch.Tensor, count: int) -> bool:
+        """Every rank's backward joins the reduce-scatter of the gradient, so before it the
+        ranks agree (one small collective) that each has items, and whether every loss is
+        finite: a micro-batch is the global increment, kept or dropped on every rank."""
+        said = self._contract.agree(GATE, self._steps, self._micro_batches, 0,  # type: ignore[union-attr]
+                                    (float(count), float(finite_loss(loss))))
+        empty = [rank for rank, (items, _) in enumerate(said) if items == 0]
+        if empty:
+            raise ValueError(
+                f"count: rank(s) {empty} have no items in this micro-batch. Under fully_shard every rank's backward "
+                "joins the gradient's reduce-scatter, so a micro-batch without items cannot sit out on one rank; "
+                "leave such micro-batches out on every rank alike (the window is unchanged)")
+        return all(finite == 1.0 for _, finite in said)
+
+    def _finite(self, tensors: list[torch.Tensor | None]) -> bool:
+        """Whether the micro-batch's loss and gradient are finite: under FSDP2 every rank's
+        shard checked and the answer agreed (one small collective), else this process's."""
+        if not self._fsdp:
+            return all_finite(tensors)
+        mine = all_finite(local(tensors))
+        said = self._contract.agree(CHECK, self._steps, self._micro_batches, 0, (float(mine),))  # type: ignore[union-attr]
+        return all(finite == 1.0 for (finite,) in said)
+
+    def _agree_window(self, kind: int) -> tuple[int, int, bool]:
+        """Under FSDP2 the window's sums are already summed over ranks (shards of them); only
+        the items, samples and whether any rank's shard is poisoned are agreed: one small
+        collective per window."""
+        poisoned = self._poisoned or (self._screen.window_at_close and not all_finite(local(self._window.sums)))
+        said = self._contract.agree(kind, self._steps, self._micro_batches, 0,  # type: ignore[union-attr]
+                                    (float(self._items), float(self._samples), float(poisoned)))
+        return (int(sum(s[0] for s in said)), int(sum(s[1] for s in said)), any(s[2] > 0 for s in said))
 
     def _all_reduce_window(self, kind: int) -> tuple[int, int, bool]:
         contract = self._contract

@@ -26,14 +26,41 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 KINDS = {1: "a statistics increment (backward)", 2: "the window's close (the rule)", 3: "flush()",
-         4: "a norm-statistics increment (backward)", 5: "the window's per-layer norm sums (close)"}
-INCREMENT, CLOSE, FLUSH, NORMS, LAYERS = 1, 2, 3, 4, 5
+         4: "a norm-statistics increment (backward)", 5: "the window's per-layer norm sums (close)",
+         6: "a sharded micro-batch (before its backward)", 7: "a sharded micro-batch's gradient check"}
+INCREMENT, CLOSE, FLUSH, NORMS, LAYERS, GATE, CHECK = 1, 2, 3, 4, 5, 6, 7
 PAYLOAD = 5  # float64 slots a header carries after its four fields (the norm path's scalars)
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
     """Whether ``model`` is wrapped in DistributedDataParallel."""
     return isinstance(model, DistributedDataParallel)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def sum_fsdp_gradients(model: torch.nn.Module) -> None:
+    """Make every FSDP2 module's reduce-scatter a plain sum over ranks, after every backward:
+    the Accumulator divides by the window's global item count when it closes (FSDP's default
+    divides by the number of ranks, which weights ranks equally whatever their items)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_requires_gradient_sync(True)
+
+
+def local(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Each tensor's local shard (a DTensor's ``to_local()``; other tensors as they are)."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
 def disable_ddp_sync(model: DistributedDataParallel) -> None:

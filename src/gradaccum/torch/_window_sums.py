@@ -89,3 +89,12 @@ class WindowSums:
             torch._foreach_div_(present, denominator)  # one dispatch for every parameter
         for p, s in zip(self.params, self.sums):
             p.grad = s
+
+
+class UnshiftedWindowSums(WindowSums):
+    """Window sums whose seeds are the counts themselves (no power-of-two shift): under FSDP2
+    each backward's gradient is summed over ranks by the reduce-scatter, so every rank's seed
+    must be on one scale, which a shift taken from each rank's own first count is not."""
+
+    def seed(self, count: int, reduction: str) -> float:
+        return float(count) if reduction == "mean" else 1.0

@@ -1,0 +1,82 @@
+"""FSDP2 (issue 15): the Accumulator over a fully_shard-ed model on two gloo CPU ranks. Each
+micro-batch's gradient is reduce-scattered as a plain sum over ranks and the window divides by
+its global item count when it closes, so the applied gradient equals one process's over both
+ranks' micro-batches (float64, uneven micro-batches); a non-finite micro-batch on one rank drops
+that increment on every rank; what cannot work is refused on every rank alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import _ddp_worker as worker
+from .reference import full_batch_grad, mlp
+from .test_ddp import run_two_ranks, windows_of
+
+
+def reference_grads(drop: tuple[int, int] | None = None) -> list[list[torch.Tensor]]:
+    """Window w's mean gradient over both ranks' micro-batches of window w, by one process;
+    ``drop=(w, j)`` leaves out micro-batch j of window w on both ranks."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = [worker.rank_data(r) for r in range(2)]
+    starts = [[sum(worker.SIZES[r][:i]) for i in range(len(worker.SIZES[r]))] for r in range(2)]
+    out = []
+    for w in range(3):
+        rows = [[], []]
+        for r in range(2):
+            micro = range(worker.K * w, min(worker.K * (w + 1), len(worker.SIZES[r])))
+            for j in micro:
+                if drop == (w, j - worker.K * w):
+                    continue
+                rows[r] += list(range(starts[r][j], starts[r][j] + worker.SIZES[r][j]))
+        x = torch.cat([data[r].x[rows[r]] for r in range(2)])
+        y = torch.cat([data[r].y[rows[r]] for r in range(2)])
+        grads = full_batch_grad(model, type(data[0])(x, y))
+        out.append(grads)
+        opt.zero_grad()
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g
+        opt.step()
+    return out
+
+
+def check(ranks: list[dict], want: list[list[torch.Tensor]]) -> None:
+    for rank in ranks:
+        assert len(rank["seen"]) == len(want)
+        for got, expected in zip(rank["seen"], want):
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["raise", "skip_window"])  # sums apart from .grad, and in it
+def test_fully_shard_windows_equal_one_process_over_both_ranks(tmp_path: Path, policy: str) -> None:
+    ranks = run_two_ranks(tmp_path, f"fsdp_{policy}")
+    assert windows_of(worker.SIZES[0], worker.K) and ranks[0]["items"] == ranks[1]["items"]
+    check(ranks, reference_grads())
+
+
+@pytest.mark.slow
+def test_a_nan_on_one_rank_drops_that_increment_on_both(tmp_path: Path) -> None:
+    """Rank 1's micro-batch 4 (window 1, its second) is NaN under skip_micro_batch: the
+    reduce-scatter has summed it into every rank's shard, so both drop the increment."""
+    ranks = run_two_ranks(tmp_path, "fsdp_nan")
+    check(ranks, reference_grads(drop=(1, 1)))
+    window = sum(worker.SIZES[r][j] for r in range(2) for j in range(3, 6))
+    assert ranks[0]["items"][1] == ranks[1]["items"][1] == window - worker.SIZES[0][4] - worker.SIZES[1][4]
+    assert not torch.allclose(ranks[0]["seen"][1][0], reference_grads()[1][0])
+
+
+@pytest.mark.slow
+def test_what_cannot_work_under_fully_shard_is_refused_on_every_rank(tmp_path: Path) -> None:
+    ranks = run_two_ranks(tmp_path, "fsdp_refusals")
+    for rank in ranks:
+        assert "rule: GSNR needs per-sample statistics" in rank["rule"]
+        assert "scaler" in rank["scaler"]
+        assert "count: rank(s) [1] have no items" in rank["count"]
+        assert rank["window_after_refusal"] == 2  # micro-batches 0 and 1: the refused call left it as it was
+    check(ranks, reference_grads())
