@@ -261,3 +261,24 @@ def test_under_ddp_the_noise_terms_pool_each_process_norm_sums(tmp_path) -> None
     for rank in ranks:
         for ours, theirs in zip(rank["params"], reference.parameters()):
             torch.testing.assert_close(ours, theirs.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_evaluation_runs_every_eval_steps_windows(tmp_path) -> None:
+    """eval_steps counts windows (Trainer steps): evaluations after windows 2 and 4 of 5, each on
+    the weights of that step, logged with the window's step."""
+    data = dataset()
+    held_out = dataset(6, seed=1)
+    net = model()
+    trainer = InOrder(model=net, args=arguments(tmp_path, eval_strategy="steps", eval_steps=2,
+                                                per_device_eval_batch_size=3),
+                      train_dataset=data, eval_dataset=held_out, compute_loss_func=token_loss, planner=ramp())
+    trainer.train()
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4]
+    final = trainer.evaluate()  # the Trainer's eval loss: the mean of its batches' losses
+    losses = []
+    with torch.no_grad():
+        for start in (0, 3):
+            batch = {k: torch.stack([d[k] for d in held_out[start:start + 3]]) for k in ("input_ids", "labels")}
+            losses.append(float(token_loss(net(input_ids=batch["input_ids"]), batch["labels"])))
+    assert final["eval_loss"] == pytest.approx(sum(losses) / 2, rel=1e-12)
