@@ -122,6 +122,9 @@ def run_lightning(rank: int, out: Path) -> None:
                out / f"rank{rank}.pt")
 
 
+FSDP_THETA = 0.9  # NormTest's theta on the sharded model: windows of a few micro-batches
+
+
 def sharded_mlp():
     """The reference MLP with each Linear and the root sharded by FSDP2 over the two ranks."""
     from torch.distributed.fsdp import fully_shard
@@ -137,7 +140,8 @@ def run_fsdp(rank: int, out: Path, mode: str) -> None:
     """FixedSteps(K) over this rank's uneven micro-batches on a fully_shard-ed model: "fsdp_raise"
     and "fsdp_skip_window" (sums apart from .grad, or in it); "fsdp_nan" puts a NaN in rank 1's
     micro-batch 4 under skip_micro_batch (every rank drops that increment); "fsdp_refusals" tries
-    what is refused, then trains on."""
+    what is refused, then trains on; "fsdp_norms" decides the windows by NormTest, whose norm
+    statistics are summed over the ranks."""
     from torch.distributed.tensor import DTensor
 
     from gradaccum import GSNR
@@ -153,7 +157,8 @@ def run_fsdp(rank: int, out: Path, mode: str) -> None:
                 make()
             except ValueError as error:
                 result[name] = str(error)
-    acc = Accumulator(model, opt, FixedSteps(K), nonfinite=policy)
+    rule = NormTest(FSDP_THETA) if mode == "fsdp_norms" else FixedSteps(K)
+    acc = Accumulator(model, opt, rule, nonfinite=policy)
     data = rank_data(rank)
     start = 0
     for i, n in enumerate(SIZES[rank]):
@@ -174,7 +179,8 @@ def run_fsdp(rank: int, out: Path, mode: str) -> None:
     seen = [[g.full_tensor() if isinstance(g, DTensor) else g for g in step] for step in opt.seen]
     params = [p.full_tensor().detach() for p in model.parameters()]
     torch.save({"seen": seen, "params": params, "items": [r.items for r in acc.history],
-                "reasons": [r.reason for r in acc.history], **result}, out / f"rank{rank}.pt")
+                "reasons": [r.reason for r in acc.history], "info": [r.info for r in acc.history],
+                "micro_batches": [r.micro_batches for r in acc.history], **result}, out / f"rank{rank}.pt")
 
 
 def run_transformers(rank: int, out: Path, mode: str) -> None:

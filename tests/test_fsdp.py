@@ -75,8 +75,44 @@ def test_a_nan_on_one_rank_drops_that_increment_on_both(tmp_path: Path) -> None:
 def test_what_cannot_work_under_fully_shard_is_refused_on_every_rank(tmp_path: Path) -> None:
     ranks = run_two_ranks(tmp_path, "fsdp_refusals")
     for rank in ranks:
-        assert "rule: GSNR needs per-sample statistics" in rank["rule"]
+        assert "rule: GSNR needs per-element statistics" in rank["rule"]
         assert "scaler" in rank["scaler"]
         assert "count: rank(s) [1] have no items" in rank["count"]
         assert rank["window_after_refusal"] == 2  # micro-batches 0 and 1: the refused call left it as it was
     check(ranks, reference_grads())
+
+
+@pytest.mark.slow
+def test_norm_test_on_shards_decides_as_one_process_over_both_ranks(tmp_path: Path) -> None:
+    """NormTest under fully_shard: each rank's per-sample norms and its shard of the summed
+    gradient, added up over the ranks, are the window's terms over both ranks' samples, so the
+    windows, the statistic and the steps are one process's over the union of the micro-batches."""
+    from gradaccum import NormTest
+    from gradaccum.torch import Accumulator
+
+    from .reference import GradCapture, ce_mean, take
+
+    ranks = run_two_ranks(tmp_path, "fsdp_norms")
+    model = mlp()
+    opt = GradCapture(model.parameters())
+    acc = Accumulator(model, opt, NormTest(worker.FSDP_THETA))
+    data = [worker.rank_data(r) for r in range(2)]
+    starts = [0, 0]
+    for j in range(len(worker.SIZES[0])):
+        parts = []
+        for r in range(2):
+            parts.append(take(data[r], slice(starts[r], starts[r] + worker.SIZES[r][j])))
+            starts[r] += worker.SIZES[r][j]
+        union = type(parts[0])(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+        acc.backward(*ce_mean(model, union))
+    acc.flush()
+    assert [r.micro_batches for r in acc.history] == ranks[0]["micro_batches"] == ranks[1]["micro_batches"]
+    assert len(acc.history) >= 2  # the rule closed windows of its own, not only the flush
+    for rank in ranks:
+        for ours, theirs in zip(rank["info"], acc.history):
+            assert set(ours) == set(theirs.info), (ours, theirs.info)
+            for key in [k for k, v in theirs.info.items() if isinstance(v, (int, float))]:
+                assert ours[key] == pytest.approx(theirs.info[key], rel=1e-9), key
+        for got, want in zip(rank["seen"], opt.seen):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)

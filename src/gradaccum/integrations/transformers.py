@@ -61,6 +61,7 @@ from .._core.noise_scale import NormSums, noise_scale, pooled_terms
 from .._core.planners import is_planner
 from .._core.records import StepRecord
 from ..torch._stats import PerSampleGradStats
+from ..torch._distributed import sum_over_ranks
 
 STATE_FILE = "gradaccum_planner.json"
 LOGGED = ("noise_scale", "trace", "squared_norm")
@@ -334,13 +335,8 @@ def _average_gradients(params: list[torch.nn.Parameter], processes: int) -> None
     """The window's one gradient sync (DDP's own was held back: per-sample norms need each
     process's gradient): the mean over processes of every ``.grad``, in one all-reduce."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= processes
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
+    for p, summed in zip(params, sum_over_ranks(grads, dist.group.WORLD)):
+        p.grad = summed / processes
 
 
 def _write_whole(path: str, text: str) -> None:

@@ -96,7 +96,8 @@ class Accumulator:
     sum over ranks into the window's sharded sum, and the ranks agree on the window's items
     when it closes (one small collective); before each backward they agree that every rank
     has items and whether every loss is finite, so a micro-batch is kept or dropped on every
-    rank (docs/design.md, "Window mean"). Statistics rules and a GradScaler are refused there.
+    rank (docs/design.md, "Window mean"). Norm rules and planners read statistics summed over
+    the ranks (docs/design.md, "Norm path"); per-element rules and a GradScaler are refused.
 
     Memory: the window sum is kept apart from ``param.grad`` (one extra gradient-sized
     buffer), so that a bad micro-batch can be dropped without touching the sum, except
@@ -156,10 +157,11 @@ class Accumulator:
         self._ddp = is_ddp(model)
         self._fsdp = is_fsdp(model)
         if self._fsdp:
-            if self.rule.needs_statistics:
-                raise ValueError(f"rule: {type(self.rule).__name__} needs per-sample statistics, which are not taken on a "
-                                 "model sharded with fully_shard (each rank holds a shard of the summed gradient, "
-                                 "the hooks see its own samples); use FixedSteps or BatchRamp, or DDP")
+            if self.rule.needs_statistics and statistics_kind(self.rule) != "norms":
+                raise ValueError(f"rule: {type(self.rule).__name__} needs per-element statistics, which are not taken on "
+                                 "a model sharded with fully_shard (each rank would need its shard's moments over every "
+                                 "rank's samples); use a norm rule (NormTest, the noise-scale planners), FixedSteps "
+                                 "or BatchRamp, or DDP")
             if scaler is not None:
                 raise ValueError("scaler: a GradScaler is not supported with fully_shard; use bf16 or 32-bit")
             sum_fsdp_gradients(model)

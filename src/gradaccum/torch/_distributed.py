@@ -63,6 +63,18 @@ def local(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
+def sum_over_ranks(tensors: list[torch.Tensor], group: Any) -> list[torch.Tensor]:
+    """The tensors summed over the group's ranks, in one float64 all-reduce; each returned in
+    its own dtype and shape."""
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
+        offset += t.numel()
+    return out
+
+
 def disable_ddp_sync(model: DistributedDataParallel) -> None:
     """Stop DDP from all-reducing in backward: what ``no_sync()`` does, for good."""
     model.require_backward_grad_sync = False

@@ -21,6 +21,7 @@ from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap
 from ._guard import Values, flag_coefficient, increment_m2
 from ._merge import merge_into
 from ._registry import LayerStats, channels_last_positions, lookup
+from ._sharded import agreed, is_sharded, local, local_rows, shard_group, sum_over_ranks
 
 log = logging.getLogger("gradaccum")
 MODEL = "<model>"  # the label of the whole-model fallback in ``paths``
@@ -167,6 +168,7 @@ class PerSampleGradStats:
         names = {id(p): n for n, p in model.named_parameters()}
         self._names = [names.get(id(p), f"parameter #{i} (not in the model)") for i, p in enumerate(self.params)]
         self._units = self._find_units(model)
+        self._group = self._sharding()  # the shards' process group under fully_shard, else None
         self._handles = [u.module.register_forward_hook(self._forward_hook(u), with_kwargs=True) for u in self._units]
         self._handles.append(model.register_forward_hook(self._model_hook, with_kwargs=True))
         self._project = Projector()
@@ -209,6 +211,21 @@ class PerSampleGradStats:
                 log.info("gradaccum: %s (%s) has no registered statistics; using the exact vmap/loop fallback",
                          units[-1].label, type(module).__name__)
         return units
+
+    def _sharding(self) -> Any:
+        """Under FSDP2 the norm path runs on shards (``_sharded``); what cannot is refused here."""
+        if not is_sharded(self.params):
+            return None
+        if self.kind != "norms":
+            raise ValueError("kind='elements': per-element moments are not taken on a model sharded with fully_shard "
+                             "(each rank would need the moments of its shard from every rank's samples); use the "
+                             "norm path (kind='norms': NormTest, the noise-scale planners) or DDP")
+        fallback = [u.label for u in self._units if u.entry is None]
+        if fallback:
+            raise ValueError(f"{', '.join(fallback)}: no registered statistics, and the per-sample fallback would "
+                             "replay the layer on one rank of a fully_shard-ed model; register the layer "
+                             "(gradaccum.torch.register_layer_stats) or use a rule without statistics")
+        return shard_group(self.params, self._names)
 
     def remove(self) -> None:
         """Remove the hooks; the statistics gathered so far stay readable."""
@@ -348,8 +365,8 @@ class PerSampleGradStats:
         as ``NormSums`` that add up over processes (``pooled_terms`` makes the estimates)."""
         if self.kind != "norms":
             raise ValueError("norm_sums needs PerSampleGradStats(kind='norms')")
-        squared = self._squared_norms(window_sums, scale)
-        return NormSums.of(self._norm_samples, math.fsum(self._norm_totals), math.fsum(squared))
+        samples, totals, squared = self._norm_terms(window_sums, scale)
+        return NormSums.of(samples, math.fsum(totals), math.fsum(squared))
 
     def layer_norm_sums(self, window_sums: list[torch.Tensor | None], scale: float = 1.0) -> dict[str, NormSums]:
         """``norm_sums`` per layer (the module owning each parameter; a parameter used by several
@@ -357,13 +374,26 @@ class PerSampleGradStats:
         layer has its own noise scale (Gray et al. 2024 report LayerNorm's tracking the total)."""
         if self.kind != "norms":
             raise ValueError("layer_norm_sums needs PerSampleGradStats(kind='norms')")
-        squared = self._squared_norms(window_sums, scale)
+        samples, totals, squared = self._norm_terms(window_sums, scale)
         layers: dict[str, tuple[list[float], list[float]]] = {}
-        for owner, total, sq in zip(self._owners, self._norm_totals, squared):
+        for owner, total, sq in zip(self._owners, totals, squared):
             entry = layers.setdefault(owner, ([], []))
             entry[0].append(total)
             entry[1].append(sq)
-        return {name: NormSums.of(self._norm_samples, math.fsum(t), math.fsum(q)) for name, (t, q) in layers.items()}
+        return {name: NormSums.of(samples, math.fsum(t), math.fsum(q)) for name, (t, q) in layers.items()}
+
+    def _norm_terms(self, window_sums: list[torch.Tensor | None], scale: float) -> tuple[int, list[float], list[float]]:
+        """The window's samples, each parameter's ``sum_i |g_i|^2`` and ``|S1|^2``: this
+        process's, or under fully_shard every rank's added up (one all-reduce of scalars), the
+        squared norms of the shards adding up to the whole sum's."""
+        squared = self._squared_norms(local(window_sums), scale)
+        if self._group is None:
+            return self._norm_samples, self._norm_totals, squared
+        size = len(self.params)
+        flat = torch.tensor([float(self._norm_samples), *self._norm_totals, *squared], dtype=torch.float64)
+        (flat,) = sum_over_ranks([flat], self._group)
+        values = flat.tolist()
+        return int(values[0]), values[1:1 + size], values[1 + size:]
 
     def _squared_norms(self, window_sums: list[torch.Tensor | None], scale: float) -> list[float]:
         """Each parameter's ``|S1|^2`` (0 where it has no sum), read in one synchronisation."""
@@ -426,6 +456,12 @@ class PerSampleGradStats:
         dtype = _compute_dtype(calls)
         unexplained = self._unexplained(inc, [i for i, s1 in enumerate(sums) if s1 is not None and i not in on_model],
                                         sums, n, dtype)  # type: ignore[arg-type]
+        if unexplained and self._group is not None:
+            raise ValueError(
+                f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in unexplained)} "
+                "and the whole-model fallback would replay the model on one rank of a fully_shard-ed model. Is a "
+                "weight used outside its module (a tied head through F.linear), a penalty added to the loss, or the "
+                "forward random (dropout)? Use a rule without statistics (FixedSteps) for this model")
         if unexplained:
             log.info("gradaccum: the layer hooks do not explain the gradients of %s; using the whole-model fallback",
                      ", ".join(self._names[i] for i in unexplained))
@@ -448,10 +484,27 @@ class PerSampleGradStats:
     def _unexplained(self, inc: _Increment, indices: list[int], sums: list[torch.Tensor], n: int,
                      dtype: torch.dtype) -> list[int]:
         """The parameters among ``indices`` whose gradient (``sums``) the increment does not explain."""
-        wrong = unexplained([sums[i] for i in indices], [inc.hooked[i] for i in indices],
-                            [inc.scale(i, n, self._project) for i in indices], [inc.terms[i] or n for i in indices],
-                            [inc.floor[i] for i in indices], self._project, dtype)
-        return [indices[j] for j in wrong]
+        grads = [sums[i] for i in indices]
+        hooked = [inc.hooked[i] for i in indices]
+        scales = [inc.scale(i, n, self._project) for i in indices]
+        terms = [inc.terms[i] or n for i in indices]
+        floors = [inc.floor[i] for i in indices]
+        if self._group is None:
+            wrong = unexplained(grads, hooked, scales, terms, floors, self._project, dtype)
+            return [indices[j] for j in wrong]
+        # sharded: every rank's hooked sums and bounds added up, each rank checking its own rows
+        present = [j for j in range(len(indices)) if hooked[j] is not None and scales[j] is not None]
+        counts = torch.tensor([float(t) for t in terms] + list(map(float, floors)), dtype=torch.float64)
+        summed = sum_over_ranks([*(hooked[j] for j in present), *(scales[j] for j in present), counts], self._group)
+        for k, j in enumerate(present):
+            p = self.params[indices[j]]
+            hooked[j] = local_rows(p, summed[k])
+            scales[j] = local_rows(p, summed[len(present) + k])
+        totals = summed[-1].tolist()
+        terms = [int(t) for t in totals[:len(indices)]]
+        floors = totals[len(indices):]
+        wrong = unexplained(local(grads), hooked, scales, terms, floors, self._project, dtype)  # type: ignore[arg-type]
+        return [indices[j] for j in agreed(wrong, len(indices), self._group)]
 
     def _set_floors(self, inc: _Increment, groups: list[list[int]], n: int) -> None:
         """Each layer's floor for the check: the largest per-element magnitude bound among its
