@@ -68,6 +68,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_lightning(rank, out)
     elif mode.startswith("transformers"):
         run_transformers(rank, out, mode)
+    elif mode == "fsdp_resume":
+        run_fsdp_resume(rank, out)
     elif mode.startswith("fsdp"):
         run_fsdp(rank, out, mode)
     else:
@@ -181,6 +183,40 @@ def run_fsdp(rank: int, out: Path, mode: str) -> None:
     torch.save({"seen": seen, "params": params, "items": [r.items for r in acc.history],
                 "reasons": [r.reason for r in acc.history], "info": [r.info for r in acc.history],
                 "micro_batches": [r.micro_batches for r in acc.history], **result}, out / f"rank{rank}.pt")
+
+
+def run_fsdp_resume(rank: int, out: Path) -> None:
+    """A checkpoint of the sharded model and the Accumulator taken mid-window (micro-batch 4 of
+    windows of K = 3), loaded into a fresh sharded model and Accumulator: the rest of the run
+    ends at bitwise the weights of the uninterrupted one."""
+    data = rank_data(rank)
+    parts, start = [], 0
+    for n in SIZES[rank]:
+        parts.append(take(data, slice(start, start + n)))
+        start += n
+
+    def feed(model, acc, chunk):
+        for part in chunk:
+            acc.backward(*ce_mean(model, part))
+
+    model = sharded_mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(K))
+    feed(model, acc, parts[:4])
+    saved = {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "acc": acc.state_dict()}
+    torch.save(saved, out / f"checkpoint{rank}.pt")
+    feed(model, acc, parts[4:])
+    acc.flush()
+    whole = [p.full_tensor().detach() for p in model.parameters()]
+
+    loaded = torch.load(out / f"checkpoint{rank}.pt", weights_only=False)
+    fresh = sharded_mlp()
+    fresh.load_state_dict(loaded["model"])
+    resumed = Accumulator(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), FixedSteps(K))
+    resumed.load_state_dict(loaded["acc"])
+    feed(fresh, resumed, parts[4:])
+    resumed.flush()
+    torch.save({"whole": whole, "resumed": [p.full_tensor().detach() for p in fresh.parameters()],
+                "window_at_save": loaded["acc"]["micro_batches"]}, out / f"rank{rank}.pt")
 
 
 def run_transformers(rank: int, out: Path, mode: str) -> None:

@@ -116,3 +116,12 @@ def test_norm_test_on_shards_decides_as_one_process_over_both_ranks(tmp_path: Pa
         for got, want in zip(rank["seen"], opt.seen):
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_mid_window_checkpoint_of_the_sharded_run_resumes_bitwise(tmp_path: Path) -> None:
+    ranks = run_two_ranks(tmp_path, "fsdp_resume")
+    for rank in ranks:
+        assert rank["window_at_save"] == 1  # saved with one micro-batch of the second window in it
+        for whole, resumed in zip(rank["whole"], rank["resumed"]):
+            assert torch.equal(whole, resumed)
