@@ -20,7 +20,9 @@ Call ``acc.backward(loss, count)`` where the script called ``accelerator.backwar
 partial window with ``accelerator.save_state``, ``accelerator.register_for_checkpointing(acc)``.
 Refused with the reason: an accelerator with ``gradient_accumulation_steps > 1`` (two
 accumulators would disagree about windows) and distributed types other than none, multi-CPU
-and multi-GPU DDP (DeepSpeed, FSDP, XLA, Megatron own the backward or the gradient layout).
+and multi-GPU DDP (DeepSpeed, XLA, Megatron own the backward or the gradient layout;
+Accelerate's FSDP runs only on GPUs and is untested here: shard with ``fully_shard`` and use the
+Accumulator directly, which supports FSDP2).
 """
 
 from __future__ import annotations
