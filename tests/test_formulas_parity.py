@@ -141,13 +141,16 @@ def test_chan_merge_with_an_empty_side_returns_the_other() -> None:
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("scale", ["sample", "mean"])
-def test_torch_fused_gsnr_equals_the_definition(name: str, scale: str, monkeypatch) -> None:
-    """torch runs a fused, in-place version of ``gsnr_of`` on large models; on every edge case
-    it gives the definition's value, live count and skipped count."""
+@pytest.mark.parametrize("chunk", [1 << 18, 3])  # whole parameters, and pieces of 3 elements
+def test_torch_fused_gsnr_equals_the_definition(name: str, scale: str, chunk: int, monkeypatch) -> None:
+    """torch runs a fused, in-place version of ``gsnr_of`` on large models, in pieces of at most
+    CHUNK elements; on every edge case it gives the definition's value, live count and skipped
+    count."""
     from gradaccum._core import statistics
     from gradaccum.torch._stats import _reductions
 
     monkeypatch.setattr(statistics, "FLAT_BELOW", 0)  # take the fused path even for these small arrays
+    monkeypatch.setattr(_reductions, "CHUNK", chunk)
     n, means, m2s = case(name, "float64")
     t_means, t_m2s = [torch.from_numpy(m) for m in means], [torch.from_numpy(m) for m in m2s]
     fused = _reductions.gsnr_of(t_means, t_m2s, n, scale)

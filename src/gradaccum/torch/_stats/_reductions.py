@@ -5,7 +5,9 @@ The definition, written once against the array API, makes about fifteen passes o
 parameter element per decision, each into a fresh temporary; on a 21M-parameter MLP that was
 330 ms per decision (a fresh 84 MB temporary costs page faults every time). Here the same
 arithmetic (the same floor, the same live mask, NaN for non-finite moments) runs in place on
-scratch buffers kept between decisions, about eight passes and no allocation. A parity test
+scratch buffers kept between decisions, about eight passes and no allocation; a large model in
+pieces of ``CHUNK`` elements, so the scratch is three buffers of that size, not of the model's
+(on the 1.6M-parameter MLP the model-sized scratch had been 14 MB of the statistics' peak). A parity test
 (tests/test_formulas_parity.py) holds the two equal on every edge case.
 """
 
@@ -19,26 +21,31 @@ import torch
 
 from ..._core import statistics
 
-_SCRATCH: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = {}
+_SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
+CHUNK = 1 << 18  # elements per pass over a large model: the scratch is three buffers of this size
 
 
-def _scratch(means: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    key = (tuple(tuple(m.shape) for m in means), means[0].dtype, means[0].device)
+def _buffers(key: tuple, make: Any) -> tuple[torch.Tensor, ...]:
     if key not in _SCRATCH:
         if len(_SCRATCH) > 8:  # a few models at a time; never grow without bound
             _SCRATCH.clear()
-        _SCRATCH[key] = ([torch.empty_like(m) for m in means], [torch.empty_like(m) for m in means],
-                         [torch.empty_like(m, dtype=torch.bool) for m in means])
+        _SCRATCH[key] = make()
     return _SCRATCH[key]
 
 
-def _flat(means: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    key = ("flat", sum(m.numel() for m in means), means[0].dtype, means[0].device)
-    if key not in _SCRATCH:
-        flat = torch.empty(key[1], dtype=key[2], device=key[3])
-        _SCRATCH[key] = ([flat], [torch.empty_like(flat)], [])
-    mean, m2 = _SCRATCH[key][0][0], _SCRATCH[key][1][0]
-    return mean, m2
+def _pieces(means: list[torch.Tensor], m2s: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The moments as pieces of at most CHUNK elements: views of large parameters (no copy),
+    or one flat copy of a small model's (few kernel launches)."""
+    size = sum(m.numel() for m in means)
+    if len(means) > 1 and size <= statistics.FLAT_BELOW:
+        flat_mean, flat_m2 = _buffers(("flat", size, means[0].dtype, means[0].device),
+                                      lambda: (torch.empty(size, dtype=means[0].dtype, device=means[0].device),
+                                               torch.empty(size, dtype=means[0].dtype, device=means[0].device)))
+        torch.cat([m.reshape(-1) for m in means], out=flat_mean)
+        torch.cat([m.reshape(-1) for m in m2s], out=flat_m2)
+        return [(flat_mean, flat_m2)]
+    return [(a, b) for m, m2 in zip(means, m2s)
+            for a, b in zip(m.reshape(-1).split(CHUNK), m2.reshape(-1).split(CHUNK))]
 
 
 @torch.no_grad()
@@ -46,29 +53,31 @@ def gsnr_of(means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: Any, 
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     means, m2s = list(means), list(m2s)
     size = sum(m.numel() for m in means)
-    if len(means) > 1 and size <= statistics.FLAT_BELOW:  # small models: one flat copy, few kernel launches
-        flat_mean, flat_m2 = _flat(means)
-        torch.cat([m.reshape(-1) for m in means], out=flat_mean)
-        torch.cat([m.reshape(-1) for m in m2s], out=flat_m2)
-        means, m2s = [flat_mean], [flat_m2]
-    ratios, work, live = _scratch(means)
+    pieces = _pieces(means, m2s)
+    width = max(a.numel() for a, _ in pieces)
+    dtype, device = means[0].dtype, means[0].device
+    ratio, work, live = _buffers(("work", width, dtype, device), lambda: (
+        torch.empty(width, dtype=dtype, device=device), torch.empty(width, dtype=dtype, device=device),
+        torch.empty(width, dtype=torch.bool, device=device)))
     nf = float(n)
     largest = []
-    for mean, m2, r, w in zip(means, m2s, ratios, work):
-        torch.mul(mean, mean, out=r)  # mu^2
-        torch.add(r, m2, alpha=1.0 / nf, out=w)  # E[g^2] = mu^2 + M2 / n
+    for mean, m2 in pieces:  # E[g^2] = mu^2 + M2 / n, for the floor
+        w = work[:mean.numel()]
+        torch.mul(m2, 1.0 / nf, out=w).addcmul_(mean, mean)
         largest.append(w.max())  # NaN or inf here iff a moment is not finite
     largest_value = torch.stack(largest).max()
     if not bool(torch.isfinite(largest_value)):
-        nan = torch.full((), math.nan, dtype=means[0].dtype, device=means[0].device)
+        nan = torch.full((), math.nan, dtype=dtype, device=device)
         return nan, torch.zeros((), dtype=torch.int64), torch.full((), size, dtype=torch.int64)
     floor = statistics.variance_floor(means[0], largest_value)
     threshold = float(floor) * max(nf - 1.0, 1.0)  # var > floor  <=>  M2 > floor * (n - 1)
-    total = torch.zeros((), dtype=means[0].dtype, device=means[0].device)
-    count = torch.zeros((), dtype=torch.int64, device=means[0].device)
-    for m2, r, w, b in zip(m2s, ratios, work, live):
+    total = torch.zeros((), dtype=dtype, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    for mean, m2 in pieces:
+        k = mean.numel()
+        r, w, b = ratio[:k], work[:k], live[:k]
         torch.clamp_min(m2, threshold, out=w)
-        r.div_(w)  # mu^2 / max(M2, threshold)
+        torch.mul(mean, mean, out=r).div_(w)  # mu^2 / max(M2, threshold)
         torch.gt(m2, threshold, out=b)
         total += r.masked_fill_(b.logical_not_(), 0).sum()
         b.logical_not_()
