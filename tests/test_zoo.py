@@ -356,3 +356,22 @@ def test_a_conv_bias_summed_over_many_positions_is_explained_in_float32(kind: st
     (model(x).mean(2) ** 2).sum().backward()
     assert stats.commit() == 32
     assert stats.paths["3"] == "conv:per_sample" and "3.bias" not in stats.paths  # no fallback
+
+
+@pytest.mark.parametrize("rows_chunk", [1 << 18, 5])  # whole, and blocks of rows through one buffer
+def test_the_check_s_magnitude_bound_in_blocks_equals_the_whole_computation(rows_chunk: int, monkeypatch) -> None:
+    """``project(sqrt(n S2), |v|)`` taken a block of rows at a time (large parameters) equals the
+    one-pass form, for matrices, higher-dimensional tensors and vectors."""
+    import math
+
+    from gradaccum.torch._stats import _explained
+
+    monkeypatch.setattr(_explained, "ROWS_CHUNK", rows_chunk)
+    project = _explained.Projector()
+    g = torch.Generator().manual_seed(0)
+    for shape in ((7, 3), (4, 3, 2, 5), (11,)):
+        squares = torch.rand(shape, generator=g, dtype=torch.float64)
+        want = squares.sqrt() * math.sqrt(6)
+        if squares.dim() >= 2:
+            want = want.reshape(-1, shape[-1]) @ project.vector(shape[-1], torch.float64, squares.device).abs()
+        torch.testing.assert_close(_explained.scale_from_squares(squares, 6, project), want, rtol=1e-14, atol=0)

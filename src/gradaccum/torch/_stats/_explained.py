@@ -73,13 +73,26 @@ def relative_tolerance(dtype: torch.dtype, compute_dtype: torch.dtype, terms: in
     return (terms + length) * torch.finfo(dtype).eps + (4 * low.eps if low.bits < 32 else 0.0)
 
 
+ROWS_CHUNK = 1 << 18  # elements whose square roots are held at once (not a parameter-sized temporary)
+
+
 def scale_from_squares(squares: torch.Tensor, n: int, project: Projector) -> torch.Tensor:
-    """The projected magnitude bound ``project(sqrt(n S2), |v|)`` (Cauchy-Schwarz) in one pass."""
-    scale = squares.sqrt()
-    if scale.dim() >= 2:
-        v = project.vector(scale.shape[-1], scale.dtype, scale.device).abs()
-        return (scale.reshape(-1, scale.shape[-1]) @ v) * math.sqrt(n)
-    return scale * math.sqrt(n)
+    """The projected magnitude bound ``project(sqrt(n S2), |v|)`` (Cauchy-Schwarz), the rows of a
+    large parameter a block at a time through one small buffer."""
+    if squares.dim() < 2:
+        return squares.sqrt() * math.sqrt(n)
+    rows = squares.reshape(-1, squares.shape[-1])
+    v = project.vector(rows.shape[1], rows.dtype, rows.device).abs()
+    block = max(1, ROWS_CHUNK // rows.shape[1])
+    if rows.shape[0] <= block:
+        return (rows.sqrt() @ v) * math.sqrt(n)
+    out = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
+    buffer = torch.empty(block, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    for start in range(0, rows.shape[0], block):
+        part = rows[start:start + block]
+        root = torch.sqrt(part, out=buffer[:part.shape[0]])
+        torch.mv(root, v, out=out[start:start + part.shape[0]])
+    return out.mul_(math.sqrt(n))
 
 
 def unexplained(grads: list[torch.Tensor], hooked: list[torch.Tensor | None], scales: list[torch.Tensor | None],
