@@ -156,3 +156,87 @@ def test_bad_adaptive_arguments(kwargs, error, match) -> None:
     rule = kwargs.pop("rule", FixedSteps(2))
     with pytest.raises(error, match=match):
         Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule, **kwargs)
+
+
+class TwoHeads(nn.Module):
+    """A trunk and two heads; ``head`` picks the one a batch goes through (the other gets no
+    gradient in that window)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.trunk = nn.Linear(6, 8).double()
+        self.heads = nn.ModuleList([nn.Linear(8, 3).double(), nn.Linear(8, 3).double()])
+        self.head = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads[self.head](torch.tanh(self.trunk(x)))
+
+
+class Capture(torch.optim.SGD):
+    """SGD that records each step's gradients (None where a parameter has none)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, lr=0.1)
+        self.seen: list[list[torch.Tensor | None]] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        self.seen.append([None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return super().step(closure)
+
+
+def test_a_per_element_window_is_held_by_the_statistics_and_equals_the_full_batch() -> None:
+    """With a GSNR rule on one process the window's sum is the statistics' mean times the samples
+    (no buffer of its own): each step equals the full-batch gradient, a parameter no micro-batch
+    of the window reached gets no gradient (None, as in one big batch), and a state saved
+    mid-window resumes bitwise."""
+    from gradaccum.torch._window_sums import MomentWindowSums
+
+    data = classification(24, seed=4)
+    sizes = [5, 3, 4, 6, 2, 4]  # two windows of three uneven micro-batches (the rule's cap: 12)
+
+    def rule() -> GSNR:
+        return GSNR(1e9, increment=1, max_samples=12)
+
+    def run(save_at: int | None = None) -> tuple[TwoHeads, Capture, Accumulator]:
+        model = TwoHeads()
+        opt = Capture(model.parameters())
+        acc = Accumulator(model, opt, rule())
+        assert isinstance(acc._window, MomentWindowSums)
+        start = 0
+        for j, n in enumerate(sizes):
+            if j == save_at:  # a fresh model, optimizer and Accumulator from the saved states
+                state, weights = acc.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
+                model = TwoHeads()
+                model.load_state_dict(weights)
+                seen, opt = opt.seen, Capture(model.parameters())
+                opt.seen = seen
+                acc = Accumulator(model, opt, rule())
+                acc.load_state_dict(state)
+            model.head = 0 if j < 3 else 1
+            acc.backward(*ce_mean(model, take(data, slice(start, start + n))))
+            start += n
+        acc.flush()
+        return model, opt, acc
+
+    model, opt, acc = run()
+    assert [r.micro_batches for r in acc.history] == [3, 3]
+    reference = TwoHeads()
+    for w in range(2):
+        reference.head = w
+        loss, _ = ce_mean(reference, take(data, slice(12 * w, 12 * (w + 1))))
+        want = torch.autograd.grad(loss, list(reference.parameters()), allow_unused=True)
+        for got, expected in zip(opt.seen[w], want):
+            if expected is None:
+                assert got is None  # the head this window never used: no gradient at its step
+            else:
+                torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            for p, g in zip(reference.parameters(), want):
+                if g is not None:
+                    p -= 0.1 * g
+    assert sum(g is None for g in opt.seen[0]) == 2  # heads.1's weight and bias
+    resumed = run(save_at=4)[0]  # saved with one micro-batch of the second window in it
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -28,7 +28,7 @@ from ._distributed import (CHECK, CLOSE, FLUSH, GATE, INCREMENT, LAYERS, NORMS, 
 from ._state import VERSION, checked_state
 from ._stats import PerSampleGradStats
 from ._nonfinite import POLICIES, NonFiniteError, NonFinitePolicy, Screen, all_finite, finite_loss
-from ._window_sums import UnshiftedWindowSums, WindowSums
+from ._window_sums import MomentWindowSums, UnshiftedWindowSums, WindowSums
 
 __all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy"]
 
@@ -174,8 +174,14 @@ class Accumulator:
         # .grad (the hand-written loop's way, the fastest): the others must be able to drop
         # one micro-batch, and a statistics rule needs each micro-batch's own gradient.
         # Under FSDP2 the reduce-scatter sums every rank's backward: one scale for all seeds.
-        sums = UnshiftedWindowSums if self._fsdp else WindowSums
-        self._window = sums(self._params, in_place=self.nonfinite == "skip_window" and self.stats is None)
+        # Per-element statistics on one process hold the window's sum themselves (their mean);
+        # not with a GradScaler, whose overflowing micro-batch must reach the window unmerged.
+        if (self.stats is not None and self.stats.kind == "elements" and scaler is None
+                and not (self._ddp or self._fsdp)):
+            self._window: WindowSums = MomentWindowSums(self._params, self._merged_moments)
+        else:
+            sums = UnshiftedWindowSums if self._fsdp else WindowSums
+            self._window = sums(self._params, in_place=self.nonfinite == "skip_window" and self.stats is None)
         self._screen = Screen(self.nonfinite, self._window.in_place, scaler is not None)
         self._contract: RankContract | None = None
         if self._ddp:
@@ -619,6 +625,10 @@ class Accumulator:
         contract.agree(INCREMENT, self._steps, self._micro_batches, sum(t.numel() for t in tensors))
         contract.all_reduce([*tensors, count], INCREMENT, self._steps, self._micro_batches)
         return int(count[0])
+
+    def _merged_moments(self) -> Any:
+        """The statistics' moments of the window so far (None before the first increment)."""
+        return self.stats.moments() if self.stats is not None and self.stats.count else None
 
     # ------------------------------------------------------------------ FSDP2: the ranks agree on scalars
     def _agree_micro_batch(self, loss: torch.Tensor, count: int) -> bool:

@@ -15,6 +15,8 @@ unscaled arithmetic.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 
@@ -98,3 +100,62 @@ class UnshiftedWindowSums(WindowSums):
 
     def seed(self, count: int, reduction: str) -> float:
         return float(count) if reduction == "mean" else 1.0
+
+
+class MomentWindowSums(WindowSums):
+    """The window's sum kept by per-element statistics instead of a buffer of its own.
+
+    Their running mean times the samples is the window's gradient sum (Chan's merge keeps it,
+    exact to rounding), so with a per-element rule on one process the Accumulator holds the
+    mean and ``M2`` and no third parameter-sized buffer; at the close the mean's buffers become
+    the gradient in place. ``seen`` marks the parameters a gradient reached: the others get no
+    ``.grad``, as in one big batch. ``sums`` gives (and takes) the sums in ``WindowSums``'s
+    form, scaled by the count shift, so state dicts are the same. Not with a GradScaler: an
+    overflowing micro-batch is never merged, and the scaler must see it in the window.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], moments: Callable[[], Any]) -> None:
+        self._moments = moments
+        super().__init__(params, in_place=False)
+
+    @property  # type: ignore[override]
+    def sums(self) -> list[torch.Tensor | None]:
+        moments = self._moments()
+        if moments is None:
+            return [None] * len(self.params)
+        scale = moments[0].n * self.factor
+        return [m.mean * scale if seen else None for m, seen in zip(moments, self.seen)]
+
+    @sums.setter
+    def sums(self, value: list[torch.Tensor | None]) -> None:
+        self.seen = [s is not None for s in value]
+
+    @property
+    def empty(self) -> bool:
+        return not any(self.seen)
+
+    def take(self, grads: list[torch.Tensor | None]) -> None:
+        """Mark the parameters this micro-batch reached (the statistics merged its gradient)."""
+        for i, g in enumerate(grads):
+            if g is not None:
+                self.seen[i] = True
+        for p in self.params:
+            p.grad = None
+
+    def true_sums(self) -> list[torch.Tensor]:
+        raise RuntimeError("MomentWindowSums is for one process: under DDP the window sums are all-reduced")
+
+    def to_grads(self, items: int) -> None:
+        """``.grad = mean * n / items``, in the statistics' own buffers: they are dropped when the
+        window resets."""
+        moments = self._moments()
+        grads: list[torch.Tensor | None] = [None] * len(self.params)
+        if moments is not None:
+            present = [i for i, seen in enumerate(self.seen) if seen]
+            means = [moments[i].mean for i in present]
+            if means:
+                torch._foreach_mul_(means, moments[0].n / items)
+            for i, mean in zip(present, means):
+                grads[i] = mean
+        for p, g in zip(self.params, grads):
+            p.grad = g
