@@ -58,6 +58,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_norms(rank, out)
     elif mode == "norms_skip":
         run_norms_skip(rank, out)
+    elif mode == "gsnr_heads":
+        run_gsnr_heads(rank, out)
     elif mode in ("gsnr", "gsnr_skip"):
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
     elif mode == "probe":
@@ -244,6 +246,16 @@ def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), gsnr_rule(),
                       nonfinite="skip_micro_batch")
     data = gsnr_data()
+    size = sum(p.numel() for p in model.parameters())
+    large: list[int] = []  # for each parameter-sized all-reduce: the micro-batches of the open window
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        if tensor.numel() >= size:
+            large.append(acc.window_micro_batches)
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
     for k, start in enumerate(range(0, GSNR_SAMPLES, 2 * GSNR_INC)):
         part = take(data, slice(start + rank * GSNR_INC, start + (rank + 1) * GSNR_INC))
         loss, count = ce_mean(model, part)
@@ -251,8 +263,45 @@ def run_gsnr(rank: int, out: Path, skip: bool = False) -> None:
             loss = loss * float("nan")
         acc.backward(loss, count)
     acc.flush()
+    dist.all_reduce = original
     torch.save({"history": [(r.items, r.info.get("gsnr"), r.info.get("samples")) for r in acc.history],
-                "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
+                "params": [p.detach() for p in model.module.parameters()], "large": large,
+                "micro_batches": [r.micro_batches for r in acc.history]}, out / f"rank{rank}.pt")
+
+
+class Routed(torch.nn.Module):
+    """A trunk and two heads: ``head`` picks one for the whole batch, or ``route`` per sample
+    (True: head 1), which lets one process stand for ranks that each use their own head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.trunk = torch.nn.Linear(6, 8).double()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(8, 3).double(), torch.nn.Linear(8, 3).double()])
+        self.spare = torch.nn.Linear(8, 3).double()  # used by no one: no gradient anywhere
+        self.head = 0
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        if route is None:
+            return self.heads[self.head](h)
+        return torch.where(route[:, None], self.heads[1](h), self.heads[0](h))
+
+
+def run_gsnr_heads(rank: int, out: Path) -> None:
+    """Each rank trains through its own head (a per-element rule, windows of the cap): the head
+    one rank never reached still gets the window's gradient on both, the spare layer none."""
+    model = Routed()
+    model.head = rank
+    wrapped = DistributedDataParallel(model)
+    opt = GradCapture(model.parameters())
+    acc = Accumulator(wrapped, opt, GSNR(1e9, increment=2 * GSNR_INC, max_samples=4 * GSNR_INC))
+    data = classification(8 * GSNR_INC, seed=30)
+    for start in range(0, 8 * GSNR_INC, 2 * GSNR_INC):
+        loss, count = ce_mean(wrapped, take(data, slice(start + rank * GSNR_INC, start + (rank + 1) * GSNR_INC)))
+        acc.backward(loss, count)
+    acc.flush()
+    torch.save({"seen": opt.seen}, out / f"rank{rank}.pt")
 
 
 def run_contract(rank: int, out: Path, mode: str) -> None:

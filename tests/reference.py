@@ -105,7 +105,8 @@ def split(n: int, sizes: list[int]) -> list[slice]:
 
 
 class GradCapture(torch.optim.SGD):
-    """SGD that also records the gradient each step saw, for exactness checks."""
+    """SGD that also records the gradient each step saw (None where a parameter had none), for
+    exactness checks."""
 
     def __init__(self, params, lr: float = 0.1) -> None:
         super().__init__(params, lr=lr)
@@ -113,5 +114,6 @@ class GradCapture(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
-        self.seen.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"]])
+        self.seen.append([None if p.grad is None else p.grad.detach().clone()
+                          for g in self.param_groups for p in g["params"]])
         return super().step(closure)

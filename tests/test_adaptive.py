@@ -173,19 +173,6 @@ class TwoHeads(nn.Module):
         return self.heads[self.head](torch.tanh(self.trunk(x)))
 
 
-class Capture(torch.optim.SGD):
-    """SGD that records each step's gradients (None where a parameter has none)."""
-
-    def __init__(self, params) -> None:
-        super().__init__(params, lr=0.1)
-        self.seen: list[list[torch.Tensor | None]] = []
-
-    @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
-        self.seen.append([None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]])
-        return super().step(closure)
-
-
 def test_a_per_element_window_is_held_by_the_statistics_and_equals_the_full_batch() -> None:
     """With a GSNR rule on one process the window's sum is the statistics' mean times the samples
     (no buffer of its own): each step equals the full-batch gradient, a parameter no micro-batch
@@ -199,9 +186,9 @@ def test_a_per_element_window_is_held_by_the_statistics_and_equals_the_full_batc
     def rule() -> GSNR:
         return GSNR(1e9, increment=1, max_samples=12)
 
-    def run(save_at: int | None = None) -> tuple[TwoHeads, Capture, Accumulator]:
+    def run(save_at: int | None = None) -> tuple[TwoHeads, GradCapture, Accumulator]:
         model = TwoHeads()
-        opt = Capture(model.parameters())
+        opt = GradCapture(model.parameters())
         acc = Accumulator(model, opt, rule())
         assert isinstance(acc._window, MomentWindowSums)
         start = 0
@@ -210,7 +197,7 @@ def test_a_per_element_window_is_held_by_the_statistics_and_equals_the_full_batc
                 state, weights = acc.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
                 model = TwoHeads()
                 model.load_state_dict(weights)
-                seen, opt = opt.seen, Capture(model.parameters())
+                seen, opt = opt.seen, GradCapture(model.parameters())
                 opt.seen = seen
                 acc = Accumulator(model, opt, rule())
                 acc.load_state_dict(state)

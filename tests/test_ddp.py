@@ -17,7 +17,7 @@ import torch
 from gradaccum.torch import Accumulator
 
 from . import _ddp_worker as worker
-from .reference import ce_mean, full_batch_grad, mlp, take
+from .reference import classification, ce_mean, full_batch_grad, mlp, take
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +93,41 @@ def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_pat
             assert (a is None and b is None) or a == pytest.approx(b, rel=1e-9)
         for p, q in zip(ranks[r]["params"], model.parameters()):
             torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)
+        # two parameter-sized all-reduces per increment (the moments' sums, then M2) and none at
+        # the close: the statistics' mean is the window sum, already every rank's
+        increments = sum(ranks[r]["micro_batches"])
+        assert len(ranks[r]["large"]) == 2 * increments
+
+
+def test_a_parameter_one_rank_reached_gets_the_window_gradient_on_every_rank(tmp_path: Path) -> None:
+    """Per-element rule, each rank through its own head: the statistics' mean (every rank's) is
+    the window sum, and the ranks agree at the close on which parameters any of them reached, so
+    both heads step on both ranks, equal to one process routing each rank's samples to its head;
+    a layer no rank used gets no gradient."""
+    ranks = run_two_ranks(tmp_path, "gsnr_heads")
+    model = worker.Routed()
+    data = classification(8 * worker.GSNR_INC, seed=30)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    inc = worker.GSNR_INC
+    for w in range(2):  # windows of 4 * GSNR_INC samples: 2 micro-batches per rank
+        rows = [list(range(s + r * inc, s + (r + 1) * inc)) for r in range(2)  # rank 0's samples, then rank 1's
+                for s in range(4 * inc * w, 4 * inc * (w + 1), 2 * inc)]
+        index = [i for block in rows for i in block]
+        route = torch.tensor([False] * (len(index) // 2) + [True] * (len(index) // 2))
+        x, y = data.x[index], data.y[index]
+        loss = torch.nn.functional.cross_entropy(model(x, route), y)
+        want = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        for rank in ranks:
+            for got, expected in zip(rank["seen"][w], want):
+                if expected is None:
+                    assert got is None
+                else:
+                    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+        opt.zero_grad()
+        for p, g in zip(model.parameters(), want):
+            p.grad = g
+        opt.step()
+    assert all(g is None for g in ranks[0]["seen"][0][-2:])  # the spare layer
 
 
 def test_ranks_agree_on_the_smallest_micro_batch_that_fits(tmp_path: Path) -> None:

@@ -174,10 +174,9 @@ class Accumulator:
         # .grad (the hand-written loop's way, the fastest): the others must be able to drop
         # one micro-batch, and a statistics rule needs each micro-batch's own gradient.
         # Under FSDP2 the reduce-scatter sums every rank's backward: one scale for all seeds.
-        # Per-element statistics on one process hold the window's sum themselves (their mean);
-        # not with a GradScaler, whose overflowing micro-batch must reach the window unmerged.
-        if (self.stats is not None and self.stats.kind == "elements" and scaler is None
-                and not (self._ddp or self._fsdp)):
+        # Per-element statistics hold the window's sum themselves (their mean); not with a
+        # GradScaler, whose overflowing micro-batch must reach the window unmerged.
+        if self.stats is not None and self.stats.kind == "elements" and scaler is None and not self._fsdp:
             self._window: WindowSums = MomentWindowSums(self._params, self._merged_moments)
         else:
             sums = UnshiftedWindowSums if self._fsdp else WindowSums

@@ -106,9 +106,10 @@ class MomentWindowSums(WindowSums):
     """The window's sum kept by per-element statistics instead of a buffer of its own.
 
     Their running mean times the samples is the window's gradient sum (Chan's merge keeps it,
-    exact to rounding), so with a per-element rule on one process the Accumulator holds the
-    mean and ``M2`` and no third parameter-sized buffer; at the close the mean's buffers become
-    the gradient in place. ``seen`` marks the parameters a gradient reached: the others get no
+    exact to rounding), so with a per-element rule the Accumulator holds the mean and ``M2`` and
+    no third parameter-sized buffer; at the close the mean's buffers become the gradient in
+    place. Under DDP the moments are already the ranks' (every increment is reduced), so the
+    close reduces only which parameters any rank reached (``true_sums``), not the sums. ``seen`` marks the parameters a gradient reached: the others get no
     ``.grad``, as in one big batch. ``sums`` gives (and takes) the sums in ``WindowSums``'s
     form, scaled by the count shift, so state dicts are the same. Not with a GradScaler: an
     overflowing micro-batch is never merged, and the scaler must see it in the window.
@@ -130,6 +131,10 @@ class MomentWindowSums(WindowSums):
     def sums(self, value: list[torch.Tensor | None]) -> None:
         self.seen = [s is not None for s in value]
 
+    def reset(self) -> None:
+        super().reset()
+        self._reached: torch.Tensor | None = None
+
     @property
     def empty(self) -> bool:
         return not any(self.seen)
@@ -143,15 +148,20 @@ class MomentWindowSums(WindowSums):
             p.grad = None
 
     def true_sums(self) -> list[torch.Tensor]:
-        raise RuntimeError("MomentWindowSums is for one process: under DDP the window sums are all-reduced")
+        """For the close's all-reduce under DDP: not the sums (the moments are every rank's
+        already) but 1 for each parameter this rank reached, which the reduce turns into the
+        number of ranks that did; ``to_grads`` then gives a gradient to each one any rank reached."""
+        self._reached = torch.tensor(self.seen, dtype=torch.int64, device=self.params[0].device)
+        return [self._reached]
 
     def to_grads(self, items: int) -> None:
         """``.grad = mean * n / items``, in the statistics' own buffers: they are dropped when the
         window resets."""
         moments = self._moments()
         grads: list[torch.Tensor | None] = [None] * len(self.params)
+        seen = self.seen if self._reached is None else [bool(r) for r in self._reached.tolist()]
         if moments is not None:
-            present = [i for i, seen in enumerate(self.seen) if seen]
+            present = [i for i, reached in enumerate(seen) if reached]
             means = [moments[i].mean for i in present]
             if means:
                 torch._foreach_mul_(means, moments[0].n / items)
