@@ -86,8 +86,9 @@ class Accumulator:
     ``backward`` the same number of times per window, and ``flush`` together: a small
     header all-gathered before each of the Accumulator's collectives checks it, so a rank
     that breaks it raises ``ContractError`` on every rank, and one that never arrives
-    times out after ``collective_timeout`` seconds. With a
-    statistics rule, every micro-batch is one collective increment: a rank whose
+    times out after ``collective_timeout`` seconds. With a statistics rule, every
+    micro-batch is one collective increment (with a per-element rule its moments are reduced
+    then, and they hold the window's sum: the close reduces only the counts); a rank whose
     micro-batch was skipped as non-finite contributes zeros, so no rank waits; the
     ``"raise"`` policy raises on the rank that saw the bad micro-batch only, so use a
     skip policy under DDP.
