@@ -21,7 +21,8 @@ from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap
 from ._guard import Values, flag_coefficient, increment_m2
 from ._merge import merge_into
 from ._registry import LayerStats, channels_last_positions, lookup
-from ._sharded import agreed, is_sharded, local, local_rows, shard_group, sum_over_ranks
+from .._distributed import local, sum_over_ranks
+from ._sharded import agreed, is_sharded, local_rows, shard_group
 
 log = logging.getLogger("gradaccum")
 MODEL = "<model>"  # the label of the whole-model fallback in ``paths``

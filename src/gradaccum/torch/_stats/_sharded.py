@@ -24,10 +24,6 @@ import math
 import torch
 import torch.distributed as dist
 
-from .._distributed import local, sum_over_ranks
-
-__all__ = ["agreed", "is_sharded", "local", "local_rows", "shard_group", "sum_over_ranks"]
-
 
 def is_sharded(params: list[torch.nn.Parameter]) -> bool:
     """Whether the parameters are DTensors (a ``fully_shard``-ed model's)."""
