@@ -15,7 +15,11 @@ data; the peak resident size is reset there (/proc/self/clear_refs) and the chil
 reports how far it rose during two runs: gradients, activations, and for "ours" the
 moments it keeps (mean and M2, two parameter-sized buffers, plus one scratch buffer).
 
-    python benchmarks/statistics_overhead.py [--rounds 7] [--skip-vmap-above 5000000]
+    python benchmarks/statistics_overhead.py [--rounds 7] [--skip-vmap-above 5000000] [--foreach]
+
+Per-element statistics use the fused kernels (``gradaccum.torch._stats._fused``) from 2^20
+elements; ``--foreach`` runs the foreach kernels at every size, for comparison. A child
+compiles the kernels before its peak is reset (a one-time cost of the process).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from gradaccum import GSNR, NormTest, WindowView
 from gradaccum.experiments.lm_task import ByteGPT
 from gradaccum._core.noise_scale import pooled_terms
 from gradaccum.torch import PerSampleGradStats
+from gradaccum.torch._stats import _fused
 
 
 class Encoder(nn.Module):
@@ -171,10 +176,10 @@ def make(config: str, which: tuple[str, ...] = ("plain", "ours", "norms", "vmap"
     return runners, sum(p.numel() for p in model.parameters())
 
 
-def peak_memory_child(config: str, name: str) -> float:
+def peak_memory_child(config: str, name: str, foreach: bool) -> float:
     """MiB by which the competitor's run raised the child's peak resident memory."""
-    out = subprocess.run([sys.executable, __file__, "--child", config, name], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, __file__, "--child", config, name, *(["--foreach"] if foreach else [])],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra_mib"]
 
 
@@ -183,8 +188,10 @@ def _vm_hwm_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def child(config: str, name: str) -> None:
+def child(config: str, name: str, foreach: bool) -> None:
     runners, _ = make(config, (name,))
+    if not foreach:
+        _fused.kernels_for([torch.zeros(_fused.FUSED_FROM)])  # compile the fused kernels now: a process's one-time cost
     with open("/proc/self/statm") as f:
         rss_kib = int(f.read().split()[1]) * resource.getpagesize() // 1024
     with open("/proc/self/clear_refs", "w") as f:
@@ -199,12 +206,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip-vmap-above", type=int, default=5_000_000,
                         help="skip vmap for models with more parameters (its memory is samples x parameters)")
+    parser.add_argument("--foreach", action="store_true",
+                        help="per-element statistics on the foreach kernels at every size (not the fused ones)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.foreach:
+        _fused.FUSED_FROM = 1 << 62
     if args.child:
-        child(*args.child)
+        child(*args.child, args.foreach)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds\n")
+    kernels = "foreach kernels" if args.foreach else f"fused kernels from {_fused.FUSED_FROM} elements"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds, {kernels}\n")
     print("Ratios: median over rounds [min-max]; vmap / ours and vmap / norms are vmap's time over ours.\n")
     print("| model, increment | plain ms | ours / plain | norms / plain | vmap / ours | vmap / norms | "
           "peak +MiB plain | ours | norms | vmap |")
@@ -232,7 +244,7 @@ def main() -> None:
             rs = [x / y for x, y in zip(times[a], times[b])]
             return f"{statistics.median(rs):.2f}x [{min(rs):.2f}-{max(rs):.2f}]"
 
-        mem = {name: peak_memory_child(config, name) for name in names}
+        mem = {name: peak_memory_child(config, name, args.foreach) for name in names}
         vmem = f"{mem['vmap']:.0f}" if "vmap" in mem else "-"
         print(f"| {config} | {statistics.median(times['plain']) * 1e3:.2f} | {ratio('ours', 'plain')} | "
               f"{ratio('norms', 'plain')} | {ratio('vmap', 'ours')} | {ratio('vmap', 'norms')} | "

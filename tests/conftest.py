@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 from hypothesis import settings
 
@@ -27,3 +29,18 @@ else:
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One mnist1d cache directory for the experiment tests (generated on first use)."""
     return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(params=["foreach", "compiled"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Runs a test on the per-element path's foreach kernels, then on its fused, compiled ones
+    at every size (``_fused.FUSED_FROM`` 0; by default they run from 1M elements)."""
+    if request.param == "compiled":
+        from gradaccum.torch._stats import _fused
+
+        monkeypatch.setattr(_fused, "FUSED_FROM", 0)
+        yield request.param
+        assert _fused._KERNELS is not None and _fused._KERNELS.broken is None, "the compiled kernels did not run"
+        assert _fused._KERNELS.checked
+    else:
+        yield request.param

@@ -99,7 +99,7 @@ def float32_and_float64_gsnr(regression: bool) -> tuple[list[float], list[float]
     return rule.values, want, largest
 
 
-def test_float32_gsnr_equals_float64_over_a_training_run() -> None:
+def test_float32_gsnr_equals_float64_over_a_training_run(kernels: str) -> None:
     got, want, _ = float32_and_float64_gsnr(regression=False)
     assert len(got) == len(want) == PER_WINDOW * WINDOWS
     errors = [abs(a - b) / b for a, b in zip(got, want)]
@@ -108,7 +108,7 @@ def test_float32_gsnr_equals_float64_over_a_training_run() -> None:
     assert max(errors) > 0  # float32 really ran
 
 
-def test_elements_above_gsnr_1e4_within_1e_4_thanks_to_the_guard(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_elements_above_gsnr_1e4_within_1e_4_thanks_to_the_guard(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
     got, want, largest = float32_and_float64_gsnr(regression=True)
     errors = [abs(a - b) / b for a, b in zip(got, want)]
     assert largest > 1e4 and min(want) > 10  # the output bias dominates the mean GSNR
@@ -165,7 +165,7 @@ def worst_high_gsnr_m2_error() -> dict[str, float]:
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["foreach", "chunked"])
-def test_guard_recomputes_flagged_elements_on_every_path(chunked: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guard_recomputes_flagged_elements_on_every_path(chunked: bool, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if chunked:  # the large-model path: one parameter at a time, in chunks through a scratch buffer
         monkeypatch.setattr(_guard, "FOREACH_BELOW", 0)
         monkeypatch.setattr(_guard, "CHUNK", 7)

@@ -109,7 +109,7 @@ def info_of(rule, n, means, m2s):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_torch_fused_merge_equals_the_core_chan_merge(dtype) -> None:
+def test_torch_fused_merge_equals_the_core_chan_merge(dtype, kernels: str) -> None:
     """The torch hot path merges in place with foreach kernels; the core's ``chan_merge``
     is the definition. Held equal over increments of 1, 3 and 5 samples, zeros included."""
     g = torch.Generator().manual_seed(1)
@@ -142,7 +142,7 @@ def test_chan_merge_with_an_empty_side_returns_the_other() -> None:
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("scale", ["sample", "mean"])
 @pytest.mark.parametrize("chunk", [1 << 18, 3])  # whole parameters, and pieces of 3 elements
-def test_torch_fused_gsnr_equals_the_definition(name: str, scale: str, chunk: int, monkeypatch) -> None:
+def test_torch_fused_gsnr_equals_the_definition(name: str, scale: str, chunk: int, kernels: str, monkeypatch) -> None:
     """torch runs a fused, in-place version of ``gsnr_of`` on large models, in pieces of at most
     CHUNK elements; on every edge case it gives the definition's value, live count and skipped
     count."""
@@ -159,3 +159,54 @@ def test_torch_fused_gsnr_equals_the_definition(name: str, scale: str, chunk: in
     assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-12)
     if not math.isnan(want):
         assert int(fused[1]) == int(plain[1]) and int(fused[2]) == int(plain[2])
+
+
+def test_compiled_kernels_run_from_a_million_elements_on_contiguous_cpu_floats() -> None:
+    """Where the fused kernels run by default (``_fused.FUSED_FROM``): large enough models, CPU,
+    float32/float64, contiguous operands; elsewhere the foreach code."""
+    from gradaccum.torch._stats import _fused
+
+    big = [torch.zeros(1 << 19), torch.zeros(1 << 19)]
+    assert _fused.kernels_for(big) is not None
+    assert _fused.kernels_for([big[0]]) is None  # below 2^20 elements in all
+    assert _fused.kernels_for([t.half() for t in big]) is None
+    assert _fused.kernels_for(big, [torch.zeros(1 << 10, 4).T]) is None  # a non-contiguous operand
+    assert _fused.kernels_for(big, [torch.zeros(0)]) is None
+
+
+def test_kernels_that_do_not_compile_fall_back_to_foreach(monkeypatch, caplog) -> None:
+    """A machine where the kernels do not compile (no C++ compiler) gets the foreach code, with
+    one warning, and the same moments and decisions bitwise."""
+    from gradaccum.torch import PerSampleGradStats
+    from gradaccum.torch._stats import _fused
+
+    def run() -> tuple[list, float]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        stats = PerSampleGradStats(model)
+        x = torch.randn(24, 6)
+        for part in (slice(0, 8), slice(8, 24)):
+            model.zero_grad()
+            model(x[part]).square().sum().backward()
+            stats.commit()
+        moments = stats.moments()
+        info = GSNR(1.0, increment=8).decision(24, [m.mean for m in moments], [m.m2 for m in moments])[1]
+        return moments, float(info["gsnr"])
+
+    want, want_gsnr = run()  # below FUSED_FROM: foreach
+
+    def broken(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("no C++ compiler")
+        return fail
+
+    monkeypatch.setattr(_fused, "FUSED_FROM", 0)
+    monkeypatch.setattr(_fused, "_KERNELS", None)
+    monkeypatch.setattr(_fused.torch, "compile", broken)
+    with caplog.at_level("WARNING", logger="gradaccum"):
+        got, got_gsnr = run()
+    assert "do not compile here" in caplog.text and "no C++ compiler" in caplog.text
+    assert _fused._KERNELS.broken is not None and _fused.kernels_for([torch.zeros(8)]) is None
+    assert got_gsnr == want_gsnr
+    for a, b in zip(got, want):
+        assert a.n == b.n and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)

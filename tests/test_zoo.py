@@ -71,7 +71,7 @@ def branch_switch(model: nn.Module):
 
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))
-def test_zoo_statistics_equal_the_per_sample_loop(name: str) -> None:
+def test_zoo_statistics_equal_the_per_sample_loop(name: str, kernels: str) -> None:
     """Two increments (4 and 3 samples) through the Accumulator, with nanoGPT's decay /
     no-decay groups: the window's moments after each equal the loop's, parameter by
     parameter in the optimizer's order."""

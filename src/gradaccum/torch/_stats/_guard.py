@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from ._fused import kernels_for, run_guard
+
 TOLERANCE = 1e-5  # relative error allowed on an element's increment M2 (where float32 sums allow it)
 MIN_AMPLIFICATION = 2.0  # never flag an element whose cancellation loses less than one bit
 FOREACH_BELOW = 1 << 20  # elements below which the check runs over every parameter at once
@@ -55,12 +57,16 @@ def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int
     Raises ValueError when an element is flagged in a parameter that has no per-sample values.
     """
     m2s = seconds
-    torch._foreach_addcmul_(m2s, firsts, firsts, value=-1.0 / n)
-    if sum(m.numel() for m in m2s) <= FOREACH_BELOW:  # few kernel launches for every parameter at once
-        slack = torch._foreach_addcmul(m2s, firsts, firsts, [-c for c in coefficients])
-        lowest = [-w for w in torch._foreach_max(torch._foreach_neg(slack))]
-    else:  # in chunks through one scratch buffer: no fresh model-sized memory per increment
-        lowest = [_lowest_slack(m2, s1, c) for m2, s1, c in zip(m2s, firsts, coefficients)]
+    kernels = kernels_for(m2s, firsts)
+    if kernels is not None:  # one pass
+        lowest = run_guard(kernels, m2s, firsts, n, coefficients)
+    else:
+        torch._foreach_addcmul_(m2s, firsts, firsts, value=-1.0 / n)
+        if sum(m.numel() for m in m2s) <= FOREACH_BELOW:  # few kernel launches for every parameter at once
+            slack = torch._foreach_addcmul(m2s, firsts, firsts, [-c for c in coefficients])
+            lowest = [-w for w in torch._foreach_max(torch._foreach_neg(slack))]
+        else:  # in chunks through one scratch buffer: no fresh model-sized memory per increment
+            lowest = [_lowest_slack(m2, s1, c) for m2, s1, c in zip(m2s, firsts, coefficients)]
     worst = torch.stack([w.to(torch.float64) for w in lowest]).tolist()  # one synchronisation
     for i, w in enumerate(worst):
         if w < 0:  # M2_b < c' S1_b^2: flagged, or negative from rounding (NaN compares False: reported as is)

@@ -4,8 +4,9 @@ definition (``gradaccum._core.statistics.gsnr_of``), registered for torch tensor
 The definition, written once against the array API, makes about fifteen passes over every
 parameter element per decision, each into a fresh temporary; on a 21M-parameter MLP that was
 330 ms per decision (a fresh 84 MB temporary costs page faults every time). Here the same
-arithmetic (the same floor, the same live mask, NaN for non-finite moments) runs in place on
-scratch buffers kept between decisions, about eight passes and no allocation; a large model in
+arithmetic (the same floor, the same live mask, NaN for non-finite moments) runs in two fused
+passes where ``_fused`` runs, else in place on scratch buffers kept between decisions, about
+eight passes and no allocation; a large model in
 pieces of ``CHUNK`` elements, so the scratch is three buffers of that size, not of the model's
 (on the 1.6M-parameter MLP the model-sized scratch had been 14 MB of the statistics' peak). A parity test
 (tests/test_formulas_parity.py) holds the two equal on every edge case.
@@ -20,6 +21,7 @@ import array_api_compat
 import torch
 
 from ..._core import statistics
+from ._fused import kernels_for, run_largest, run_ratios
 
 _SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
 CHUNK = 1 << 18  # elements per pass over a large model: the scratch is three buffers of this size
@@ -53,37 +55,67 @@ def gsnr_of(means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: Any, 
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     means, m2s = list(means), list(m2s)
     size = sum(m.numel() for m in means)
-    pieces = _pieces(means, m2s)
-    width = max(a.numel() for a, _ in pieces)
     dtype, device = means[0].dtype, means[0].device
-    ratio, work, live = _buffers(("work", width, dtype, device), lambda: (
-        torch.empty(width, dtype=dtype, device=device), torch.empty(width, dtype=dtype, device=device),
-        torch.empty(width, dtype=torch.bool, device=device)))
     nf = float(n)
-    largest = []
-    for mean, m2 in pieces:  # E[g^2] = mu^2 + M2 / n, for the floor
-        w = work[:mean.numel()]
-        torch.mul(m2, 1.0 / nf, out=w).addcmul_(mean, mean)
-        largest.append(w.max())  # NaN or inf here iff a moment is not finite
-    largest_value = torch.stack(largest).max()
+    kernels = kernels_for(means, m2s)
+    passes = _Foreach(means, m2s) if kernels is None else _Fused(kernels, means, m2s)
+    largest_value = passes.largest(nf)  # E[g^2] = mu^2 + M2 / n, for the floor; NaN or inf iff a moment is not finite
     if not bool(torch.isfinite(largest_value)):
         nan = torch.full((), math.nan, dtype=dtype, device=device)
         return nan, torch.zeros((), dtype=torch.int64), torch.full((), size, dtype=torch.int64)
     floor = statistics.variance_floor(means[0], largest_value)
     threshold = float(floor) * max(nf - 1.0, 1.0)  # var > floor  <=>  M2 > floor * (n - 1)
-    total = torch.zeros((), dtype=dtype, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
-    for mean, m2 in pieces:
-        k = mean.numel()
-        r, w, b = ratio[:k], work[:k], live[:k]
-        torch.clamp_min(m2, threshold, out=w)
-        torch.mul(mean, mean, out=r).div_(w)  # mu^2 / max(M2, threshold)
-        torch.gt(m2, threshold, out=b)
-        total += r.masked_fill_(b.logical_not_(), 0).sum()
-        b.logical_not_()
-        count += b.sum()
+    total, count = passes.ratios(threshold)  # sum of mu^2 / M2 over the live elements, and their count
     total = total * max(nf - 1.0, 1.0)  # mu^2 / var = (n - 1) mu^2 / M2
     return statistics.gsnr_value(total, count, n, scale), count, size - count
+
+
+class _Fused:
+    """The decision's two passes as fused kernels (``_fused``), one call per parameter."""
+
+    def __init__(self, kernels: Any, means: list[torch.Tensor], m2s: list[torch.Tensor]) -> None:
+        self.kernels, self.means, self.m2s = kernels, means, m2s
+
+    def largest(self, n: float) -> torch.Tensor:
+        return run_largest(self.kernels, self.means, self.m2s, n)
+
+    def ratios(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_ratios(self.kernels, self.means, self.m2s, threshold)
+
+
+class _Foreach:
+    """The decision's two passes op by op, in place on scratch buffers kept between decisions."""
+
+    def __init__(self, means: list[torch.Tensor], m2s: list[torch.Tensor]) -> None:
+        self.pieces = _pieces(means, m2s)
+        width = max(a.numel() for a, _ in self.pieces)
+        dtype, device = means[0].dtype, means[0].device
+        self.ratio, self.work, self.live = _buffers(("work", width, dtype, device), lambda: (
+            torch.empty(width, dtype=dtype, device=device), torch.empty(width, dtype=dtype, device=device),
+            torch.empty(width, dtype=torch.bool, device=device)))
+        self.dtype, self.device = dtype, device
+
+    def largest(self, n: float) -> torch.Tensor:
+        largest = []
+        for mean, m2 in self.pieces:
+            w = self.work[:mean.numel()]
+            torch.mul(m2, 1.0 / n, out=w).addcmul_(mean, mean)
+            largest.append(w.max())
+        return torch.stack(largest).max()
+
+    def ratios(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        for mean, m2 in self.pieces:
+            k = mean.numel()
+            r, w, b = self.ratio[:k], self.work[:k], self.live[:k]
+            torch.clamp_min(m2, threshold, out=w)
+            torch.mul(mean, mean, out=r).div_(w)  # mu^2 / max(M2, threshold)
+            torch.gt(m2, threshold, out=b)
+            total += r.masked_fill_(b.logical_not_(), 0).sum()
+            b.logical_not_()
+            count += b.sum()
+        return total, count
 
 
 statistics.FUSED[array_api_compat.array_namespace(torch.zeros(1)).__name__] = gsnr_of
