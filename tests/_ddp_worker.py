@@ -60,8 +60,14 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         run_norms_skip(rank, out)
     elif mode == "gsnr_heads":
         run_gsnr_heads(rank, out)
-    elif mode in ("gsnr", "gsnr_skip"):
+    elif mode in ("gsnr", "gsnr_skip", "gsnr_compiled"):
+        if mode == "gsnr_compiled":  # the per-element path's fused kernels at every size
+            from gradaccum.torch._stats import _fused
+
+            _fused.FUSED_FROM = 0
         run_gsnr(rank, out, skip=mode == "gsnr_skip")
+        if mode == "gsnr_compiled":
+            assert _fused._KERNELS is not None and _fused._KERNELS.broken is None and _fused._KERNELS.checked
     elif mode == "probe":
         run_probe(rank, out)
     elif mode == "accelerate":

@@ -70,12 +70,15 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path, nonfinite: str) -> Non
         assert ranks[r]["ddp_hook_calls"] == 0
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["all_finite", "rank1_skips_a_micro_batch"])
-def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_path: Path, skip: bool) -> None:
+@pytest.mark.parametrize("mode", ["gsnr", "gsnr_skip", "gsnr_compiled"],
+                         ids=["all_finite", "rank1_skips_a_micro_batch", "fused_kernels"])
+def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_path: Path, mode: str) -> None:
     """Statistics are reduced over ranks at every increment: both ranks take the same
     decisions, at the same increments, as one process that sees both halves at once. A
-    rank that skips a non-finite micro-batch still joins the increment (no deadlock)."""
-    ranks = run_two_ranks(tmp_path, "gsnr_skip" if skip else "gsnr")
+    rank that skips a non-finite micro-batch still joins the increment (no deadlock). The
+    ranks' fused kernels (the ranks' moments reduced between the guard and the merge) too."""
+    skip = mode == "gsnr_skip"
+    ranks = run_two_ranks(tmp_path, mode)
     model = mlp()
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), worker.gsnr_rule())
     data = worker.gsnr_data()

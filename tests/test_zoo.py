@@ -375,3 +375,23 @@ def test_the_check_s_magnitude_bound_in_blocks_equals_the_whole_computation(rows
         if squares.dim() >= 2:
             want = want.reshape(-1, shape[-1]) @ project.vector(shape[-1], torch.float64, squares.device).abs()
         torch.testing.assert_close(_explained.scale_from_squares(squares, 6, project), want, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["elements", "norms"])
+def test_a_use_outside_the_hooks_of_1_percent_is_caught_in_float32(kind: str) -> None:
+    """The check's bound for nn.Linear comes from norms of its input and output gradient on
+    both paths (no pass over the sums of squares): still tight enough in float32 at 256
+    samples to catch a weight penalty whose gradient is 1 % of the weight's, and quiet without it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    x, y = torch.randn(256, 40), torch.randint(0, 10, (256,))
+    stats = PerSampleGradStats(model, kind=kind)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    real = model[2].weight.grad.abs().max()
+    assert stats.commit() == 256 and stats.paths["2"].startswith("linear:")
+    scale = float(0.01 * real / (2 * model[2].weight.detach().abs().max()))
+    model.zero_grad()
+    (nn.functional.cross_entropy(model(x), y, reduction="sum") + scale * model[2].weight.square().sum()).backward()
+    with pytest.raises(ValueError, match=r"cannot explain the gradient of 2\.weight"):
+        stats.commit()

@@ -84,19 +84,20 @@ class _Increment:
         return None if self.squares[i] is None else scale_from_squares(self.squares[i], n, project)  # type: ignore[arg-type]
 
     def has_bound(self, i: int) -> bool:
-        source = self.squares[i] if self.squares[i] is not None else self.scales[i]
+        source = self.scales[i] if self.scales[i] is not None else self.squares[i]
         return source is not None and source.numel() > 0
 
     def bound_source(self, i: int) -> torch.Tensor:
-        """The tensor whose maximum gives parameter i's per-element bound (``element_bound``)."""
-        return self.squares[i] if self.squares[i] is not None else self.scales[i]  # type: ignore[return-value]
+        """The tensor whose maximum gives parameter i's per-element bound (``element_bound``):
+        the layer's magnitudes where it gave them (small), else the sums of squares."""
+        return self.scales[i] if self.scales[i] is not None else self.squares[i]  # type: ignore[return-value]
 
     def element_bound(self, i: int, largest: float, n: int, project: Projector) -> float:
         """The largest per-element magnitude bound of parameter i from ``largest``, the maximum
-        of its ``bound_source``: ``sqrt(n max S2)``, or the largest projected row over ``sum|v|``."""
-        if self.squares[i] is not None:
-            return math.sqrt(max(largest, 0.0) * n)
-        return largest / project.abs_sum(self.lengths[i])
+        of its ``bound_source``: the largest projected row over ``sum|v|``, or ``sqrt(n max S2)``."""
+        if self.scales[i] is not None:
+            return largest / project.abs_sum(self.lengths[i])
+        return math.sqrt(max(largest, 0.0) * n)
 
     def squared_norm(self, i: int) -> torch.Tensor | None:
         """``sum_i |g_i|^2`` of parameter i over the increment's samples."""
@@ -611,12 +612,14 @@ class PerSampleGradStats:
             if unit.entry.sum_squares and not needs_per_sample else None
         if fast is not None:
             self.paths[unit.label] = f"{unit.entry.name}:sum_squares"
-            squares, sums = fast
+            squares, sums, magnitudes = (*fast, {}) if len(fast) == 2 else fast
             kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
             for k in wanted & set(squares):
                 i = self._index[id(unit.params[k])]
                 inc.squares[i] = _plus(inc.squares[i], squares[k])
                 inc.hooked[i] = _plus(inc.hooked[i], sums[k])
+                if k in magnitudes:  # one call per parameter here (a parameter used twice takes per-sample gradients)
+                    inc.scales[i] = magnitudes[k]
                 inc.values[i] = self._registered_values(unit, args, d, kwargs, n, k)
             return
         self.paths[unit.label] = f"{unit.entry.name}:per_sample"

@@ -19,7 +19,9 @@ order of the same sum by at most about ``n * eps * sum_i |g_i|`` (and the projec
 dot product of length L adds ``L * eps``), and ``sum_i |g_ij| <= sqrt(n * S2_j)``
 (Cauchy-Schwarz), where S2 is the sum of squares the statistics compute anyway. A
 difference above ``((n + L) * eps + autocast) * project(sqrt(n * S2), |v|)`` is not
-rounding. That bound misses cancellation *within* a sample (the bias of an attention
+rounding. A layer may give its own bound instead (``magnitudes``: for ``nn.Linear``
+``|D_:j| |X|_F |v|``, from norms of its input and output gradient, so that no pass over S2
+is made). That bound misses cancellation *within* a sample (the bias of an attention
 key projection has a gradient that is zero up to rounding, summed from large terms),
 so every element's bound is raised to a floor: the largest bound among the elements of
 all parameters of the same layer (a key bias's rounding noise is that of the terms the

@@ -41,20 +41,30 @@ def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project
     x = args[0]
     if x.dim() != 2:
         return None  # several positions per sample: the square does not factor
-    d2 = d * d
-    squares = {"weight": d2.T @ (x * x)}  # sum_i (d_i x_i^T)^2 elementwise = one extra GEMM
-    sums = {"weight": d.T @ (x @ project.vector(x.shape[-1], x.dtype, x.device))}  # (D^T X) v, two GEMVs
-    return _own(module, _with_bias(module, squares, d2.sum(0))), _own(module, _with_bias(module, sums, d.sum(0)))
+    d2, x2 = d * d, x * x
+    squares = {"weight": d2.T @ x2}  # sum_i (d_i x_i^T)^2 elementwise = one extra GEMM
+    v = project.vector(x.shape[-1], x.dtype, x.device)
+    sums = {"weight": d.T @ (x @ v)}  # (D^T X) v, two GEMVs
+    d_columns = d2.sum(0).sqrt_()
+    magnitudes = _linear_magnitudes(module, d_columns, x2.sum(), x.shape[0], v)
+    return (_own(module, _with_bias(module, squares, d2.sum(0))), _own(module, _with_bias(module, sums, d.sum(0))),
+            magnitudes)
+
+
+def _linear_magnitudes(module: nn.Linear, d_columns: torch.Tensor, x_squared: torch.Tensor, rows: int,
+                       v: torch.Tensor) -> Grads:
+    """The check's magnitudes as Cauchy-Schwarz bounds from norms already at hand,
+    ``sum_r |d_rj| |x_r . v| <= |D_:j| |X|_F |v|`` over the rows r (samples x positions), so that
+    no absolute value of an activation, and no pass over the sums of squares, is formed."""
+    return _own(module, _with_bias(module, {"weight": d_columns * (x_squared.sqrt() * torch.linalg.vector_norm(v))},
+                                   d_columns * rows**0.5))
 
 
 def _linear_norms(module: nn.Linear, args: tuple, d: torch.Tensor, project: Projector) -> NormParts:
     """``sum_i |g_i|^2`` without per-sample gradients: for one position per sample
     ``|d_i x_i^T|^2 = |x_i|^2 |d_i|^2``; for T positions the Gram form
     ``sum_{t,s} (x_t . x_s)(d_t . d_s)`` or the per-sample gradient, whichever costs less.
-
-    The check's magnitudes are Cauchy-Schwarz bounds from norms already at hand,
-    ``sum_r |d_rj| |x_r . v| <= |D_:j| |X|_F |v|`` over the rows r (samples x positions), so
-    that no absolute value of an activation is formed."""
+    The check's magnitudes: ``_linear_magnitudes``."""
     x = args[0]
     b = x.shape[0]
     xf, df = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
@@ -77,9 +87,8 @@ def _linear_norms(module: nn.Linear, args: tuple, d: torch.Tensor, project: Proj
     d_columns = df.square().sum(0).sqrt_()  # (vector_norm over dim 0 is a slow strided reduction)
     squared = _with_bias(module, {"weight": weight}, bias)
     sums = _with_bias(module, {"weight": df.T @ (xf @ v)}, df.sum(0))
-    magnitudes = _with_bias(module, {"weight": d_columns * (x_rows.sum().sqrt() * torch.linalg.vector_norm(v))},
-                            d_columns * rows**0.5)
-    return NormParts(_own(module, squared), _own(module, sums), _own(module, magnitudes), rows)
+    return NormParts(_own(module, squared), _own(module, sums), _linear_magnitudes(module, d_columns, x_rows.sum(), rows, v),
+                     rows)
 
 
 def _linear_values(module: nn.Linear, args: tuple, d: torch.Tensor, name: str, index: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ class NormParts(NamedTuple):
 
 
 PerSample = Callable[[nn.Module, tuple, torch.Tensor], Grads]
-SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector], "tuple[Grads, Grads] | None"]
+SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector], "tuple[Grads, Grads] | tuple[Grads, Grads, Grads] | None"]
 Norms = Callable[[nn.Module, tuple, torch.Tensor, Projector], "NormParts | None"]
 Values = Callable[[nn.Module, tuple, torch.Tensor, str, torch.Tensor], torch.Tensor]
 
@@ -64,7 +64,10 @@ class LayerStats:
         sum over samples of the gradients *projected* by the given projector
         (``project(sum_i g_i)``, which the fast path can often form far more cheaply
         than the sum itself); None when it does not apply to these inputs. The sums
-        let the collector check that the call explains the parameter's gradient.
+        let the collector check that the call explains the parameter's gradient. It may
+        return a third dict, ``magnitudes`` as in ``NormParts``: the check's rounding scale
+        from them instead of from a pass over ``squares`` (``nn.Linear``: from norms of its
+        input and output gradient).
       norms: optional fast path for the norm rules (NormTest, the noise scale): the summed
         per-sample squared gradient norms without per-element squares (``NormParts``); None
         when it does not apply to these inputs. Without it the norm path sums the squares
