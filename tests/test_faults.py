@@ -358,3 +358,20 @@ def test_a_micro_batch_with_no_items_adds_nothing(rule) -> None:
         runs.append((opt.seen[0], acc.history[0].info.get("gsnr")))
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0]))
     assert runs[0][1] == runs[1][1]  # the statistics saw the same samples
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["foreach_norms", "sums_above_2^20"])
+def test_the_finiteness_check_is_exact_when_its_quick_reduction_overflows(large: bool, monkeypatch) -> None:
+    """The check reduces every gradient to one number; where that overflows or cancels (huge
+    finite values, opposite infinities) the exact per-element check decides."""
+    from gradaccum.torch import _nonfinite
+
+    if large:
+        monkeypatch.setattr(_nonfinite, "_FOREACH_BELOW", 0)
+    huge = [torch.full((3, 2), 3e38), torch.full((4,), 3e38), None]
+    assert _nonfinite.all_finite(huge)  # norms and sums overflow; every element is finite
+    assert _nonfinite.all_finite([torch.tensor([3e38, -3e38]), torch.ones(2)])
+    for bad in (math.inf, -math.inf, math.nan):
+        grads = [torch.ones(3), torch.tensor([1.0, bad]), torch.tensor([-math.inf if bad == math.inf else 1.0])]
+        assert not _nonfinite.all_finite(grads)
+    assert _nonfinite.all_finite([None, None])
