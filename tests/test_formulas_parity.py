@@ -210,3 +210,40 @@ def test_kernels_that_do_not_compile_fall_back_to_foreach(monkeypatch, caplog) -
     assert got_gsnr == want_gsnr
     for a, b in zip(got, want):
         assert a.n == b.n and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+
+
+def test_the_decision_after_a_fused_merge_is_one_pass_and_notices_later_changes(monkeypatch) -> None:
+    """The fused merge hands the decision its floor's maximum, so the decision is one pass;
+    a moment changed in place after the merge (its version moves) or another set of moments
+    makes the decision take its own pass, and the value is the foreach code's either way."""
+    from gradaccum._core import statistics
+    from gradaccum.torch import PerSampleGradStats
+    from gradaccum.torch._stats import _fused, _reductions
+
+    monkeypatch.setattr(_fused, "FUSED_FROM", 0)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)).double()
+    stats = PerSampleGradStats(model)
+    x = torch.randn(24, 6, dtype=torch.float64)
+    for part in (slice(0, 8), slice(8, 24)):
+        model.zero_grad()
+        model(x[part]).square().sum().backward()
+        stats.commit()
+    kernels = _fused.kernels_for([torch.zeros(1)])
+    passes = []
+    largest = kernels.largest
+    monkeypatch.setattr(kernels, "largest", lambda *a: passes.append(1) or largest(*a))
+
+    def both() -> tuple[float, float]:
+        means, m2s = [m.mean for m in stats.moments()], [m.m2 for m in stats.moments()]
+        fused = float(_reductions.gsnr_of(means, m2s, 24, "mean")[0])
+        return fused, float(statistics.gsnr_of(means, m2s, 24, "mean", fused=False)[0])
+
+    fused, plain = both()
+    assert passes == [] and fused == pytest.approx(plain, rel=1e-12)  # the merge's maximum, no pass of its own
+    stats.moments()[1].mean.mul_(3.0)  # changed in place after the merge
+    fused, plain = both()
+    assert len(passes) == len(stats.params) and fused == pytest.approx(plain, rel=1e-12)  # a pass per parameter
+    means, m2s = [m.mean.clone() for m in stats.moments()], [m.m2.clone() for m in stats.moments()]
+    _reductions.gsnr_of(means, m2s, 24, "mean")  # other tensors, same values
+    assert len(passes) == 2 * len(stats.params)
