@@ -8,15 +8,18 @@ passes over memory: three for the guard, four for the merge, about eight for the
 about 15 per increment. Here each step is one generated loop that reads its operands once,
 keeps the intermediates in registers and writes only what it changes: four passes per
 increment (guard, merge, the decision's largest second moment and its sum of ratios), no
-temporaries. Measured on 1.6M float32 elements: 0.74 ms against 3.8 ms for the foreach code
-(``benchmarks/statistics_overhead.py``).
+temporaries. On 1M float32 elements a kernel takes 0.15-0.3 ms, against about 0.05 ms for
+each foreach pass it replaces (``benchmarks/statistics_overhead.py --foreach`` compares whole
+increments). The merge does not also take the decision's maximum: inductor's loop for an
+in-place update with a reduction measured 27 ms on 16M elements, against 8.9 + 3.4 ms for the
+two kernels apart.
 
 They run where they pay and work: CPU tensors of float32 or float64, at least ``FUSED_FROM``
 elements in all (on small models the foreach kernels are already few launches and one compiled
 call per parameter would cost more), and a machine on which the kernels compile (a C++
 compiler; the first compile of a dtype takes seconds, then torch's on-disk cache serves it).
-Elsewhere the foreach code runs: the same arithmetic, to rounding (``tests/test_fused.py`` holds
-the two equal on real models and on the edge cases of the decision).
+Elsewhere the foreach code runs: the same arithmetic, to rounding (the parity tests run on both:
+the ``kernels`` fixture of tests/conftest.py).
 """
 
 from __future__ import annotations
