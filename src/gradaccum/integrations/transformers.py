@@ -47,7 +47,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
@@ -60,6 +59,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .._core.noise_scale import NormSums, noise_scale, pooled_terms
 from .._core.planners import is_planner
 from .._core.records import StepRecord
+from .._files import write_atomic
 from ..torch._stats import PerSampleGradStats
 from ..torch._distributed import sum_over_ranks
 
@@ -254,7 +254,7 @@ class PlannedTrainer(Trainer):
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         state = {"global_step": self.state.global_step, "epoch": self._epoch, "position": self._position,
                  "history": [r.as_dict() for r in self.history]}
-        _write_whole(os.path.join(folder, STATE_FILE), json.dumps(state))
+        write_atomic(os.path.join(folder, STATE_FILE), json.dumps(state))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self.history:
@@ -337,15 +337,3 @@ def _average_gradients(params: list[torch.nn.Parameter], processes: int) -> None
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     for p, summed in zip(params, sum_over_ranks(grads, dist.group.WORLD)):
         p.grad = summed / processes
-
-
-def _write_whole(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all."""
-    handle = tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=".gradaccum.", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, path)
-    except BaseException:
-        os.unlink(handle.name)
-        raise

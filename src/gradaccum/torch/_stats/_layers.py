@@ -45,9 +45,9 @@ def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project
     squares = {"weight": d2.T @ x2}  # sum_i (d_i x_i^T)^2 elementwise = one extra GEMM
     v = project.vector(x.shape[-1], x.dtype, x.device)
     sums = {"weight": d.T @ (x @ v)}  # (D^T X) v, two GEMVs
-    d_columns = d2.sum(0).sqrt_()
-    magnitudes = _linear_magnitudes(module, d_columns, x2.sum(), x.shape[0], v)
-    return (_own(module, _with_bias(module, squares, d2.sum(0))), _own(module, _with_bias(module, sums, d.sum(0))),
+    bias_squares = d2.sum(0)
+    magnitudes = _linear_magnitudes(module, bias_squares.sqrt(), x2.sum(), x.shape[0], v)
+    return (_own(module, _with_bias(module, squares, bias_squares)), _own(module, _with_bias(module, sums, d.sum(0))),
             magnitudes)
 
 
