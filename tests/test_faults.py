@@ -360,10 +360,11 @@ def test_a_micro_batch_with_no_items_adds_nothing(rule) -> None:
     assert runs[0][1] == runs[1][1]  # the statistics saw the same samples
 
 
-@pytest.mark.parametrize("large", [False, True], ids=["foreach_norms", "sums_above_2^20"])
+@pytest.mark.parametrize("large", [False, True], ids=["flagging_kernel", "sums_above_2^20"])
 def test_the_finiteness_check_is_exact_when_its_quick_reduction_overflows(large: bool, monkeypatch) -> None:
-    """The check reduces every gradient to one number; where that overflows or cancels (huge
-    finite values, opposite infinities) the exact per-element check decides."""
+    """Above 2^20 elements the check reduces every gradient to one number; where that
+    overflows or cancels (huge finite values, opposite infinities) the exact per-element check
+    decides. Below, the flagging kernel is exact by construction: the same cases hold."""
     from gradaccum.torch import _nonfinite
 
     if large:
@@ -375,3 +376,30 @@ def test_the_finiteness_check_is_exact_when_its_quick_reduction_overflows(large:
         grads = [torch.ones(3), torch.tensor([1.0, bad]), torch.tensor([-math.inf if bad == math.inf else 1.0])]
         assert not _nonfinite.all_finite(grads)
     assert _nonfinite.all_finite([None, None])
+
+
+def test_the_flagging_check_leaves_gradients_bitwise_and_takes_complex_and_mixed_dtypes() -> None:
+    """The small-model check is the GradScaler's kernel with a factor of 1: it writes every
+    element back, so the values must come back bitwise (-0.0, subnormals, the largest
+    float); complex gradients (which the kernel does not take) are checked as real views,
+    and one call takes several dtypes."""
+    from gradaccum.torch import _nonfinite
+
+    def edge(dtype: torch.dtype) -> torch.Tensor:  # -0.0, the smallest subnormal, the largest finite, an odd value
+        info = torch.finfo(dtype)
+        return torch.tensor([-0.0, info.smallest_normal * info.eps, info.max, -1.0 - info.eps, 7.0], dtype=dtype)
+
+    wants = [edge(torch.float32), edge(torch.float64), edge(torch.float16), edge(torch.bfloat16),
+             torch.complex(edge(torch.float32), -edge(torch.float32))]
+    grads = [w.clone() for w in wants]
+    assert _nonfinite.all_finite(grads)
+    for got, want in zip(grads, wants):
+        assert got.dtype == want.dtype
+        bits = (lambda t: torch.view_as_real(t).view(torch.int32)) if want.is_complex() else \
+            (lambda t: t.view({4: torch.int32, 8: torch.int64, 2: torch.int16}[t.element_size()]))
+        assert torch.equal(bits(got), bits(want))  # bitwise: -0.0 keeps its sign, subnormals stay
+    for bad in (math.inf, math.nan):
+        assert not _nonfinite.all_finite([torch.ones(2), torch.complex(torch.ones(2), torch.tensor([1.0, bad]))])
+        assert not _nonfinite.all_finite([torch.ones(2, dtype=torch.bfloat16), torch.tensor([bad], dtype=torch.float64)])
+    assert _nonfinite.finite_loss(torch.tensor(2.0, requires_grad=True))
+    assert not _nonfinite.finite_loss(torch.tensor(math.nan, dtype=torch.float16))

@@ -117,7 +117,7 @@ def _nan_grad_loss(model, part):
     return torch.nn.functional.cross_entropy(out, part.y)
 
 
-@pytest.mark.parametrize("foreach_below", [1 << 20, 0], ids=["foreach_norm", "sums"])
+@pytest.mark.parametrize("foreach_below", [1 << 20, 0], ids=["flagging_kernel", "sums"])
 @pytest.mark.parametrize("bad", ["loss", "gradient"])
 def test_nonfinite_raise_leaves_window_intact(bad: str, foreach_below: int, monkeypatch) -> None:
     from gradaccum.torch import _nonfinite

@@ -398,7 +398,7 @@ class Accumulator:
             self._reject("loss", count)
             return False, False
         grads = self._backward(loss, count, reduction)
-        if self._screen.each_gradient and not self._finite([loss.detach(), *grads]):
+        if self._screen.each_gradient and not self._finite(loss, grads):
             self._reject("loss or gradient", count)
             return False, False
         committed, overflow = self._statistics(grads, samples)
@@ -645,12 +645,12 @@ class Accumulator:
                 "leave such micro-batches out on every rank alike (the window is unchanged)")
         return all(finite == 1.0 for _, finite in said)
 
-    def _finite(self, tensors: list[torch.Tensor | None]) -> bool:
+    def _finite(self, loss: torch.Tensor, grads: list[torch.Tensor | None]) -> bool:
         """Whether the micro-batch's loss and gradient are finite: under FSDP2 every rank's
         shard checked and the answer agreed (one small collective), else this process's."""
         if not self._fsdp:
-            return all_finite(tensors)
-        mine = all_finite(local(tensors))
+            return finite_loss(loss) and all_finite(grads)
+        mine = finite_loss(loss) and all_finite(local(grads))
         said = self._contract.agree(CHECK, self._steps, self._micro_batches, 0, (float(mine),))  # type: ignore[union-attr]
         return all(finite == 1.0 for (finite,) in said)
 

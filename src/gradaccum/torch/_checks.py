@@ -15,6 +15,8 @@ def check_count(count: Any) -> int:
     ``(labels != -100).sum()``). 0 is a micro-batch with no items (every label ignored):
     it adds nothing but its place in the window's length.
     """
+    if type(count) is int and count >= 0:  # the common case, without the ABC checks below
+        return count
     if isinstance(count, torch.Tensor):
         if count.numel() != 1 or count.is_floating_point() or count.is_complex() or count.dtype == torch.bool:
             raise TypeError(

@@ -22,7 +22,7 @@ import torch
 
 NonFinitePolicy = Literal["raise", "skip_micro_batch", "skip_window"]
 POLICIES: tuple[str, ...] = ("raise", "skip_micro_batch", "skip_window")
-_FOREACH_BELOW = 1 << 20  # gradient elements below which the finiteness check uses one foreach call
+_FOREACH_BELOW = 1 << 20  # gradient elements up to which the finiteness check is one foreach kernel
 
 
 class NonFiniteError(FloatingPointError):
@@ -73,24 +73,47 @@ class Screen:
 
 
 def finite_loss(loss: torch.Tensor) -> bool:
-    return bool(torch.isfinite(loss.detach()).all())
+    """Whether the (one-element) loss is finite: one read of its value, no kernel launch."""
+    return math.isfinite(loss.item())
 
 
 def all_finite(grads: list[torch.Tensor | None]) -> bool:
-    """Whether every element of every gradient is finite, in one synchronisation.
+    """Whether every element of every gradient is finite, in one synchronisation, exactly.
 
-    A tensor's sum (or norm) is NaN or Inf whenever one of its elements is, and is a
-    fast, vectorised read, and so is the sum of those; only when it is not finite (which
-    huge finite values, or sums of opposite infinities, can also cause) do the exact,
-    slower per-element checks run.
+    Up to ``_FOREACH_BELOW`` elements in all: the GradScaler's own kernel, one dispatch per
+    device that flags any NaN or Inf (it multiplies by 1, which leaves every value bitwise as
+    it was). Beyond that a read-only reduction is faster than that kernel's write: a tensor's
+    sum is NaN or Inf whenever one of its elements is, and so is the sum of those; only when
+    it is not finite (which huge finite values, or sums of opposite infinities, can also
+    cause) do the exact per-element checks run.
     """
     present = [g for g in grads if g is not None]
     if not present:
         return True
     if sum(g.numel() for g in present) <= _FOREACH_BELOW:
-        reduced = torch.stack(torch._foreach_norm(present))  # one dispatch for many small tensors (L2: 2x faster than L1)
-    else:
-        reduced = torch.stack([g.sum() for g in present])  # large tensors: the fastest kernel
-    if math.isfinite(reduced.sum().item()):  # (one dispatch fewer than isfinite().all())
+        return _none_flagged(present)
+    if math.isfinite(torch.stack([g.sum() for g in present]).sum().item()):
         return True
     return all(bool(torch.isfinite(g).all()) for g in present)
+
+
+def _none_flagged(tensors: list[torch.Tensor]) -> bool:
+    device = tensors[0].device
+    if any(t.device != device or t.is_complex() for t in tensors):  # the kernel takes one device's real tensors
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(torch.view_as_real(t) if t.is_complex() else t)
+        return all(_none_flagged(group) for group in by_device.values())
+    found = torch.zeros(1, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, _one(device))
+    return found.item() == 0.0
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
+def _one(device: torch.device) -> torch.Tensor:
+    """The kernel's ``inv_scale`` operand, 1.0 (read only; one per device)."""
+    if device not in _ONES:
+        _ONES[device] = torch.ones(1, device=device)
+    return _ONES[device]
