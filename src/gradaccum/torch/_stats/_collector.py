@@ -328,7 +328,7 @@ class PerSampleGradStats:
             parts = [inc.squared_norm(i) for i in range(len(self.params))]
             present = [i for i, t in enumerate(parts) if t is not None]
             if present:  # one synchronisation for every parameter
-                values = torch.stack([parts[i].to(torch.float64) for i in present]).tolist()  # type: ignore[union-attr]
+                values = torch.stack([parts[i] for i in present]).to(torch.float64).tolist()  # type: ignore[misc]
                 for i, v in zip(present, values):
                     self._norm_totals[i] += v / (unscale * unscale)
             self._norm_samples += n
@@ -514,7 +514,7 @@ class PerSampleGradStats:
         indices = sorted({i for group in groups for i in group if inc.has_bound(i)})
         if not indices:
             return
-        maxima = torch.stack([m.to(torch.float64) for m in torch._foreach_max([inc.bound_source(i) for i in indices])])
+        maxima = torch.stack(torch._foreach_max([inc.bound_source(i) for i in indices])).to(torch.float64)
         bound = dict(zip(indices, (inc.element_bound(i, m, n, self._project) for i, m in zip(indices, maxima.tolist()))))
         for group in groups:
             floor = max((bound[i] for i in group if i in bound), default=0.0)

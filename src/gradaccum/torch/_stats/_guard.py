@@ -67,7 +67,7 @@ def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int
             lowest = [-w for w in torch._foreach_max(torch._foreach_neg(slack))]
         else:  # in chunks through one scratch buffer: no fresh model-sized memory per increment
             lowest = [_lowest_slack(m2, s1, c) for m2, s1, c in zip(m2s, firsts, coefficients)]
-    worst = torch.stack([w.to(torch.float64) for w in lowest]).tolist()  # one synchronisation
+    worst = torch.stack(lowest).to(torch.float64).tolist()  # one synchronisation (stack promotes: exact)
     for i, w in enumerate(worst):
         if w < 0:  # M2_b < c' S1_b^2: flagged, or negative from rounding (NaN compares False: reported as is)
             index = (torch.addcmul(m2s[i], firsts[i], firsts[i], value=-coefficients[i]) < 0).reshape(-1)
