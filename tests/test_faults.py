@@ -368,7 +368,7 @@ def test_the_finiteness_check_is_exact_when_its_quick_reduction_overflows(large:
     from gradaccum.torch import _nonfinite
 
     if large:
-        monkeypatch.setattr(_nonfinite, "_FOREACH_BELOW", 0)
+        monkeypatch.setattr(_nonfinite, "_FLAGGED_UP_TO", 0)
     huge = [torch.full((3, 2), 3e38), torch.full((4,), 3e38), None]
     assert _nonfinite.all_finite(huge)  # norms and sums overflow; every element is finite
     assert _nonfinite.all_finite([torch.tensor([3e38, -3e38]), torch.ones(2)])

@@ -122,7 +122,7 @@ def _nan_grad_loss(model, part):
 def test_nonfinite_raise_leaves_window_intact(bad: str, foreach_below: int, monkeypatch) -> None:
     from gradaccum.torch import _nonfinite
 
-    monkeypatch.setattr(_nonfinite, "_FOREACH_BELOW", foreach_below)
+    monkeypatch.setattr(_nonfinite, "_FLAGGED_UP_TO", foreach_below)
     data = classification(12)
     model = mlp()
     good = take(data, slice(0, 8))

@@ -648,9 +648,9 @@ class Accumulator:
     def _finite(self, loss: torch.Tensor, grads: list[torch.Tensor | None]) -> bool:
         """Whether the micro-batch's loss and gradient are finite: under FSDP2 every rank's
         shard checked and the answer agreed (one small collective), else this process's."""
+        mine = finite_loss(loss) and all_finite(local(grads) if self._fsdp else grads)
         if not self._fsdp:
-            return finite_loss(loss) and all_finite(grads)
-        mine = finite_loss(loss) and all_finite(local(grads))
+            return mine
         said = self._contract.agree(CHECK, self._steps, self._micro_batches, 0, (float(mine),))  # type: ignore[union-attr]
         return all(finite == 1.0 for (finite,) in said)
 

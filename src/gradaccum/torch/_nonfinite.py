@@ -22,7 +22,7 @@ import torch
 
 NonFinitePolicy = Literal["raise", "skip_micro_batch", "skip_window"]
 POLICIES: tuple[str, ...] = ("raise", "skip_micro_batch", "skip_window")
-_FOREACH_BELOW = 1 << 20  # gradient elements up to which the finiteness check is one foreach kernel
+_FLAGGED_UP_TO = 1 << 20  # gradient elements up to which the finiteness check is the flagging kernel
 
 
 class NonFiniteError(FloatingPointError):
@@ -80,7 +80,7 @@ def finite_loss(loss: torch.Tensor) -> bool:
 def all_finite(grads: list[torch.Tensor | None]) -> bool:
     """Whether every element of every gradient is finite, in one synchronisation, exactly.
 
-    Up to ``_FOREACH_BELOW`` elements in all: the GradScaler's own kernel, one dispatch per
+    Up to ``_FLAGGED_UP_TO`` elements in all: the GradScaler's own kernel, one dispatch per
     device that flags any NaN or Inf (it multiplies by 1, which leaves every value bitwise as
     it was). Beyond that a read-only reduction is faster than that kernel's write: a tensor's
     sum is NaN or Inf whenever one of its elements is, and so is the sum of those; only when
@@ -90,7 +90,7 @@ def all_finite(grads: list[torch.Tensor | None]) -> bool:
     present = [g for g in grads if g is not None]
     if not present:
         return True
-    if sum(g.numel() for g in present) <= _FOREACH_BELOW:
+    if sum(g.numel() for g in present) <= _FLAGGED_UP_TO:
         return _none_flagged(present)
     if math.isfinite(torch.stack([g.sum() for g in present]).sum().item()):
         return True
@@ -98,6 +98,7 @@ def all_finite(grads: list[torch.Tensor | None]) -> bool:
 
 
 def _none_flagged(tensors: list[torch.Tensor]) -> bool:
+    """The flagging kernel over ``tensors``, per device (complex ones as real views)."""
     device = tensors[0].device
     if any(t.device != device or t.is_complex() for t in tensors):  # the kernel takes one device's real tensors
         by_device: dict[torch.device, list[torch.Tensor]] = {}
