@@ -403,3 +403,117 @@ def test_the_flagging_check_leaves_gradients_bitwise_and_takes_complex_and_mixed
         assert not _nonfinite.all_finite([torch.ones(2, dtype=torch.bfloat16), torch.tensor([bad], dtype=torch.float64)])
     assert _nonfinite.finite_loss(torch.tensor(2.0, requires_grad=True))
     assert not _nonfinite.finite_loss(torch.tensor(math.nan, dtype=torch.float16))
+
+
+def flaky_rows(monkeypatch: pytest.MonkeyPatch, fail_from_row: int) -> dict[str, bool]:
+    """nn.Linear's sums of squares, made in blocks of 16 elements, raise (once, when armed)
+    at the first block that starts at or past ``fail_from_row``: 0 fails before anything is
+    merged, 1 after the first block went in."""
+    from gradaccum.torch._stats import _blocks, _layers
+
+    monkeypatch.setattr(_blocks, "BLOCK", 16)
+    monkeypatch.setattr(_blocks, "_SCRATCH", {})
+    arm = {"armed": False}
+    make = _layers._linear_rows
+
+    def rows(x, d):
+        write = make(x, d)
+
+        def flaky(start, stop, out):
+            if arm["armed"] and start >= fail_from_row:
+                arm["armed"] = False
+                raise RuntimeError("out of memory (simulated, in a block of the sums of squares)")
+            write(start, stop, out)
+
+        return flaky
+
+    monkeypatch.setattr(_layers, "_linear_rows", rows)
+    return arm
+
+
+def test_a_commit_failing_in_its_first_block_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradaccum.torch import PerSampleGradStats
+
+    arm = flaky_rows(monkeypatch, 0)
+    data = classification(8)
+    model = mlp()
+    stats = PerSampleGradStats(model)
+    for part, armed in ((slice(0, 4), False), (slice(4, 8), True)):
+        model.zero_grad(set_to_none=True)
+        loss, count = ce_mean(model, take(data, part))
+        (loss * count).backward()
+        if armed:
+            before = [(m.mean.clone(), m.m2.clone()) for m in stats.moments()]
+            arm["armed"] = True
+            with pytest.raises(RuntimeError, match="simulated"):
+                stats.commit()
+            assert not stats.lost and stats.count == 4
+            assert all(torch.equal(m.mean, a) and torch.equal(m.m2, b) for m, (a, b) in zip(stats.moments(), before))
+        else:
+            stats.commit()
+
+
+def test_a_commit_failing_after_its_first_block_loses_the_moments_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocks before the failure are merged and cannot be taken out: the moments are refused
+    (not silently partial) until reset, and the next window is exact."""
+    from gradaccum.torch import PerSampleGradStats
+    from gradaccum.torch import PartialCommit
+
+    arm = flaky_rows(monkeypatch, 1)
+    data = classification(8)
+    model = mlp()
+    stats = PerSampleGradStats(model)
+
+    def increment(part: slice) -> None:
+        model.zero_grad(set_to_none=True)
+        loss, count = ce_mean(model, take(data, part))
+        (loss * count).backward()
+        stats.commit()
+
+    increment(slice(0, 4))
+    arm["armed"] = True
+    with pytest.raises(PartialCommit, match="partly merged"):
+        increment(slice(4, 8))
+    assert stats.lost
+    for refused in (stats.moments, stats.state_dict, lambda: increment(slice(4, 8))):
+        with pytest.raises(ValueError, match="partly merged"):
+            refused()
+    stats.reset()
+    increment(slice(0, 4))
+    increment(slice(4, 8))
+    fresh = PerSampleGradStats(twin := mlp())
+    twin.load_state_dict(model.state_dict())
+    for part in (slice(0, 4), slice(4, 8)):
+        twin.zero_grad(set_to_none=True)
+        loss, count = ce_mean(twin, take(data, part))
+        (loss * count).backward()
+        fresh.commit()
+    assert all(torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2) for a, b in zip(stats.moments(), fresh.moments()))
+
+
+def test_a_partly_merged_micro_batch_drops_its_window_in_the_accumulator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a per-element rule the window's sum lives in the statistics' mean: a commit that
+    failed half-way leaves it partly merged, so the window is dropped when it closes (reason
+    "failed"), never applied, and the next window steps."""
+    from gradaccum.torch import PartialCommit
+
+    arm = flaky_rows(monkeypatch, 1)
+    data = classification(20)
+    torch.manual_seed(0)
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), GSNR(1e9, increment=4, max_samples=8))
+    start = [p.detach().clone() for p in model.parameters()]
+    acc.backward(*ce_mean(model, take(data, slice(0, 4))))
+    arm["armed"] = True
+    with pytest.raises(PartialCommit):
+        acc.backward(*ce_mean(model, take(data, slice(4, 8))))
+    assert acc.window_micro_batches == 1 and all(p.grad is None for p in model.parameters())
+    # the statistics start again from the next micro-batch: the cap of 8 samples is two away
+    assert acc.backward(*ce_mean(model, take(data, slice(4, 8)))) is False
+    assert acc.last_record is None
+    assert acc.backward(*ce_mean(model, take(data, slice(8, 12)))) is False  # closes at the cap, dropped
+    assert acc.last_record.skipped and acc.last_record.reason == "failed"
+    assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+    acc.backward(*ce_mean(model, take(data, slice(12, 16))))
+    assert acc.backward(*ce_mean(model, take(data, slice(16, 20)))) is True
+    assert any(not torch.equal(a, b) for a, b in zip(start, model.parameters()))

@@ -25,7 +25,7 @@ from gradaccum import Decision
 from gradaccum._core.moments import Moments
 from gradaccum._core.statistics import mean_gsnr
 from gradaccum.torch import Accumulator, PerSampleGradStats
-from gradaccum.torch._stats import _guard
+from gradaccum.torch._stats import _blocks, _guard
 from gradaccum.torch._stats._layers import _embedding_values, _linear_values
 from gradaccum.torch._stats._registry import lookup
 
@@ -164,12 +164,16 @@ def worst_high_gsnr_m2_error() -> dict[str, float]:
     return worst
 
 
-@pytest.mark.parametrize("chunked", [False, True], ids=["foreach", "chunked"])
-def test_guard_recomputes_flagged_elements_on_every_path(chunked: bool, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    if chunked:  # the large-model path: one parameter at a time, in chunks through a scratch buffer
+@pytest.mark.parametrize("chunked", [False, True, "blocks"], ids=["foreach", "chunked", "blocks"])
+def test_guard_recomputes_flagged_elements_on_every_path(chunked: bool | str, kernels: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunked is True:  # the large-model path: one parameter at a time, in chunks through a scratch buffer
         monkeypatch.setattr(_guard, "FOREACH_BELOW", 0)
         monkeypatch.setattr(_guard, "CHUNK", 7)
         monkeypatch.setattr(_guard, "_SCRATCH", {})
+    if chunked == "blocks":  # the commit in blocks of 20 elements: rows of a parameter, or small ones together
+        monkeypatch.setattr(_blocks, "BLOCK", 20)
+        monkeypatch.setattr(_blocks, "_SCRATCH", {})
     worst = worst_high_gsnr_m2_error()
     assert {"norm.bias", "mix.bias", "gru.bias_ih_l0", "head.bias"} <= set(worst)
     assert max(worst.values()) < 1e-5, worst
@@ -193,3 +197,36 @@ def test_values_at_indices_equal_the_per_sample_gradients(layer: nn.Module, make
         index = torch.randperm(g[0].numel())[:9]
         torch.testing.assert_close(entry.values(layer, args, d, name, index), g.reshape(len(g), -1)[:, index],
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1 << 18, 4, 8], ids=["one_block", "one_row_per_block", "two_rows_per_block"])
+def test_flagged_elements_of_a_later_block_are_recomputed_at_their_own_rows(block: int,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Linear(4, 3) whose rows 1 and 2 have elements of per-sample GSNR near 1e8 (the input's
+    first column and the output gradient of those rows nearly constant): in blocks of one or two
+    rows they are flagged in blocks that start past row 0, and must be recomputed from their own
+    rows' per-sample values (row 0's would be another element's)."""
+    monkeypatch.setattr(_blocks, "BLOCK", block)
+    monkeypatch.setattr(_blocks, "_SCRATCH", {})
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    stats = PerSampleGradStats(layer)
+    x = torch.randn(64, 4)
+    x[:, 0] = 1.0 + 1e-4 * torch.randn(64)
+    weights = torch.tensor([0.0, 3.0, -2.0])
+    out = layer(x)  # one increment: the new window's merge adds nothing to its M2
+    ((out * weights).sum() + 0.5 * (out[:, 0] ** 2).sum()).backward()
+    stats.commit()
+    per_sample = []
+    for row in x:
+        out = layer(row[None])
+        per_sample.append(torch.autograd.grad((out * weights).sum() + 0.5 * (out[:, 0] ** 2).sum(),
+                                              layer.weight)[0].double())
+    v = torch.stack(per_sample)
+    want = ((v - v.mean(0)) ** 2).sum(0)
+    gsnr = v.mean(0) ** 2 / (want / 63)
+    assert gsnr[1:, 0].min() > 1e6 and gsnr[0].max() < 1e3  # rows 1 and 2 flagged, row 0 not
+    raw = (v.float() ** 2).sum(0) - v.float().sum(0) ** 2 / 64  # the unguarded one-pass form in float32
+    assert float(((raw[1:, 0] - want[1:, 0]).abs() / want[1:, 0]).min()) > 1e-2
+    got = stats.moments()[0].m2.double()
+    assert float(((got - want).abs() / want).max()) < 1e-5

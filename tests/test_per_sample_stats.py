@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from gradaccum.torch import PerSampleGradStats
+from gradaccum.torch._stats import _blocks
 
 from .reference import IGNORE, TinySeqModel, classification, tokens
 
@@ -145,7 +146,13 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 50])
-def test_moments_match_loop_over_samples(case: str, chunk_elements: int) -> None:
+@pytest.mark.parametrize("block", [_blocks.BLOCK, 37], ids=["one_block", "blocks_of_37"])
+def test_moments_match_loop_over_samples(case: str, chunk_elements: int, block: int,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layer path, in one block and cut into blocks of 37 elements (rows of the larger
+    parameters, several small ones together, and rows wider than a block in fresh buffers)."""
+    monkeypatch.setattr(_blocks, "BLOCK", block)
+    monkeypatch.setattr(_blocks, "_SCRATCH", {})
     make_model, make_batch, paths = CASES[case]
     model = make_model()
     n = 10

@@ -15,9 +15,11 @@ from ._memory import plan_accumulation as plan_accumulation
 from ._monitor import Monitor as Monitor
 from ._sampler import MicroBatchSampler as MicroBatchSampler
 from ._stats import LayerStats as LayerStats
+from ._stats import PartialCommit as PartialCommit
 from ._stats import PerSampleGradStats as PerSampleGradStats
+from ._stats import RowSquares as RowSquares
 from ._stats import register_layer_stats as register_layer_stats
 
-__all__ = ["Accumulator", "LayerStats", "MicroBatchSampler", "Monitor", "NonFiniteError", "NonFinitePolicy", "PerSampleGradStats",
-           "find_micro_batch_size", "is_out_of_memory", "measure_peak_memory", "plan_accumulation",
-           "register_layer_stats"]
+__all__ = ["Accumulator", "LayerStats", "MicroBatchSampler", "Monitor", "NonFiniteError", "NonFinitePolicy",
+           "PartialCommit", "PerSampleGradStats", "RowSquares", "find_micro_batch_size", "is_out_of_memory",
+           "measure_peak_memory", "plan_accumulation", "register_layer_stats"]

@@ -289,7 +289,14 @@ class Accumulator:
             self._discard_statistics()
             for _, p in self._untracked:
                 p.grad = None
-            if self._in_place:
+            if self.stats is not None and self.stats.lost:
+                # the statistics merged part of this micro-batch into their moments (which may hold
+                # the window sum): the window is dropped when it closes, and goes on gathering
+                # statistics from its next micro-batches to decide its length
+                self.stats.reset()
+                self._poisoned = self._failed = True
+                self._clear_grads()
+            elif self._in_place:
                 # autograd may have added part of this micro-batch to the window sum (.grad):
                 # that cannot be undone bitwise, so the window is dropped when it closes
                 self._poisoned = self._failed = True

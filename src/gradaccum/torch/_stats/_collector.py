@@ -18,9 +18,10 @@ from ..._core.rules import KINDS
 from ..._core.validation import check_choice, check_positive_int
 from ._explained import Projector, scale_from_squares, unexplained
 from ._fallback import BATCHED_KWARGS, Replay, batch_dims, loop_per_sample, vmap_per_sample
-from ._guard import Values, flag_coefficient, increment_m2
+from ._blocks import PartialCommit, commit_in_blocks
+from ._guard import Values, flag_coefficient
 from ._merge import merge_into
-from ._registry import LayerStats, channels_last_positions, lookup
+from ._registry import LayerStats, RowSquares, channels_last_positions, lookup
 from .._distributed import local, sum_over_ranks
 from ._sharded import agreed, is_sharded, local_rows, shard_group
 
@@ -62,7 +63,7 @@ class _Increment:
     """What one increment's backward produced, per parameter (order of ``params``)."""
 
     lengths: list[int]  # each parameter's last-dim length (what the projection runs along; 1 for vectors)
-    squares: list[torch.Tensor | None] = field(default_factory=list)  # per-element sums of squares over samples
+    squares: list[torch.Tensor | RowSquares | None] = field(default_factory=list)  # per-element sums of squares over samples
     hooked: list[torch.Tensor | None] = field(default_factory=list)  # projected sums of the hooked per-sample gradients
     floor: list[Any] = field(default_factory=list)  # the layer's per-element magnitude floor (see _explained)
     norms: list[torch.Tensor | None] = field(default_factory=list)  # norm-path entries: sum_i |g_i|^2 (0-d)
@@ -77,20 +78,28 @@ class _Increment:
             [None] * size for _ in range(5))
         self.floor, self.terms = [0.0] * size, [None] * size
 
+    def dense_squares(self, i: int) -> torch.Tensor | None:
+        """Parameter i's sums of squares as a tensor (a ``RowSquares`` is made whole, once)."""
+        if isinstance(self.squares[i], RowSquares):
+            self.squares[i] = self.squares[i].full()  # type: ignore[union-attr]
+        return self.squares[i]  # type: ignore[return-value]
+
     def scale(self, i: int, n: int, project: Projector) -> torch.Tensor | None:
         """Parameter i's projected magnitude bound (before the floor)."""
         if self.scales[i] is not None:
             return self.scales[i]
-        return None if self.squares[i] is None else scale_from_squares(self.squares[i], n, project)  # type: ignore[arg-type]
+        squares = self.dense_squares(i)
+        return None if squares is None else scale_from_squares(squares, n, project)
 
     def has_bound(self, i: int) -> bool:
-        source = self.scales[i] if self.scales[i] is not None else self.squares[i]
-        return source is not None and source.numel() > 0
+        if self.scales[i] is not None:
+            return self.scales[i].numel() > 0  # type: ignore[union-attr]
+        return self.squares[i] is not None and math.prod(self.squares[i].shape) > 0  # type: ignore[union-attr]
 
     def bound_source(self, i: int) -> torch.Tensor:
         """The tensor whose maximum gives parameter i's per-element bound (``element_bound``):
         the layer's magnitudes where it gave them (small), else the sums of squares."""
-        return self.scales[i] if self.scales[i] is not None else self.squares[i]  # type: ignore[return-value]
+        return self.scales[i] if self.scales[i] is not None else self.dense_squares(i)  # type: ignore[return-value]
 
     def element_bound(self, i: int, largest: float, n: int, project: Projector) -> float:
         """The largest per-element magnitude bound of parameter i from ``largest``, the maximum
@@ -103,7 +112,8 @@ class _Increment:
         """``sum_i |g_i|^2`` of parameter i over the increment's samples."""
         if self.norms[i] is not None:
             return self.norms[i]
-        return None if self.squares[i] is None else self.squares[i].sum()  # type: ignore[union-attr]
+        squares = self.dense_squares(i)
+        return None if squares is None else squares.sum()
 
 
 class PerSampleGradStats:
@@ -180,6 +190,7 @@ class PerSampleGradStats:
         self._probe: dict[int, list[tuple[int | None, int | None]]] | None = None
         self._lengths = [p.shape[-1] if p.dim() >= 2 else 1 for p in self.params]
         self._moments: list[Moments] | None = None
+        self._lost: str | None = None  # why the moments were lost (``PartialCommit``), until reset
         self._norm_samples = 0  # the norm path's window: samples and, per parameter, sum_i |g_i|^2 (float64)
         self._norm_totals = [0.0] * len(self.params)
         self._owners = self._layer_of_parameters()
@@ -299,7 +310,11 @@ class PerSampleGradStats:
                samples: int | None = None, scale: float | None = None) -> int:
         """Merge the increment whose backward just ran; returns its sample count.
 
-        On any error the running moments are left as they were.
+        On any error the running moments are left as they were, but for one: an exception in
+        the merge after part of the increment went in (a registered layer's ``values`` or
+        ``RowSquares`` raising, memory running out half-way; ``_blocks``). That raises
+        ``PartialCommit`` and the moments are lost: ``moments``, ``state_dict`` and ``commit``
+        refuse until ``reset``.
 
         Args:
           sums: this increment's gradient of the summed loss per parameter (in the order
@@ -313,6 +328,7 @@ class PerSampleGradStats:
             the sums (and its square out of the sums of squares) before merging.
         """
         try:
+            self._refuse_lost()
             if sums is None:
                 sums = [p.grad for p in self.params]
             calls = [c for c in self._calls if c.reached_loss]
@@ -334,16 +350,16 @@ class PerSampleGradStats:
             self._norm_samples += n
             return n
         firsts = [torch.zeros_like(p) if s1 is None else s1.detach() for p, s1 in zip(self.params, sums)]
-        seconds = [torch.zeros_like(p) if s2 is None else s2.to(p.dtype) for p, s2 in zip(self.params, inc.squares)]
         coefficients = [flag_coefficient(inc.terms[i] or n, p.dtype, n) for i, p in enumerate(self.params)]
-        m2s = increment_m2(firsts, seconds, n, coefficients, inc.values, self._names)
-        if unscale != 1.0:
-            firsts = torch._foreach_div(firsts, unscale)
-            torch._foreach_div_(m2s, unscale * unscale)
-        if reduce is not None:
-            firsts, n = self._reduce_moments(reduce, firsts, m2s, n)
-        self._moments = merge_into(self._moments, firsts, m2s, n)
-        return n
+        global_ = None if reduce is None else lambda s1, m2s, n_local: self._reduce_moments(reduce, s1, m2s, n_local)
+        before = self.count
+        try:
+            self._moments = commit_in_blocks(self._moments, self.params, firsts, inc.squares, n, coefficients,
+                                             inc.values, self._names, unscale, global_)
+        except PartialCommit as error:
+            self._moments, self._lost = None, str(error)
+            raise
+        return self.count - before  # the global increment's samples under data parallelism
 
     @staticmethod
     def _reduce_moments(reduce: Callable[[list[torch.Tensor], int], int], firsts: list[torch.Tensor],
@@ -749,13 +765,24 @@ class PerSampleGradStats:
         """Running moments per parameter (order of ``params``)."""
         if self.kind == "norms":
             raise ValueError("the norm path keeps no per-element moments (kind='norms'): use norm_sums")
+        self._refuse_lost()
         if self._moments is None:
             raise ValueError("no increment has been committed yet")
         return list(self._moments)
 
+    @property
+    def lost(self) -> bool:
+        """Whether a commit failed after merging part of its increment (the moments are
+        refused until ``reset``)."""
+        return self._lost is not None
+
+    def _refuse_lost(self) -> None:
+        if self._lost is not None:
+            raise ValueError(f"statistics: {self._lost}")
+
     def reset(self) -> None:
         """Start a new window: forget the running moments."""
-        self._moments = None
+        self._moments, self._lost = None, None
         self._norm_samples, self._norm_totals = 0, [0.0] * len(self.params)
         self._reset_increment()
 
@@ -763,6 +790,7 @@ class PerSampleGradStats:
         """The running moments (for a checkpoint taken mid-window)."""
         if self.kind == "norms":
             return {"norms": (self._norm_samples, list(self._norm_totals))}
+        self._refuse_lost()
         if self._moments is None:
             return {"moments": None}
         return {"moments": [(m.n, m.mean.clone(), m.m2.clone()) for m in self._moments]}
@@ -773,7 +801,7 @@ class PerSampleGradStats:
         if self.kind == "norms":
             self._norm_samples, self._norm_totals = checked  # type: ignore[misc]
         else:
-            self._moments = checked  # type: ignore[assignment]
+            self._moments, self._lost = checked, None  # type: ignore[assignment]
         self._reset_increment()
 
     def check_state(self, state: Any) -> list[Moments] | None:
@@ -888,6 +916,9 @@ def _gather(per_sample: torch.Tensor) -> Values:
     return lambda index: per_sample.reshape(len(per_sample), -1)[:, index]
 
 
-def _plus(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
-    return b if a is None else a + b
+def _plus(a: Any, b: Any) -> Any:
+    """``a + b``, ``b`` where ``a`` is None (a ``RowSquares`` made whole to be added)."""
+    if a is None:
+        return b
+    return (a.full() if isinstance(a, RowSquares) else a) + (b.full() if isinstance(b, RowSquares) else b)
 

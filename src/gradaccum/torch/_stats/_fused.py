@@ -115,11 +115,14 @@ def _self_check(kernels: _Kernels, dtype: torch.dtype, size: int) -> None:
 _KERNELS: _Kernels | None = None
 
 
-def kernels_for(*operands: Sequence[torch.Tensor]) -> _Kernels | None:
-    """The fused kernels if they should run on ``operands`` (lists of tensors, the first one's
-    elements counted; see the module docstring), else None."""
+def kernels_for(*operands: Sequence[torch.Tensor], elements: int | None = None) -> _Kernels | None:
+    """The fused kernels if they should run on ``operands`` (lists of tensors; see the module
+    docstring), else None. ``elements``: the model's elements, when the operands are a block of
+    it (default: the first list's)."""
     global _KERNELS
-    if not operands[0] or sum(t.numel() for t in operands[0]) < FUSED_FROM:
+    if elements is None:
+        elements = sum(t.numel() for t in operands[0])
+    if not operands[0] or elements < FUSED_FROM:
         return None
     dtype = operands[0][0].dtype
     if dtype not in DTYPES or any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or not t.numel()

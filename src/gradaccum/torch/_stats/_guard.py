@@ -48,16 +48,18 @@ def flag_coefficient(terms: int, dtype: torch.dtype, samples: int) -> float:
 
 @torch.no_grad()
 def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int, coefficients: list[float],
-                 values: list[Values | None], names: list[str]) -> list[torch.Tensor]:
+                 values: list[Values | None], names: list[str], elements: int | None = None) -> list[torch.Tensor]:
     """Each parameter's ``M2_b`` over the increment's ``n`` samples, in place of ``seconds``
     (the sums of squares), flagged elements recomputed from ``values`` (see the module docstring).
     A few passes over the elements and one synchronisation; the recomputation costs only where
     elements are flagged.
 
+    ``elements``: the model's, where these are a block of it (which kernels run; ``kernels_for``).
+
     Raises ValueError when an element is flagged in a parameter that has no per-sample values.
     """
     m2s = seconds
-    kernels = kernels_for(m2s, firsts)
+    kernels = kernels_for(m2s, firsts, elements=elements)
     if kernels is not None:  # one pass
         lowest = run_guard(kernels, m2s, firsts, n, coefficients)
     else:

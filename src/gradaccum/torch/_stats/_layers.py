@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
-from ._registry import Grads, LayerStats, NormParts, Projector, channels_first_positions
+from ._registry import Grads, LayerStats, NormParts, Projector, RowSquares, channels_first_positions
 from ._registry import register_layer_stats as register
 
 
@@ -41,14 +41,29 @@ def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project
     x = args[0]
     if x.dim() != 2:
         return None  # several positions per sample: the square does not factor
-    d2, x2 = d * d, x * x
-    squares = {"weight": d2.T @ x2}  # sum_i (d_i x_i^T)^2 elementwise = one extra GEMM
+    squares = {"weight": RowSquares(module.weight.shape, _linear_rows(x, d), x.dtype, x.device)}
     v = project.vector(x.shape[-1], x.dtype, x.device)
     sums = {"weight": d.T @ (x @ v)}  # (D^T X) v, two GEMVs
-    bias_squares = d2.sum(0)
-    magnitudes = _linear_magnitudes(module, bias_squares.sqrt(), x2.sum(), x.shape[0], v)
+    bias_squares = d.square().sum(0)
+    magnitudes = _linear_magnitudes(module, bias_squares.sqrt(), x.square().sum(), x.shape[0], v)
     return (_own(module, _with_bias(module, squares, bias_squares)), _own(module, _with_bias(module, sums, d.sum(0))),
             magnitudes)
+
+
+def _linear_rows(x: torch.Tensor, d: torch.Tensor):
+    """Rows ``start:stop`` of ``sum_i (d_i x_i^T)^2`` (elementwise) = ``(D^2)^T X^2``: the one
+    extra GEMM, a block of output rows at a time. ``X^2`` is made for the first block and
+    dropped after the last, so it is held for one layer at a time."""
+    held: list[torch.Tensor] = []
+
+    def write(start: int, stop: int, out: torch.Tensor) -> None:
+        if not held:
+            held.append(x.square())
+        torch.mm(d[:, start:stop].square().T, held[0], out=out)
+        if stop == d.shape[1]:
+            held.clear()
+
+    return write
 
 
 def _linear_magnitudes(module: nn.Linear, d_columns: torch.Tensor, x_squared: torch.Tensor, rows: int,

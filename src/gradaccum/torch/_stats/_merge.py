@@ -19,15 +19,16 @@ from ._fused import kernels_for, run_merge
 
 
 def merge_into(state: list[Moments] | None, firsts: list[torch.Tensor], m2s: list[torch.Tensor],
-               n_b: int) -> list[Moments]:
+               n_b: int, elements: int | None = None) -> list[Moments]:
     """Merge an increment of ``n_b`` samples with sums ``firsts`` and sums of squared deviations
-    ``m2s`` into ``state``. ``m2s`` (and ``state``) are overwritten; ``firsts`` are not."""
+    ``m2s`` into ``state``. ``m2s`` (and ``state``) are overwritten; ``firsts`` are not.
+    ``elements``: the model's, where these are a block of it (which kernels run)."""
     if state is None:
         return [Moments(n_b, mean, m2) for mean, m2 in zip(torch._foreach_div(firsts, n_b), m2s)]
     n_a = state[0].n
     n = n_a + n_b
     means, m2_a = [m.mean for m in state], [m.m2 for m in state]
-    kernels = kernels_for(means, m2_a, firsts, m2s)
+    kernels = kernels_for(means, m2_a, firsts, m2s, elements=elements)
     if kernels is not None:  # one pass
         run_merge(kernels, means, m2_a, firsts, m2s, n_a, n_b)
         return [Moments(n, mean, m2) for mean, m2 in zip(means, m2_a)]

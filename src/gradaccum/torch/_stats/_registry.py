@@ -43,6 +43,24 @@ class NormParts(NamedTuple):
     terms: int
 
 
+class RowSquares(NamedTuple):
+    """A weight's per-element sum of squares over samples, made on demand a block of rows
+    (dim 0) at a time: ``write(start, stop, out)`` fills ``out``, of shape
+    ``(stop - start, *shape[1:])``, with rows ``start:stop``. The per-element path merges each
+    block as it is made, through one small buffer, so the increment's sum of squares is never
+    held whole (docs/design.md, "Moments in blocks"). ``full()`` makes all of it."""
+
+    shape: torch.Size
+    write: Callable[[int, int, torch.Tensor], None]
+    dtype: torch.dtype
+    device: torch.device
+
+    def full(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.write(0, self.shape[0], out)
+        return out
+
+
 PerSample = Callable[[nn.Module, tuple, torch.Tensor], Grads]
 SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector], "tuple[Grads, Grads] | tuple[Grads, Grads, Grads] | None"]
 Norms = Callable[[nn.Module, tuple, torch.Tensor, Projector], "NormParts | None"]
@@ -60,7 +78,8 @@ class LayerStats:
         respect to its output, all with the batch on dim 0 and in the parameters' dtype.
         Called on batch chunks.
       sum_squares: optional fast path without per-sample gradients in memory:
-        ``(squares, sums)`` with ``squares[name] = sum_i g_i**2`` and ``sums[name]`` the
+        ``(squares, sums)`` with ``squares[name] = sum_i g_i**2`` (a tensor, or a
+        ``RowSquares`` that makes it a block of rows at a time) and ``sums[name]`` the
         sum over samples of the gradients *projected* by the given projector
         (``project(sum_i g_i)``, which the fast path can often form far more cheaply
         than the sum itself); None when it does not apply to these inputs. The sums
