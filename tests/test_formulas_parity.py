@@ -210,3 +210,44 @@ def test_kernels_that_do_not_compile_fall_back_to_foreach(monkeypatch, caplog) -
     assert got_gsnr == want_gsnr
     for a, b in zip(got, want):
         assert a.n == b.n and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+
+
+def test_the_decision_reads_the_merges_maximum_while_the_moments_are_unchanged(monkeypatch) -> None:
+    """With the fused kernels the merge takes the floor's ``max(mu^2 + M2 / n)`` block by block,
+    and the decision makes one pass (its ratios): the same maximum and the same decision as its
+    own pass, and its own pass again as soon as a moment changes in place or a state is loaded."""
+    from torch import nn
+
+    from gradaccum._core.statistics import mean_gsnr
+    from gradaccum.torch import PerSampleGradStats
+    from gradaccum.torch._stats import _blocks, _fused, _reductions
+
+    monkeypatch.setattr(_fused, "FUSED_FROM", 0)
+    monkeypatch.setattr(_blocks, "BLOCK", 100)  # several blocks: rows of the weights, the biases together
+    monkeypatch.setattr(_blocks, "_SCRATCH", {})
+    passes = []
+    own_pass = _reductions._Fused.largest
+    monkeypatch.setattr(_reductions._Fused, "largest", lambda self, n: passes.append(n) or own_pass(self, n))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
+    stats = PerSampleGradStats(model)
+    x = torch.randn(3, 16, 12)
+    for k, part in enumerate(x):  # a new window's first increment, then two merges
+        model.zero_grad(set_to_none=True)
+        model(part).square().sum().backward()
+        stats.commit()
+        moments = stats.moments()
+        recalled = _reductions._recall([m.mean for m in moments], [m.m2 for m in moments], float(stats.count))
+        assert recalled is not None, k
+        means, m2s = [m.mean for m in moments], [m.m2 for m in moments]
+        assert float(recalled) == float(own_pass(_reductions._Fused(_fused._KERNELS, means, m2s), stats.count))
+        decided = mean_gsnr(moments, "mean").value
+        assert passes == []  # one pass: the maximum came from the merge
+        _reductions._RECALLED.clear()
+        assert mean_gsnr(moments, "mean").value == decided and len(passes) == 1
+        passes.clear()
+    _reductions.remember_largest(moments, torch.tensor(math.nan))  # a stale value, if it were read
+    moments[0].m2.mul_(1.0)  # any in-place change
+    assert math.isfinite(mean_gsnr(moments, "mean").value) and len(passes) == 1
+    stats.load_state_dict(stats.state_dict())
+    assert math.isfinite(mean_gsnr(stats.moments(), "mean").value) and len(passes) == 2

@@ -26,7 +26,9 @@ import torch
 
 from ..._core.moments import Moments
 from ._guard import Values, increment_m2
+from ._fused import kernels_for, run_largest
 from ._merge import merge_into
+from ._reductions import remember_largest
 from ._registry import RowSquares
 
 BLOCK = 1 << 19  # elements per block (2 MiB in float32): a block of a 4096-wide weight is 128 rows, as fast a GEMM as the whole
@@ -146,6 +148,10 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
     data-parallel increment global (then everything is one block). Tensors in ``squares`` are
     overwritten.
 
+    Where the fused kernels run, each block's ``max(mu^2 + M2 / n)`` is taken as it is merged
+    (in cache) and their maximum remembered for the decision (``_reductions``), which then makes
+    one pass over the moments instead of two.
+
     Raises what the first block raises with nothing changed, and ``PartialCommit`` when a later
     block fails.
     """
@@ -155,6 +161,7 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
     if state is None:
         state = [Moments(0, torch.empty_like(p), torch.empty_like(p)) for p in params]
     n_a, total = state[0].n, n
+    largest: list[torch.Tensor | None] = []  # each block's max(mu^2 + M2 / n), where the fused kernels ran
     for number, block in enumerate(plan_blocks([p.shape for p in params], BLOCK if reduce is None else math.inf)):
         try:
             s1 = [rows(firsts[q.param], q) for q in block]
@@ -171,12 +178,18 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
             if new:  # mean = S1 / n; M2 = M2_b, which the guard wrote in place
                 torch._foreach_copy_(means, s1)
                 torch._foreach_div_(means, float(total))
+                kernels = kernels_for(means, m2s, elements=elements)
+                largest.append(None if kernels is None else run_largest(kernels, means, m2s, total))  # in cache
             else:
-                merge_into([Moments(n_a, mean, m2_a) for mean, m2_a in zip(means, m2s)], s1, m2, total, elements)
+                largest.append(merge_into([Moments(n_a, mean, m2_a) for mean, m2_a in zip(means, m2s)], s1, m2, total,
+                                          elements)[1])
         except Exception as error:
             if number == 0:
                 raise
             raise PartialCommit(f"the statistics' commit failed after merging {number} of its blocks "
                                 f"({type(error).__name__}: {error}): the running moments are partly merged "
                                 "and lost; reset() starts a new window") from error
-    return [Moments(n_a + total, m.mean, m.m2) for m in state]
+    merged = [Moments(n_a + total, m.mean, m.m2) for m in state]
+    if largest and all(x is not None for x in largest):
+        remember_largest(merged, torch.stack(largest).max())  # type: ignore[arg-type]
+    return merged

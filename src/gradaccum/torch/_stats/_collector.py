@@ -438,7 +438,7 @@ class PerSampleGradStats:
         m2s = [torch.zeros_like(p) for p in self.params]
         firsts, n = self._reduce_moments(reduce, [torch.zeros_like(p) for p in self.params], m2s, 0)
         if n > 0:
-            self._moments = merge_into(self._moments, firsts, m2s, n)
+            self._moments = merge_into(self._moments, firsts, m2s, n)[0]
         return n
 
     def _sample_count(self, samples: int | None) -> int:

@@ -6,13 +6,14 @@ Every step of the per-element path is elementwise arithmetic over all parameter 
 op by op (the foreach code of ``_guard``, ``_merge`` and ``_reductions``) each step is several
 passes over memory: three for the guard, four for the merge, about eight for the decision,
 about 15 per increment. Here each step is one generated loop that reads its operands once,
-keeps the intermediates in registers and writes only what it changes: four passes per
-increment (guard, merge, the decision's largest second moment and its sum of ratios), no
-temporaries. On 1M float32 elements a kernel takes 0.15-0.3 ms, against about 0.05 ms for
+keeps the intermediates in registers and writes only what it changes: three passes per
+increment (the guard; the merge, which also takes the decision's largest second moment; the
+decision's sum of ratios), no temporaries. On 1M float32 elements a kernel takes 0.15-0.3 ms, against about 0.05 ms for
 each foreach pass it replaces (``benchmarks/statistics_overhead.py --foreach`` compares whole
-increments). The merge does not also take the decision's maximum: inductor's loop for an
-in-place update with a reduction measured 27 ms on 16M elements, against 8.9 + 3.4 ms for the
-two kernels apart.
+increments). The merge also takes the decision's maximum, on a block of 2^19 elements
+(``_blocks``) as it is merged: 194 us against 110 + 121 us for the merge and a separate pass
+(on 16M elements at once the same loop measured 27 ms against 8.9 + 3.4 ms apart, so it pays
+only on blocks in cache), and the decision then makes one pass (``_reductions``).
 
 They run where they pay and work: CPU tensors of float32 or float64, at least ``FUSED_FROM``
 elements in all (on small models the foreach kernels are already few launches and one compiled
@@ -45,11 +46,15 @@ def _guard(m2b: torch.Tensor, s1: torch.Tensor, inv_n: torch.Tensor, c: torch.Te
 
 
 def _merge(mean: torch.Tensor, m2: torch.Tensor, s1: torch.Tensor, m2b: torch.Tensor, n_b: torch.Tensor,
-           inv_n: torch.Tensor, weight: torch.Tensor) -> None:
-    """Chan's merge in place: ``D = S1 - n_b mean``, ``mean += D / n``, ``M2 += M2_b + D^2 n_a / (n_b n)``."""
+           inv_n: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Chan's merge in place: ``D = S1 - n_b mean``, ``mean += D / n``, ``M2 += M2_b + D^2 n_a / (n_b n)``;
+    returns the merged ``max(mu^2 + M2 / n)``, the decision's floor (``_largest``) taken in the same loop."""
     d = s1 - n_b * mean
-    mean.add_(d * inv_n)
-    m2.add_(m2b + d * d * weight)
+    merged_mean = mean + d * inv_n
+    merged_m2 = m2 + (m2b + d * d * weight)
+    mean.copy_(merged_mean)
+    m2.copy_(merged_m2)
+    return (merged_m2 * inv_n + merged_mean * merged_mean).max()
 
 
 def _largest(mean: torch.Tensor, m2: torch.Tensor, inv_n: torch.Tensor) -> torch.Tensor:
@@ -100,11 +105,13 @@ def _self_check(kernels: _Kernels, dtype: torch.dtype, size: int) -> None:
     m2b = s2.clone()
     low = kernels.guard(m2b, s1, _scalar(1 / 3, dtype), _scalar(0.0, dtype))
     got_mean, got_m2 = mean.clone(), m2.clone()
-    kernels.merge(got_mean, got_m2, s1, m2b, _scalar(3.0, dtype), _scalar(1 / 5, dtype), _scalar(2 / 15, dtype))
+    merged_largest = kernels.merge(got_mean, got_m2, s1, m2b, _scalar(3.0, dtype), _scalar(1 / 5, dtype),
+                                   _scalar(2 / 15, dtype))
     d = s1 - 3 * mean
-    checks = [(low, want_m2b.min()), (m2b, want_m2b), (got_mean, mean + d / 5),
-              (got_m2, m2 + want_m2b + d * d * 2 / 15), (kernels.largest(mean, m2, _scalar(0.5, dtype)),
-                                                         (m2 / 2 + mean * mean).max())]
+    want_mean, want_m2 = mean + d / 5, m2 + want_m2b + d * d * 2 / 15
+    checks = [(low, want_m2b.min()), (m2b, want_m2b), (got_mean, want_mean), (got_m2, want_m2),
+              (merged_largest, (want_m2 / 5 + want_mean * want_mean).max()),
+              (kernels.largest(mean, m2, _scalar(0.5, dtype)), (m2 / 2 + mean * mean).max())]
     total, live = kernels.ratios(mean, m2, _scalar(1.5, dtype))
     checks += [(total, torch.where(m2 > 1.5, mean * mean / m2, 0).sum()), (live, (m2 > 1.5).sum())]
     for got, want in checks:
@@ -162,14 +169,15 @@ def run_guard(kernels: _Kernels, m2s: list[torch.Tensor], firsts: list[torch.Ten
 
 
 def run_merge(kernels: _Kernels, means: list[torch.Tensor], m2_a: list[torch.Tensor], firsts: list[torch.Tensor],
-              m2s: list[torch.Tensor], n_a: int, n_b: int) -> None:
-    """Chan's merge of the increment (sums ``firsts``, ``M2_b`` in ``m2s``) into ``means`` and ``m2_a``, in place."""
+              m2s: list[torch.Tensor], n_a: int, n_b: int) -> torch.Tensor:
+    """Chan's merge of the increment (sums ``firsts``, ``M2_b`` in ``m2s``) into ``means`` and ``m2_a``, in
+    place; returns the merged ``max(mu^2 + M2 / n)`` over them (0-d, NaN if a moment is not finite)."""
     n = n_a + n_b
     dtype = means[0].dtype
     scalars = (_scalar(float(n_b), dtype), _scalar(1.0 / n, dtype), _scalar(n_a / (n_b * n), dtype))
     with _quiet():
-        for mean, m2, s1, m2b in zip(means, m2_a, firsts, m2s):
-            kernels.merge(flat(mean), flat(m2), flat(s1), flat(m2b), *scalars)
+        return torch.stack([kernels.merge(flat(mean), flat(m2), flat(s1), flat(m2b), *scalars)
+                            for mean, m2, s1, m2b in zip(means, m2_a, firsts, m2s)]).max()
 
 
 def run_largest(kernels: _Kernels, means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: float) -> torch.Tensor:

@@ -19,26 +19,28 @@ from ._fused import kernels_for, run_merge
 
 
 def merge_into(state: list[Moments] | None, firsts: list[torch.Tensor], m2s: list[torch.Tensor],
-               n_b: int, elements: int | None = None) -> list[Moments]:
+               n_b: int, elements: int | None = None) -> tuple[list[Moments], torch.Tensor | None]:
     """Merge an increment of ``n_b`` samples with sums ``firsts`` and sums of squared deviations
     ``m2s`` into ``state``. ``m2s`` (and ``state``) are overwritten; ``firsts`` are not.
-    ``elements``: the model's, where these are a block of it (which kernels run)."""
+    ``elements``: the model's, where these are a block of it (which kernels run). Returns the
+    merged moments and, where the fused kernel merged them, their ``max(mu^2 + M2 / n)`` (the
+    decision's floor, taken in the same loop), else None."""
     if state is None:
-        return [Moments(n_b, mean, m2) for mean, m2 in zip(torch._foreach_div(firsts, n_b), m2s)]
+        return [Moments(n_b, mean, m2) for mean, m2 in zip(torch._foreach_div(firsts, n_b), m2s)], None
     n_a = state[0].n
     n = n_a + n_b
     means, m2_a = [m.mean for m in state], [m.m2 for m in state]
     kernels = kernels_for(means, m2_a, firsts, m2s, elements=elements)
     if kernels is not None:  # one pass
-        run_merge(kernels, means, m2_a, firsts, m2s, n_a, n_b)
-        return [Moments(n, mean, m2) for mean, m2 in zip(means, m2_a)]
+        largest = run_merge(kernels, means, m2_a, firsts, m2s, n_a, n_b)
+        return [Moments(n, mean, m2) for mean, m2 in zip(means, m2_a)], largest
     torch._foreach_add_(m2_a, m2s)
     scratch = m2s  # m2s := D
     torch._foreach_copy_(scratch, firsts)
     torch._foreach_add_(scratch, means, alpha=-n_b)
     torch._foreach_add_(means, scratch, alpha=1.0 / n)
     torch._foreach_addcmul_(m2_a, scratch, scratch, value=n_a / (n_b * n))
-    return [Moments(n, mean, m2) for mean, m2 in zip(means, m2_a)]
+    return [Moments(n, mean, m2) for mean, m2 in zip(means, m2_a)], None
 
 
 def merge_sums_into(state: list[Moments] | None, firsts: list[torch.Tensor], seconds: list[torch.Tensor],
@@ -48,4 +50,4 @@ def merge_sums_into(state: list[Moments] | None, firsts: list[torch.Tensor], sec
     against the core's ``chan_merge``)."""
     torch._foreach_addcmul_(seconds, firsts, firsts, value=-1.0 / n_b)
     torch._foreach_clamp_min_(seconds, 0.0)
-    return merge_into(state, firsts, seconds, n_b)
+    return merge_into(state, firsts, seconds, n_b)[0]

@@ -5,8 +5,9 @@ The definition, written once against the array API, makes about fifteen passes o
 parameter element per decision, each into a fresh temporary; on a 21M-parameter MLP that was
 330 ms per decision (a fresh 84 MB temporary costs page faults every time). Here the same
 arithmetic (the same floor, the same live mask, NaN for non-finite moments) runs in two fused
-passes where ``_fused`` runs, else in place on scratch buffers kept between decisions, about
-eight passes and no allocation; a large model in
+passes where ``_fused`` runs (one, the ratios, where the merge that made the moments took the
+floor's maximum: ``remember_largest``), else in place on scratch buffers kept between
+decisions, about eight passes and no allocation; a large model in
 pieces of ``CHUNK`` elements, so the scratch is three buffers of that size, not of the model's
 (on the 1.6M-parameter MLP the model-sized scratch had been 14 MB of the statistics' peak). A parity test
 (tests/test_formulas_parity.py) holds the two equal on every edge case.
@@ -15,6 +16,7 @@ pieces of ``CHUNK`` elements, so the scratch is three buffers of that size, not 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Sequence
 
 import array_api_compat
@@ -59,7 +61,9 @@ def gsnr_of(means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: Any, 
     nf = float(n)
     kernels = kernels_for(means, m2s)
     passes = _Foreach(means, m2s) if kernels is None else _Fused(kernels, means, m2s)
-    largest_value = passes.largest(nf)  # E[g^2] = mu^2 + M2 / n, for the floor; NaN or inf iff a moment is not finite
+    largest_value = _recall(means, m2s, nf)  # taken by the merge that made these moments, if it was
+    if largest_value is None:
+        largest_value = passes.largest(nf)  # E[g^2] = mu^2 + M2 / n, for the floor; NaN or inf iff a moment is not finite
     if not bool(torch.isfinite(largest_value)):
         nan = torch.full((), math.nan, dtype=dtype, device=device)
         return nan, torch.zeros((), dtype=torch.int64), torch.full((), size, dtype=torch.int64)
@@ -68,6 +72,30 @@ def gsnr_of(means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: Any, 
     total, count = passes.ratios(threshold)  # sum of mu^2 / M2 over the live elements, and their count
     total = total * max(nf - 1.0, 1.0)  # mu^2 / var = (n - 1) mu^2 / M2
     return statistics.gsnr_value(total, count, n, scale), count, size - count
+
+
+_RECALLED: list[tuple[float, list[tuple[Any, int, Any, int]], torch.Tensor]] = []
+
+
+def remember_largest(moments: Sequence[Any], value: torch.Tensor) -> None:
+    """``max(mu^2 + M2 / n)`` of ``moments`` as the merge that made them took it (``_blocks``):
+    the next decision on them reads it instead of making its own pass. It holds while every
+    buffer is the same tensor at the same version (any in-place change, a new window, a loaded
+    state: the decision takes its own pass again)."""
+    _RECALLED[:] = [(float(moments[0].n), [(weakref.ref(m.mean), m.mean._version, weakref.ref(m.m2), m.m2._version)
+                                           for m in moments], value)]
+
+
+def _recall(means: list[torch.Tensor], m2s: list[torch.Tensor], n: float) -> torch.Tensor | None:
+    if not _RECALLED:
+        return None
+    count, buffers, value = _RECALLED[0]
+    if count != n or len(buffers) != len(means):
+        return None
+    for (mean_ref, mean_version, m2_ref, m2_version), mean, m2 in zip(buffers, means, m2s):
+        if mean_ref() is not mean or mean._version != mean_version or m2_ref() is not m2 or m2._version != m2_version:
+            return None
+    return value
 
 
 class _Fused:
