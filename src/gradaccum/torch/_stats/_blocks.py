@@ -19,8 +19,9 @@ partly merged: ``PartialCommit`` says so, and the collector refuses them until `
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -46,10 +47,11 @@ class PartialCommit(RuntimeError):
     """A commit failed after merging some of its blocks: the running moments are partly merged."""
 
 
-def plan_blocks(shapes: Sequence[torch.Size], block: float) -> list[list[Piece]]:
+@functools.lru_cache(maxsize=16)
+def plan_blocks(shapes: tuple[torch.Size, ...], block: float) -> list[list[Piece]]:
     """The parameters cut into blocks of at most ``block`` elements: a parameter that fits is
     whole and shares its block with its neighbours; a larger one is cut into blocks of rows (a
-    block holds at least one row)."""
+    block holds at least one row). Cached: a model's shapes do not change between increments."""
     blocks: list[list[Piece]] = []
     current: list[Piece] = []
     size = 0
@@ -71,8 +73,10 @@ def plan_blocks(shapes: Sequence[torch.Size], block: float) -> list[list[Piece]]
 
 
 def rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
-    """The piece's rows of ``t`` (a view; a 0-d tensor whole)."""
-    return t if t.dim() == 0 else t[piece.start:piece.stop]
+    """The piece's rows of ``t`` (a view; ``t`` itself where the piece is all of it)."""
+    if t.dim() == 0 or (piece.start == 0 and piece.stop == t.shape[0]):
+        return t
+    return t[piece.start:piece.stop]
 
 
 _SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -162,7 +166,7 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
         state = [Moments(0, torch.empty_like(p), torch.empty_like(p)) for p in params]
     n_a, total = state[0].n, n
     largest: list[torch.Tensor | None] = []  # each block's max(mu^2 + M2 / n), where the fused kernels ran
-    for number, block in enumerate(plan_blocks([p.shape for p in params], BLOCK if reduce is None else math.inf)):
+    for number, block in enumerate(plan_blocks(tuple(p.shape for p in params), BLOCK if reduce is None else math.inf)):
         try:
             s1 = [rows(firsts[q.param], q) for q in block]
             means, m2s = [rows(state[q.param].mean, q) for q in block], [rows(state[q.param].m2, q) for q in block]
