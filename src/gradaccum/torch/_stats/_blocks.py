@@ -96,40 +96,40 @@ def _buffer(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 def _seconds(block: list[Piece], params: list[torch.Tensor], squares: list[torch.Tensor | RowSquares | None],
              into: list[torch.Tensor] | None) -> list[torch.Tensor]:
     """The block's ``S2``, which the guard overwrites: in ``into`` where given (a new window's
-    ``M2`` rows); else rows of the tensors at hand (the increment's own), or made into the
-    buffer. Zeros where the parameter had no gradient."""
-    if into is not None:
-        for q, out in zip(block, into):
-            source = squares[q.param]
-            if isinstance(source, torch.Tensor):
-                out.copy_(rows(source, q))
-            elif source is None:
-                out.zero_()
-            else:
-                source.write(q.start, q.stop, out)
-        return into
-    shapes = {q: (q.stop - q.start, *params[q.param].shape[1:]) if params[q.param].dim() else () for q in block}
-    made = [q for q in block if not isinstance(squares[q.param], torch.Tensor)]
-    buffers: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, int]] = {}
-    for key in {(params[q.param].dtype, params[q.param].device) for q in made}:
-        buffers[key] = (_buffer(sum(math.prod(shapes[q]) for q in made if (params[q.param].dtype,
-                                                                            params[q.param].device) == key), *key), 0)
-    out: list[torch.Tensor] = []
-    for q in block:
+    ``M2`` rows); else rows of the tensors at hand (the increment's own, no copy), or made into
+    the buffer. Zeros where the parameter had no gradient."""
+    copy_tensors = into is not None  # else a tensor's target is its own rows
+    if into is None:
+        into = _targets(block, params, squares)
+    for q, out in zip(block, into):
         source = squares[q.param]
-        if isinstance(source, torch.Tensor):
-            out.append(rows(source, q))
-            continue
-        key = (params[q.param].dtype, params[q.param].device)
-        buffer, offset = buffers[key]
-        size = math.prod(shapes[q])
-        view = buffer[offset:offset + size].view(shapes[q])
-        buffers[key] = (buffer, offset + size)
         if source is None:
-            view.zero_()
-        else:
-            source.write(q.start, q.stop, view)
-        out.append(view)
+            out.zero_()
+        elif isinstance(source, RowSquares):
+            source.write(q.start, q.stop, out)
+        elif copy_tensors:
+            out.copy_(rows(source, q))
+    return into
+
+
+def _targets(block: list[Piece], params: list[torch.Tensor],
+             squares: list[torch.Tensor | RowSquares | None]) -> list[torch.Tensor]:
+    """Where each piece's ``S2`` goes: the rows of a tensor at hand, else consecutive views of
+    the buffer (one per dtype and device)."""
+    shapes = [(q.stop - q.start, *params[q.param].shape[1:]) if params[q.param].dim() else () for q in block]
+    keys = [(params[q.param].dtype, params[q.param].device) for q in block]
+    made = [not isinstance(squares[q.param], torch.Tensor) for q in block]
+    sizes = {key: sum(math.prod(shape) for shape, k, m in zip(shapes, keys, made) if m and k == key) for key in set(keys)}
+    buffers = {key: _buffer(size, *key) for key, size in sizes.items() if size}
+    offsets = dict.fromkeys(buffers, 0)
+    out: list[torch.Tensor] = []
+    for q, shape, key, m in zip(block, shapes, keys, made):
+        if not m:
+            out.append(rows(squares[q.param], q))  # type: ignore[arg-type]
+            continue
+        size = math.prod(shape)
+        out.append(buffers[key][offsets[key]:offsets[key] + size].view(shape))
+        offsets[key] += size
     return out
 
 
