@@ -15,7 +15,7 @@ data; the peak resident size is reset there (/proc/self/clear_refs) and the chil
 reports how far it rose during two runs: gradients, activations, and for "ours" the
 moments it keeps (mean and M2, two parameter-sized buffers, plus one scratch buffer).
 
-    python benchmarks/statistics_overhead.py [--rounds 7] [--skip-vmap-above 5000000] [--foreach]
+    python benchmarks/statistics_overhead.py [--rounds 7] [--skip-vmap-above 5000000] [--foreach] [--only TEXT]
 
 Per-element statistics use the fused kernels (``gradaccum.torch._stats._fused``) from 2^20
 elements; ``--foreach`` runs the foreach kernels at every size, for comparison. A child
@@ -208,6 +208,8 @@ def main() -> None:
                         help="skip vmap for models with more parameters (its memory is samples x parameters)")
     parser.add_argument("--foreach", action="store_true",
                         help="per-element statistics on the foreach kernels at every size (not the fused ones)")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="run only the models whose row name contains TEXT (repeatable)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.foreach:
@@ -221,7 +223,11 @@ def main() -> None:
     print("| model, increment | plain ms | ours / plain | norms / plain | vmap / ours | vmap / norms | "
           "peak +MiB plain | ours | norms | vmap |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for config in CONFIGS:
+    configs = [c for c in CONFIGS if not args.only or any(text in c for text in args.only)]
+    if not configs:
+        parser.error(f"--only: no model's row name contains {' or '.join(map(repr, args.only))}; "
+                     f"the rows are: {', '.join(CONFIGS)}")
+    for config in configs:
         runners, n_params = make(config)
         names = ["plain", "ours", "norms"] + (["vmap"] if n_params <= args.skip_vmap_above else [])
         repeats = {}
