@@ -34,7 +34,6 @@ missed use must be below about 5e-4 of the gradient's magnitude, and in float64 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
