@@ -61,6 +61,13 @@ class Projector:
             self._sums[key] = float(self.vector(size, torch.float64, torch.device("cpu")).abs().sum())
         return self._sums[key]
 
+    def norm(self, size: int) -> float:
+        """``|v|`` of the vector of that length."""
+        key = ("norm", size)
+        if key not in self._sums:
+            self._sums[key] = float(torch.linalg.vector_norm(self.vector(size, torch.float64, torch.device("cpu"))))
+        return self._sums[key]
+
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` projected along its last dimension (a vector parameter is compared whole)."""
         if t.dim() < 2:
@@ -108,7 +115,7 @@ def unexplained(grads: list[torch.Tensor], hooked: list[torch.Tensor | None], sc
     rounding; all parameters are compared by a few foreach kernels."""
     missing = [j for j in range(len(grads)) if (hooked[j] is None or scales[j] is None) and grads[j].numel()]
     present = [j for j in range(len(grads)) if hooked[j] is not None and scales[j] is not None and grads[j].numel()]
-    checks = [(grads[j] != 0).any() for j in missing]
+    checks = [torch.stack([(grads[j] != 0).any() for j in missing])] if missing else []
     if present:
         reals = [project(_as(grads[j].detach(), hooked[j].dtype)) for j in present]  # type: ignore[union-attr]
         diffs = torch._foreach_sub(reals, [hooked[j] for j in present])  # type: ignore[misc]
@@ -122,10 +129,10 @@ def unexplained(grads: list[torch.Tensor], hooked: list[torch.Tensor | None], sc
         allowed = torch._foreach_mul([scales[j] for j in present], tols)  # type: ignore[misc]
         torch._foreach_add_(allowed, offsets)
         torch._foreach_sub_(diffs, allowed)  # > 0 where rounding does not explain the difference
-        checks += [worst > 0 for worst in torch._foreach_max(diffs)]
+        checks.append(torch.stack(torch._foreach_max(diffs)) > 0)
     if not checks:
         return []
-    verdict = torch.stack([c.to("cpu") for c in checks]).tolist()
+    verdict = torch.cat([c.to("cpu") for c in checks]).tolist()
     return [j for j, wrong in zip(missing + present, verdict) if wrong]
 
 

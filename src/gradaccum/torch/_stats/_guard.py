@@ -61,15 +61,15 @@ def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int
     m2s = seconds
     kernels = kernels_for(m2s, firsts, elements=elements)
     if kernels is not None:  # one pass
-        lowest = run_guard(kernels, m2s, firsts, n, coefficients)
+        lowest = torch.stack(run_guard(kernels, m2s, firsts, n, coefficients))
     else:
         torch._foreach_addcmul_(m2s, firsts, firsts, value=-1.0 / n)
         if sum(m.numel() for m in m2s) <= FOREACH_BELOW:  # few kernel launches for every parameter at once
             slack = torch._foreach_addcmul(m2s, firsts, firsts, [-c for c in coefficients])
-            lowest = [-w for w in torch._foreach_max(torch._foreach_neg(slack))]
+            lowest = torch.stack(torch._foreach_max(torch._foreach_neg(slack))).neg_()
         else:  # in chunks through one scratch buffer: no fresh model-sized memory per increment
-            lowest = [_lowest_slack(m2, s1, c) for m2, s1, c in zip(m2s, firsts, coefficients)]
-    worst = torch.stack(lowest).to(torch.float64).tolist()  # one synchronisation (stack promotes: exact)
+            lowest = torch.stack([_lowest_slack(m2, s1, c) for m2, s1, c in zip(m2s, firsts, coefficients)])
+    worst = lowest.to(torch.float64).tolist()  # one synchronisation (stack promotes: exact)
     for i, w in enumerate(worst):
         if w < 0:  # M2_b < c' S1_b^2: flagged, or negative from rounding (NaN compares False: reported as is)
             index = (torch.addcmul(m2s[i], firsts[i], firsts[i], value=-coefficients[i]) < 0).reshape(-1)
