@@ -120,7 +120,7 @@ class _Foreach:
         dtype, device = means[0].dtype, means[0].device
         self.ratio, self.work, self.live = _buffers(("work", width, dtype, device), lambda: (
             torch.empty(width, dtype=dtype, device=device), torch.empty(width, dtype=dtype, device=device),
-            torch.empty(width, dtype=torch.bool, device=device)))
+            torch.empty(width, dtype=dtype, device=device)))
         self.dtype, self.device = dtype, device
 
     def largest(self, n: float) -> torch.Tensor:
@@ -133,16 +133,16 @@ class _Foreach:
 
     def ratios(self, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        count = torch.zeros((), dtype=torch.int64, device=self.device)
-        infinite = torch.full((), math.inf, dtype=self.dtype, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)  # sums of 0s and 1s: exact
         for mean, m2 in self.pieces:
             k = mean.numel()
-            r, w, b = self.ratio[:k], self.work[:k], self.live[:k]
-            torch.gt(m2, threshold, out=b)
-            torch.where(b, m2, infinite, out=w)  # a dead element's ratio is mu / inf = 0 (the moments are finite here)
-            total += torch.dot(mean, torch.div(mean, w, out=r))  # sum of mu * (mu / M2) over the live elements
-            count += b.sum()
-        return total, count
+            r, w, live = self.ratio[:k], self.work[:k], self.live[:k]
+            torch.gt(m2, threshold, out=live)  # 1 or 0 in the moments' dtype (a bool mask is 3x slower to make)
+            torch.clamp_min(m2, threshold, out=w)
+            torch.div(mean, w, out=r).mul_(live)  # mu / M2 on the live elements, 0 elsewhere
+            total += torch.dot(mean, r)
+            count += live.sum(dtype=torch.float64)
+        return total, count.to(torch.int64)
 
 
 statistics.FUSED[array_api_compat.array_namespace(torch.zeros(1)).__name__] = gsnr_of
