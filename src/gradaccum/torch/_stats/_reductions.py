@@ -8,7 +8,7 @@ arithmetic (the same floor, the same live mask, NaN for non-finite moments) runs
 passes where ``_fused`` runs (one, the ratios, where the merge that made the moments took the
 floor's maximum: ``remember_largest``), else in place on scratch buffers kept between
 decisions, about seven passes and no allocation; a large model in
-pieces of ``CHUNK`` elements, so the scratch is three buffers of that size, not of the model's
+pieces of ``CHUNK`` elements, so the scratch is two buffers of that size, not of the model's
 (on the 1.6M-parameter MLP the model-sized scratch had been 14 MB of the statistics' peak). A parity test
 (tests/test_formulas_parity.py) holds the two equal on every edge case.
 """
@@ -26,7 +26,7 @@ from ..._core import statistics
 from ._fused import kernels_for, run_largest, run_ratios
 
 _SCRATCH: dict[tuple, tuple[torch.Tensor, ...]] = {}
-CHUNK = 1 << 18  # elements per pass over a large model: the scratch is three buffers of this size
+CHUNK = 1 << 18  # elements per pass over a large model: the scratch is two buffers of this size
 
 
 def _buffers(key: tuple, make: Any) -> tuple[torch.Tensor, ...]:
@@ -118,9 +118,8 @@ class _Foreach:
         self.pieces = _pieces(means, m2s)
         width = max(a.numel() for a, _ in self.pieces)
         dtype, device = means[0].dtype, means[0].device
-        self.ratio, self.work, self.live = _buffers(("work", width, dtype, device), lambda: (
-            torch.empty(width, dtype=dtype, device=device), torch.empty(width, dtype=dtype, device=device),
-            torch.empty(width, dtype=dtype, device=device)))
+        self.work, self.live = _buffers(("work", width, dtype, device), lambda: (
+            torch.empty(width, dtype=dtype, device=device), torch.empty(width, dtype=dtype, device=device)))
         self.dtype, self.device = dtype, device
 
     def largest(self, n: float) -> torch.Tensor:
@@ -136,11 +135,11 @@ class _Foreach:
         count = torch.zeros((), dtype=torch.float64, device=self.device)  # sums of 0s and 1s: exact
         for mean, m2 in self.pieces:
             k = mean.numel()
-            r, w, live = self.ratio[:k], self.work[:k], self.live[:k]
+            w, live = self.work[:k], self.live[:k]
             torch.gt(m2, threshold, out=live)  # 1 or 0 in the moments' dtype (a bool mask is 3x slower to make)
             torch.clamp_min(m2, threshold, out=w)
-            torch.div(mean, w, out=r).mul_(live)  # mu / M2 on the live elements, 0 elsewhere
-            total += torch.dot(mean, r)
+            torch.div(mean, w, out=w).mul_(live)  # mu / M2 on the live elements, 0 elsewhere
+            total += torch.dot(mean, w)
             count += live.sum(dtype=torch.float64)
         return total, count.to(torch.int64)
 
