@@ -34,6 +34,7 @@ missed use must be below about 5e-4 of the gradient's magnitude, and in float64 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -54,18 +55,17 @@ class Projector:
 
     def abs_sum(self, size: int) -> float:
         """``sum |v|`` of the vector of that length (1 for vectors, which are compared whole)."""
-        if size <= 1:
-            return 1.0
-        key = ("sum", size)
-        if key not in self._sums:
-            self._sums[key] = float(self.vector(size, torch.float64, torch.device("cpu")).abs().sum())
-        return self._sums[key]
+        return 1.0 if size <= 1 else self._reduced("sum", size, lambda v: v.abs().sum())
 
     def norm(self, size: int) -> float:
         """``|v|`` of the vector of that length."""
-        key = ("norm", size)
+        return self._reduced("norm", size, torch.linalg.vector_norm)
+
+    def _reduced(self, name: str, size: int, reduce: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        """``reduce`` of the float64 vector of that length, computed once."""
+        key = (name, size)
         if key not in self._sums:
-            self._sums[key] = float(torch.linalg.vector_norm(self.vector(size, torch.float64, torch.device("cpu"))))
+            self._sums[key] = float(reduce(self.vector(size, torch.float64, torch.device("cpu"))))
         return self._sums[key]
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:

@@ -42,10 +42,11 @@ def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project
     if x.dim() != 2:
         return None  # several positions per sample: the square does not factor
     squares = {"weight": RowSquares(module.weight.shape, _linear_rows(x, d), x.dtype, x.device)}
-    bias_squares = d.square().sum(0)  # D^2 made again per block: held until the write, it cost 2 MiB on the 1.6M MLP
+    bias_squares = d.square().sum(0)  # the write squares D again: holding D^2 until then cost 2 MiB on the 1.6M MLP
     v = project.vector(x.shape[-1], x.dtype, x.device)
     sums = {"weight": d.T @ (x @ v)}  # (D^T X) v, two GEMVs
-    magnitudes = _linear_magnitudes(module, bias_squares.sqrt(), torch.linalg.vector_norm(x), x.shape[0], v, project)
+    magnitudes = _linear_magnitudes(module, bias_squares.sqrt(), torch.linalg.vector_norm(x), x.shape[0],
+                                    project.norm(x.shape[-1]))
     return (_own(module, _with_bias(module, squares, bias_squares)), _own(module, _with_bias(module, sums, d.sum(0))),
             magnitudes)
 
@@ -67,11 +68,11 @@ def _linear_rows(x: torch.Tensor, d: torch.Tensor):
 
 
 def _linear_magnitudes(module: nn.Linear, d_columns: torch.Tensor, x_norm: torch.Tensor, rows: int,
-                       v: torch.Tensor, project: Projector) -> Grads:
+                       v_norm: float) -> Grads:
     """The check's magnitudes as Cauchy-Schwarz bounds from norms already at hand,
     ``sum_r |d_rj| |x_r . v| <= |D_:j| |X|_F |v|`` over the rows r (samples x positions), so that
     no absolute value of an activation, and no pass over the sums of squares, is formed."""
-    return _own(module, _with_bias(module, {"weight": d_columns * (x_norm * project.norm(v.numel()))},
+    return _own(module, _with_bias(module, {"weight": d_columns * (x_norm * v_norm)},
                                    d_columns * rows**0.5))
 
 
@@ -102,7 +103,7 @@ def _linear_norms(module: nn.Linear, args: tuple, d: torch.Tensor, project: Proj
     d_columns = df.square().sum(0).sqrt_()  # (vector_norm over dim 0 is a slow strided reduction)
     squared = _with_bias(module, {"weight": weight}, bias)
     sums = _with_bias(module, {"weight": df.T @ (xf @ v)}, df.sum(0))
-    magnitudes = _linear_magnitudes(module, d_columns, x_rows.sum().sqrt(), rows, v, project)
+    magnitudes = _linear_magnitudes(module, d_columns, x_rows.sum().sqrt(), rows, project.norm(n_in))
     return NormParts(_own(module, squared), _own(module, sums), magnitudes, rows)
 
 
