@@ -105,16 +105,9 @@ def _none_flagged(tensors: list[torch.Tensor]) -> bool:
         for t in tensors:
             by_device.setdefault(t.device, []).append(torch.view_as_real(t) if t.is_complex() else t)
         return all(_none_flagged(group) for group in by_device.values())
-    found = torch.zeros(1, device=device)
-    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, _one(device))
+    # the kernel takes float32 operands whatever the default dtype (torch.set_default_dtype(torch.float64),
+    # Lightning's "64-true"), so their dtype is explicit; two one-element tensors per check
+    found = torch.zeros(1, dtype=torch.float32, device=device)
+    one = torch.ones(1, dtype=torch.float32, device=device)
+    torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found.item() == 0.0
-
-
-_ONES: dict[torch.device, torch.Tensor] = {}
-
-
-def _one(device: torch.device) -> torch.Tensor:
-    """The kernel's ``inv_scale`` operand, 1.0 (read only; one per device)."""
-    if device not in _ONES:
-        _ONES[device] = torch.ones(1, device=device)
-    return _ONES[device]

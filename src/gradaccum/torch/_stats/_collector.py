@@ -52,6 +52,13 @@ class _Call:
     in_size: int | None  # leading size of the first tensor input on its batch dim
     out_size: int | None = None
     grads: list[torch.Tensor | None] = field(default_factory=list)
+    in_nodes: list[Any] = field(default_factory=list)  # the autograd nodes of its tensor inputs
+    out_node: Any = None  # the autograd node of its first output
+    out_shape: tuple[int, ...] | None = None  # the shape of its first output
+    batched_outputs: list[bool] = field(default_factory=list)  # the model's call: outputs that carry the batch
+    broadcast_grad: torch.Tensor | None = None  # the batch-shaped gradient its output was added into
+    tap_failed: bool = False  # its output reaches the batch other than by one plain addition
+    expanded: bool = False  # a broadcast call rewritten over the batch (``_expanded``)
 
     @property
     def reached_loss(self) -> bool:
@@ -263,8 +270,14 @@ class PerSampleGradStats:
                     f"per-sample statistics are not defined for BatchNorm in train mode ({unit.label}): it "
                     "normalises over the batch, mixing samples; use GroupNorm/LayerNorm or put it in eval mode"
                 )
-            self._record(_Call(unit, _detach_all(args), {k: _detach(v) for k, v in kwargs.items()},
-                               _leading(args, kwargs, in_dim), _leading_out(output, out_dims[0])), output)
+            call = _Call(unit, _detach_all(args), {k: _detach(v) for k, v in kwargs.items()},
+                         _leading(args, kwargs, in_dim), _leading_out(output, out_dims[0]))
+            call.in_nodes = [a.grad_fn for a in (*args, *kwargs.values())
+                             if isinstance(a, torch.Tensor) and a.grad_fn is not None]
+            first = next((o for o in tree_flatten(output)[0] if isinstance(o, torch.Tensor)), None)
+            if first is not None:
+                call.out_node, call.out_shape = first.grad_fn, tuple(first.shape)
+            self._record(call, output)
 
         return hook
 
@@ -272,8 +285,38 @@ class PerSampleGradStats:
         if self._replaying or self._probe is not None or not torch.is_grad_enabled():
             return
         call = _Call(None, _detach_all(args), {k: _detach(v) for k, v in kwargs.items()}, _leading(args, kwargs, 0))
+        outputs, _ = tree_flatten(output)
+        call.batched_outputs = [isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == call.in_size
+                                for o in outputs]
         self._model_calls.append(call)
         self._record(call, output, keep=False)
+        if call.in_size is not None:
+            self._tap_broadcast(self._calls[self._tapped:], call.in_size,
+                                [o.grad_fn for o in outputs if isinstance(o, torch.Tensor) and o.grad_fn is not None])
+        self._tapped = len(self._calls)
+
+    def _tap_broadcast(self, calls: list[_Call], n: int, output_nodes: list[Any]) -> None:
+        """For each call of this forward whose output does not carry the batch (a position
+        embedding of ``arange(T)``), hook the addition that broadcasts it over the batch: the
+        gradient that addition receives, split by sample, is the output's per-sample gradient
+        (``_expanded``). Found by walking the autograd graph back from the inputs of the calls
+        after it (a few nodes in a transformer), then from the model's outputs."""
+        for k, call in enumerate(calls):
+            if call.out_node is None or call.unit is None or not self._may_broadcast(call, n):
+                continue
+            starts = [[node] for later in calls[k + 1:] for node in later.in_nodes] + [output_nodes]
+            adds = _consumers(call.out_node, starts)
+            if adds is None:
+                call.tap_failed = True
+                continue
+            for node in adds:
+                node.register_prehook(_store_broadcast_grad(call))
+
+    def _may_broadcast(self, call: _Call, n: int) -> bool:
+        """Whether the call's sizes, or an earlier probe, say it does not follow the batch."""
+        in_dim, _ = batch_dims(call.unit.module, 1)  # type: ignore[union-attr]
+        return in_dim == 0 and (call.in_size != n or call.out_size not in (n, None)
+                                or self._batched.get(id(call.unit.module)) is False)  # type: ignore[union-attr]
 
     @property
     def forward_passes(self) -> int:
@@ -300,6 +343,7 @@ class PerSampleGradStats:
     def _reset_increment(self) -> None:
         self._calls: list[_Call] = []
         self._model_calls: list[_Call] = []
+        self._tapped = 0  # calls whose broadcast output was looked for (``_tap_broadcast``)
 
     def discard(self) -> None:
         """Forget the increment recorded since the last ``commit`` (for a skipped micro-batch)."""
@@ -456,6 +500,12 @@ class PerSampleGradStats:
         ``sums`` (the real gradients); parameters the hooks do not explain take the
         whole-model fallback."""
         on_model = set(self._on_model)
+        for name in self._names:  # the whole-model fallback's entries are this increment's alone
+            self.paths.pop(name, None)
+        # a broadcast call's rewrite over the batch passes the check whatever it is (its per-sample
+        # gradients add up to the real one by construction), so only calls known to be broadcast
+        # (sizes, or an earlier single-sample probe) take it; an unknown ``B == T`` call is probed
+        calls = [(c.broadcast_grad is not None and self._may_broadcast(c, n) and _expanded(c, n)) or c for c in calls]
         for unit in self._broadcast_units(calls, n):
             on_model.update(self._index[id(p)] for p in unit.params.values())
         inc = _Increment(self._lengths)
@@ -549,6 +599,8 @@ class PerSampleGradStats:
         unknown = []
         for c in calls:
             unit = c.unit
+            if c.expanded:
+                continue
             if c.in_size != n or c.out_size not in (n, None) or self._batched.get(id(unit.module)) is False:  # type: ignore[union-attr]
                 broadcast[id(unit)] = unit  # type: ignore[assignment]
             elif n > 1 and id(unit.module) not in self._batched:  # type: ignore[union-attr]
@@ -722,7 +774,10 @@ class PerSampleGradStats:
                 f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in needed)} "
                 f"from the layers that used it, and cannot run the whole model per sample instead: {why}")
         local = [names[id(self.params[i])] for i in needed]
-        replay = Replay.of_model(self.model, call.args, call.kwargs, call.grads, n).cast_to(self.params[needed[0]].dtype)
+        # outputs that do not carry the batch (a mean loss returned beside the logits) cannot be
+        # split by sample: the gradient they pass on reaches the batched outputs' hooks as well
+        grads = [g if batched else None for g, batched in zip(call.grads, call.batched_outputs)]
+        replay = Replay.of_model(self.model, call.args, call.kwargs, grads, n).cast_to(self.params[needed[0]].dtype)
         try:
             per_sample = self._replay(MODEL, replay, local, n)
         except Exception as error:
@@ -877,6 +932,79 @@ def _leading_out(output: Any, dim: int) -> int | None:
     if first is None:
         return None
     return int(first.shape[dim]) if first.dim() > dim else -1
+
+
+def _consumers(target: Any, starts: list[list[Any]]) -> list[Any] | None:
+    """The autograd nodes that take ``target``'s output into a plain addition (``x + pe``),
+    found from the first group of ``starts`` whose graph reaches one; None when a node other
+    than such an addition takes it (or none is found). Nodes made before ``target`` cannot
+    take its output, so the walk stops at them."""
+    floor = target._sequence_nr()
+    seen: set[int] = set()
+    for group in starts:
+        found: list[Any] = []
+        other = False
+        stack = [node for node in group if node is not None]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen or node._sequence_nr() < floor:
+                continue
+            seen.add(id(node))
+            for child, _ in node.next_functions:
+                if child is target:
+                    if type(node).__name__ == "AddBackward0" and getattr(node, "_saved_alpha", None) == 1:
+                        found.append(node)
+                    else:
+                        other = True
+                elif child is not None:
+                    stack.append(child)
+        if other:
+            return None
+        if found:
+            return found
+    return None
+
+
+def _store_broadcast_grad(call: _Call):
+    def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+        g = grad_outputs[0]
+        if g is None:
+            return
+        g = g.detach()
+        if call.broadcast_grad is None:
+            call.broadcast_grad = g
+        elif call.broadcast_grad.shape == g.shape:
+            call.broadcast_grad = call.broadcast_grad + g
+        else:
+            call.tap_failed = True
+
+    return hook
+
+
+def _expanded(call: _Call, n: int) -> _Call | None:
+    """A broadcast call rewritten as a call over the batch, or None where it cannot be.
+
+    A layer called on inputs shared by every sample (``wpe(arange(T))``, shape ``(T, C)`` or
+    ``(1, T, C)``) whose output is added into a tensor of shape ``(n, T, C)`` has, for sample
+    ``i``, the per-sample gradient of the same layer called on the same inputs with output
+    gradient ``g[i]``, where ``g`` is the gradient the addition received. So the call is the
+    layer run on its inputs repeated over a batch of ``n`` with output gradient ``g``: every
+    registered formula and fallback then applies, and the check against the real gradient
+    still decides (exact or refused)."""
+    g = call.broadcast_grad
+    if g is None or call.tap_failed or call.out_shape is None or len(call.grads) != 1 or g.dim() < 1 \
+            or g.shape[0] != n or any(isinstance(v, torch.Tensor) for v in call.kwargs.values()):
+        return None
+    rest, shape = tuple(g.shape[1:]), call.out_shape
+    if shape == rest:  # no batch dimension: one is added
+        args = tuple(a.unsqueeze(0).expand(n, *a.shape) if isinstance(a, torch.Tensor) else a for a in call.args)
+    elif len(shape) == len(g.shape) and shape[0] == 1 and shape[1:] == rest:  # a batch dimension of 1
+        if any(isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] != 1) for a in call.args):
+            return None
+        args = tuple(a.expand(n, *a.shape[1:]) if isinstance(a, torch.Tensor) else a for a in call.args)
+    else:
+        return None
+    return _Call(call.unit, args, call.kwargs, n, n, [g], expanded=True)
 
 
 def _store_grad(call: _Call, k: int):
