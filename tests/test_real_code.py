@@ -183,3 +183,50 @@ def test_a_broadcast_output_used_other_than_once_added_still_equals_the_loop(mod
     assert rule.seen[-1].trace == pytest.approx(float(trace), rel=1e-9)
     assert rule.seen[-1].squared_norm == pytest.approx(float(squared), rel=1e-8, abs=1e-10 * float(trace))
     assert acc.stats.paths["wpe.weight"].startswith("model:")
+
+
+@pytest.mark.parametrize("build", [nanogpt, gpt2], ids=["nanogpt", "gpt2"])
+def test_token_count_makes_padded_lm_windows_equal_the_full_batch(build) -> None:
+    """Rows padded to different lengths, split unevenly into micro-batches: with
+    ``token_count`` (HF shifts inside, nanoGPT does not) the step's gradient equals the full
+    batch's (to 1e-12 in float64 for nanoGPT; HF's loss casts the logits to float32, so GPT-2's
+    own loss is held to 1e-6); counting every label that is not ignored (each row's first label
+    too, which a shifting model never predicts) is off by far more."""
+    from gradaccum import token_count
+
+    from .reference import GradCapture
+
+    model = build()
+    shift, ignore = (False, -1) if isinstance(model, TinyGPT) else (True, -100)
+    x, y = _batch(model, 6, 8, seed=5)
+    y[y == -1] = ignore
+    y[:4, 5:] = ignore  # padded rows
+    loss, _ = _loss(model, x, y)
+    want = torch.autograd.grad(loss, list(model.parameters()))
+
+    def step(count) -> list[torch.Tensor]:
+        opt = GradCapture(model.parameters(), lr=0.0)
+        acc = Accumulator(model, opt, FixedSteps(3))
+        for part in (slice(0, 1), slice(1, 4), slice(4, 6)):
+            mb_loss, _ = _loss(model, x[part], y[part])
+            acc.backward(mb_loss, count(y[part]))
+        return opt.seen[0]
+
+    rtol = 1e-6 if shift else 1e-12
+    exact = step(lambda labels: token_count(labels, shift=shift, ignore_index=ignore))
+    for got, ref in zip(exact, want):
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=rtol * float(ref.abs().max()))
+    if shift:
+        naive = step(lambda labels: (labels != ignore).sum())
+        assert max(float(((g - r).abs() / r.abs().max()).max()) for g, r in zip(naive, want)) > 1e-3
+
+
+def test_token_count_refuses_what_is_not_labels() -> None:
+    from gradaccum import token_count
+
+    with pytest.raises(TypeError, match="integer token ids"):
+        token_count(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="sequence dimension"):
+        token_count(torch.tensor(3))
+    with pytest.raises(TypeError, match="ignore_index"):
+        token_count(torch.zeros(2, 3, dtype=torch.long), ignore_index=-1.0)

@@ -22,9 +22,10 @@ from ._core import StoppingRule as StoppingRule
 from ._core import WindowView as WindowView
 from ._core import lr_factor as lr_factor
 from ._core import plan_micro_batches as plan_micro_batches
+from ._core import token_count as token_count
 
 __version__ = "0.1.0"
 
 __all__ = ["GSNR", "AccumulationConfig", "BatchRamp", "Decision", "FixedSteps", "GSNRPlanner", "MonitorLog",
            "NoiseScaleEMA", "NoiseScalePlanner", "NormTest", "NormTestPlanner", "Planner", "StepRecord", "StoppingRule", "WindowView",
-           "lr_factor", "plan_micro_batches", "__version__"]
+           "lr_factor", "plan_micro_batches", "token_count", "__version__"]

@@ -4,6 +4,7 @@ Nothing here imports torch or jax; both backends build on it.
 """
 
 from .config import AccumulationConfig as AccumulationConfig
+from .counting import token_count as token_count
 from .lr_scaling import LR_SCALINGS as LR_SCALINGS
 from .lr_scaling import lr_factor as lr_factor
 from .moments import Moments as Moments
