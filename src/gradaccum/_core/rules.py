@@ -103,6 +103,27 @@ def statistics_kind(rule: Any) -> str:
     return check_choice("statistics", getattr(rule, "statistics", "elements"), KINDS)
 
 
+SOURCES = ("micro_batch", "per_sample")
+"""Where a rule's or planner's statistics come from (``source``):
+
+- ``"micro_batch"``: the micro-batches' own gradients (their squared norms, taken in the pass
+  the finiteness check makes): no hooks, any model, about free; a window needs two or more
+  micro-batches (or data-parallel ranks) to have a variance. Norm statistics only.
+- ``"per_sample"``: per-sample gradients from layer hooks (``PerSampleGradStats``): a variance
+  from one micro-batch, and a lower-variance estimate; costs a share of the backward, and
+  refuses what it cannot explain (compiled models, active dropout).
+"""
+
+
+def statistics_source(rule: Any) -> str:
+    """Where ``rule`` takes its statistics from: ``"per_sample"`` unless it says ``source``."""
+    source = check_choice("source", getattr(rule, "source", "per_sample"), SOURCES)
+    if source == "micro_batch" and statistics_kind(rule) != "norms":
+        raise ValueError(f"source='micro_batch': {type(rule).__name__} reads per-element statistics, which the "
+                         "micro-batch source does not take; use source='per_sample'")
+    return source
+
+
 @dataclass(frozen=True, kw_only=True)
 class _SampleRule:
     """Shared fields of rules that add ``increment`` samples until a test passes or the cap.
@@ -184,18 +205,24 @@ class NormTest(_SampleRule):
     passes once ``n >= B_simple / theta^2``. The record's ``norm_test`` is the ratio of the
     two sides (<= 1 passes); ``noise_scale`` is the window's ``B_simple``.
 
-    It needs only ``tr(Sigma)`` and ``|mu|^2``, which the backends gather from per-sample
-    gradient norms (``statistics = "norms"``): no per-element moments, and under data
-    parallelism one all-reduce of a few scalars per increment (docs/design.md, "Norm path").
+    It needs only ``tr(Sigma)`` and ``|mu|^2``: no per-element moments, and under data
+    parallelism one all-reduce of a few scalars per increment. ``source`` says where they come
+    from (``SOURCES``): per-sample gradient norms (``"per_sample"``, docs/design.md, "Norm
+    path"), which measure a window of one micro-batch, or the micro-batches' own gradients
+    (``"micro_batch"``, docs/design.md, "Micro-batch statistics"), which cost about nothing on
+    any model and need two micro-batches before the test can pass (``samples`` then counts the
+    ``samples=`` of each micro-batch, or its items).
     """
 
     theta: float
     unbiased: bool = field(default=False, kw_only=True)
+    source: str = field(default="per_sample", kw_only=True)
     needs_statistics: bool = field(default=True, init=False)
     statistics: str = field(default="norms", init=False)
 
     def __post_init__(self) -> None:
         check_positive_float("theta", self.theta)
+        check_choice("source", self.source, SOURCES)
         if not isinstance(self.unbiased, bool):
             raise TypeError(f"unbiased must be a bool, got {self.unbiased!r}")
         self._check_sizes()
