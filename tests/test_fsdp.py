@@ -1,11 +1,17 @@
-"""FSDP2 (issue 15): the Accumulator over a fully_shard-ed model on two gloo CPU ranks. Each
-micro-batch's gradient is reduce-scattered as a plain sum over ranks and the window divides by
-its global item count when it closes, so the applied gradient equals one process's over both
-ranks' micro-batches (float64, uneven micro-batches); a non-finite micro-batch on one rank drops
-that increment on every rank; what cannot work is refused on every rank alike."""
+"""FSDP2: the Accumulator over a fully_shard-ed model on two gloo CPU ranks. Each micro-batch's
+gradient is reduce-scattered as a plain sum over ranks and the window divides by its global item
+count when it closes, so the applied gradient equals one process's over both ranks' micro-batches
+(float64, uneven micro-batches; float32 too, to float32's precision); a non-finite micro-batch on
+one rank drops that increment on every rank; what cannot work is refused on every rank alike; the
+example script joins the group that torchrun launched, and a group that does not span the launch
+is refused."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,12 +19,17 @@ import torch
 
 from . import _ddp_worker as worker
 from .reference import full_batch_grad, mlp
-from .test_ddp import run_two_ranks, windows_of
+from .test_ddp import ROOT, run_two_ranks, windows_of
 
 
 def reference_grads(drop: tuple[int, int] | None = None) -> list[list[torch.Tensor]]:
     """Window w's mean gradient over both ranks' micro-batches of window w, by one process;
     ``drop=(w, j)`` leaves out micro-batch j of window w on both ranks."""
+    return reference_run(drop)[0]
+
+
+def reference_run(drop: tuple[int, int] | None = None) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """``reference_grads`` and the weights after its three SGD steps (lr 0.1), in float64."""
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     data = [worker.rank_data(r) for r in range(2)]
@@ -40,7 +51,7 @@ def reference_grads(drop: tuple[int, int] | None = None) -> list[list[torch.Tens
         for p, g in zip(model.parameters(), grads):
             p.grad = g
         opt.step()
-    return out
+    return out, [p.detach().clone() for p in model.parameters()]
 
 
 def check(ranks: list[dict], want: list[list[torch.Tensor]]) -> None:
@@ -125,3 +136,79 @@ def test_a_mid_window_checkpoint_of_the_sharded_run_resumes_bitwise(tmp_path: Pa
         assert rank["window_at_save"] == 1  # saved with one micro-batch of the second window in it
         for whole, resumed in zip(rank["whole"], rank["resumed"]):
             assert torch.equal(whole, resumed)
+
+
+def run_fsdp_worker(tmp_path: Path, mode: str, world: int = 2, env: dict[str, str] | None = None,
+                    timeout: float = 120) -> list[dict]:
+    """Run tests/_fsdp_worker.py's ``mode`` on ``world`` ranks; kill them all if one overruns."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._fsdp_worker", str(r), str(world), str(tmp_path), mode],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+             for r in range(world)]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert codes == [0] * world
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+@pytest.mark.slow
+def test_float32_on_gloo_equals_one_float64_process_to_float32_precision(tmp_path: Path) -> None:
+    """float32 gradients go through FSDP's reduce-scatter as a plain sum on gloo too (FSDP would
+    fold the divide factor into a PREMUL_SUM, which gloo refuses at the first backward): the
+    applied gradients and the weights are one float64 process's over both ranks' micro-batches,
+    to float32 rounding (the gradients are 1e-2 to 0.3; a rank weighted wrong is off by 1e-2)."""
+    ranks = run_fsdp_worker(tmp_path, "float32")
+    want, params = reference_run()
+    items = [sum(sum(worker.SIZES[r][w * worker.K:(w + 1) * worker.K]) for r in range(2)) for w in range(3)]
+    for rank in ranks:
+        assert rank["items"] == items
+        assert len(rank["seen"]) == len(want)
+        for got, expected in zip(rank["seen"], want):
+            for g, e in zip(got, expected):
+                assert g.dtype == torch.float32
+                torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-6)
+        for got, expected in zip(rank["params"], params):
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_process_group_that_does_not_span_the_launch_is_refused(tmp_path: Path) -> None:
+    """WORLD_SIZE=2 (a launcher's) and a process group of one process: an Accumulator over a
+    sharded model or a DDP model refuses, naming WORLD_SIZE, before the model's FSDP settings
+    change; with WORLD_SIZE=1 the same construction is accepted."""
+    (result,) = run_fsdp_worker(tmp_path, "launch_mismatch", world=1, env={"WORLD_SIZE": "2"})
+    for name in ("fsdp", "ddp"):
+        assert result[name].startswith("ContractError: the launcher started WORLD_SIZE=2 processes, but this "
+                                       "process's default process group has 1 rank(s)"), result[name]
+        assert "dist.init_process_group(backend)" in result[name]
+    assert result["fsdp_settings_unchanged"] and result["accepted_with_world_size_1"]
+
+
+EXAMPLE = ROOT / "examples" / "fsdp2.py"
+
+
+@pytest.mark.slow
+def test_the_fsdp2_example_under_torchrun_trains_one_run_over_both_ranks(tmp_path: Path) -> None:
+    """examples/fsdp2.py (the README's FSDP2 example) launched by ``torchrun --nproc-per-node 2``
+    (gloo, loopback): both processes join one group, so every window holds both ranks' items
+    (64, not one process's 32), and float32 reaches the optimizer through gloo."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its two workers
+            proc.wait()
+    assert proc.returncode == 0, out
+    printed = [line.strip() for line in out.splitlines() if line.strip().startswith("[")]
+    assert printed == ["[64, 64, 64]", "[64, 64, 64]"], out

@@ -18,6 +18,7 @@ rank that never arrives times out with the contract in the message.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -46,15 +47,44 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def check_launched_world() -> None:
+    """Refuse a process group that does not span the processes a launcher started.
+
+    torchrun (and other launchers) set ``WORLD_SIZE`` to the number of processes they start.
+    A script that initialises its own group instead (a ``file://`` rendezvous with
+    ``world_size=1``, say) gives each process a group of its own: every process then trains
+    an independent copy of the model on its own data, with no error. When ``WORLD_SIZE`` is
+    set and is not the default process group's size, that is refused here, before anything
+    is changed."""
+    launched = os.environ.get("WORLD_SIZE", "").strip()
+    if not launched.isdigit() or not dist.is_initialized():
+        return
+    world = dist.get_world_size()
+    if int(launched) != world:
+        raise ContractError(
+            f"the launcher started WORLD_SIZE={launched} processes, but this process's default process group has "
+            f"{world} rank(s): each process would train a copy of its own. Initialise the process group from the "
+            "launcher's environment (dist.init_process_group(backend), whose env:// rendezvous reads RANK, "
+            "WORLD_SIZE, MASTER_ADDR and MASTER_PORT), or unset WORLD_SIZE when the process runs alone")
+
+
 def sum_fsdp_gradients(model: torch.nn.Module) -> None:
     """Make every FSDP2 module's reduce-scatter a plain sum over ranks, after every backward:
     the Accumulator divides by the window's global item count when it closes (FSDP's default
-    divides by the number of ranks, which weights ranks equally whatever their items)."""
+    divides by the number of ranks, which weights ranks equally whatever their items).
+
+    A divide factor alone is not enough: for float32 and bfloat16 gradients FSDP folds the
+    factor into the collective as ``ReduceOp.PREMUL_SUM(1 / factor)``, which only NCCL has
+    (gloo refuses it at the first backward). Forcing sum-only reductions makes it a
+    ``ReduceOp.SUM`` followed by a division by 1.0, which FSDP skips: the same plain sum on
+    every backend and dtype."""
     from torch.distributed.fsdp import FSDPModule
 
+    check_launched_world()  # before the model's settings change
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
             module.set_requires_gradient_sync(True)
 
 
@@ -88,6 +118,7 @@ class RankContract:
     """The Accumulator's own process group (same ranks as the model's) and its headers."""
 
     def __init__(self, model: DistributedDataParallel, timeout: float) -> None:
+        check_launched_world()
         parent = getattr(model, "process_group", None)
         ranks = dist.get_process_group_ranks(parent) if parent is not None else None
         self.timeout = timeout
