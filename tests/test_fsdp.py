@@ -2,9 +2,9 @@
 gradient is reduce-scattered as a plain sum over ranks and the window divides by its global item
 count when it closes, so the applied gradient equals one process's over both ranks' micro-batches
 (float64, uneven micro-batches; float32 too, to float32's precision); a non-finite micro-batch on
-one rank drops that increment on every rank; what cannot work is refused on every rank alike; the
-example script joins the group that torchrun launched, and a group that does not span the launch
-is refused."""
+one rank drops that increment on every rank; what cannot work is refused on every rank alike; a
+rank that fails leaves the others a ContractError naming it; the example script joins the group
+that torchrun launched, and a group that does not span the launch is refused."""
 
 from __future__ import annotations
 
@@ -174,6 +174,21 @@ def test_float32_on_gloo_equals_one_float64_process_to_float32_precision(tmp_pat
         for got, expected in zip(rank["params"], params):
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ranks[0]["params"], ranks[1]["params"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_rank_whose_backward_raises_leaves_the_other_a_contract_error_naming_it(tmp_path: Path) -> None:
+    """Rank 1's backward raises half-way (after the last layer's reduce-scatter) and its process
+    ends; rank 0, waiting in FSDP's collectives of the middle layer, gets a ContractError that
+    names rank 1 and where the ranks last agreed, not the backend's bare connection error."""
+    ranks = run_fsdp_worker(tmp_path, "backward_raises")
+    assert ranks[1] == {"type": "RuntimeError", "message": "a failure inside rank 1's backward"}
+    assert ranks[0]["type"] == "ContractError", ranks[0]
+    message = ranks[0]["message"]
+    assert message.startswith("rank 0: FSDP's "), message
+    assert "over ranks [0, 1] did not complete" in message
+    assert "the other rank, rank 1, raised in its forward or backward, or stopped" in message
+    assert "window 1, micro-batch 1" in message  # micro-batch 4 is window 1's second (K = 3)
 
 
 @pytest.mark.slow

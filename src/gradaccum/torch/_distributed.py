@@ -18,6 +18,7 @@ rank that never arrives times out with the contract in the message.
 
 from __future__ import annotations
 
+import functools
 import os
 from datetime import timedelta
 from typing import Any
@@ -125,6 +126,9 @@ class RankContract:
         self.group = dist.new_group(ranks=ranks, timeout=timedelta(seconds=timeout))
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
+        self.last: tuple[int, int, int] | None = None  # (kind, window, micro-batch) of the last completed collective
+        if is_fsdp(model):
+            guard_fsdp_collectives(model, self)
 
     def agree(self, kind: int, window: int, micro_batch: int, numel: int, payload: tuple[float, ...] = ()
               ) -> list[tuple[float, ...]]:
@@ -164,9 +168,80 @@ class RankContract:
     def _run(self, collective: Any, kind: int, window: int, micro_batch: int) -> None:
         try:
             collective()
+            self.last = (kind, window, micro_batch)
         except RuntimeError as error:
             raise ContractError(
                 f"rank {self.rank}: the Accumulator's collective for {KINDS[kind]} at window {window}, micro-batch "
                 f"{micro_batch} did not complete within {self.timeout:g} s ({error}). Every rank must call "
                 "Accumulator.backward the same number of times per window and flush() together; a rank that "
                 "stopped early or raised leaves the others waiting (collective_timeout sets the wait)") from error
+
+    def peer_failed(self, collective: str, group: Any, error: RuntimeError) -> ContractError:
+        """The error for one of FSDP's own collectives (outside the contract's) that failed on
+        this rank: it names the ranks that could have left it, and the Accumulator's last
+        agreed point."""
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+        me = dist.get_rank()
+        others = [r for r in ranks if r != me]
+        who = f"the other rank, rank {others[0]}," if len(others) == 1 else f"one of the other ranks {others}"
+        where = "" if self.last is None else \
+            f" (the ranks last agreed on {KINDS[self.last[0]]} at window {self.last[1]}, micro-batch {self.last[2]})"
+        return ContractError(
+            f"rank {me}: FSDP's {collective} over ranks {ranks} did not complete{where}: {who} raised in its forward "
+            "or backward, or stopped, before completing it (its own error says why). Every rank's forward and "
+            "backward of a fully_shard-ed model join these collectives, so one rank's failure fails them on the "
+            f"others. The backend said: {error}")
+
+
+class _Guarded:
+    """Mixed into one of FSDP2's default comms: a failure of the collective raises the
+    contract's ContractError naming the ranks, the backend's error chained."""
+
+    collective: str
+    contract: RankContract
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        except RuntimeError as error:
+            raise self.contract.peer_failed(self.collective, kwargs.get("group"), error) from error
+
+
+@functools.cache
+def _guarded_comms() -> dict[type, type]:
+    """FSDP2's default all-gather and reduce-scatter, each mapped to its guarded subclass
+    (empty where this torch does not have them)."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+    except ImportError:
+        return {}
+    return {base: type(f"Guarded{base.__name__}", (_Guarded, base), {"collective": name})
+            for base, name in ((DefaultAllGather, "all-gather"), (DefaultReduceScatter, "reduce-scatter"))}
+
+
+def guard_fsdp_collectives(model: torch.nn.Module, contract: RankContract) -> None:
+    """Make FSDP2's all-gathers and reduce-scatters on ``model`` raise a ContractError naming
+    the ranks when they fail on this rank, as the contract's own collectives do.
+
+    A rank whose forward or backward raises never joins the FSDP collectives the others are
+    in: they fail there with the backend's bare error ("Connection reset by peer" once that
+    rank's process is gone; after the model's process-group timeout while it lives). Only
+    FSDP's default comms are wrapped (a custom one set with ``set_custom_all_gather`` or
+    ``set_custom_reduce_scatter`` is left as it is), as subclasses that FSDP treats as the
+    defaults; a later Accumulator over the same model takes them over. An all-gather that FSDP
+    issues asynchronously (a prefetch, ``unshard(async_op=True)``) fails at its wait, inside
+    FSDP, with the backend's error."""
+    from torch.distributed.fsdp import FSDPModule
+
+    guarded = _guarded_comms()
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in getattr(module._get_fsdp_state(), "_fsdp_param_groups", ()):
+            for attribute in ("_all_gather_comm", "_reduce_scatter_comm"):
+                comm = getattr(group, attribute, None)
+                if type(comm) in guarded:
+                    comm = guarded[type(comm)]()
+                    setattr(group, attribute, comm)
+                if isinstance(comm, _Guarded):
+                    comm.contract = contract
