@@ -29,7 +29,7 @@ from .config import ExperimentConfig
 from .errors import SettingsError
 from .files import write_atomic
 from .run_record import RunResult
-from .tuning import storage
+from .tuning import storage, storage_errors, too_many_diverged
 from .workers import Tuning, complete, run_all, tune_in_rounds
 
 FRONT_SEED_OFFSET = 20_000  # the front's final runs use seeds no tuning trial used
@@ -94,7 +94,8 @@ def tuning(task: FrontTask, arm: str, cfg: ExperimentConfig) -> Tuning:
                   lambda params, number: (arm, params, cfg.seed + number, task.data, cfg), value=value,
                   pruned=lambda r: "diverged" if r.diverged else None,
                   attributes=lambda r: {"steps": r.steps, "test": r.test_accuracy},
-                  sampler=lambda number: _sampler(cfg, task, arm))
+                  sampler=lambda number: _sampler(cfg, task, arm),
+                  too_many_diverged=lambda count: too_many_diverged(f"{task.name} front, {arm}", count, cfg))
 
 
 def counted(study: optuna.Study, target: int) -> list[FrozenTrial]:
@@ -133,7 +134,8 @@ def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path)
     tunings = [tuning(task, arm, cfg) for arm in task.arms]
     total = sum(t.target for t in tunings)
     done = sum(min(complete(t.study), t.target) for t in tunings)
-    with tqdm(total=total, initial=done, desc=f"{task.name}: tuning trials", disable=cfg.quiet) as bar:
+    with tqdm(total=total, initial=done, desc=f"{task.name}: tuning trials", disable=cfg.quiet) as bar, \
+            storage_errors(cfg.storage_url):
         tune_in_rounds(pool, task.run, tunings, cfg.processes, on_trial=bar.update)
     best = max if task.higher_is_better else min
     chosen: dict[str, list[FrozenTrial]] = {}

@@ -23,7 +23,7 @@ from .lm_task import EVAL_SEQUENCES, load_corpus, shape, train_lm_run
 from .report import write_full_report
 from .run_record import RunResult
 from .runs import train_run
-from .tuning import best_params, best_value, open_study, sampler, trial_table
+from .tuning import best_params, best_value, open_study, sampler, storage_errors, too_many_diverged, trial_table
 from .workers import Tuning, complete, executor, run_all, tune_in_rounds
 
 FINAL_SEED_OFFSET = 10_000  # final runs use seeds no tuning trial used
@@ -48,7 +48,8 @@ def tuning_of(arm: str, cfg: ExperimentConfig, data: MNIST1D) -> Tuning:
     return Tuning(open_study(arm, cfg), cfg.trials, lambda trial: spec.suggest(trial, cfg),
                   lambda params, number: (arm, params, cfg.seed + number, data, cfg),
                   value=lambda r: r.final_val_accuracy, pruned=lambda r: "diverged" if r.diverged else None,
-                  attributes=trial_attributes, sampler=lambda number: sampler(cfg, arm, number))
+                  attributes=trial_attributes, sampler=lambda number: sampler(cfg, arm, number),
+                  too_many_diverged=lambda count: too_many_diverged(arm, count, cfg))
 
 
 def trial_attributes(result: RunResult) -> dict[str, Any]:
@@ -61,7 +62,8 @@ def tune_all(cfg: ExperimentConfig, data: MNIST1D, pool: Executor) -> dict[str, 
     """Every arm's study, resumed where it stopped; returns best params and trial tables."""
     tunings = [tuning_of(arm, cfg, data) for arm in cfg.arms]
     done = sum(min(complete(t.study), cfg.trials) for t in tunings)
-    with tqdm(total=len(cfg.arms) * cfg.trials, initial=done, desc="tuning trials", disable=cfg.quiet) as bar:
+    with tqdm(total=len(cfg.arms) * cfg.trials, initial=done, desc="tuning trials", disable=cfg.quiet) as bar, \
+            storage_errors(cfg.storage_url):
         tune_in_rounds(pool, train_run, tunings, cfg.processes, on_trial=bar.update)
     return {arm: {"best_params": best_params(t.study, cfg.trials), "best_value": best_value(t.study, cfg.trials),
                   "trials": trial_table(t.study, cfg.trials)} for arm, t in zip(cfg.arms, tunings)}

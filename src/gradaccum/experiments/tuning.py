@@ -11,7 +11,12 @@ different settings. A worker stops once the study holds ``cfg.trials`` complete 
 a trial that finishes after the target was reached elsewhere is recorded as PRUNED
 ("surplus"), so parallel workers overshoot only if two trials finish at the same instant,
 and the results use the first ``cfg.trials`` complete trials by number. A run that diverges
-is recorded as PRUNED ("diverged") and the study goes on.
+is recorded as PRUNED ("diverged") and the study goes on, up to ``diverged_limit`` diverged
+trials in a row: then the lr range is wrong and tuning stops with an error saying so.
+
+A trial is failed by another process only when its owner is gone (``study_storage``: heartbeats
+with a grace period): a run killed mid-trial leaves it RUNNING, and the next start fails it once
+its heartbeats are ``GRACE_SECONDS`` old.
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -30,21 +37,35 @@ from .config import ExperimentConfig
 from .errors import SettingsError
 from .mnist1d_data import MNIST1D
 from .runs import train_run
+from .study_storage import GRACE_SECONDS, Heartbeats, ask, fail_stale, open_storage, root_cause
 
 _OPEN_RETRIES = 5  # two workers creating one fresh SQLite file race on Optuna's schema tables
 
 
 def storage(url: str) -> Any:
-    """An Optuna storage: an RDB URL (``sqlite:///...``, ``postgresql://...``) as Optuna takes
-    it, or ``journal:PATH``, a journal file that several processes on one machine can share
-    without a database server (Optuna's JournalFileBackend)."""
-    if url.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+    """An Optuna storage with heartbeats (``study_storage.open_storage``): an RDB URL
+    (``sqlite:///...``, ``postgresql://...``) or ``journal:PATH``, a journal file that several
+    processes on one machine can share without a database server; a damaged SQLite file is refused."""
+    if not url.startswith("journal:"):
+        _check_sqlite(url)
+    return open_storage(url)
 
-        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    _check_sqlite(url)
-    return url
+
+def diverged_limit(batch: int) -> int:
+    """Diverged trials in a row after which tuning stops: the lr range is wrong (every trial
+    diverging used to prune forever)."""
+    return max(10, 2 * batch)
+
+
+def too_many_diverged(arm: str, count: int, cfg: ExperimentConfig) -> SettingsError:
+    return SettingsError(f"{arm}: the last {count} trials all diverged (a non-finite loss or gradient): the lr range "
+                         f"[{cfg.lr_low:g}, {cfg.lr_high:g}] is wrong for this arm; lower --lr-high (and --lr-low) "
+                         "and rerun (finished trials are kept)")
+
+
+def storage_failed(url: str, error: BaseException) -> SettingsError:
+    """A write to the storage failed: the message names the storage and the real cause."""
+    return SettingsError(f"storage: writing to {url!r} failed: {root_cause(error)}")
 
 
 def _check_sqlite(url: str) -> None:
@@ -95,42 +116,86 @@ def completed(study: optuna.Study) -> int:
 
 
 def tune_arm(arm: str, cfg: ExperimentConfig, data: MNIST1D,
-             on_trial: Callable[[], None] | None = None) -> optuna.Study:
-    """Run the arm's study up to ``cfg.trials`` complete trials; objective: final validation accuracy."""
+             on_trial: Callable[[int], None] | None = None) -> optuna.Study:
+    """Run the arm's study up to ``cfg.trials`` complete trials; objective: final validation accuracy.
+
+    Trials left RUNNING by a process that is gone are failed first; this process's own trial
+    carries a heartbeat while it trains. ``on_trial(complete)`` is called after each trial with
+    the study's count of complete trials."""
     study = open_study(arm, cfg)
     spec = ARM_TABLE[arm]
+    diverged = 0
+    with storage_errors(cfg.storage_url):
+        fail_stale(study)
+        with Heartbeats() as heartbeats:
+            while completed(study) < cfg.trials:
+                trial = ask(study)
+                heartbeats.add(study, trial)
+                study.sampler = sampler(cfg, arm, trial.number)  # suggestions below draw from this seed
+                params = spec.suggest(trial, cfg)
+                try:
+                    result = train_run(arm, params, cfg.seed + trial.number, data, cfg)
+                except BaseException:
+                    tell_failed(study, trial)
+                    raise
+                batches = result.batch_sizes or [result.flushed_items]
+                attributes = {"mean_batch": sum(batches) / len(batches),
+                              "test_accuracy": result.test_accuracy}  # recorded, never optimised
+                if result.diverged:
+                    finish(study, trial, {**attributes, "pruned": "diverged"}, state=TrialState.PRUNED)
+                elif completed(study) >= cfg.trials:
+                    finish(study, trial, {**attributes, "pruned": "surplus"}, state=TrialState.PRUNED)
+                else:
+                    finish(study, trial, attributes, value=result.final_val_accuracy)
+                heartbeats.remove(trial)
+                diverged = diverged + 1 if result.diverged else 0
+                if on_trial is not None:
+                    on_trial(completed(study))
+                if diverged >= diverged_limit(1):
+                    raise too_many_diverged(arm, diverged, cfg)
+    return study
+
+
+@contextmanager
+def storage_errors(url: str) -> Iterator[None]:
+    """A failed write to the storage (OSError, Optuna's or SQLAlchemy's error) becomes a
+    SettingsError naming the storage and the real cause; anything else passes unchanged."""
     try:
-        while completed(study) < cfg.trials:
-            trial = study.ask()
-            study.sampler = sampler(cfg, arm, trial.number)  # suggestions below draw from this seed
-            params = spec.suggest(trial, cfg)
-            try:
-                result = train_run(arm, params, cfg.seed + trial.number, data, cfg)
-            except BaseException:
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            batches = result.batch_sizes or [result.flushed_items]
-            trial.set_user_attr("mean_batch", sum(batches) / len(batches))
-            trial.set_user_attr("test_accuracy", result.test_accuracy)  # recorded, never optimised
-            if result.diverged:
-                trial.set_user_attr("pruned", "diverged")
-                study.tell(trial, state=TrialState.PRUNED)
-            elif completed(study) >= cfg.trials:
-                trial.set_user_attr("pruned", "surplus")
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, result.final_val_accuracy)
-            if on_trial is not None:
-                on_trial()
+        yield
     except SettingsError:
         raise
     except (OSError, optuna.exceptions.StorageInternalError) as error:
-        raise SettingsError(f"storage: writing to {cfg.storage_url!r} failed: {error}") from error
+        raise storage_failed(url, error) from error
     except Exception as error:
         if type(error).__module__.startswith("sqlalchemy"):
-            raise SettingsError(f"storage: writing to {cfg.storage_url!r} failed: {error}") from error
+            raise storage_failed(url, error) from error
         raise
-    return study
+
+
+def finish(study: optuna.Study, trial: optuna.Trial, attributes: dict[str, Any], value: Any = None,
+           state: TrialState | None = None) -> bool:
+    """Record a trial's attributes and tell its value or state; False (with a warning) when
+    another process already failed it (its heartbeats stopped past the grace period)."""
+    try:
+        for key, item in attributes.items():
+            trial.set_user_attr(key, item)
+        told = study.tell(trial, value, state=state, skip_if_finished=True).state
+    except optuna.exceptions.UpdateFinishedTrialError:
+        told = None
+    if told != (state or TrialState.COMPLETE):
+        warnings.warn(f"trial {trial.number} was failed by another process (no heartbeat for {GRACE_SECONDS} s): "
+                      "its result is dropped", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def tell_failed(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Fail this process's own trial after its run raised; if even that write fails (a full
+    disk), the trial stays RUNNING and its stopped heartbeat lets the next start fail it."""
+    try:
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+    except Exception:  # noqa: BLE001 - the run's own error is the one to report
+        pass
 
 
 def counted_trials(study: optuna.Study, target: int) -> list[optuna.trial.FrozenTrial]:

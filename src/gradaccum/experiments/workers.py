@@ -9,24 +9,104 @@ Tuning in rounds keeps a run reproducible whatever the timing: a study asks a ba
 ``processes`` trials at once, each suggested from the trials completed in earlier batches only
 (its sampler seeded by the trial's number), and asks the next batch when the whole batch is
 told. Several studies run side by side, so the workers stay busy.
+
+The workers die with the process that started them (Linux: ``PR_SET_PDEATHSIG``; elsewhere a
+thread watching the parent's pid), so a killed run leaves no orphan computing; they ignore
+Ctrl-C, which the parent handles by failing its in-flight trials and ending them at once.
+The parent owns every trial its workers compute and records their heartbeats
+(``study_storage``): another process fails one only after the parent is gone.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import optuna
 from optuna.trial import TrialState
+
+from .study_storage import Heartbeats, ask, fail_stale
+from .tuning import diverged_limit, finish, tell_failed
 
 
 def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Compute on one thread in this process, as every worker does (the command line's
+    training commands run in it); the previous thread count is restored after."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` dies: the kernel's parent-death signal on Linux, a
+    thread polling the parent's pid elsewhere; if the parent is already gone, end now."""
+    armed = False
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            armed = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent:  # it died before the signal was armed
+        os._exit(1)
+    if not armed:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="gradaccum-parent-watch", daemon=True).start()
+
+
+def _worker_start(parent: int) -> None:
+    """A worker: one thread, Ctrl-C left to the parent, dead with the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
+    _one_thread()
+
+
+class _Pool(ProcessPoolExecutor):
+    """A process pool whose workers are ended at once when the ``with`` block raises (Ctrl-C, an
+    error): leaving the block no longer waits for the running jobs to finish."""
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if exc_type is None:
+            return bool(super().__exit__(exc_type, exc, tb))
+        self.terminate()
+        return False
+
+    def terminate(self) -> None:
+        processes = list((getattr(self, "_processes", None) or {}).values())
+        self.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+        for process in processes:
+            process.join(timeout=5)
 
 
 class InlineExecutor(Executor):
@@ -49,7 +129,8 @@ def executor(processes: int) -> Executor:
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' OpenMP when they start
     try:
-        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
+        pool = _Pool(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
+                     initargs=(os.getpid(),))
         pool.submit(int).result()  # start the workers now, while the variable is set
     finally:
         if previous is None:
@@ -95,59 +176,64 @@ class Tuning:
     pruned: Callable[[Any], str | None]
     attributes: Callable[[Any], dict[str, Any]]
     sampler: Callable[[int], optuna.samplers.BaseSampler]
+    too_many_diverged: Callable[[int], BaseException]
+    """The error to raise after ``diverged_limit`` diverged trials in a row (their count given)."""
 
 
 def complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Trials left RUNNING by a run that was killed are failed, so that they are asked again."""
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study.tell(trial.number, state=TrialState.FAIL)
-
-
 def tune_in_rounds(pool: Executor, fn: Callable[..., Any], tunings: Sequence[Tuning], batch: int,
                    on_trial: Callable[[], None] = lambda: None) -> None:
-    """Tune every study to its target of complete trials, ``batch`` trials per round each."""
+    """Tune every study to its target of complete trials, ``batch`` trials per round each.
+
+    Trials left RUNNING by a process that is gone are failed first (never a live owner's). A
+    study whose last ``diverged_limit(batch)`` trials all diverged stops everything with its
+    ``too_many_diverged`` error. On any error or Ctrl-C, the in-flight trials are failed."""
     flights: dict[Future, tuple[int, optuna.Trial]] = {}
     in_round: dict[int, int] = {}
+    diverged: dict[int, int] = {}
     for tuning in tunings:
         fail_stale(tuning.study)
-    try:
-        while True:
-            for k, tuning in enumerate(tunings):
-                missing = tuning.target - complete(tuning.study)
-                if in_round.get(k, 0) == 0 and missing > 0:
-                    trials = [tuning.study.ask() for _ in range(min(batch, missing))]
-                    for trial in trials:  # every suggestion of the round from the same history
-                        tuning.study.sampler = tuning.sampler(trial.number)
-                        params = tuning.suggest(trial)
-                        flights[pool.submit(fn, *tuning.job(params, trial.number))] = (k, trial)
-                    in_round[k] = len(trials)
-            if not flights:
-                return
-            done, _ = wait(list(flights), return_when=FIRST_COMPLETED)
-            for future in done:
-                k, trial = flights.pop(future)
-                tuning = tunings[k]
-                try:
-                    result = future.result()
-                except BaseException:
-                    tuning.study.tell(trial, state=TrialState.FAIL)
-                    raise
-                for key, value in tuning.attributes(result).items():
-                    trial.set_user_attr(key, value)
-                reason = tuning.pruned(result)
-                if reason is not None:
-                    trial.set_user_attr("pruned", reason)
-                    tuning.study.tell(trial, state=TrialState.PRUNED)
-                else:
-                    tuning.study.tell(trial, tuning.value(result))
-                in_round[k] -= 1
-                on_trial()
-    except BaseException:
-        for future, (k, trial) in flights.items():
-            future.cancel()
-            tunings[k].study.tell(trial, state=TrialState.FAIL)
-        raise
+    with Heartbeats() as heartbeats:
+        try:
+            while True:
+                for k, tuning in enumerate(tunings):
+                    missing = tuning.target - complete(tuning.study)
+                    if in_round.get(k, 0) == 0 and missing > 0:
+                        trials = [ask(tuning.study) for _ in range(min(batch, missing))]
+                        for trial in trials:  # every suggestion of the round from the same history
+                            heartbeats.add(tuning.study, trial)
+                            tuning.study.sampler = tuning.sampler(trial.number)
+                            params = tuning.suggest(trial)
+                            flights[pool.submit(fn, *tuning.job(params, trial.number))] = (k, trial)
+                        in_round[k] = len(trials)
+                if not flights:
+                    return
+                done, _ = wait(list(flights), return_when=FIRST_COMPLETED)
+                for future in done:
+                    k, trial = flights.pop(future)
+                    tuning = tunings[k]
+                    try:
+                        result = future.result()
+                    except BaseException:
+                        tell_failed(tuning.study, trial)
+                        raise
+                    reason = tuning.pruned(result)
+                    if reason is not None:
+                        finish(tuning.study, trial, {**tuning.attributes(result), "pruned": reason},
+                               state=TrialState.PRUNED)
+                    else:
+                        finish(tuning.study, trial, tuning.attributes(result), value=tuning.value(result))
+                    heartbeats.remove(trial)
+                    in_round[k] -= 1
+                    diverged[k] = diverged.get(k, 0) + 1 if reason == "diverged" else 0
+                    on_trial()
+                    if diverged[k] >= diverged_limit(batch):
+                        raise tuning.too_many_diverged(diverged[k])
+        except BaseException:
+            for future, (k, trial) in flights.items():
+                future.cancel()
+                tell_failed(tunings[k].study, trial)
+            raise
