@@ -288,6 +288,22 @@ def test_a_noise_scale_planner_reads_statistics_equal_to_the_per_sample_loop(tmp
     assert_same_weights(net, reference, 1e-12)
 
 
+def test_a_non_finite_loss_is_refused_not_stepped_on(tmp_path) -> None:
+    """A NaN loss raises the Accumulator's NonFiniteError at its micro-batch (the Trainer would step
+    on it): no window is applied."""
+    from gradaccum.torch import NonFiniteError
+
+    net = TokenModel()
+    with torch.no_grad():
+        net.head.bias[3] = math.nan
+    initial = [p.detach().clone() for p in net.parameters()]
+    trainer = PlannedTrainer(model=net, args=arguments(tmp_path), train_dataset=dataset(8), planner=FixedSteps(2))
+    with pytest.raises(NonFiniteError):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(a, b) for a, b in zip(initial, net.parameters()) if not a.isnan().any())
+
+
 # ---------------------------------------------------------------------- checkpoints
 def resumable(tmp_path, planner, output: str = "a", data=None, **kwargs) -> PlannedTrainer:
     args = arguments(tmp_path, output_dir=str(tmp_path / output), num_train_epochs=2, save_strategy="steps",
