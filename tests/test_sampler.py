@@ -90,3 +90,77 @@ def test_a_state_from_other_settings_is_refused_and_changes_nothing() -> None:
         with pytest.raises(ValueError, match=match):
             sampler.load_state_dict(bad)
         assert sampler.state_dict() == before
+
+
+@pytest.mark.parametrize(("saved", "loaded", "key"), [
+    (dict(seed=1, shuffle=True), dict(seed=1, shuffle=False), "shuffle"),
+    (dict(seed=1, drop_last=True), dict(seed=1, drop_last=False), "drop_last"),
+    (dict(seed=1), dict(seed=2), "seed"),
+])
+def test_a_state_loads_only_into_a_sampler_with_the_same_settings(saved, loaded, key) -> None:
+    """The state held no ``shuffle`` (a shuffled run resumed unshuffled, silently)."""
+    source = MicroBatchSampler(42, 4, **saved)
+    next(iter(source))
+    target = MicroBatchSampler(42, 4, **loaded)
+    with pytest.raises(ValueError, match=f"saved with {key}="):
+        target.load_state_dict(source.state_dict())
+    assert (target.epoch, target.served) == (0, 0)
+
+
+@pytest.mark.parametrize("key", ["seed", "shuffle", "size"])
+def test_a_state_without_a_setting_is_refused_by_name(key: str) -> None:
+    """A state lacking ``seed`` loaded into a sampler with any seed (the check was skipped)."""
+    source = MicroBatchSampler(40, 4, seed=1)
+    next(iter(source))
+    state = {k: v for k, v in source.state_dict().items() if k != key}
+    target = MicroBatchSampler(40, 4, seed=9)
+    with pytest.raises(ValueError, match=f"sampler state is missing {key}"):
+        target.load_state_dict(state)
+    assert (target.epoch, target.served) == (0, 0)
+
+
+def test_load_state_dict_during_a_live_iterator_does_not_mix_epochs() -> None:
+    """A live iterator kept its epoch's permutation and served the loaded position from it (the
+    examples of one epoch at another's position), then counted an epoch that was not served.
+    It now raises; a new iterator serves exactly what the state says, and of two iterators
+    only the newer serves."""
+    reference = MicroBatchSampler(40, 4, seed=3)
+    epochs = [list(reference) for _ in range(3)]
+    sampler = MicroBatchSampler(40, 4, seed=3)
+    live = iter(sampler)
+    assert next(live) == epochs[0][0]
+    sampler.load_state_dict({**sampler.state_dict(), "epoch": 1, "served": 3})
+    with pytest.raises(RuntimeError, match="overtaken by a newer one or by load_state_dict"):
+        next(live)
+    assert (sampler.epoch, sampler.served) == (1, 3)
+    assert list(sampler) == epochs[1][3:]
+    assert (sampler.epoch, sampler.served) == (2, 0)
+    older, newer = iter(sampler), iter(sampler)
+    assert next(newer) == epochs[2][0]
+    with pytest.raises(RuntimeError, match="overtaken"):
+        next(older)
+    assert next(newer) == epochs[2][1]
+
+
+def test_a_short_last_micro_batch_is_split_so_that_every_rank_gets_examples() -> None:
+    """Rank 1 got an empty last micro-batch (an IndexError in the DataLoader's collate)."""
+    ranks = [list(MicroBatchSampler(10, 4, seed=5, num_replicas=2, rank=r, drop_last=False)) for r in range(2)]
+    assert all(len(batch) > 0 for batches in ranks for batch in batches)
+    assert [len(b) for b in ranks[0]] == [4, 1] and [len(b) for b in ranks[1]] == [4, 1]
+    single = list(MicroBatchSampler(10, 8, seed=5, drop_last=False))
+    assert [a + b for a, b in zip(*ranks)] == single  # each global micro-batch, split between the ranks
+    for x, y in DataLoader(dataset(10), batch_sampler=MicroBatchSampler(10, 4, num_replicas=2, rank=1,
+                                                                        drop_last=False)):
+        assert len(y) > 0
+    with pytest.raises(ValueError, match="drop_last=False: the epoch's last micro-batch holds 1 example"):
+        MicroBatchSampler(9, 4, num_replicas=2, rank=0, drop_last=False)
+
+
+def test_any_int_seed_gives_reproducible_epochs() -> None:
+    """The seed 2**70 overflowed the generator at the first epoch; a seed the generator took
+    before gives the same permutations as before."""
+    big = [list(MicroBatchSampler(10, 2, seed=2**70)) for _ in range(2)]
+    assert big[0] == big[1] and sorted(i for b in big[0] for i in b) == list(range(10))
+    for seed in (0, 7, -3):
+        order = torch.randperm(10, generator=torch.Generator().manual_seed(seed * 1_000_003)).tolist()
+        assert [i for b in MicroBatchSampler(10, 2, seed=seed) for i in b] == order

@@ -26,20 +26,24 @@ class MicroBatchSampler(Sampler[list[int]]):
     Args:
       size: the number of examples in the dataset.
       micro_batch: examples per micro-batch (on each process).
-      seed: the permutation of epoch e is drawn from ``(seed, e)``.
+      seed: the permutation of epoch e is drawn from ``(seed, e)`` (any int: the generator's
+        seed is ``(seed * 1_000_003 + e) mod 2**64``).
       shuffle: False serves the examples in order.
       drop_last: drop an epoch's last micro-batch when it is short (default True: every
         micro-batch then has ``micro_batch`` examples).
       num_replicas: under data parallelism, the number of processes: every process serves its
         own slice of each global micro-batch of ``micro_batch * num_replicas`` examples (as
         ``DistributedSampler`` splits an epoch), so the processes' micro-batches together
-        are one global micro-batch and windows stay aligned.
+        are one global micro-batch and windows stay aligned. A short last one (``drop_last=False``)
+        is split as evenly as it goes, so it must hold at least ``num_replicas`` examples.
       rank: this process's index among them.
 
     The position advances as micro-batches are served. With ``num_workers > 0`` a DataLoader
     fetches ahead of the training loop: save ``state_dict()`` from a loop that has consumed
     every micro-batch served (or use ``num_workers=0``), else a resumed run skips the
-    prefetched ones.
+    prefetched ones. One iterator serves at a time: an iterator started earlier, or live
+    when ``load_state_dict`` moved the position, raises instead of serving another epoch's
+    examples.
     """
 
     def __init__(self, size: int, micro_batch: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
@@ -55,8 +59,14 @@ class MicroBatchSampler(Sampler[list[int]]):
         if len(self) == 0:
             raise ValueError(f"size ({size}) holds no {'full ' if drop_last else ''}micro-batch of "
                              f"{micro_batch} x {num_replicas} examples")
+        short = size % (micro_batch * num_replicas)
+        if not self.drop_last and 0 < short < num_replicas:
+            raise ValueError(f"drop_last=False: the epoch's last micro-batch holds {short} example(s) for "
+                             f"num_replicas={num_replicas} processes, so some process would get none; pass "
+                             "drop_last=True, or a size or micro_batch that leaves at least one example per process")
         self.epoch = 0
         self.served = 0  # micro-batches of the current epoch already served
+        self._iterator = 0  # which iterator may serve: the latest, unless a state was loaded since
 
     def __len__(self) -> int:
         """Micro-batches per epoch (on this process)."""
@@ -66,31 +76,52 @@ class MicroBatchSampler(Sampler[list[int]]):
     def _order(self, epoch: int) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.size)
-        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        seed = (self.seed * 1_000_003 + epoch) % 2**64  # the generator takes 64 bits
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self) -> Iterator[list[int]]:
         """The rest of the current epoch, from where the position says; then the epoch ends."""
+        self._iterator += 1
+        return self._serve(self._iterator)
+
+    def _serve(self, iterator: int) -> Iterator[list[int]]:
         order = self._order(self.epoch)
         step = self.micro_batch * self.num_replicas
-        while self.served < len(self):
+        while True:
+            self._check_live(iterator)
+            if self.served == len(self):
+                break
             start = self.served * step
             global_batch = order[start:start + step]
             self.served += 1
-            mine = global_batch[self.rank * self.micro_batch:(self.rank + 1) * self.micro_batch]
-            yield mine.tolist()
+            share = len(global_batch)  # step, or a short last one split as evenly as it goes
+            yield global_batch[self.rank * share // self.num_replicas:(self.rank + 1) * share // self.num_replicas
+                               ].tolist()
         self.epoch += 1
         self.served = 0
 
+    def _check_live(self, iterator: int) -> None:
+        if iterator != self._iterator:
+            raise RuntimeError("MicroBatchSampler: this iterator was overtaken by a newer one or by "
+                               "load_state_dict(), which moved the position; it would serve another epoch's "
+                               "examples. Iterate anew (a new DataLoader iterator) after load_state_dict()")
+
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "served": self.served, "seed": self.seed, "size": self.size,
-                "micro_batch": self.micro_batch, "num_replicas": self.num_replicas}
+        return {"epoch": self.epoch, "served": self.served, "seed": self.seed, "shuffle": self.shuffle,
+                "drop_last": self.drop_last, "size": self.size, "micro_batch": self.micro_batch,
+                "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position; the sampler must have been built with the same settings."""
-        if not isinstance(state, dict) or not {"epoch", "served"} <= set(state):
+        """Restore the position; the sampler must have been built with the same settings (every
+        key is checked: a state without one cannot say it was)."""
+        if not isinstance(state, dict):
             raise ValueError("sampler state must be a dict from MicroBatchSampler.state_dict()")
-        for key in ("seed", "size", "micro_batch", "num_replicas"):
-            if key in state and state[key] != getattr(self, key):
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise ValueError(f"sampler state is missing {', '.join(missing)}: pass a dict from "
+                             "MicroBatchSampler.state_dict()")
+        for key in ("seed", "shuffle", "drop_last", "size", "micro_batch", "num_replicas"):
+            if state[key] != getattr(self, key) or type(state[key]) is not type(getattr(self, key)):
                 raise ValueError(f"sampler state was saved with {key}={state[key]!r}, this sampler has "
                                  f"{key}={getattr(self, key)!r}: build it with the same settings")
         epoch, served = state["epoch"], state["served"]
@@ -99,3 +130,4 @@ class MicroBatchSampler(Sampler[list[int]]):
                 raise ValueError(f"sampler state: {name} must be an int in [0, {high if high is not None else 'inf'}], "
                                  f"got {value!r}")
         self.epoch, self.served = epoch, served
+        self._iterator += 1  # a live iterator stops serving: it holds the old epoch's order
