@@ -318,10 +318,15 @@ def run_contract(rank: int, out: Path, mode: str) -> None:
 
     model = DistributedDataParallel(mlp())
     rule = GSNR(1e9, increment=2, max_samples=64) if mode == "contract_gsnr" else FixedSteps(3)
-    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule, collective_timeout=3)
+    # contract_schedule / contract_clip: every rank calls alike, but one setting the step applies differs
+    settings = {"contract_schedule": dict(lr_schedule=lambda seen: 1.0 if rank == 0 else 0.5),
+                "contract_clip": dict(clip_grad_norm=1.0 + rank)}.get(mode, {})
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule, collective_timeout=3, **settings)
     data = rank_data(rank)
     calls = {("contract_flush", 0): 1, ("contract_flush", 1): 3, ("contract_late", 0): 3, ("contract_late", 1): 2,
-             ("contract_gsnr", 0): 1, ("contract_gsnr", 1): 3}
+             ("contract_gsnr", 0): 1, ("contract_gsnr", 1): 3, ("contract_schedule", 0): 3,
+             ("contract_schedule", 1): 3, ("contract_clip", 0): 3, ("contract_clip", 1): 3}
+    start = [p.detach().clone() for p in model.parameters()]
     started = time.monotonic()
     outcome = "ok"
     try:
@@ -331,6 +336,9 @@ def run_contract(rank: int, out: Path, mode: str) -> None:
             acc.flush()
     except Exception as error:  # noqa: BLE001 - the outcome is what the test reads
         outcome = f"{type(error).__name__}: {error}"
+    if mode in ("contract_schedule", "contract_clip"):  # the window and the weights as they were
+        same = all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+        outcome += f" | window {acc.window_micro_batches} micro-batches, {acc.steps} steps, weights unchanged: {same}"
     (out / f"rank{rank}.txt").write_text(f"{time.monotonic() - started:.1f}\n{outcome}")
     if mode == "contract_late" and rank == 1:
         time.sleep(12)  # linger: the peer must time out, not see a closed connection

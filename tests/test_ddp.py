@@ -161,6 +161,21 @@ def test_ranks_that_break_the_contract_raise_instead_of_hanging(tmp_path: Path, 
         assert "rank 0: flush() at window 0, micro-batch 1" in outcome and rank1_did in outcome
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("mode", "said"), [
+    ("contract_schedule", ("rank 0: lr_schedule's factor 1.0", "rank 1: lr_schedule's factor 0.5")),
+    ("contract_clip", ("rank 0: clip_grad_norm 1.0", "rank 1: clip_grad_norm 2.0")),
+])
+def test_ranks_that_would_step_differently_raise_instead_of_diverging(tmp_path: Path, mode: str, said: tuple) -> None:
+    """Each rank applied its own lr_schedule factor (or clipping) at the step: the weights
+    diverged with no error. The close's header carries what every rank's step applies, so
+    both raise before the window changes, naming each rank's value."""
+    for _, outcome in contract_outcomes(tmp_path, mode):
+        assert outcome.startswith("ContractError: data-parallel ranks disagree on what the step applies")
+        assert all(part in outcome for part in said)
+        assert outcome.endswith("| window 3 micro-batches, 0 steps, weights unchanged: True")
+
+
 def test_a_rank_that_never_arrives_times_out_with_the_contract_named(tmp_path: Path) -> None:
     seconds, outcome = contract_outcomes(tmp_path, "contract_late")[0]
     assert outcome.startswith("ContractError: rank 0: the Accumulator's collective for the window's close")

@@ -241,3 +241,75 @@ def test_gsnr_planner_records_the_gsnr_it_plans_from() -> None:
     acc = planned_run(GSNRPlanner(tau=2.0, min_batch=8, max_batch=64, micro_batch=8))
     assert acc.stats is not None and acc.stats.kind == "elements"
     assert {"gsnr", "samples", "trace", "squared_norm"} <= set(acc.history[0].info)
+
+
+PLANNERS = [BatchRamp(16, 48, over=96, micro_batch=8),
+            NoiseScalePlanner(c=1.0, min_batch=16, max_batch=64, micro_batch=8),
+            GSNRPlanner(tau=2.0, min_batch=16, max_batch=64, micro_batch=8)]
+
+
+def saved_planned(planner) -> tuple[dict, Accumulator]:
+    """A state saved mid-window after three planned windows, and a fresh Accumulator to load it."""
+    data = classification(160)
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), planner)
+    for start in range(0, 160, 8):
+        acc.backward(*ce_mean(model, take(data, slice(start, start + 8))))
+        if acc.steps >= 3 and acc.window_micro_batches:
+            break
+    assert acc.steps >= 3 and acc.window_micro_batches
+    fresh = mlp()
+    return acc.state_dict(), Accumulator(fresh, torch.optim.SGD(fresh.parameters(), lr=0.05), planner)
+
+
+def tampered(state: dict, what: str) -> dict:
+    bad = dict(state, history=[dict(r, info=dict(r["info"])) for r in state["history"]])
+    first = bad["history"][0]
+    if what == "items 10**12":
+        first["items"] = 10**12
+    elif what == "items -1000":
+        first["items"] = -1000
+    elif what == "trace -1e6":
+        first["info"]["trace"] = -1e6
+    elif what == "squared_norm NaN":
+        first["info"]["squared_norm"] = math.nan
+    elif what == "gsnr inf":
+        first["info"]["gsnr"] = math.inf
+    elif what == "emptied history":
+        bad["history"] = []
+    elif what == "window longer than its plan":
+        bad["micro_batches"] = 40
+    return bad
+
+
+CASES = [("items 10**12", r"state\['history'\]: its records' items add up to 1000000000\d+, not state\['items_seen'\]"),
+         ("items -1000", r"state\['history'\]\[0\]\['items'\] must be an int >= 0, got -1000"),
+         ("trace -1e6", r"state\['history'\]\[0\]\['info'\]\['trace'\] must be a real number >= 0"),
+         ("squared_norm NaN", r"state\['history'\]\[0\]\['info'\]\['squared_norm'\] must be a finite real number"),
+         ("gsnr inf", r"state\['history'\]\[0\]\['info'\]\['gsnr'\] must be a finite real number >= 0, got inf"),
+         ("emptied history", r"state\['history'\] holds 0 records for state\['steps'\]=\d+ windows"),
+         ("window longer than its plan", r"state\['micro_batches'\]=40: the open window is planned for \d+")]
+
+
+NOISE_TERMS = ("trace -1e6", "squared_norm NaN", "gsnr inf")
+
+
+def applicable(planner, what: str) -> bool:
+    """A ramp's records hold no noise terms; only the GSNR planner's hold a gsnr."""
+    return what not in NOISE_TERMS or planner.needs_statistics and (what != "gsnr inf" or isinstance(planner, GSNRPlanner))
+
+
+@pytest.mark.parametrize(("planner", "what", "match"),
+                         [pytest.param(p, what, match, id=f"{type(p).__name__}-{what}")
+                          for p in PLANNERS for what, match in CASES if applicable(p, what)])
+def test_a_resumed_planner_refuses_a_tampered_history_by_name(planner, what: str, match: str) -> None:
+    """A resumed planner planned every later window from whatever history it loaded. Every
+    value it reads is checked first, and against the counters; the Accumulator is unchanged
+    on refusal and the untouched state still loads."""
+    state, acc = saved_planned(planner)
+    before = (acc.window_micro_batches, acc.window_items, acc.steps, acc.planned_micro_batches, list(acc.history))
+    with pytest.raises(ValueError, match=match):
+        acc.load_state_dict(tampered(state, what))
+    assert before == (acc.window_micro_batches, acc.window_items, acc.steps, acc.planned_micro_batches, acc.history)
+    acc.load_state_dict(state)
+    assert acc.steps == state["steps"] and acc.window_micro_batches == state["micro_batches"]

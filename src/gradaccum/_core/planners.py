@@ -28,7 +28,7 @@ from array_api_compat import array_namespace
 
 from .noise_scale import NoiseScaleEMA, noise_scale
 from .records import StepRecord
-from .validation import check_choice, check_positive_float, check_positive_int
+from .validation import check_choice, check_positive_float, check_positive_int, real_number
 
 
 @runtime_checkable
@@ -84,6 +84,69 @@ def summarize(history: Sequence[StepRecord], decay: float = 0.9, every: int = 1)
             trace, squared, weight, signal = _ema(decay, (trace, squared, weight, signal), r.info["trace"],
                                                   r.info["squared_norm"], measured)
     return PlanSummary(sum(r.items for r in history), len(history), trace, squared, weight, signal)
+
+
+REASONS = ("rule", "flush", "nonfinite", "failed")  # why a window closed (``StepRecord.reason``)
+
+
+def check_history(history: Sequence[StepRecord], name: str = "history", start: int = 0) -> None:
+    """Refuse, naming the record and its key, a value no window could have recorded.
+
+    A planner trusts its history: a resumed run plans from the records it loads, so a tampered
+    or corrupted one (``items`` of -1000, a negative ``trace``, a NaN ``squared_norm``, an
+    infinite ``gsnr``) would plan every later window from it, silently. Checked here: each
+    record's place (``step`` is its index), counts, flags and reason, and the noise terms the
+    planners read where they count (``summarize``: an applied window with a finite trace).
+    ``start``: the step of the first record (0 for a whole history).
+    """
+    for k, r in enumerate(history, start):
+        where = f"{name}[{k}]" if start == 0 else name
+        _check_int(f"{where}['step']", r.step, k, k)
+        _check_int(f"{where}['items']", r.items, 0)
+        _check_int(f"{where}['micro_batches']", r.micro_batches, 1)
+        if r.samples is not None:
+            _check_int(f"{where}['samples']", r.samples, 1)
+        if not isinstance(r.skipped, bool):
+            raise ValueError(f"{where}['skipped'] must be a bool, got {r.skipped!r}")
+        if r.reason not in REASONS:
+            raise ValueError(f"{where}['reason'] must be one of {', '.join(REASONS)}, got {r.reason!r}")
+        norm = None if r.grad_norm is None else real_number(r.grad_norm)
+        if r.grad_norm is not None and (norm is None or norm < 0):
+            raise ValueError(f"{where}['grad_norm'] must be None or a norm >= 0, got {r.grad_norm!r}")
+        if not isinstance(r.lr, (list, tuple)) or any(real_number(lr) is None for lr in r.lr):
+            raise ValueError(f"{where}['lr'] must be a list of learning rates, got {r.lr!r}")
+        if not isinstance(r.info, dict):
+            raise ValueError(f"{where}['info'] must be a dict, got {type(r.info).__name__}")
+        _check_noise_terms(f"{where}['info']", r.info, counts=not r.skipped)
+
+
+def _check_int(name: str, value: Any, low: int, high: float = math.inf) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        wanted = f"{low}" if high == low else f"an int >= {low}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+def _check_noise_terms(where: str, info: dict[str, Any], counts: bool) -> None:
+    """The info keys the planners read: ``planned``; ``trace`` (>= 0, or NaN: nothing measured);
+    where it counts (finite, the window applied) ``squared_norm`` finite, ``samples`` >= 2 and
+    ``gsnr`` finite and >= 0."""
+    if "planned" in info:
+        _check_int(f"{where}['planned']", info["planned"], 1)
+    if "trace" not in info:
+        return
+    trace = real_number(info["trace"])
+    if trace is None or trace < 0:
+        raise ValueError(f"{where}['trace'] must be a real number >= 0 (or NaN), got {info['trace']!r}")
+    if not (counts and math.isfinite(trace)):
+        return
+    squared = real_number(info.get("squared_norm"))
+    if squared is None or not math.isfinite(squared):
+        raise ValueError(f"{where}['squared_norm'] must be a finite real number where the trace is finite, got "
+                         f"{info.get('squared_norm')!r}")
+    gsnr = real_number(info["gsnr"]) if "gsnr" in info else 0.0
+    if gsnr is None or not 0 <= gsnr < math.inf:
+        raise ValueError(f"{where}['gsnr'] must be a finite real number >= 0, got {info['gsnr']!r}")
+    _check_int(f"{where}['samples']", info.get("samples"), 2)
 
 
 def after_window(summary: PlanSummary, decay: float, items: Any, counts: Any, trace: Any, squared: Any,

@@ -36,3 +36,14 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def real_number(value: Any) -> float | None:
+    """``value`` as a float if it is a real number: a Python or NumPy int or float, or a
+    0-dim array or tensor of one (``.item()`` of it); None otherwise (bools included)."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        value = value.item()  # a NumPy scalar, a 0-dim array or tensor: its Python number
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+

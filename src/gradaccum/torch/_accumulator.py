@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Literal
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -17,11 +20,11 @@ from .._core import (
 )
 from .._core.config import AccumulationConfig, as_rule
 from .._core.noise_scale import NormStatistics, NormSums, layer_noise_scales, noise_scale, noise_terms, pooled_terms
-from .._core.planners import Planner, is_planner
+from .._core.planners import Planner, check_history, is_planner
 from .._core.rules import statistics_kind
 from .._core.statistics import mean_gsnr
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
-from .._core.validation import check_choice, check_positive_float, check_positive_int
+from .._core.validation import check_choice, check_positive_float, check_positive_int, real_number
 from ._checks import check_count, check_loss, check_model, tracked_parameters
 from ._distributed import (CHECK, CLOSE, FLUSH, GATE, INCREMENT, LAYERS, NORMS, RankContract, disable_ddp_sync, is_ddp,
                            is_fsdp, local, sum_fsdp_gradients)
@@ -31,6 +34,51 @@ from ._nonfinite import POLICIES, NonFiniteError, NonFinitePolicy, Screen, all_f
 from ._window_sums import MomentWindowSums, UnshiftedWindowSums, WindowSums
 
 __all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy"]
+
+_OWN_STEPS = [0]  # optimizer steps an Accumulator is taking now: the stray-step hook lets them through
+
+
+@contextmanager
+def _own_step() -> Iterator[None]:
+    _OWN_STEPS[0] += 1
+    try:
+        yield
+    finally:
+        _OWN_STEPS[0] -= 1
+
+
+def _stray_step_hook(accumulator: "weakref.ref[Accumulator]") -> Callable[..., None]:
+    """An optimizer step pre-hook that refuses a step the Accumulator did not take while its
+    window is open: a leftover ``optimizer.step()`` in the loop would step with the window's
+    partial sum (in ``.grad`` under ``"skip_window"``), or with nothing, before the window closes."""
+    def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+        acc = accumulator()
+        if acc is not None and acc._micro_batches and not _OWN_STEPS[0]:
+            raise RuntimeError(
+                f"optimizer.step() was called while the Accumulator's window is open (window {acc.steps}, "
+                f"{acc.window_micro_batches} micro-batch(es) so far): the Accumulator steps the optimizer itself "
+                "when a window closes (backward returns True). Remove optimizer.step() and optimizer.zero_grad() "
+                "from the training loop; the parameters and the window are unchanged")
+    return hook
+
+
+def _note(error: BaseException, text: str) -> None:
+    """Add ``text`` to the error's message (a note under it in the traceback), keeping its type."""
+    if hasattr(error, "add_note"):
+        error.add_note(text)
+    elif error.args and isinstance(error.args[0], str):  # Python 3.10: no notes
+        error.args = (f"{error.args[0]}\n{text}", *error.args[1:])
+
+
+@dataclass
+class _Pending:
+    """A window whose step was prepared (totals reduced, gradient divided, unscaled and clipped,
+    record made) but did not complete: ``flush()`` retries from here, without a second reduce
+    or division."""
+
+    record: StepRecord
+    factor: float  # the lr factor of the step (schedule and scaling)
+    steps: bool  # whether the optimizer is called (an empty or poisoned window is not stepped)
 
 
 class Accumulator:
@@ -86,7 +134,10 @@ class Accumulator:
     ``backward`` the same number of times per window, and ``flush`` together: a small
     header all-gathered before each of the Accumulator's collectives checks it, so a rank
     that breaks it raises ``ContractError`` on every rank, and one that never arrives
-    times out after ``collective_timeout`` seconds. With a statistics rule, every
+    times out after ``collective_timeout`` seconds. The close's header also carries what
+    each rank's step applies (the ``lr_schedule`` factor, ``lr_scaling``, ``reference_batch``,
+    ``clip_grad_norm``, the optimizer's learning rates): ranks that differ raise
+    ``ContractError`` before the window changes instead of stepping apart. With a statistics rule, every
     micro-batch is one collective increment (with a per-element rule its moments are reduced
     then, and they hold the window's sum: the close reduces only the counts); a rank whose
     micro-batch was skipped as non-finite contributes zeros, so no rank waits; the
@@ -108,6 +159,16 @@ class Accumulator:
     The parameters managed are those the optimizer holds, frozen ones included, so a
     parameter unfrozen later is averaged like the others; a model parameter the optimizer
     does not hold that gets a gradient raises ValueError naming it.
+
+    The Accumulator takes the optimizer step: an ``optimizer.step()`` it did not take is
+    refused while a window is open, and with the sum in ``.grad`` a ``.grad`` changed between
+    backwards (``optimizer.zero_grad()``) is refused at the next backward or flush. Everything
+    a close computes (the schedule's factor, the totals, the mean gradient, the record and the
+    next plan) is made and validated before the optimizer runs. If the plan or the optimizer
+    fails, the learning rates are restored and the window keeps its mean gradient: ``flush()``
+    retries the step (no second reduce or division), ``flush(drop=True)`` drops the window,
+    and ``backward`` and ``state_dict`` refuse until one of them is called. A scheduler (or
+    the scaler's update) failing after the step raises once the window is recorded.
     """
 
     def __init__(
@@ -194,9 +255,12 @@ class Accumulator:
         self._steps = 0
         self._items_seen = 0  # items of every closed window (the schedule's progress)
         self._reset_window()
+        handle = optimizer.register_step_pre_hook(_stray_step_hook(weakref.ref(self)))
+        weakref.finalize(self, handle.remove)
 
     # ------------------------------------------------------------------ window state
-    def _reset_window(self) -> None:
+    def _reset_window(self, planned: int | None = None) -> None:
+        """An empty window; ``planned``: its plan, when the close has computed it already."""
         if self.stats is not None:
             self.stats.reset()
         self._window.reset()
@@ -206,7 +270,9 @@ class Accumulator:
         self._poisoned = False
         self._failed = False  # a backward raised half-way into in-place sums
         self._schedule: float | None = None  # lr_schedule's factor for this window, from the items seen before it
-        self._planned = None if self.planner is None else check_positive_int(
+        self._pending: _Pending | None = None  # a close whose step did not complete (flush() retries it)
+        self._grads_seen = self._grad_state(self._window.sums)  # in place: .grad as the window last left it
+        self._planned = planned if planned is not None or self.planner is None else check_positive_int(
             "the planner's window", self.planner.plan(self.history))
 
     @property
@@ -275,8 +341,10 @@ class Accumulator:
         check_choice("reduction", reduction, ("mean", "sum"))
         if samples is not None:
             check_positive_int("samples", samples)
-        if self._micro_batches == 0:
-            self._schedule = self._scheduled_factor()  # a bad schedule is refused before the window changes
+        if self._pending is not None:
+            raise RuntimeError(f"{self._pending_message()} before the next backward; the window is unchanged")
+        if self._schedule is None:  # a new window's, or a resumed one's: refused before the window changes
+            self._schedule = self._scheduled_factor()
         self._check_grads_untouched()
         agreed = self._agree_micro_batch(loss, count) if self._fsdp else None
         self._micro_batches += 1
@@ -297,9 +365,12 @@ class Accumulator:
                 self._poisoned = self._failed = True
                 self._clear_grads()
             elif self._in_place:
-                # autograd may have added part of this micro-batch to the window sum (.grad):
-                # that cannot be undone bitwise, so the window is dropped when it closes
-                self._poisoned = self._failed = True
+                if self._grad_state([p.grad for p in self._params]) != self._grads_seen:
+                    # autograd added part of this micro-batch to the window sum (.grad): that
+                    # cannot be undone bitwise, so the window is dropped when it closes
+                    self._poisoned = self._failed = True
+                    self._window.take([p.grad for p in self._params])
+                    self._grads_seen = self._grad_state(self._window.sums)
             else:
                 self._clear_grads()  # the window sum is kept apart: it is exactly as before
             raise
@@ -333,6 +404,8 @@ class Accumulator:
             self._clear_grads()
             self._reset_window()
             return False
+        if self._pending is None:
+            self._check_grads_untouched()
         return self._close_window("flush", Decision(True, {}))
 
     def state_dict(self) -> dict[str, Any]:
@@ -340,7 +413,10 @@ class Accumulator:
 
         Save it with the model, optimizer, scheduler and scaler state dicts; after
         ``load_state_dict`` in a fresh process the run continues bitwise identically.
+        A window whose step did not complete is refused: flush it first.
         """
+        if self._pending is not None:
+            raise RuntimeError(f"{self._pending_message()} before saving the state")
         return {
             "version": VERSION,
             "sums": [None if s is None else s.detach().clone() for s in self._window.sums],
@@ -360,8 +436,9 @@ class Accumulator:
         """Restore what ``state_dict`` saved. Everything is validated first (keys, types,
         shapes, counts, finite sums, the statistics against the rule); on any error the
         Accumulator is unchanged."""
-        values = checked_state(state, self._params, self.stats)
+        values = checked_state(state, self._params, self.stats, self.planner)
         self._clear_grads()
+        self._pending = None
         self._window.sums = values["sums"]
         self._window.shift = values["shift"]
         self._micro_batches = values["micro_batches"]
@@ -377,11 +454,11 @@ class Accumulator:
         if self.stats is not None:
             self.stats.load_state_dict(values["statistics"])
         self.monitor = values["monitor"]
-        if self.planner is not None:  # the open window's plan, from the history it was planned from
-            self._planned = self.planner.plan(self.history)
+        self._planned = values["planned"]  # the open window's plan, from the history it was planned from
         if self._in_place:
             for p, window_sum in zip(self._params, self._window.sums):
                 p.grad = window_sum
+        self._grads_seen = self._grad_state(self._window.sums)
 
     # ------------------------------------------------------------------ one micro-batch
     def _take_micro_batch(self, loss: torch.Tensor, count: int, reduction: str, samples: int | None,
@@ -410,6 +487,8 @@ class Accumulator:
             return False, False
         committed, overflow = self._statistics(grads, samples)
         self._window.take(grads)
+        if self._in_place:
+            self._grads_seen = self._grad_state(self._window.sums)
         self._items += count
         self._samples += (self.stats.last_samples if committed else samples) or 0  # type: ignore[union-attr]
         return committed, overflow
@@ -422,7 +501,13 @@ class Accumulator:
             total = self.scaler.scale(total)
         total.backward()
         self._check_untracked()
-        return [p.grad for p in self._params]
+        grads = [p.grad for p in self._params]
+        if self._in_place and self._grad_state(grads) == self._grads_seen or not any(g is not None for g in grads):
+            raise ValueError(
+                "loss: its backward reached none of the model's parameters (it was computed by another model, or "
+                "from tensors detached from this one): pass the loss of the model the Accumulator was built with "
+                "(the window is unchanged; any other model's parameters now hold this loss's gradient)")
+        return grads
 
     def _statistics(self, grads: list[torch.Tensor | None], samples: int | None) -> tuple[bool, bool]:
         """Commit the increment's statistics; (committed, overflow). An overflowing increment
@@ -439,46 +524,90 @@ class Accumulator:
 
     # ------------------------------------------------------------------ the close
     def _close_window(self, reason: str, decision: Decision) -> bool:
-        """Totals (reduced under DDP), apply, record: each a piece of its own."""
+        """Everything the close computes (totals, reduced under DDP; the gradient; the record;
+        the next plan) before the optimizer runs, then the step, then the bookkeeping. From the
+        gradient's division on, a failure leaves the window's step pending: ``flush()`` retries
+        it (no second reduce or division), ``flush(drop=True)`` drops it."""
+        if self._pending is None:
+            self._pending = self._prepare_close(reason, decision)
+        pending = self._pending
+        try:
+            planned = self._next_plan(pending.record)
+        except BaseException as error:
+            _note(error, f"{self._pending_message()}: no optimizer step was taken")
+            raise
+        self._step(pending)
+        self._pending = None
+        try:
+            self._after_step(pending)
+        except BaseException as error:  # the step is taken: the bookkeeping completes before this raises
+            self._finish_close(pending.record, planned)
+            _note(error, "the optimizer stepped and the window is closed and recorded; the scaler's update or the "
+                         "scheduler's step after it raised")
+            raise
+        self._finish_close(pending.record, planned)
+        if self.stats is not None and self.planner is None and reason == "rule":
+            message = self.monitor.observe(pending.record.micro_batches, bool(decision.info.get("capped", False)))
+            if message:
+                warnings.warn(f"gradaccum: {message}", RuntimeWarning, stacklevel=3)
+        return not pending.record.skipped
+
+    def _prepare_close(self, reason: str, decision: Decision) -> _Pending:
+        """The schedule's factor, the rule's info and the totals (agreed and reduced under DDP),
+        each refused before the window changes; then the window's gradient for the step and its
+        record. A failure while the gradient is made drops the window (it is no longer the sum)."""
+        scheduled = self._schedule if self._schedule is not None else self._scheduled_factor()
         if self.planner is not None and self.stats is not None:
             decision = Decision(decision.stop, {**decision.info, **self._noise_info()})
         if self.stats is not None and self.stats.kind == "norms":
             decision = Decision(decision.stop, {**decision.info, **self._layer_noise_info()})
-        scheduled = self._schedule if self._schedule is not None else self._scheduled_factor()
-        items, samples, poisoned = self._window_totals(reason)
-        lrs, grad_norm, skipped = self._apply_window(items, scheduled, skip=poisoned or items == 0)
-        self._record_window(reason, decision, items, samples, poisoned, skipped, lrs, grad_norm)
-        self._items_seen += items
-        self._steps += 1
-        self._reset_window()
-        return not skipped
+        items, samples, poisoned = self._window_totals(reason, scheduled)
+        try:
+            return self._prepare_step(reason, decision, scheduled, items, samples, poisoned)
+        except BaseException as error:
+            self._clear_grads()
+            self._reset_window(self._planned)
+            _note(error, "the window's mean gradient could not be made for its step: the window is dropped and no "
+                         "optimizer step was taken")
+            raise
 
-    def _window_totals(self, reason: str) -> tuple[int, int, bool]:
+    def _window_totals(self, reason: str, scheduled: float) -> tuple[int, int, bool]:
         """The window's items, samples and whether it is poisoned: all-reduced with its
-        gradient sums under DDP; a sum in ``.grad`` is screened here, once."""
+        gradient sums under DDP (the ranks first agree on what the step applies); a sum in
+        ``.grad`` is screened here, once."""
+        kind = FLUSH if reason == "flush" else CLOSE
         if self._ddp:
-            items, samples, poisoned = self._all_reduce_window(FLUSH if reason == "flush" else CLOSE)
+            items, samples, poisoned = self._all_reduce_window(kind, self._step_settings(scheduled))
         elif self._fsdp:
-            return self._agree_window(FLUSH if reason == "flush" else CLOSE)
+            return self._agree_window(kind, self._step_settings(scheduled))
         else:
             items, samples, poisoned = self._items, self._samples, self._poisoned
         if self._screen.window_at_close and not poisoned:
             poisoned = not all_finite(self._window.sums)
         return items, samples, poisoned
 
-    def _apply_window(self, items: int, scheduled: float, skip: bool) -> tuple[list[float], float | None, bool]:
-        """In straight-line order: scale the lr, divide, unscale, clip, step, restore the lr,
-        step the scheduler, clear the gradients. Returns (the lrs used, the clipped norm,
-        whether the step was skipped)."""
-        base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+    def _step_settings(self, scheduled: float) -> dict[str, float]:
+        """What every rank's step must apply alike, agreed in the close's header under DDP and
+        FSDP2: ranks that differ would step apart, their weights diverging with no error."""
+        return {"lr_schedule's factor": scheduled,
+                "lr_scaling (0 none, 1 linear, 2 sqrt)": float(LR_SCALINGS.index(self.lr_scaling) + 1
+                                                              if self.lr_scaling is not None else 0),
+                "reference_batch": float(self.reference_batch or 0),
+                "clip_grad_norm": float(self.clip_grad_norm or 0.0),
+                "the optimizer's learning rates (summed)": math.fsum(float(g["lr"])
+                                                                    for g in self.optimizer.param_groups)}
+
+    def _prepare_step(self, reason: str, decision: Decision, scheduled: float, items: int, samples: int,
+                      poisoned: bool) -> _Pending:
+        """In straight-line order: the lr factor, divide, unscale, clip, whether the scaler
+        skips; the window's record. Nothing is stepped yet."""
+        skip = poisoned or items == 0
         factor = scheduled
         if self.lr_scaling is not None and items > 0:
             factor *= lr_factor(self.lr_scaling, items, self.reference_batch)  # type: ignore[arg-type]
-        if factor != 1.0:
-            for g in self.optimizer.param_groups:
-                g["lr"] = g["lr"] * factor
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        lrs = [float(g["lr"] * factor) for g in self.optimizer.param_groups]
         grad_norm: float | None = None
+        overflow = False
         if not skip:
             self._window.to_grads(items)
             if self.scaler is not None:
@@ -486,47 +615,86 @@ class Accumulator:
             if self.clip_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, self.clip_grad_norm))
             if self.scaler is not None:
-                skip = not all_finite([p.grad for p in self._params])
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-        for g, lr in zip(self.optimizer.param_groups, base_lrs):
-            g["lr"] = lr  # the scaling holds for this step only; the scheduler owns the base lr
-        if not skip and self.scheduler is not None:
-            self.scheduler.step()
-        self._clear_grads()
-        return lrs, grad_norm, skip
-
-    def _record_window(self, reason: str, decision: Decision, items: int, samples: int, poisoned: bool,
-                       skipped: bool, lrs: list[float], grad_norm: float | None) -> None:
+                overflow = not all_finite([p.grad for p in self._params])
         record = StepRecord(
             step=self._steps,
             items=items,
             micro_batches=self._micro_batches,
-            skipped=skipped,
+            skipped=skip or overflow,
             reason=("failed" if self._failed else "nonfinite") if poisoned else reason,
             grad_norm=grad_norm,
             lr=lrs,
             info=dict(decision.info),
             samples=samples or None,
         )
-        if self.stats is not None and self.planner is None and reason == "rule":
-            message = self.monitor.observe(self._micro_batches, bool(decision.info.get("capped", False)))
-            if message:
-                warnings.warn(f"gradaccum: {message}", RuntimeWarning, stacklevel=4)
+        return _Pending(record, factor, steps=not skip)
+
+    def _next_plan(self, record: StepRecord) -> int | None:
+        """With a planner, the next window's plan from the history with this window's record;
+        both validated before the optimizer runs (the record as a resumed run would check it)."""
+        if self.planner is None:
+            return None
+        check_history([record], f"the window's record (window {self._steps})", start=self._steps)
+        return check_positive_int(f"{type(self.planner).__name__}.plan(history), the next window's micro-batches,",
+                                  self.planner.plan([*self.history, record]))
+
+    def _step(self, pending: _Pending) -> None:
+        """The optimizer's step (through the scaler) with the lr scaled by the window's factor;
+        the learning rates are restored whatever happens."""
+        if not pending.steps:
+            return
+        groups = self.optimizer.param_groups
+        base_lrs = [g["lr"] for g in groups]
+        if pending.factor != 1.0:
+            for g in groups:
+                g["lr"] = g["lr"] * pending.factor
+        try:
+            with _own_step():
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                else:
+                    self.optimizer.step()
+        except BaseException as error:
+            _note(error, f"optimizer.step() raised: the learning rates are restored and the window keeps its mean "
+                         f"gradient (it is not divided again), but parameters and optimizer state may be partly "
+                         f"updated. {self._pending_message()} (retry only if the optimizer changed nothing, for "
+                         "example it ran out of memory allocating its state)")
+            raise
+        finally:
+            for g, lr in zip(groups, base_lrs):
+                g["lr"] = lr  # the scaling holds for this step only; the scheduler owns the base lr
+
+    def _after_step(self, pending: _Pending) -> None:
+        """The scaler's update after its step; the scheduler's step after an optimizer step."""
+        if pending.steps and self.scaler is not None:
+            self.scaler.update()
+        if not pending.record.skipped and self.scheduler is not None:
+            self.scheduler.step()
+
+    def _finish_close(self, record: StepRecord, planned: int | None) -> None:
+        """The bookkeeping of a closed window: gradients cleared, record kept, counters, the next window."""
+        self._clear_grads()
         self.last_record = record
         if self.keep_history:
             self.history.append(record)
+        self._items_seen += record.items
+        self._steps += 1
+        self._reset_window(planned)
+
+    def _pending_message(self) -> str:
+        return ("the window's step did not complete: call flush() to retry it (its gradient is ready: no second "
+                "reduce or division) or flush(drop=True) to drop the window")
 
     def _scheduled_factor(self) -> float:
         if self.lr_schedule is None:
             return 1.0
         seen = self._items_seen
         value = self.lr_schedule(seen)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < float("inf")):
-            raise ValueError(f"lr_schedule({seen}) must return a finite factor >= 0, got {value!r}")
-        return float(value)
+        factor = real_number(value)
+        if factor is None or not 0 <= factor < math.inf:
+            raise ValueError(f"lr_schedule({seen}) must return a finite factor >= 0 (a real number: a float, a NumPy "
+                             f"scalar or a 0-dim tensor), got {value!r}")
+        return factor
 
     @property
     def _reduces_moments(self) -> bool:
@@ -587,12 +755,31 @@ class Accumulator:
 
     # ------------------------------------------------------------------ internals
     def _check_grads_untouched(self) -> None:
+        """Refuse a ``.grad`` the Accumulator did not put there; in place (the window's sum is
+        ``.grad``), also one changed since its last backward (``optimizer.zero_grad()``, with or
+        without ``set_to_none``, or any in-place change): the window's sum is lost then."""
+        if self._in_place and self._micro_batches and self._grad_state([p.grad for p in self._params]) != \
+                self._grads_seen:
+            raise RuntimeError(
+                "the window's gradient sum, which .grad holds under nonfinite='skip_window', was changed outside "
+                "the Accumulator since its last backward (optimizer.zero_grad(), a stray loss.backward(), clipping "
+                "or another in-place change of .grad): remove it from the training loop, the Accumulator clears "
+                "the gradients when it steps. The window's sum is lost: call flush(drop=True) to drop the window")
         for i, p in enumerate(self._params):
             if p.grad is not None and not self._window.owns(i, p.grad):
                 raise RuntimeError(
                     "a parameter has a .grad that the Accumulator did not put there: run backward only "
                     "through the Accumulator (a stray loss.backward() would leak into the window)"
                 )
+
+    def _grad_state(self, grads: list[torch.Tensor | None]) -> list[tuple[int, int] | None]:
+        """Each gradient's identity and version counter (of its local shard under FSDP2): what
+        autograd's add into ``.grad``, ``zero_grad`` or any in-place change moves. Read only
+        with the sums in ``.grad``; elsewhere an empty list."""
+        if not self._in_place:
+            return []
+        shards = local(grads) if self._fsdp else grads
+        return [None if g is None else (id(g), s._version) for g, s in zip(grads, shards)]  # type: ignore[union-attr]
 
     def _check_untracked(self) -> None:
         stray = [n for n, p in self._untracked if p.grad is not None]
@@ -661,21 +848,25 @@ class Accumulator:
         said = self._contract.agree(CHECK, self._steps, self._micro_batches, 0, (float(mine),))  # type: ignore[union-attr]
         return all(finite == 1.0 for (finite,) in said)
 
-    def _agree_window(self, kind: int) -> tuple[int, int, bool]:
+    def _agree_window(self, kind: int, settings: dict[str, float]) -> tuple[int, int, bool]:
         """Under FSDP2 the window's sums are already summed over ranks (shards of them); only
-        the items, samples and whether any rank's shard is poisoned are agreed: one small
-        collective per window."""
+        the items, samples and whether any rank's shard is poisoned are agreed, with what the
+        step applies: one small collective per window."""
         poisoned = self._poisoned or (self._screen.window_at_close and not all_finite(local(self._window.sums)))
         said = self._contract.agree(kind, self._steps, self._micro_batches, 0,  # type: ignore[union-attr]
-                                    (float(self._items), float(self._samples), float(poisoned)))
+                                    (float(self._items), float(self._samples), float(poisoned)), settings)
         return (int(sum(s[0] for s in said)), int(sum(s[1] for s in said)), any(s[2] > 0 for s in said))
 
-    def _all_reduce_window(self, kind: int) -> tuple[int, int, bool]:
+    def _all_reduce_window(self, kind: int, settings: dict[str, float]) -> tuple[int, int, bool]:
+        """The window's sums and counts summed over ranks, after the header (with what the step
+        applies) is agreed: a disagreement raises before the window changes."""
         contract = self._contract
         assert contract is not None
+        moments = isinstance(self._window, MomentWindowSums)  # it reduces one flag per parameter
+        numel = len(self._params) if moments else sum(p.numel() for p in self._params)
+        contract.agree(kind, self._steps, self._micro_batches, numel, settings=settings)
         sums = self._window.true_sums()  # ranks may have shifted their counts differently
         counts = torch.tensor([self._items, self._samples, int(self._poisoned)], dtype=torch.int64,
                               device=sums[0].device)
-        contract.agree(kind, self._steps, self._micro_batches, sum(s.numel() for s in sums))
         contract.all_reduce([*sums, counts], kind, self._steps, self._micro_batches)
         return int(counts[0]), int(counts[1]), bool(counts[2] > 0)

@@ -13,7 +13,10 @@ sizes happened to match, pair different windows silently. So each of the Accumul
 collectives is preceded by a small fixed-size header (what the collective is, window,
 micro-batch, element count) all-gathered over its own process group, whose timeout is
 short and configurable: a mismatch raises on every rank, naming what each rank did; a
-rank that never arrives times out with the contract in the message.
+rank that never arrives times out with the contract in the message. The close's header also
+carries what every rank's step must apply alike (the lr schedule's factor, the lr scaling,
+clipping, the optimizer's learning rates): ranks that differ there would step apart, their
+weights diverging with no error.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ KINDS = {1: "a statistics increment (backward)", 2: "the window's close (the rul
          4: "a norm-statistics increment (backward)", 5: "the window's per-layer norm sums (close)",
          6: "a sharded micro-batch (before its backward)", 7: "a sharded micro-batch's gradient check"}
 INCREMENT, CLOSE, FLUSH, NORMS, LAYERS, GATE, CHECK = 1, 2, 3, 4, 5, 6, 7
-PAYLOAD = 5  # float64 slots a header carries after its four fields (the norm path's scalars)
+PAYLOAD = 8  # float64 slots a header carries after its four fields (scalars, then settings to agree on)
 
 
 def is_ddp(model: torch.nn.Module) -> bool:
@@ -130,17 +133,18 @@ class RankContract:
         if is_fsdp(model):
             guard_fsdp_collectives(model, self)
 
-    def agree(self, kind: int, window: int, micro_batch: int, numel: int, payload: tuple[float, ...] = ()
-              ) -> list[tuple[float, ...]]:
+    def agree(self, kind: int, window: int, micro_batch: int, numel: int, payload: tuple[float, ...] = (),
+              settings: dict[str, float] | None = None) -> list[tuple[float, ...]]:
         """All-gather this rank's header; raise on every rank if they differ. The header
         carries up to ``PAYLOAD`` float64 values beside its fields: every rank gets every
         rank's ``payload`` back (the norm path's scalars travel this way, so an increment
-        costs one small collective)."""
-        if len(payload) > PAYLOAD:
-            raise ValueError(f"a header carries at most {PAYLOAD} values, got {len(payload)}")
+        costs one small collective), and ``settings``, named values every rank must hold alike."""
+        values = tuple((settings or {}).values())
+        if len(payload) + len(values) > PAYLOAD:
+            raise ValueError(f"a header carries at most {PAYLOAD} values, got {len(payload) + len(values)}")
         header = torch.zeros(4 + PAYLOAD, dtype=torch.float64)  # every header has this shape: a mismatch is readable
         header[:4] = torch.tensor([kind, window, micro_batch, numel], dtype=torch.float64)
-        header[4:4 + len(payload)] = torch.tensor(payload, dtype=torch.float64)
+        header[4:4 + len(payload) + len(values)] = torch.tensor((*payload, *values), dtype=torch.float64)
         gathered = [torch.zeros_like(header) for _ in range(self.world)]
         self._run(lambda: dist.all_gather(gathered, header, group=self.group), kind, window, micro_batch)
         if any(not torch.equal(g[:4], gathered[0][:4]) for g in gathered):
@@ -149,7 +153,23 @@ class RankContract:
             raise ContractError(
                 f"data-parallel ranks disagree ({said}). Every rank must call Accumulator.backward the same "
                 "number of times per window and call flush() together; the window is left as it was")
+        if settings:
+            self._check_settings(list(settings), [g[4 + len(payload):4 + len(payload) + len(values)].tolist()
+                                                  for g in gathered])
         return [tuple(g[4:4 + len(payload)].tolist()) for g in gathered]
+
+    @staticmethod
+    def _check_settings(names: list[str], said: list[list[float]]) -> None:
+        """Raise ``ContractError`` naming the settings the ranks hold differently, and each rank's value."""
+        differ = [k for k, name in enumerate(names) if any(values[k] != said[0][k] for values in said)]
+        if not differ:
+            return
+        shown = "; ".join(f"rank {r}: " + ", ".join(f"{names[k]} {values[k]!r}" for k in differ)
+                          for r, values in enumerate(said))
+        raise ContractError(
+            f"data-parallel ranks disagree on what the step applies ({shown}). Build every rank's Accumulator "
+            "with the same lr_schedule, lr_scaling, reference_batch and clip_grad_norm, and give every rank's "
+            "optimizer the same learning rates, or the ranks' weights diverge; the window is left as it was")
 
     def all_reduce(self, tensors: list[torch.Tensor], kind: int, window: int, micro_batch: int) -> None:
         """Sum ``tensors`` in place across ranks, one collective per dtype and device."""

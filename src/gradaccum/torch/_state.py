@@ -3,6 +3,8 @@
 A state that fails late (a missing key, a bad history record, a FixedSteps state loaded
 into a GSNR accumulator) used to raise after the gradient sums were overwritten, and values
 were trusted (``items=-100`` divided the gradient by -84; NaN sums passed under "raise").
+With a planner the history is what every later window is planned from, so it is checked
+record by record and against the counters, and the open window against its plan.
 """
 
 from __future__ import annotations
@@ -14,14 +16,18 @@ from typing import Any
 import torch
 
 from .._core import DecisionMonitor, StepRecord
+from .._core.planners import Planner, check_history
+from .._core.validation import check_positive_int
 
 VERSION = 2
 KEYS = ("version", "sums", "micro_batches", "items", "samples", "shift", "poisoned", "steps", "items_seen",
         "history", "statistics", "monitor")
 
 
-def checked_state(state: Any, params: list[torch.nn.Parameter], stats: Any) -> dict[str, Any]:
-    """The values ``state`` holds, converted and validated; raises ValueError naming the key."""
+def checked_state(state: Any, params: list[torch.nn.Parameter], stats: Any, planner: Planner | None = None
+                  ) -> dict[str, Any]:
+    """The values ``state`` holds, converted and validated; raises ValueError naming the key.
+    With a planner, ``planned`` is the open window's plan (from the loaded history)."""
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict saved by Accumulator.state_dict(), got {type(state).__name__}")
     if state.get("version") != VERSION:
@@ -87,4 +93,27 @@ def checked_state(state: Any, params: list[torch.nn.Parameter], stats: Any) -> d
         out["statistics"] = statistics
     if not all(math.isfinite(float(r.items)) for r in out["history"]):
         raise ValueError("state['history'] holds a non-finite item count")
+    out["planned"] = None if planner is None else planned_window(out, planner)
     return out
+
+
+def planned_window(out: dict[str, Any], planner: Planner) -> int:
+    """The open window's plan from the checked history; the history must be every closed
+    window's (as many records as ``steps``, their items adding up to ``items_seen``), and the
+    open window shorter than its plan (it would have closed at it)."""
+    history = out["history"]
+    check_history(history, "state['history']")
+    if len(history) != out["steps"]:
+        raise ValueError(f"state['history'] holds {len(history)} records for state['steps']={out['steps']} windows: "
+                         "a planner plans from every window's record (a state whose history was emptied or cut "
+                         "cannot resume its plan)")
+    total = sum(r.items for r in history)
+    if total != out["items_seen"]:
+        raise ValueError(f"state['history']: its records' items add up to {total}, not state['items_seen']="
+                         f"{out['items_seen']}")
+    planned = check_positive_int(f"{type(planner).__name__}.plan(state['history'])", planner.plan(history))
+    if out["micro_batches"] >= planned:
+        raise ValueError(f"state['micro_batches']={out['micro_batches']}: the open window is planned for {planned} "
+                         "micro-batches and closes at its plan, so it cannot hold as many (a state saved with "
+                         "another planner, or edited)")
+    return planned
