@@ -147,7 +147,7 @@ def corrupt(state: dict, key: str, value) -> dict:
     ("items", -100, "items'] must be a non-negative int"),
     ("micro_batches", 1.5, "micro_batches'] must be a non-negative int"),
     ("poisoned", "no", "poisoned'] must be a bool"),
-    ("statistics", {"moments": None}, "holds per-sample statistics"),
+    ("statistics", {"moments": None}, "holds statistics"),
 ])
 def test_load_state_dict_validates_everything_before_assigning(key, value, match) -> None:
     """A state failing late raised after the sums were overwritten; items=-100 divided the
@@ -176,9 +176,9 @@ def test_state_of_another_rule_is_refused() -> None:
     """A FixedSteps state loaded into a GSNR accumulator, and the other way round."""
     _, fixed, fixed_state = saved_mid_window()
     _, gsnr, gsnr_state = saved_mid_window(GSNR(1e9, increment=4, max_samples=16))
-    with pytest.raises(ValueError, match="holds no per-sample statistics"):
+    with pytest.raises(ValueError, match="holds no statistics"):
         gsnr.load_state_dict(fixed_state)
-    with pytest.raises(ValueError, match="holds per-sample statistics"):
+    with pytest.raises(ValueError, match="holds statistics"):
         fixed.load_state_dict(gsnr_state)
     bad = dict(gsnr_state, statistics={"moments": [(4, m, -v) for _, m, v in gsnr_state["statistics"]["moments"]]})
     with pytest.raises(ValueError, match="negative"):

@@ -28,6 +28,7 @@ from array_api_compat import array_namespace
 
 from .noise_scale import NoiseScaleEMA, noise_scale
 from .records import StepRecord
+from .rules import SOURCES
 from .validation import check_choice, check_positive_float, check_positive_int, real_number
 
 
@@ -239,6 +240,7 @@ class _NoisePlanner:
     micro_batch: int
     every: int = 1
     decay: float = 0.9
+    source: str = "per_sample"
     needs_statistics: bool = field(default=True, init=False)
     statistics: str = field(default="norms", init=False)  # the noise terms need only the norm path
 
@@ -249,7 +251,22 @@ class _NoisePlanner:
             raise ValueError(f"min_batch ({self.min_batch}) must be <= max_batch ({self.max_batch})")
         if self.micro_batch > self.min_batch:
             raise ValueError(f"micro_batch ({self.micro_batch}) must be <= min_batch ({self.min_batch})")
+        check_choice("source", self.source, SOURCES)
+        if self.source == "micro_batch":
+            if self.statistics != "norms":
+                raise ValueError(f"source='micro_batch': {type(self).__name__} reads per-element statistics, which "
+                                 "the micro-batch source does not take; use source='per_sample'")
+            if self.max_batch < 2 * self.micro_batch:
+                raise ValueError(f"max_batch ({self.max_batch}) must be >= 2 * micro_batch ({self.micro_batch}) with "
+                                 "source='micro_batch': a window needs two micro-batches to measure their variance "
+                                 "(or use source='per_sample')")
         NoiseScaleEMA(self.decay)
+
+    @property
+    def _fewest(self) -> int:
+        """The fewest micro-batches a window may have: two where the variance is measured
+        between micro-batches (a window of one has none)."""
+        return 2 if self.source == "micro_batch" else 1
 
     def noise_scale(self, history: Sequence[StepRecord]) -> float:
         """``B_simple`` from the windows up to the last multiple of ``every`` steps (NaN if none)."""
@@ -283,7 +300,7 @@ class _NoisePlanner:
         raise NotImplementedError
 
     def _plan_batch(self, batch: Any) -> Any:
-        low = -(-self.min_batch // self.micro_batch)
+        low = max(-(-self.min_batch // self.micro_batch), self._fewest)
         if isinstance(batch, (int, float)):
             if math.isnan(batch):
                 batch = self.min_batch  # nothing measured yet: start small

@@ -21,7 +21,7 @@ from .._core import (
 from .._core.config import AccumulationConfig, as_rule
 from .._core.noise_scale import NormStatistics, NormSums, layer_noise_scales, noise_scale, noise_terms, pooled_terms
 from .._core.planners import Planner, check_history, is_planner
-from .._core.rules import statistics_kind
+from .._core.rules import statistics_kind, statistics_source
 from .._core.statistics import mean_gsnr
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int, real_number
@@ -29,8 +29,11 @@ from ._checks import check_count, check_loss, check_model, tracked_parameters
 from ._distributed import (CHECK, CLOSE, FLUSH, GATE, INCREMENT, LAYERS, NORMS, RankContract, disable_ddp_sync, is_ddp,
                            is_fsdp, local, sum_fsdp_gradients)
 from ._state import VERSION, checked_state
+from ._sources import MicroBatchSource, PerSampleSource
 from ._stats import PerSampleGradStats
-from ._nonfinite import POLICIES, NonFiniteError, NonFinitePolicy, Screen, all_finite, finite_loss
+from ._stats._sharded import is_sharded, shard_group
+from ._nonfinite import (POLICIES, NonFiniteError, NonFinitePolicy, Screen, all_finite, finite_loss,
+                         squared_norms_if_finite)
 from ._window_sums import MomentWindowSums, UnshiftedWindowSums, WindowSums
 
 __all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy"]
@@ -227,11 +230,19 @@ class Accumulator:
             if scaler is not None:
                 raise ValueError("scaler: a GradScaler is not supported with fully_shard; use bf16 or 32-bit")
             sum_fsdp_gradients(model)
-        self.stats: PerSampleGradStats | None = None
-        if self.rule.needs_statistics:
+        self.stats: PerSampleGradStats | None = None  # the per-sample source's collector (its hooks, paths)
+        self.source: PerSampleSource | MicroBatchSource | None = None
+        if self.rule.needs_statistics and statistics_source(self.rule) == "micro_batch":
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.source = MicroBatchSource(
+                [names.get(id(p), f"parameter #{i}") for i, p in enumerate(self._params)],
+                group=shard_group(self._params, [names.get(id(p), "?") for p in self._params])
+                if self._fsdp and is_sharded(self._params) else None)
+        elif self.rule.needs_statistics:
             # matched to the optimizer's parameters by identity: its groups may list them in any order
             self.stats = PerSampleGradStats(model.module if self._ddp else model, params=self._params,  # type: ignore[arg-type]
                                             kind=statistics_kind(self.rule))
+            self.source = PerSampleSource(self.stats)
         # Only "skip_window" without statistics may let autograd accumulate straight into
         # .grad (the hand-written loop's way, the fastest): the others must be able to drop
         # one micro-batch, and a statistics rule needs each micro-batch's own gradient.
@@ -242,7 +253,7 @@ class Accumulator:
             self._window: WindowSums = MomentWindowSums(self._params, self._merged_moments)
         else:
             sums = UnshiftedWindowSums if self._fsdp else WindowSums
-            self._window = sums(self._params, in_place=self.nonfinite == "skip_window" and self.stats is None)
+            self._window = sums(self._params, in_place=self.nonfinite == "skip_window" and self.source is None)
         self._screen = Screen(self.nonfinite, self._window.in_place, scaler is not None)
         self._contract: RankContract | None = None
         if self._ddp:
@@ -261,8 +272,8 @@ class Accumulator:
     # ------------------------------------------------------------------ window state
     def _reset_window(self, planned: int | None = None) -> None:
         """An empty window; ``planned``: its plan, when the close has computed it already."""
-        if self.stats is not None:
-            self.stats.reset()
+        if self.source is not None:
+            self.source.reset()
         self._window.reset()
         self._micro_batches = 0
         self._items = 0
@@ -357,11 +368,11 @@ class Accumulator:
             self._discard_statistics()
             for _, p in self._untracked:
                 p.grad = None
-            if self.stats is not None and self.stats.lost:
+            if self.source is not None and self.source.lost:
                 # the statistics merged part of this micro-batch into their moments (which may hold
                 # the window sum): the window is dropped when it closes, and goes on gathering
                 # statistics from its next micro-batches to decide its length
-                self.stats.reset()
+                self.source.reset()
                 self._poisoned = self._failed = True
                 self._clear_grads()
             elif self._in_place:
@@ -380,7 +391,7 @@ class Accumulator:
             decision = Decision(True, {"overflow": True})
         elif self._planned is not None:
             decision = Decision(self._micro_batches >= self._planned, {"planned": self._planned})
-        elif self.stats is None:
+        elif self.source is None:
             decision = self.rule.decide(WindowView(self._micro_batches, self._items, None))
         else:
             stats = self._window_statistics()
@@ -428,7 +439,7 @@ class Accumulator:
             "steps": self._steps,
             "items_seen": self._items_seen,
             "history": [r.as_dict() for r in self.history],
-            "statistics": None if self.stats is None else self.stats.state_dict(),
+            "statistics": None if self.source is None else self.source.state_dict(),
             "monitor": vars(self.monitor).copy(),
         }
 
@@ -436,7 +447,7 @@ class Accumulator:
         """Restore what ``state_dict`` saved. Everything is validated first (keys, types,
         shapes, counts, finite sums, the statistics against the rule); on any error the
         Accumulator is unchanged."""
-        values = checked_state(state, self._params, self.stats, self.planner)
+        values = checked_state(state, self._params, self.source, self.planner)
         self._clear_grads()
         self._pending = None
         self._window.sums = values["sums"]
@@ -451,8 +462,8 @@ class Accumulator:
         self._schedule = None  # recomputed from the restored progress
         self.history = values["history"]
         self.last_record = self.history[-1] if self.history else None
-        if self.stats is not None:
-            self.stats.load_state_dict(values["statistics"])
+        if self.source is not None:
+            self.source.load_state_dict(values["statistics"])
         self.monitor = values["monitor"]
         self._planned = values["planned"]  # the open window's plan, from the history it was planned from
         if self._in_place:
@@ -473,7 +484,7 @@ class Accumulator:
         if count == 0:  # no items (every label ignored): nothing to add but its place in the window
             self._discard_statistics()
             return False, False
-        if self._poisoned and self.stats is None:
+        if self._poisoned and self.source is None:
             return False, False  # the window will be dropped: no backward needed
         # (a statistics rule still needs the window's statistics to decide its length, so a
         # poisoned window goes on gathering them from its good micro-batches; it is dropped
@@ -482,16 +493,19 @@ class Accumulator:
             self._reject("loss", count)
             return False, False
         grads = self._backward(loss, count, reduction)
-        if self._screen.each_gradient and not self._finite(loss, grads):
-            self._reject("loss or gradient", count)
-            return False, False
-        committed, overflow = self._statistics(grads, samples)
+        squared: list[float] | None = None
+        if self._screen.each_gradient:
+            finite, squared = self._finite(loss, grads)
+            if not finite:
+                self._reject("loss or gradient", count)
+                return False, False
+        measured, overflow = self._statistics(grads, squared, samples, count)
         self._window.take(grads)
         if self._in_place:
             self._grads_seen = self._grad_state(self._window.sums)
         self._items += count
-        self._samples += (self.stats.last_samples if committed else samples) or 0  # type: ignore[union-attr]
-        return committed, overflow
+        self._samples += (measured if measured is not None else samples) or 0
+        return measured is not None, overflow
 
     def _backward(self, loss: torch.Tensor, count: int, reduction: str) -> list[torch.Tensor | None]:
         """The backward of the micro-batch's summed loss (times the window's power-of-two
@@ -509,18 +523,22 @@ class Accumulator:
                 "(the window is unchanged; any other model's parameters now hold this loss's gradient)")
         return grads
 
-    def _statistics(self, grads: list[torch.Tensor | None], samples: int | None) -> tuple[bool, bool]:
-        """Commit the increment's statistics; (committed, overflow). An overflowing increment
-        under a scaler is not committed: the scaler skips its window, which closes now."""
-        if self.stats is None:
-            return False, False
-        if self.scaler is not None and not all_finite(grads):
-            self._discard_statistics()
-            return False, True
+    def _statistics(self, grads: list[torch.Tensor | None], squared: list[float] | None, samples: int | None,
+                    count: int) -> tuple[int | None, bool]:
+        """Measure the micro-batch (its statistics source); (the samples measured, or None when
+        nothing was, and whether the scaler overflowed). An overflowing micro-batch under a scaler
+        is not measured: the scaler skips its window, which closes now. ``squared``: its
+        gradient's squared norms, where the finiteness check took them."""
+        if self.source is None:
+            return None, False
+        if self.scaler is not None:
+            squared = squared_norms_if_finite(grads) if self.source.takes_norms else squared
+            if (squared is None) if self.source.takes_norms else not all_finite(grads):
+                self._discard_statistics()
+                return None, True
         scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
-        self.stats.commit(grads, reduce=self._reduce_increment if self._reduces_moments else None,
-                          samples=samples, scale=scale)
-        return True, False
+        return self.source.measure(grads, squared, samples, count, scale,
+                                   self._reduce_increment if self._reduces_moments else None), False
 
     # ------------------------------------------------------------------ the close
     def _close_window(self, reason: str, decision: Decision) -> bool:
@@ -546,7 +564,7 @@ class Accumulator:
                          "scheduler's step after it raised")
             raise
         self._finish_close(pending.record, planned)
-        if self.stats is not None and self.planner is None and reason == "rule":
+        if self.source is not None and self.planner is None and reason == "rule":
             message = self.monitor.observe(pending.record.micro_batches, bool(decision.info.get("capped", False)))
             if message:
                 warnings.warn(f"gradaccum: {message}", RuntimeWarning, stacklevel=3)
@@ -557,9 +575,9 @@ class Accumulator:
         each refused before the window changes; then the window's gradient for the step and its
         record. A failure while the gradient is made drops the window (it is no longer the sum)."""
         scheduled = self._schedule if self._schedule is not None else self._scheduled_factor()
-        if self.planner is not None and self.stats is not None:
+        if self.planner is not None and self.source is not None:
             decision = Decision(decision.stop, {**decision.info, **self._noise_info()})
-        if self.stats is not None and self.stats.kind == "norms":
+        if self.source is not None and self.source.kind == "norms":
             decision = Decision(decision.stop, {**decision.info, **self._layer_noise_info()})
         items, samples, poisoned = self._window_totals(reason, scheduled)
         try:
@@ -705,12 +723,12 @@ class Accumulator:
         """What a statistics rule reads: the per-element moments, or the norm path's pooled
         estimates (under DDP each rank's norm sums travel in the contract's header: one small
         collective). None when the window has no samples yet (every micro-batch skipped)."""
-        stats = self.stats
-        assert stats is not None
-        if stats.kind == "elements":
-            return stats.moments() if stats.count else None
+        source = self.source
+        assert source is not None
+        if source.kind == "elements":
+            return self.stats.moments() if source.count else None  # type: ignore[union-attr]
         scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
-        sums = stats.norm_sums(self._window.sums, scale)
+        sums = source.norm_sums(self._window.sums, scale)
         if self._ddp:
             gathered = self._contract.agree(NORMS, self._steps, self._micro_batches, 0, tuple(sums))  # type: ignore[union-attr]
             sums = NormSums(*(math.fsum(column) for column in zip(*gathered)))
@@ -721,7 +739,7 @@ class Accumulator:
         """Each layer's noise scale, ``noise_scale/<layer>`` (the norm path); under DDP the
         ranks' per-layer norm sums are pooled by one small all-reduce at the close."""
         scale = self._window.factor * (1.0 if self.scaler is None else float(self.scaler.get_scale()))
-        layers = self.stats.layer_norm_sums(self._window.sums, scale)  # type: ignore[union-attr]
+        layers = self.source.layer_norm_sums(self._window.sums, scale)  # type: ignore[union-attr]
         if self._ddp:
             names = list(layers)  # the same model on every rank: the same layers, in the same order
             flat = torch.tensor([v for name in names for v in layers[name]], dtype=torch.float64)
@@ -794,8 +812,8 @@ class Accumulator:
             p.grad = None
 
     def _discard_statistics(self) -> None:
-        if self.stats is not None:
-            self.stats.discard()
+        if self.source is not None:
+            self.source.discard()
 
     def _reject(self, what: str, count: int) -> None:
         """A non-finite micro-batch: its statistics and (apart) its gradient go; the policy
@@ -822,7 +840,7 @@ class Accumulator:
 
     def _merged_moments(self) -> Any:
         """The statistics' moments of the window so far (None before the first increment)."""
-        return self.stats.moments() if self.stats is not None and self.stats.count else None
+        return self.stats.moments() if self.stats is not None and self.stats.count else None  # elements only
 
     # ------------------------------------------------------------------ FSDP2: the ranks agree on scalars
     def _agree_micro_batch(self, loss: torch.Tensor, count: int) -> bool:
@@ -839,14 +857,22 @@ class Accumulator:
                 "leave such micro-batches out on every rank alike (the window is unchanged)")
         return all(finite == 1.0 for _, finite in said)
 
-    def _finite(self, loss: torch.Tensor, grads: list[torch.Tensor | None]) -> bool:
+    def _finite(self, loss: torch.Tensor, grads: list[torch.Tensor | None]) -> tuple[bool, list[float] | None]:
         """Whether the micro-batch's loss and gradient are finite: under FSDP2 every rank's
-        shard checked and the answer agreed (one small collective), else this process's."""
-        mine = finite_loss(loss) and all_finite(local(grads) if self._fsdp else grads)
+        shard checked and the answer agreed (one small collective), else this process's. With
+        the micro-batch source the same pass takes each gradient's squared norm (returned, of
+        this rank's shard under FSDP2), else None."""
+        shards = local(grads) if self._fsdp else grads
+        squared = None
+        if self.source is not None and self.source.takes_norms:
+            squared = squared_norms_if_finite(shards) if finite_loss(loss) else None
+            mine = squared is not None
+        else:
+            mine = finite_loss(loss) and all_finite(shards)
         if not self._fsdp:
-            return mine
+            return mine, squared
         said = self._contract.agree(CHECK, self._steps, self._micro_batches, 0, (float(mine),))  # type: ignore[union-attr]
-        return all(finite == 1.0 for (finite,) in said)
+        return all(finite == 1.0 for (finite,) in said), squared
 
     def _agree_window(self, kind: int, settings: dict[str, float]) -> tuple[int, int, bool]:
         """Under FSDP2 the window's sums are already summed over ranks (shards of them); only

@@ -111,3 +111,26 @@ def _none_flagged(tensors: list[torch.Tensor]) -> bool:
     one = torch.ones(1, dtype=torch.float32, device=device)
     torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
     return found.item() == 0.0
+
+
+def squared_norms_if_finite(grads: list[torch.Tensor | None]) -> list[float] | None:
+    """Each gradient's squared norm (0.0 for None) in float64, or None when any element of any
+    gradient is NaN or Inf: the finiteness check and the micro-batch statistics in one pass.
+
+    A norm is NaN or Inf whenever one of its elements is; a finite tensor's norm can still
+    overflow its dtype (elements beyond about 1e19 in float32), and only then do the exact
+    per-element check and a float64 norm run."""
+    present = [(i, g) for i, g in enumerate(grads) if g is not None]
+    out = [0.0] * len(grads)
+    if not present:
+        return out
+    norms = torch._foreach_norm([g for _, g in present])
+    device = norms[0].device
+    values = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).square().tolist()
+    for (i, g), value in zip(present, values):
+        if not math.isfinite(value):
+            if not bool(torch.isfinite(g).all()):
+                return None
+            value = float(torch.linalg.vector_norm(g.to(torch.float64)).square())
+        out[i] = value
+    return out

@@ -79,15 +79,15 @@ def checked_state(state: Any, params: list[torch.nn.Parameter], stats: Any, plan
     statistics = state["statistics"]
     if stats is None:
         if statistics is not None:
-            raise ValueError("state holds per-sample statistics, but this Accumulator's rule needs none "
+            raise ValueError("state holds statistics, but this Accumulator's rule needs none "
                              "(it was saved with a statistics rule: build the Accumulator with the same rule)")
         out["statistics"] = None
     else:
         if statistics is None:
-            raise ValueError("state holds no per-sample statistics, but this Accumulator's rule needs them "
+            raise ValueError("state holds no statistics, but this Accumulator's rule needs them "
                              "(it was saved with a rule without statistics: build the Accumulator with the same rule)")
         checked = stats.check_state(statistics)
-        empty = checked is None or (stats.kind == "norms" and checked[0] == 0)
+        empty = stats.is_empty(checked)
         if out["micro_batches"] and empty and out["items"]:
             raise ValueError("state: the window holds items but no statistics")
         out["statistics"] = statistics

@@ -1,0 +1,196 @@
+"""Where a statistics rule's numbers come from: one object per source, held by the Accumulator.
+
+- ``PerSampleSource``: per-sample gradients from layer hooks (``PerSampleGradStats``): per-element
+  moments or per-sample norms, a variance from a single micro-batch.
+- ``MicroBatchSource``: each micro-batch's own gradient. After each micro-batch's backward the
+  finiteness check takes every parameter's squared gradient norm (``squared_norms_if_finite``,
+  the pass it makes anyway); this source keeps ``sum_j |S_j|^2 / b_j`` per parameter, which with
+  the window sum's squared norm gives the unbiased ``tr(Sigma)`` and ``|G|^2``
+  (``_core.micro_batch``), for the model and per layer. No hooks: any model, compiled or not,
+  with dropout (its noise is part of the gradient's) or not, any layer.
+
+Both answer the same calls (``measure``, ``norm_sums``, ``layer_norm_sums``, ``reset``,
+``discard``, the state), so the Accumulator's backward reads the same whatever the source.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from .._core.micro_batch import MicroBatchSums
+from .._core.noise_scale import NormSums
+from ._distributed import local, sum_over_ranks
+from ._stats import PerSampleGradStats
+
+Reduce = Callable[[list[torch.Tensor], int], int]
+
+
+class PerSampleSource:
+    """Per-sample statistics (``PerSampleGradStats``, its hooks on the model)."""
+
+    takes_norms = False  # the finiteness check need not take squared norms for it
+
+    def __init__(self, stats: PerSampleGradStats) -> None:
+        self.stats = stats
+
+    @property
+    def kind(self) -> str:
+        return self.stats.kind
+
+    @property
+    def count(self) -> int:
+        return self.stats.count
+
+    @property
+    def lost(self) -> bool:
+        return self.stats.lost
+
+    def reset(self) -> None:
+        self.stats.reset()
+
+    def discard(self) -> None:
+        self.stats.discard()
+
+    def measure(self, grads: list[torch.Tensor | None], squared: list[float] | None, samples: int | None,
+                count: int, scale: float, reduce: Reduce | None) -> int:
+        """Commit the micro-batch's per-sample statistics; its samples (global under DDP for
+        per-element moments)."""
+        self.stats.commit(grads, reduce=reduce, samples=samples, scale=scale)
+        return self.stats.last_samples
+
+    def norm_sums(self, window_sums: list[torch.Tensor | None], scale: float) -> NormSums:
+        return self.stats.norm_sums(window_sums, scale)
+
+    def layer_norm_sums(self, window_sums: list[torch.Tensor | None], scale: float) -> dict[str, NormSums]:
+        return self.stats.layer_norm_sums(window_sums, scale)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.stats.state_dict()
+
+    def check_state(self, state: Any) -> Any:
+        return self.stats.check_state(state)
+
+    def is_empty(self, checked: Any) -> bool:
+        """Whether a checked state holds no samples."""
+        return checked is None or (self.kind == "norms" and checked[0] == 0)
+
+    def load_state_dict(self, state: Any) -> None:
+        self.stats.load_state_dict(state)
+
+
+class MicroBatchSource:
+    """The micro-batch source: per-parameter ``sum_j |S_j|^2 / b_j`` over the window's micro-batches.
+
+    Args:
+      names: each tracked parameter's name, in the Accumulator's order (a parameter's layer is
+        its name's prefix).
+      group: under FSDP2, the process group the gradients are sharded over: each micro-batch's
+        squared norms and samples are summed over it (the shards' squares add up to the
+        whole gradient's); None otherwise.
+    """
+
+    takes_norms = True
+    kind = "norms"  # rules read NormStatistics
+    lost = False
+
+    def __init__(self, names: list[str], group: Any = None) -> None:
+        self.names = names
+        self.layers = [name.rpartition(".")[0] or name for name in names]
+        self.group = group
+        self.reset()
+
+    def reset(self) -> None:
+        self.micro_batches = 0
+        self.samples = 0
+        self.weighted = [0.0] * len(self.names)
+
+    def discard(self) -> None:
+        """Nothing is kept between a micro-batch's backward and its ``measure``."""
+
+    @property
+    def count(self) -> int:
+        """Samples measured in the open window (on this process)."""
+        return self.samples
+
+    def measure(self, grads: list[torch.Tensor | None], squared: list[float] | None, samples: int | None,
+                count: int, scale: float, reduce: Reduce | None) -> int:
+        """One micro-batch whose gradient sums (times ``scale``: the window's power-of-two count
+        shift and a GradScaler's scale) have the squared norms ``squared`` (taken by the
+        finiteness check), over ``samples`` samples (default: its ``count`` items). Returns the
+        samples measured."""
+        b = count if samples is None else samples
+        if squared is None:  # the finiteness check did not run (a GradScaler screens the loss only)
+            squared = [0.0 if g is None else float(torch.linalg.vector_norm(g.detach().to(torch.float64)) ** 2)
+                       for g in local(grads)]
+        if self.group is not None:
+            totals = sum_over_ranks([torch.tensor([float(b), *squared], dtype=torch.float64)], self.group)[0].tolist()
+            b, squared = int(totals[0]), totals[1:]
+        factor = 1.0 / (scale * scale * b)
+        self.weighted = [w + s * factor for w, s in zip(self.weighted, squared)]
+        self.micro_batches += 1
+        self.samples += b
+        return b
+
+    def _window_squared(self, window_sums: list[torch.Tensor | None], scale: float) -> list[float]:
+        """Each parameter's ``|S|^2`` of the window's sum (summed over the shards under FSDP2)."""
+        present = [(i, s) for i, s in enumerate(local(window_sums)) if s is not None]
+        out = [0.0] * len(self.names)
+        if present:
+            norms = torch._foreach_norm([s.detach() for _, s in present])
+            values = torch.stack([n.to(dtype=torch.float64, device=norms[0].device) for n in norms]).square()
+            for (i, _), v in zip(present, values.tolist()):
+                out[i] = v / (scale * scale)
+        if self.group is not None:
+            out = sum_over_ranks([torch.tensor(out, dtype=torch.float64)], self.group)[0].tolist()
+        return out
+
+    def norm_sums(self, window_sums: list[torch.Tensor | None], scale: float) -> NormSums:
+        """The model's ``NormSums`` with the micro-batches as groups (``pooled_terms`` makes the
+        unbiased estimates; they add up over DDP ranks)."""
+        squared = self._window_squared(window_sums, scale)
+        return MicroBatchSums(self.micro_batches, self.samples, math.fsum(self.weighted)).norm_sums(math.fsum(squared))
+
+    def layer_norm_sums(self, window_sums: list[torch.Tensor | None], scale: float) -> dict[str, NormSums]:
+        """``norm_sums`` per layer (the module holding each parameter): they add up to the model's."""
+        squared = self._window_squared(window_sums, scale)
+        grouped: dict[str, tuple[list[float], list[float]]] = {}
+        for layer, w, s in zip(self.layers, self.weighted, squared):
+            entry = grouped.setdefault(layer, ([], []))
+            entry[0].append(w)
+            entry[1].append(s)
+        return {layer: MicroBatchSums(self.micro_batches, self.samples, math.fsum(w)).norm_sums(math.fsum(s))
+                for layer, (w, s) in grouped.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"micro_batch": (self.micro_batches, self.samples, list(self.weighted))}
+
+    def check_state(self, state: Any) -> tuple[int, int, list[float]]:
+        """The window ``state`` holds, validated (nothing is assigned)."""
+        if not isinstance(state, dict) or "micro_batch" not in state:
+            raise ValueError("statistics state must be a dict with 'micro_batch' (saved with source='micro_batch'); "
+                             "build the Accumulator with the rule's source the state was saved with")
+        entry = state["micro_batch"]
+        if not isinstance(entry, (tuple, list)) or len(entry) != 3:
+            raise ValueError("statistics state: 'micro_batch' must be (micro_batches, samples, weighted sums)")
+        k, n, weighted = entry
+        for what, value in (("micro_batches", k), ("samples", n)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"statistics state: the micro-batch source's {what} must be an int >= 0, got {value!r}")
+        if (k == 0) != (n == 0) or k > n:
+            raise ValueError(f"statistics state: {k} measured micro-batches cannot hold {n} samples")
+        if not isinstance(weighted, (list, tuple)) or len(weighted) != len(self.names):
+            raise ValueError(f"statistics state: the micro-batch source's sums must be a list of {len(self.names)} "
+                             "floats (one per parameter)")
+        for w in weighted:
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
+                raise ValueError(f"statistics state: a micro-batch source's sum must be a finite float >= 0, got {w!r}")
+        return k, n, [float(w) for w in weighted]
+
+    def is_empty(self, checked: Any) -> bool:
+        return checked[1] == 0
+
+    def load_state_dict(self, state: Any) -> None:
+        self.micro_batches, self.samples, self.weighted = self.check_state(state)
