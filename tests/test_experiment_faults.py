@@ -1,4 +1,4 @@
-"""The experiment and CLI under faults and bad input (issue 11, items 8-13).
+"""The experiment and CLI under faults and bad input.
 
 No hang, no raw traceback for bad input, no silent use of a corrupted file, no temporary
 left behind; a diverging run is recorded as such and tuning goes on.
