@@ -1,6 +1,6 @@
-"""Faults and bad input (issue 11): no silent wrong result, no bricked state, no hang.
+"""Faults and bad input: no silent wrong result, no bricked state, no hang.
 
-Each test is one finding of the fault campaign, failing before its fix: the window, the
+Each test pins one failure mode: the window, the
 counters and the parameters are as they were after a failed call, and the next correct
 call works.
 """
