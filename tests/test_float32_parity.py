@@ -1,4 +1,4 @@
-"""The float32 per-element statistics against a float64 computation over a whole run (issue 12).
+"""The float32 per-element statistics against a float64 computation over a whole run.
 
 A training run of the reference MLP (Adam, increments of 32, windows of 16 increments) in
 float32 through the Accumulator; at every decision the mean GSNR the rule sees is compared with
