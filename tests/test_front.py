@@ -1,4 +1,4 @@
-"""The steps-quality front (issue 14): its arithmetic on known numbers, the LM corpus, and both
+"""The steps-quality front: its arithmetic on known numbers, the LM corpus, and both
 sections end to end on tiny budgets (deterministic with parallel workers)."""
 
 from __future__ import annotations
