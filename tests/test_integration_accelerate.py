@@ -1,4 +1,4 @@
-"""Accelerate (issue 15): a window through a prepared model, optimizer and scheduler equals the
+"""Accelerate: a window through a prepared model, optimizer and scheduler equals the
 full-batch step in float64, the scheduler steps once per window, a planner's windows agree with
 the optimizer's step count, and accelerator.save_state / load_state keep the partial window."""
 
