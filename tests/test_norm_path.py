@@ -1,4 +1,4 @@
-"""The norm path (issue 12): NormTest and the noise scale from per-sample gradient norms.
+"""The norm path: NormTest and the noise scale from per-sample gradient norms.
 
 No per-element moments: the collector sums ``|g_i|^2`` over the window's samples (nn.Linear:
 ``|x_i|^2 |d_i|^2``, or the Gram form over positions) and the window's gradient sum gives
