@@ -1,4 +1,4 @@
-"""Planners and the gradient noise scale (issue 13, first pieces).
+"""Planners and the gradient noise scale.
 
 Planners are pure functions of the step records: property tests for bounds, monotone
 ramps and exact windows; a planned window equals a FixedSteps window of the same length
