@@ -1,4 +1,4 @@
-"""MicroBatchSampler: reproducible, resumable micro-batches for changing windows (issue 13)."""
+"""MicroBatchSampler: reproducible, resumable micro-batches for changing windows."""
 
 from __future__ import annotations
 
