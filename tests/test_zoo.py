@@ -1,6 +1,6 @@
 """Per-sample statistics on real model patterns (tests/zoo.py) against a loop over samples.
 
-Each defect found on real training code has its test here (issue 10): optimizer groups in
+Each defect found on real training code has its test here: optimizer groups in
 another order than ``model.parameters()``, a weight used outside its module, a layer
 broadcast over the batch (B != T and B == T), autocast, a GradScaler, activation
 checkpointing, ``torch.compile``. Float64 unless the test is about a low precision.
