@@ -204,8 +204,8 @@ def test_bad_input() -> None:
 
 
 def test_layer_that_folds_positions_into_the_batch_takes_the_model_fallback() -> None:
-    """A layer that sees (B*T, .) has no per-sample rows of its own: it used to be refused
-    ("layers saw different batch sizes"); now the whole model runs per sample for it."""
+    """A layer that sees (B*T, .) has no per-sample rows of its own: rather than refusing it
+    ("layers saw different batch sizes"), the whole model runs per sample for it."""
 
     class Folding(nn.Module):
         def __init__(self) -> None:
