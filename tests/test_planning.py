@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -137,7 +139,8 @@ def test_measured_child_reports_out_of_memory_and_propagates_other_errors() -> N
     from gradaccum.torch import measure_peak_memory
 
     def oom(m: int) -> None:
-        raise RuntimeError("out of memory (injected)")
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
 
     def broken(m: int) -> None:
         raise KeyError("bad batch")
@@ -171,9 +174,10 @@ def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     from gradaccum.cli import main
 
     assert main(["plan", "--model", "tests.test_planning:_allocate", "--effective-batch", "40",
-                 "--max-memory", "120"]) == 0
+                 "--max-memory", "120", "--probes", "2"]) == 0
     out = capsys.readouterr().out
     assert "micro-batch" in out and "FixedSteps(" in out
+    assert "2 probes" in out and "depends on this machine's state" in out  # the probe's spread, said
     assert main(["plan", "--model", "nope", "--max-memory", "100"]) == 2
     assert "model must be one of mlp, snn or module:function" in capsys.readouterr().err
     assert main(["plan", "--max-memory", "0"]) == 2
@@ -226,3 +230,106 @@ def test_probe_leaves_no_gradients_and_the_accumulator_names_stale_ones() -> Non
     assert find_micro_batch_size(step, 1, 16, model=model) == 8
     assert all(p.grad is None for p in model.parameters())
     Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(2))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("failed to allocate a port for the logger"),
+                                   RuntimeError("the cache is out of slots"),
+                                   ValueError("CUDA out of memory"),
+                                   OSError(12, "Cannot allocate memory")])
+def test_only_real_out_of_memory_errors_count_as_out_of_memory(error: BaseException) -> None:
+    """A step's own error that mentioned "failed to allocate" was taken for memory running out."""
+    from gradaccum.torch import is_out_of_memory
+
+    assert not is_out_of_memory(error)
+
+    def step(m: int) -> None:
+        if m > 4:
+            raise error
+
+    with pytest.raises(type(error), match=str(error.args[-1])):
+        find_micro_batch_size(step, 1)
+
+
+@pytest.mark.parametrize("message", ["CUDA out of memory. Tried to allocate 2.00 GiB",
+                                     "CUDA error: out of memory", "MPS backend out of memory (MPS allocated: 1 GB)",
+                                     "CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                                     "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"])
+def test_allocator_messages_count_as_out_of_memory(message: str) -> None:
+    from gradaccum.torch import is_out_of_memory
+
+    assert is_out_of_memory(RuntimeError(message))
+
+
+@pytest.mark.parametrize("where", ["here", "child"])
+def test_a_step_calling_sys_exit_raises_instead_of_exiting_the_caller(where: str) -> None:
+    """``sys.exit`` in the probed step exited the program with no message."""
+    from gradaccum.torch._memory import ProbeError
+
+    def step(m: int) -> None:
+        if m > 2:
+            sys.exit(3)
+
+    budget = {"max_memory": 1 << 40} if where == "child" else {}
+    with pytest.raises(ProbeError, match=r"step\(4\) called sys.exit\(3\) during the memory probe"):
+        find_micro_batch_size(step, 1, 64, **budget)
+
+
+@pytest.mark.slow
+def test_a_crashing_step_is_not_taken_for_out_of_memory() -> None:
+    """A step that segfaulted its probe's child counted as "does not fit"."""
+    import os
+    import signal
+
+    from gradaccum.torch._memory import ProbeError
+
+    def step(m: int) -> None:
+        if m > 2:
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+    with pytest.raises(ProbeError, match=r"step\(4\) crashed the probe's child process with signal SIGSEGV"):
+        find_micro_batch_size(step, 1, 64, max_memory=1 << 40)
+
+    def killed(m: int) -> None:  # the out-of-memory killer's SIGKILL is "does not fit"
+        if m > 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    assert find_micro_batch_size(killed, 1, 64, max_memory=1 << 40) == 2
+
+
+@pytest.mark.parametrize("where", ["here", "child"])
+def test_a_step_that_never_returns_times_out(where: str) -> None:
+    """A hanging step blocked the probe forever."""
+    import threading
+    import time
+
+    from gradaccum.torch._memory import ProbeError
+
+    release = threading.Event()
+
+    def step(m: int) -> None:
+        if m > 2:
+            if where == "here":
+                release.wait(60)
+            else:
+                time.sleep(60)
+
+    budget = {"max_memory": 1 << 40} if where == "child" else {}
+    start = time.monotonic()
+    try:
+        with pytest.raises(ProbeError, match=r"step\(4\) did not return within timeout=0.5 s"):
+            find_micro_batch_size(step, 1, 64, timeout=0.5, **budget)
+    finally:
+        release.set()
+    assert time.monotonic() - start < 20
+    with pytest.raises(ValueError, match="timeout must be a positive finite number of seconds"):
+        find_micro_batch_size(step, 1, 64, timeout=0)
+
+
+def test_plan_says_when_not_even_a_micro_batch_of_1_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    """It ended in a traceback advising "try a smaller start" when the start was already 1."""
+    from gradaccum.cli import main
+
+    assert main(["plan", "--model", "tests.test_planning:_allocate", "--max-memory", "1", "--probes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "max_memory: even a micro-batch of 1 does not fit in 1 MiB (it needs" in err and "raise --max-memory" in err
+    assert "smaller start" not in err

@@ -20,7 +20,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
+
+
 EXPERIMENT_MODULES = {"optuna", "matplotlib", "scipy", "mnist1d", "sqlalchemy", "alembic", "tqdm", "torch"}
+
+
+TUNING_RANGES = tuple(f"{name}_{end}" for name in ("lr", "tau", "tau_mean", "theta", "ramp", "c")
+                      for end in ("low", "high"))
+"""Settings only tuning reads: ``train`` takes the values themselves (``--lr``, ``--tau``, ...)."""
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -85,36 +100,44 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .experiments.reproduce import prepare_output
-    from .experiments.tuning import tune_arm
+    from .experiments.tuning import completed, open_study, tune_arm
 
     cfg = _config(args, arms=[args.arm])
     _, data = prepare_output(cfg)
-    study = tune_arm(args.arm, cfg, data)
+    done = min(completed(open_study(args.arm, cfg)), cfg.trials)
+    with tqdm(total=cfg.trials, initial=done, desc=f"{args.arm}: complete trials", disable=cfg.quiet,
+              file=sys.stderr) as bar:
+        study = tune_arm(args.arm, cfg, data, on_trial=lambda complete: bar.update(min(complete, cfg.trials) - bar.n))
     print(f"{args.arm}: best final validation accuracy {study.best_value:.4f} with {study.best_trial.params} "
           f"(storage {cfg.storage_url})")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .experiments.arms import PARAMETERS, check_params
+    from .experiments.errors import SettingsError
     from .experiments.files import write_atomic
     from .experiments.reproduce import prepare_output
+    from .experiments.run_record import progress
     from .experiments.runs import train_run
-
-    from .experiments.arms import ARM_TABLE
-    from .experiments.errors import SettingsError
 
     cfg = _config(args, arms=[args.arm])
     if not (args.lr > 0 and args.lr < float("inf")):
         raise SettingsError(f"lr must be a positive finite number, got {args.lr}")
-    params = {"lr": args.lr}
-    for name in ARM_TABLE[args.arm].space:
-        value = getattr(args, name)
-        if value is None or not (0 < value < float("inf")):
-            raise SettingsError(f"{name}: the {args.arm} arm needs --{name}, a positive finite number")
-        params[name] = value
+    given = {"lr": args.lr, **{name: getattr(args, name) for name in PARAMETERS if getattr(args, name) is not None}}
+    try:
+        params = check_params(args.arm, given, flags=True)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
     out, data = prepare_output(cfg)
-    result = train_run(args.arm, params, cfg.seed, data, cfg)
+    with tqdm(total=cfg.budget, desc=f"{args.arm}: training samples", unit="sample", disable=cfg.quiet,
+              file=sys.stderr) as bar, progress(bar.update):
+        result = train_run(args.arm, params, cfg.seed, data, cfg)
     path = out / f"train-{args.arm}-seed{cfg.seed}.json"
     write_atomic(path, json.dumps(result.as_dict(), indent=1) + "\n")
     if result.diverged:
@@ -140,11 +163,17 @@ def _report(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from .experiments.plan import plan
 
-    result = plan(args.model, args.effective_batch, args.max_memory, args.start, args.max_size)
-    print(f"micro-batch {result['micro_batch']} (peak memory {result['peak_memory_mib']:.1f} MiB of "
-          f"{args.max_memory:g} MiB); effective batch {args.effective_batch} = "
-          f"{result['micro_batches_per_window']} micro-batches {result['sizes']}: "
-          f"Accumulator(..., FixedSteps({result['micro_batches_per_window']}))")
+    result = plan(args.model, args.effective_batch, args.max_memory, args.start, args.max_size, args.probes,
+                  args.timeout)
+    probed = result["probed"]
+    low, high = result["peak_memory_mib_range"] or (float("nan"), float("nan"))
+    spread = (f"{len(probed)} probes gave {', '.join(map(str, probed))}; the smallest is used. "
+              if len(set(probed)) > 1 else f"{len(probed)} probes agreed. ")
+    print(f"micro-batch {result['micro_batch']} (peak memory {low:.1f}-{high:.1f} MiB of {args.max_memory:g} MiB); "
+          f"effective batch {args.effective_batch} = {result['micro_batches_per_window']} micro-batches "
+          f"{result['sizes']}: Accumulator(..., FixedSteps({result['micro_batches_per_window']}))")
+    print(f"{spread}The peak is measured in child processes and depends on this machine's state (free memory "
+          "the allocator holds is reused without raising it): rerun on the machine that trains, and leave a margin.")
     return 0
 
 
@@ -169,34 +198,41 @@ def _plot_monitor(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.arms import ARMS
+    """The parser; no flag is matched by a prefix of its name (``--c`` once matched ``--config``
+    or was "ambiguous"), so every flag means exactly what it says."""
+    from .experiments.arms import ARM_TABLE, ARMS, PARAMETERS
 
-    parser = argparse.ArgumentParser(prog="gradaccum", description="Exact and adaptive gradient accumulation.")
+    parser = argparse.ArgumentParser(prog="gradaccum", description="Exact and adaptive gradient accumulation.",
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    reproduce = sub.add_parser("reproduce", help="tune baseline and GAGA with Optuna on mnist1d, train the best "
-                               "settings over seeds, write the report")
+    reproduce = sub.add_parser("reproduce", allow_abbrev=False, help="tune baseline and GAGA with Optuna on mnist1d, "
+                               "train the best settings over seeds, write the report")
     _add_config_flags(reproduce)
     reproduce.set_defaults(func=_reproduce)
 
-    tune = sub.add_parser("tune", help="run (or resume, or join) one arm's Optuna study")
+    tune = sub.add_parser("tune", allow_abbrev=False, help="run (or resume, or join) one arm's Optuna study")
     tune.add_argument("--arm", required=True, choices=ARMS)
     _add_config_flags(tune, skip=("arms",))
     tune.set_defaults(func=_tune)
 
-    train = sub.add_parser("train", help="one training run with given settings")
+    train = sub.add_parser("train", allow_abbrev=False, help="one training run with given settings")
     train.add_argument("--arm", required=True, choices=ARMS)
     train.add_argument("--lr", type=float, required=True, help="Adam learning rate")
-    train.add_argument("--tau", type=float, help="GSNR threshold (gaga, gaga_mean)")
-    train.add_argument("--theta", type=float, help="norm-test theta (normtest)")
-    _add_config_flags(train, skip=("arms", "trials", "seeds", "storage", "n_jobs"))
+    for name, (text, _) in PARAMETERS.items():
+        users = [arm for arm, spec in ARM_TABLE.items() if name in spec.space]
+        train.add_argument("--" + name, type=float, help=f"{text} (arms {', '.join(users)}; refused by the others)")
+    _add_config_flags(train, skip=("arms", "trials", "seeds", "storage", "n_jobs", "front_trials", "workers", "lm_budget",
+                                    "lm_scale", *TUNING_RANGES))
     train.set_defaults(func=_train)
 
-    report = sub.add_parser("report", help="rebuild report.md, runs.csv and plots from saved results.json")
+    report = sub.add_parser("report", allow_abbrev=False,
+                            help="rebuild report.md, runs.csv and plots from saved results.json")
     report.add_argument("--out", default="gradaccum-out/reproduce", help="the results directory (default: %(default)s)")
     report.set_defaults(func=_report)
 
-    plan = sub.add_parser("plan", help="the largest micro-batch within a memory budget, and the window plan")
+    plan = sub.add_parser("plan", allow_abbrev=False,
+                          help="the largest micro-batch within a memory budget, and the window plan")
     plan.add_argument("--model", default="snn", help="mlp, snn (built in) or module:function, a callable "
                       "step(m) running one forward and backward at micro-batch m (default: %(default)s)")
     plan.add_argument("--effective-batch", type=_positive_int, default=64, help="target effective batch "
@@ -206,14 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--start", type=_positive_int, default=1, help="first micro-batch to try (default: 1)")
     plan.add_argument("--max-size", type=_positive_int, help="largest micro-batch to try (default: the "
                       "effective batch)")
+    plan.add_argument("--probes", type=_positive_int, default=3, help="probes to run; the peak depends on the "
+                      "machine's state, so their spread is reported and the smallest result used (default: %(default)s)")
+    plan.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds a try may take before the probe stops "
+                      "with an error (default: %(default)s)")
     plan.set_defaults(func=_plan)
 
-    monitor = sub.add_parser("plot-monitor", help="plot the noise scale (and GSNR) a Monitor wrote to CSV")
+    monitor = sub.add_parser("plot-monitor", allow_abbrev=False,
+                             help="plot the noise scale (and GSNR) a Monitor wrote to CSV")
     monitor.add_argument("csv", help="the CSV file gradaccum.torch.Monitor(..., csv=...) wrote")
     monitor.add_argument("--out", help="the PNG to write (default: the CSV's name with .png)")
     monitor.set_defaults(func=_plot_monitor)
 
-    demo = sub.add_parser("demo", help="check exactness and train a small model with accumulation")
+    demo = sub.add_parser("demo", allow_abbrev=False,
+                          help="check exactness and train a small model with accumulation")
     demo.add_argument("--out", default="gradaccum-out/demo", help="output directory (default: %(default)s)")
     demo.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
@@ -222,16 +264,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING = ("reproduce", "tune", "train", "demo")  # the commands that train: one thread, as reproduce's workers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .experiments.errors import SettingsError
 
     try:
-        return int(args.func(args))
+        if args.command not in TRAINING:
+            return int(args.func(args))
+        from .experiments.workers import one_thread
+
+        with one_thread():
+            return int(args.func(args))
     except SettingsError as error:  # bad settings, unwritable output, unreadable config, data or storage
         print(f"gradaccum {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
+        resume = " (rerun the same command to resume: finished trials are kept)" if args.command in ("reproduce",
+                                                                                                     "tune") else ""
+        print(f"\ngradaccum {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
     except ModuleNotFoundError as error:  # the experiment stack is an optional extra
         if error.name is None or error.name.split(".")[0] not in EXPERIMENT_MODULES:
             raise

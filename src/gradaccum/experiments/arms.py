@@ -6,6 +6,7 @@ the report all read this table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -75,6 +76,34 @@ ARM_TABLE: dict[str, Arm] = {arm.name: arm for arm in (
                                          micro_batch=cfg.increment), {"c": ("c_low", "c_high")}),
 )}
 ARMS = tuple(ARM_TABLE)
+PARAMETERS: dict[str, tuple[str, float]] = {
+    "tau": ("GSNR threshold (per-sample scale for gaga, mean-gradient scale for gaga_mean)", math.inf),
+    "theta": ("the norm test's theta", math.inf),
+    "ramp": ("the batch ramp's length, as a fraction of the budget", 1.0),
+    "c": ("the noise-scale planner's factor: window = c x the measured B_simple", math.inf),
+}
+"""Every arm's own parameter besides ``lr``: what it is, and its largest value (it must be > 0)."""
+
+
+def check_params(arm: str, params: dict[str, Any], flags: bool = False) -> Params:
+    """``params`` for ``arm``: exactly ``lr`` and the arm's own parameters, each a positive finite
+    number within its range; anything else raises ValueError naming the parameter (as a
+    command-line flag with ``flags``) and the fix."""
+    spec = ARM_TABLE[arm]
+    takes = ["lr", *spec.space]
+    shown = (lambda name: "--" + name) if flags else (lambda name: name)
+    for name in params:
+        if name not in takes:
+            raise ValueError(f"{name}: the {arm} arm takes no {shown(name)} (its parameters: "
+                             f"{', '.join(map(shown, takes))}); drop it")
+    for name in takes:
+        value = params.get(name)
+        high = PARAMETERS[name][1] if name in PARAMETERS else math.inf
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not (0 < value <= high and math.isfinite(value)):
+            bound = f"a number in (0, {high:g}]" if math.isfinite(high) else "a positive finite number"
+            raise ValueError(f"{name}: the {arm} arm needs {shown(name)}, {bound}, got {value!r}")
+    return {name: float(params[name]) for name in takes}
 DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
 FRONT_ARMS = ("baseline", "fixed64", "fixed128", "fixed256", "baseline512", "ramp", "noise", "gaga_mean", "normtest")
 """The arms of the steps-quality front on mnist1d (docs/design.md, "The steps-quality front")."""

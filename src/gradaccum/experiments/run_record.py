@@ -7,6 +7,8 @@ backends, so ``steps`` means the same thing in both: optimizer steps applied.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 import time
 import warnings
@@ -96,6 +98,20 @@ class RunResult:
                    warnings=trained.warnings, diverged=trained.diverged, evaluations=trained.evaluations)
 
 
+_PROGRESS: ContextVar[Callable[[int], Any] | None] = ContextVar("gradaccum_progress", default=None)
+
+
+@contextmanager
+def progress(report: Callable[[int], Any]) -> Iterator[None]:
+    """Within the block, ``train_loop`` calls ``report(samples)`` after every micro-batch (the
+    command line's progress bar), without a parameter threaded through every trainer."""
+    token = _PROGRESS.set(report)
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
 def train_loop(batches: Iterable[torch.Tensor], backward: Callable[[torch.Tensor], bool],
                evaluate: Callable[[], tuple[float, float]], every: int, flush: Callable[[], Any]
                ) -> tuple[list[Evaluation], float, bool, list[str]]:
@@ -107,6 +123,7 @@ def train_loop(batches: Iterable[torch.Tensor], backward: Callable[[torch.Tensor
     from ..torch import NonFiniteError
 
     evaluations: list[Evaluation] = []
+    report = _PROGRESS.get()
     seen, next_eval, diverged, steps, evaluating = 0, every, False, 0, 0.0
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -115,6 +132,8 @@ def train_loop(batches: Iterable[torch.Tensor], backward: Callable[[torch.Tensor
             for idx in batches:
                 steps += backward(idx)
                 seen += len(idx)
+                if report is not None:
+                    report(len(idx))
                 if seen >= next_eval:
                     now = time.perf_counter()
                     evaluations.append(Evaluation(seen, steps, now - start - evaluating, *evaluate()))
