@@ -268,6 +268,8 @@ class Accumulator:
         self._reset_window()
         handle = optimizer.register_step_pre_hook(_stray_step_hook(weakref.ref(self)))
         weakref.finalize(self, handle.remove)
+        optimizer._gradaccum_accumulator = weakref.ref(self)  # type: ignore[attr-defined]  # what a Monitor refuses
+
 
     # ------------------------------------------------------------------ window state
     def _reset_window(self, planned: int | None = None) -> None:
@@ -896,3 +898,9 @@ class Accumulator:
                               device=sums[0].device)
         contract.all_reduce([*sums, counts], kind, self._steps, self._micro_batches)
         return int(counts[0]), int(counts[1]), bool(counts[2] > 0)
+
+
+def stepping_accumulator(optimizer: Any) -> "Accumulator | None":
+    """The live Accumulator that steps ``optimizer``, if any (it marks the optimizer it owns)."""
+    ref = getattr(optimizer, "_gradaccum_accumulator", None)
+    return ref() if callable(ref) else None

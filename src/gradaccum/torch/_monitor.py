@@ -42,10 +42,7 @@ same numbers).
 
 from __future__ import annotations
 
-import gc
-import inspect
 import math
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +55,7 @@ from .._core.monitor_log import MonitorLog
 from .._core.noise_scale import layer_noise_scales, noise_scale, noise_terms, pooled_terms
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice
-from ._accumulator import Accumulator
+from ._accumulator import stepping_accumulator
 from ._nonfinite import all_finite
 from ._stats import PerSampleGradStats
 
@@ -73,7 +70,6 @@ UNDER_ACCUMULATOR = (
     "micro-batches, scaled losses). The Accumulator's own step records hold the same statistics "
     "(acc.history[i].info with a statistics rule or planner); build the Monitor on an optimizer that no "
     "Accumulator steps")
-_ACCUMULATOR_CODE = frozenset(f.__code__ for f in vars(Accumulator).values() if inspect.isfunction(f))
 
 
 class Monitor:
@@ -252,7 +248,7 @@ class Monitor:
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Never raises (an exception here would leave a caller's window in ``.grad``): an
         Accumulator's step is only noted, and refused at the next backward."""
-        if _inside_accumulator():
+        if _stepped_by_accumulator(optimizer):
             self._refusal, self._pending = UNDER_ACCUMULATOR, None
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -386,25 +382,8 @@ def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 def _stepped_by_accumulator(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether a live Accumulator steps ``optimizer`` (one scan of the collected objects)."""
-    for obj in gc.get_objects():
-        if issubclass(type(obj), Accumulator):
-            try:
-                if torch_optimizer(obj.optimizer) is optimizer:
-                    return True
-            except (AttributeError, TypeError):
-                continue
-    return False
-
-
-def _inside_accumulator() -> bool:
-    """Whether an Accumulator's method is on the caller's stack (the step is its window's)."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code in _ACCUMULATOR_CODE:
-            return True
-        frame = frame.f_back  # type: ignore[assignment]
-    return False
+    """Whether a live Accumulator steps ``optimizer`` (an Accumulator marks the optimizer it owns)."""
+    return stepping_accumulator(optimizer) is not None
 
 
 def _enabled(scaler: Any) -> bool:
