@@ -1,0 +1,116 @@
+"""What the statistics sources cost: the fixed Accumulator against the same windows with the
+noise scale measured, side by side in one process.
+
+Every runner closes windows of ``k`` micro-batches: ``FixedSteps(k)``; ``NoiseScalePlanner``
+pinned to ``k`` micro-batches (``min_batch = max_batch``) on the micro-batch source; and the
+same on the per-sample source. Rounds interleave the runners (their order rotating), and each
+ratio is the median over rounds of the per-round ratio, with the interval between the 25th and
+75th percentiles of those per-round ratios. Written as JSON beside the printed table.
+
+    python benchmarks/micro_batch_statistics.py [--rounds 15] [--windows 10] [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from gradaccum import FixedSteps, NoiseScalePlanner
+from gradaccum.torch import Accumulator
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from _models import GPT, GPTConfig  # noqa: E402  (nanoGPT's model, cut down)
+
+
+def mlp() -> nn.Module:
+    """The 1.6M-parameter MLP 512-1024-1024-10."""
+    return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+def gpt() -> nn.Module:
+    return GPT(GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=4, n_embd=128, dropout=0.0))
+
+
+CASES = {  # name: (model, micro-batch, k, batch maker, loss)
+    "MLP 512-1024-1024-10, micro-batch 64 x 4": (mlp, 64, 4),
+    "nanoGPT 2 layers, d 128, T 64, micro-batch 16 x 4": (gpt, 16, 4),
+}
+
+
+def batches(name: str, m: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    if name.startswith("MLP"):
+        return [(torch.randn(m, 512, generator=g), torch.randint(0, 10, (m,), generator=g)) for _ in range(count)]
+    return [(torch.randint(0, 256, (m, 64), generator=g), torch.randint(0, 256, (m, 64), generator=g))
+            for _ in range(count)]
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, GPT):
+        return model(x, y)[1]
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def runner(make, rule, data):
+    torch.manual_seed(0)
+    model = make()
+    acc = Accumulator(model, torch.optim.AdamW(model.parameters(), lr=1e-4), rule)
+
+    def run() -> None:
+        for x, y in data:
+            acc.backward(loss_of(model, x, y), y.numel(), samples=len(x))
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--windows", type=int, default=10, help="windows per timed round")
+    parser.add_argument("--out", default="benchmarks/results/micro_batch_statistics.json")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| model | fixed ms/window | micro-batch source / fixed [IQR] | per-sample source / fixed [IQR] |")
+    print("|---|---|---|---|")
+    results = []
+    for name, (make, m, k) in CASES.items():
+        data = batches(name, m, k * args.windows)
+        pinned = dict(c=1.0, min_batch=k * m, max_batch=k * m, micro_batch=m)
+        runners = [runner(make, FixedSteps(k), data),
+                   runner(make, NoiseScalePlanner(**pinned, source="micro_batch"), data),
+                   runner(make, NoiseScalePlanner(**pinned, source="per_sample"), data)]
+        for run in runners:  # warm-up: allocations, optimizer state
+            run()
+        times: list[list[float]] = [[] for _ in runners]
+        for r in range(args.rounds):
+            for i in range(len(runners)):
+                which = (i + r) % len(runners)
+                start = time.perf_counter()
+                runners[which]()
+                times[which].append((time.perf_counter() - start) / args.windows)
+        ratios = [[t / f for t, f in zip(times[j], times[0])] for j in (1, 2)]
+        quartiles = [statistics.quantiles(r, n=4) for r in ratios]
+        row = {"model": name, "fixed_ms_per_window": 1e3 * statistics.median(times[0]),
+               "micro_batch_over_fixed": statistics.median(ratios[0]), "micro_batch_iqr": [quartiles[0][0], quartiles[0][2]],
+               "per_sample_over_fixed": statistics.median(ratios[1]), "per_sample_iqr": [quartiles[1][0], quartiles[1][2]],
+               "rounds": args.rounds, "threads": torch.get_num_threads()}
+        results.append(row)
+        print(f"| {name} | {row['fixed_ms_per_window']:.1f} | {row['micro_batch_over_fixed']:.3f}x "
+              f"[{quartiles[0][0]:.3f}, {quartiles[0][2]:.3f}] | {row['per_sample_over_fixed']:.2f}x "
+              f"[{quartiles[1][0]:.2f}, {quartiles[1][2]:.2f}] |", flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"command": "python benchmarks/micro_batch_statistics.py", "results": results}, f, indent=1)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
