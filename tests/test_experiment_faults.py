@@ -103,13 +103,18 @@ def test_a_damaged_data_cache_is_regenerated(damage: str, data: MNIST1D, tmp_pat
     ('{"config": {"budget": 1, "eval_every": 1, "trials": 1, "seeds": 1}, "arms": {"baseline": {}}}',
      "arm 'baseline' must hold best_params"),
     ("NAN", "NaN"),
+    ("ACC", "arms.baseline.runs[0].test_accuracy must be an accuracy between 0 and 1, got 7.5"),
+    ("CURVE", "arms.baseline.runs[0].val_curve must hold [samples, accuracy] pairs, accuracies between 0 and 1"),
+    ("STEPS", "arms.baseline.runs[0].steps must be >= 0, got -3"),
 ])
 def test_report_on_a_bad_results_file_names_the_problem(content: str, message: str, tmp_path: Path, capsys) -> None:
-    if content == "NAN":
+    if content in ("NAN", "ACC", "CURVE", "STEPS"):  # a 750 % accuracy was reported as is
+        run = {"seed": 0, "test_accuracy": 0.5, "final_val_accuracy": 0.5, "val_curve": [[160, 0.5]], "steps": 10,
+               "batch_sizes": [32] * 10, "flushed_items": 0, "statistic": [], "warnings": []}
+        run.update({"NAN": {"test_accuracy": math.nan}, "ACC": {"test_accuracy": 7.5},
+                    "CURVE": {"val_curve": [[160, 1.5]]}, "STEPS": {"steps": -3}}[content])
         good = {"config": {"budget": 320, "eval_every": 160, "trials": 1, "seeds": 1},
-                "arms": {"baseline": {"best_params": {"lr": 0.01}, "trials": [], "runs": [{
-                    "seed": 0, "test_accuracy": math.nan, "final_val_accuracy": 0.5, "val_curve": [[160, 0.5]],
-                    "steps": 10, "batch_sizes": [32] * 10, "flushed_items": 0, "statistic": [], "warnings": []}]}}}
+                "arms": {"baseline": {"best_params": {"lr": 0.01}, "trials": [], "runs": [run]}}}
         content = json.dumps(good)
     (tmp_path / "results.json").write_text(content)
     assert main(["report", "--out", str(tmp_path)]) == 2
@@ -182,6 +187,28 @@ def test_yaml_values_of_the_wrong_type_are_refused(yaml_text: str, message: str,
     path.write_text(yaml_text)
     assert main(["reproduce", "--config", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_duplicate_yaml_key_is_refused_naming_it_and_its_lines(tmp_path: Path) -> None:
+    """``lr`` given twice kept the last value without a word."""
+    path = tmp_path / "c.yaml"
+    path.write_text("trials: 3\nbudget: 3200\ntrials: 5\n")
+    with pytest.raises(SettingsError) as info:  # what `--config` reads
+        ExperimentConfig.from_yaml(path)
+    assert "config: cannot read" in str(info.value) and "found the duplicate key 'trials' (first at line 1)" in str(
+        info.value) and "line 3" in str(info.value)
+
+
+def test_every_yaml_the_library_reads_refuses_duplicate_keys() -> None:
+    from gradaccum import AccumulationConfig
+    from gradaccum._core.yaml_io import safe_load
+
+    with pytest.raises(ValueError, match="duplicate key 'batch_size'"):
+        AccumulationConfig.from_yaml("batch_size: 8\ngradient_accumulation_steps: 4\nbatch_size: 16\n")
+    with pytest.raises(Exception, match="duplicate key 'k'"):
+        safe_load("outer:\n  - {k: 1, k: 2}\n")
+    # a key merged in with << may be overridden: YAML's merge key means exactly that
+    assert safe_load("base: &b {x: 1, y: 2}\nmine:\n  <<: *b\n  x: 3\n")["mine"] == {"x": 3, "y": 2}
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch) -> None:

@@ -133,3 +133,18 @@ def test_the_front_is_the_same_for_the_same_seed_with_parallel_workers(fronts: P
 def test_the_front_sections_refuse_the_jax_backend(tmp_path: Path, capsys) -> None:
     assert main(["reproduce", "--sections", "front", "--backend", "jax", "--out", str(tmp_path), "--quiet"]) == 2
     assert "front and lm sections run on torch" in capsys.readouterr().err
+
+
+def test_a_front_without_fixed_points_is_refused_with_its_cause(tmp_path: Path, capsys) -> None:
+    """A front report with no points raised "max() of an empty sequence"."""
+    front = {"task": "mnist1d", "title": "t", "metric": "accuracy", "start": 0.1, "about": {},
+             "config": {"budget": 320, "increment": 32, "eval_every": 160, "front_trials": 2, "seeds": 1},
+             "arms": {"baseline": {"adaptive": False, "trials": [], "points": []},
+                      "noise": {"adaptive": True, "trials": [], "points": []}}}
+    with pytest.raises(SettingsError, match="mnist1d_results.json: no fixed-batch arm has a retrained point"):
+        targets(front)
+    (tmp_path / "mnist1d_results.json").write_text(json.dumps(front))
+    (tmp_path / "mnist1d_timings.json").write_text("{}")
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no fixed-batch arm has a retrained point" in err and "--sections front" in err

@@ -1,8 +1,13 @@
-"""YAML reading with YAML 1.2 numbers: ``1e-3`` is a float.
+"""YAML reading with YAML 1.2 numbers (``1e-3`` is a float) and no duplicate keys.
 
 PyYAML implements YAML 1.1, whose float pattern needs a dot (``1.0e-3``), so a config
 saying ``tau: 1e-3`` would get the *string* "1e-3" and be refused (or worse). This
 loader adds the 1.2 pattern for every number a user writes in scientific notation.
+
+PyYAML also keeps the last of two equal keys in a mapping without a word (a config naming
+``lr`` twice trained with the second); YAML 1.2 says keys are unique, and this loader refuses
+a duplicate, naming it and both lines. Keys merged in with ``<<`` may be overridden, as YAML's
+merge key intends.
 """
 
 from __future__ import annotations
@@ -14,7 +19,22 @@ import yaml
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # an unhashable key: SafeLoader's own error says so
+                break
+            if first is not key_node:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found the duplicate key {key!r} (first at line {first.start_mark.line + 1}); keep one",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

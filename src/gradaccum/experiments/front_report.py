@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
 from .arms import label  # noqa: E402
+from .errors import SettingsError  # noqa: E402
 from .files import atomic_file  # noqa: E402
 
 MARGINS = {"accuracy": (0.005, 0.01, 0.02), "loss": (0.01, 0.02, 0.05)}  # below / above the best fixed arm
@@ -70,7 +71,11 @@ def targets(front: dict[str, Any]) -> tuple[str, list[float]]:
     """The best fixed arm and the targets below (accuracy) or above (loss) its final test metric."""
     higher = front["metric"] == "accuracy"
     fixed = {arm: [r["test_accuracy"] for r in e["points"][0]["runs"]]
-             for arm, e in front["arms"].items() if not e["adaptive"] and e["points"]}
+             for arm, e in front["arms"].items() if not e["adaptive"] and e["points"] and e["points"][0]["runs"]}
+    if not fixed:
+        raise SettingsError(f"{front.get('task', 'front')}_results.json: no fixed-batch arm has a retrained point "
+                            "with runs, so there is no target to measure the arms against; rerun `gradaccum "
+                            f"reproduce --sections {'lm' if front.get('task') == 'lm' else 'front'}` to rebuild it")
     best = (max if higher else min)(fixed, key=lambda a: statistics.fmean(fixed[a]))
     mean, se = statistics.fmean(fixed[best]), standard_error(fixed[best])
     sign = -1.0 if higher else 1.0

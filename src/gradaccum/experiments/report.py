@@ -243,7 +243,17 @@ _RUN_FIELDS = {"seed": int, "test_accuracy": float, "final_val_accuracy": float,
                "batch_sizes": list, "flushed_items": int, "statistic": list, "warnings": list}
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_results(results: Any, path: Path) -> None:
+    """Refuse a results file whose structure or values cannot be right (an accuracy of 7.5, a
+    negative step count), naming the file and the key."""
     def bad(what: str) -> SettingsError:
         return SettingsError(f"{path}: {what}; rerun `gradaccum reproduce` to rebuild it")
 
@@ -264,7 +274,17 @@ def check_results(results: Any, path: Path) -> None:
                 ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
                 if not ok or (kind is float and not math.isfinite(value)):
                     raise bad(f"arms.{arm}.runs[{k}].{name} must be a finite {kind.__name__}, got {value!r}")
-            if not all(isinstance(p, list) and len(p) == 2 for p in run["val_curve"]):
-                raise bad(f"arms.{arm}.runs[{k}].val_curve must hold [samples, accuracy] pairs")
+            where = f"arms.{arm}.runs[{k}]"
+            for name in ("test_accuracy", "final_val_accuracy"):
+                if not 0 <= run[name] <= 1:
+                    raise bad(f"{where}.{name} must be an accuracy between 0 and 1, got {run[name]!r}")
+            for name in ("steps", "flushed_items"):
+                if run[name] < 0:
+                    raise bad(f"{where}.{name} must be >= 0, got {run[name]!r}")
+            if not all(_count(b) and b > 0 for b in run["batch_sizes"]):
+                raise bad(f"{where}.batch_sizes must hold positive integers")
+            if not all(isinstance(p, list) and len(p) == 2 and _count(p[0]) and _number(p[1]) and 0 <= p[1] <= 1
+                       for p in run["val_curve"]):
+                raise bad(f"{where}.val_curve must hold [samples, accuracy] pairs, accuracies between 0 and 1")
             if not run["batch_sizes"] and not run["flushed_items"] and not run.get("diverged"):
                 raise bad(f"arms.{arm}.runs[{k}] has no window (batch_sizes and flushed_items are empty)")
