@@ -54,8 +54,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         os._exit(0)
     if mode == "ramp":
         run_ramp(rank, out)
-    elif mode == "norms":
-        run_norms(rank, out)
+    elif mode in ("norms", "norms_micro"):
+        run_norms(rank, out, micro=mode == "norms_micro")
     elif mode == "norms_skip":
         run_norms_skip(rank, out)
     elif mode == "gsnr_heads":
@@ -383,28 +383,30 @@ def norm_truth() -> tuple[float, float]:
 
 
 class RecordNorms:
-    """Two increments per window, on the norm path; keeps what each decision saw."""
+    """``k`` increments per window on norm statistics from ``source``; keeps what each decision saw."""
 
     needs_statistics = True
     statistics = "norms"
 
-    def __init__(self) -> None:
+    def __init__(self, k: int = 2, source: str = "per_sample") -> None:
+        self.k, self.source = k, source
         self.seen: list[tuple[int, float, float]] = []
 
     def decide(self, window):
         s = window.statistics
         self.seen.append((s.samples, s.trace, s.squared_norm))
-        return Decision(window.micro_batches >= 2, {})
+        return Decision(window.micro_batches >= self.k, {})
 
 
-def run_norms(rank: int, out: Path) -> None:
+def run_norms(rank: int, out: Path, micro: bool = False) -> None:
     """Linear regression with known noise terms; lr 0, so the truth holds at every window.
-    Each rank draws its own samples; the decision's terms are pooled from scalars."""
+    Each rank draws its own samples; the decision's terms are pooled from scalars. ``micro``:
+    the micro-batch source, three micro-batches per window on each rank."""
     model = torch.nn.Linear(NORM_DIM, 1, bias=False).double()
     with torch.no_grad():
         model.weight.fill_(NORM_OFFSET)  # w* = 0
     model = DistributedDataParallel(model)
-    rule = RecordNorms()
+    rule = RecordNorms(3, "micro_batch") if micro else RecordNorms()
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), rule)
     counts = {"all_reduce_large": [], "all_reduce_small": 0, "all_gather": 0}
     reduce, gather = dist.all_reduce, dist.all_gather
@@ -422,7 +424,7 @@ def run_norms(rank: int, out: Path) -> None:
 
     dist.all_reduce, dist.all_gather = counting_reduce, counting_gather
     g = torch.Generator().manual_seed(100 + rank)
-    for _ in range(2 * NORM_WINDOWS):
+    for _ in range(rule.k * (NORM_WINDOWS // 2 if micro else NORM_WINDOWS)):
         x = torch.randn(NORM_PER_RANK, NORM_DIM, generator=g, dtype=torch.float64)
         y = NORM_NOISE * torch.randn(NORM_PER_RANK, generator=g, dtype=torch.float64)
         loss = 0.5 * ((model(x).squeeze(1) - y) ** 2).mean()
