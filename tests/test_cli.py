@@ -186,3 +186,26 @@ def test_ctrl_c_during_reproduce_ends_fast_and_leaves_no_worker(tmp_path: Path, 
                    for pid in children)
     states = {t.state for t in study.get_trials()}
     assert optuna.trial.TrialState.RUNNING not in states
+
+
+@pytest.mark.slow
+def test_train_gives_what_a_reproduce_worker_gives_for_the_same_seed(tmp_path: Path, data_dir: str) -> None:
+    """The determinism the README states: every command trains on one thread per process, so a
+    run is the same number for number whichever command (or worker process) ran it."""
+    from gradaccum.experiments.config import ExperimentConfig
+    from gradaccum.experiments.mnist1d_data import load_mnist1d
+    from gradaccum.experiments.runs import train_run
+    from gradaccum.experiments.workers import executor
+
+    assert main(["train", "--arm", "gaga_mean", "--tau", "1.5", *TINY_TRAIN, "--seed", "3", "--out", str(tmp_path),
+                 "--data-dir", data_dir]) == 0
+    here = json.loads((tmp_path / "train-gaga_mean-seed3.json").read_text())
+    cfg = ExperimentConfig(out=str(tmp_path), data_dir=data_dir, budget=320, eval_every=160, seed=3)
+    data = load_mnist1d(Path(data_dir) / "mnist1d.npz")
+    with executor(2) as pool:
+        worker = pool.submit(train_run, "gaga_mean", {"lr": 0.003, "tau": 1.5}, 3, data, cfg).result().as_dict()
+    for record in (here, worker):
+        record.pop("wall_seconds")
+        for evaluation in record["evaluations"]:
+            evaluation.pop("seconds")
+    assert json.loads(json.dumps(worker)) == here
