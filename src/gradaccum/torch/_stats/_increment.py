@@ -1,0 +1,100 @@
+"""What one increment's backward produced, per parameter: the record the layer paths fill
+(``_paths``), the check reads (``_check``) and a statistic merges (``_norms``, ``_elements``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._explained import Projector, scale_from_squares
+from ._guard import Values
+from ._registry import LayerStats, RowSquares, channels_last_positions
+
+
+@dataclass
+class Increment:
+    """Per parameter (order of ``params``), what the hooked calls of one increment gave."""
+
+    lengths: list[int]  # each parameter's last-dim length (what the projection runs along; 1 for vectors)
+    squares: list[torch.Tensor | RowSquares | None] = field(default_factory=list)  # per-element sums of squares over samples
+    hooked: list[torch.Tensor | None] = field(default_factory=list)  # projected sums of the hooked per-sample gradients
+    floor: list[Any] = field(default_factory=list)  # the layer's per-element magnitude floor (see _explained)
+    norms: list[torch.Tensor | None] = field(default_factory=list)  # norm-path entries: sum_i |g_i|^2 (0-d)
+    scales: list[torch.Tensor | None] = field(default_factory=list)  # their projected magnitudes
+    terms: list[int | None] = field(default_factory=list)  # their summed terms per element (default: samples)
+    tied: dict[int, torch.Tensor] = field(default_factory=dict)  # per-sample gradients summed over calls
+    values: list[Values | None] = field(default_factory=list)  # per-sample values at given elements (the guard)
+
+    def __post_init__(self) -> None:
+        size = len(self.lengths)
+        self.squares, self.hooked, self.norms, self.scales, self.values = (  # type: ignore[assignment]
+            [None] * size for _ in range(5))
+        self.floor, self.terms = [0.0] * size, [None] * size
+
+    def dense_squares(self, i: int) -> torch.Tensor | None:
+        """Parameter i's sums of squares as a tensor (a ``RowSquares`` is made whole, once)."""
+        if isinstance(self.squares[i], RowSquares):
+            self.squares[i] = self.squares[i].full()  # type: ignore[union-attr]
+        return self.squares[i]  # type: ignore[return-value]
+
+    def scale(self, i: int, n: int, project: Projector) -> torch.Tensor | None:
+        """Parameter i's projected magnitude bound (before the floor)."""
+        if self.scales[i] is not None:
+            return self.scales[i]
+        squares = self.dense_squares(i)
+        return None if squares is None else scale_from_squares(squares, n, project)
+
+    def has_bound(self, i: int) -> bool:
+        if self.scales[i] is not None:
+            return self.scales[i].numel() > 0  # type: ignore[union-attr]
+        return self.squares[i] is not None and math.prod(self.squares[i].shape) > 0  # type: ignore[union-attr]
+
+    def bound_source(self, i: int) -> torch.Tensor:
+        """The tensor whose maximum gives parameter i's per-element bound (``element_bound``):
+        the layer's magnitudes where it gave them (small), else the sums of squares."""
+        return self.scales[i] if self.scales[i] is not None else self.dense_squares(i)  # type: ignore[return-value]
+
+    def element_bound(self, i: int, largest: float, n: int, project: Projector) -> float:
+        """The largest per-element magnitude bound of parameter i from ``largest``, the maximum
+        of its ``bound_source``: the largest projected row over ``sum|v|``, or ``sqrt(n max S2)``."""
+        if self.scales[i] is not None:
+            return largest / project.abs_sum(self.lengths[i])
+        return math.sqrt(max(largest, 0.0) * n)
+
+    def squared_norm(self, i: int) -> torch.Tensor | None:
+        """``sum_i |g_i|^2`` of parameter i over the increment's samples."""
+        if self.norms[i] is not None:
+            return self.norms[i]
+        squares = self.dense_squares(i)
+        return None if squares is None else squares.sum()
+
+    def add_squares(self, i: int, per_sample: torch.Tensor, project: Projector) -> None:
+        """Add per-sample gradients of parameter i (samples on dim 0): their squares and projected sum."""
+        self.squares[i] = plus(self.squares[i], (per_sample * per_sample).sum(0))
+        self.hooked[i] = plus(self.hooked[i], project(per_sample.sum(0)))
+
+    def add_terms(self, i: int, terms: int) -> None:
+        """Autograd adds ``terms`` more terms into each element of parameter i."""
+        self.terms[i] = (self.terms[i] or 0) + terms
+
+
+def plus(a: Any, b: Any) -> Any:
+    """``a + b``, ``b`` where ``a`` is None (a ``RowSquares`` made whole to be added)."""
+    if a is None:
+        return b
+    return (a.full() if isinstance(a, RowSquares) else a) + (b.full() if isinstance(b, RowSquares) else b)
+
+
+def gather(per_sample: torch.Tensor) -> Values:
+    """Per-sample values at flat element indices from per-sample gradients at hand."""
+    return lambda index: per_sample.reshape(len(per_sample), -1)[:, index]
+
+
+def positions(entry: LayerStats | None, d: torch.Tensor | None) -> int:
+    """Positions per sample a layer's gradient sums over (see ``LayerStats.positions``)."""
+    if d is None:
+        return 1
+    return max(1, (entry.positions if entry is not None and entry.positions else channels_last_positions)(d))
