@@ -10,6 +10,7 @@ from ._accumulator import NonFiniteError as NonFiniteError
 from ._accumulator import NonFinitePolicy as NonFinitePolicy
 from ._memory import find_micro_batch_size as find_micro_batch_size
 from ._memory import is_out_of_memory as is_out_of_memory
+from ._memory import ProbeError as ProbeError
 from ._memory import measure_peak_memory as measure_peak_memory
 from ._memory import plan_accumulation as plan_accumulation
 from ._monitor import Monitor as Monitor
@@ -21,5 +22,5 @@ from ._stats import RowSquares as RowSquares
 from ._stats import register_layer_stats as register_layer_stats
 
 __all__ = ["Accumulator", "LayerStats", "MicroBatchSampler", "Monitor", "NonFiniteError", "NonFinitePolicy",
-           "PartialCommit", "PerSampleGradStats", "RowSquares", "find_micro_batch_size", "is_out_of_memory",
+           "PartialCommit", "PerSampleGradStats", "ProbeError", "RowSquares", "find_micro_batch_size", "is_out_of_memory",
            "measure_peak_memory", "plan_accumulation", "register_layer_stats"]
