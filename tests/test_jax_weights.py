@@ -85,7 +85,7 @@ def test_bad_weights_are_refused_and_change_nothing(name, values, message) -> No
 
 
 def test_padding_every_micro_batch_compiles_once() -> None:
-    """The README pattern: every micro-batch padded to one shape with weights: one compilation."""
+    """The pattern docs/jax.md recommends: every micro-batch padded to one shape with weights: one compilation."""
     step = make_train_step(loss_fn)
     batch = data(10, seed=6)
     state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=SGD, rule=FixedSteps(3))
