@@ -209,7 +209,7 @@ EXAMPLE = ROOT / "examples" / "fsdp2.py"
 
 @pytest.mark.slow
 def test_the_fsdp2_example_under_torchrun_trains_one_run_over_both_ranks(tmp_path: Path) -> None:
-    """examples/fsdp2.py (the README's FSDP2 example) launched by ``torchrun --nproc-per-node 2``
+    """examples/fsdp2.py (the FSDP2 example of docs/integrations/fsdp2.md) launched by ``torchrun --nproc-per-node 2``
     (gloo, loopback): both processes join one group, so every window holds both ranks' items
     (64, not one process's 32), and float32 reaches the optimizer through gloo."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE)]
