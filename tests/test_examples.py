@@ -1,0 +1,105 @@
+"""The examples in ``examples/`` run as a user runs them, each in its own process, tiny setting.
+
+Each script's ``--check`` trains fixed windows in float64 and compares the weights with a
+full-batch reference the script computes itself (one big batch per window, the framework's
+plain step); the script exits 1 when they differ by more than its tolerance. A control test per
+loop shows that the check catches a wrong count. Every mode runs once, and the planned and
+monitored runs end with the noise scale they measured.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SCRIPTS = ("nanogpt.py", "accelerate_lm.py", "lightning_lm.py", "transformers_trainer.py", "flax_lm.py")
+CHECKED = re.compile(r"^check: (\d+) windows against the full batch, max \|w - w_ref\| = (\S+) \(tolerance (\S+)\) ok$",
+                     re.MULTILINE)
+NOISE_SCALE = re.compile(r"^noise_scale=(\S+) \(", re.MULTILINE)
+TIMEOUT = 600  # seconds; a tiny run takes a few seconds of CPU, more on a loaded machine
+
+
+def run(*argv: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python examples/<script> <args>`` (or ``python -c code`` run from ``examples/``), one thread."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-c", code, *argv] if code is not None else [sys.executable, *argv]
+    return subprocess.run(command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def succeeded(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_fixed_windows_equal_the_full_batch_in_float64(script: str) -> None:
+    out = succeeded(run(script, "--check", "--dtype", "float64"))
+    match = CHECKED.search(out)
+    assert match is not None, out[-2000:]
+    windows, difference, tolerance = int(match[1]), float(match[2]), float(match[3])
+    assert windows >= 3
+    assert difference <= tolerance <= 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fixed", "planned", "monitor"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_mode_runs_and_prints_its_noise_scale(script: str, mode: str) -> None:
+    out = succeeded(run(script, "--mode", mode))
+    found = NOISE_SCALE.findall(out)
+    if mode == "fixed":
+        assert not found  # fixed windows measure nothing
+        return
+    assert len(found) == 1, out[-2000:]
+    value = float(found[0])
+    assert not math.isnan(value) and value > 0, f"noise_scale={found[0]}"
+
+
+WRONG_COUNT = """
+import sys
+import gradaccum
+right = gradaccum.token_count
+def wrong(labels, **kwargs):  # {what}
+    {body}
+gradaccum.token_count = wrong
+sys.argv = [sys.argv[0], "--check"]
+import {module}
+{module}.main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module, what, body", [
+    ("nanogpt", "every target, the ignored ones too: the mean of the micro-batches' means",
+     "return labels.new_tensor(labels.numel())"),
+    ("accelerate_lm", "labels != -100, each row's first label included (the model never predicts it)",
+     "return right(labels, shift=False)"),
+], ids=["nanogpt-mean-of-means", "accelerate-unshifted-count"])
+def test_the_check_fails_when_the_count_is_wrong(module: str, what: str, body: str) -> None:
+    result = run(code=WRONG_COUNT.format(module=module, what=what, body=body))
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    assert re.search(r"^check: .* FAILED$", result.stdout, re.MULTILINE), result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--check", "--mode", "planned"], "--check compares fixed windows"),
+    (["--check", "--dtype", "float32"], "--check runs in float64"),
+])
+def test_check_refuses_another_mode_or_dtype(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from _common import checked_args, parser
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    with pytest.raises(SystemExit) as exit_info:
+        checked_args(parser("example"), argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
