@@ -282,3 +282,15 @@ def test_planners_refuse_a_micro_batch_source_that_cannot_measure() -> None:
         NoiseScalePlanner(c=1.0, min_batch=4, max_batch=4, micro_batch=4, source="micro_batch")
     with pytest.raises(ValueError, match="source"):
         NormTest(0.5, source="hooks")
+
+
+def test_the_jax_backend_refuses_the_micro_batch_source_by_name() -> None:
+    """The JAX backend's statistics are per-sample: asking for the micro-batch source is refused,
+    never silently measured another way."""
+    jnp = pytest.importorskip("jax.numpy")
+    optax = pytest.importorskip("optax")
+    from gradaccum.jax import AccumulatingTrainState
+
+    with pytest.raises(ValueError, match="source='micro_batch'"):
+        AccumulatingTrainState.create(apply_fn=None, params={"w": jnp.zeros(3)}, tx=optax.sgd(0.1),
+                                      rule=NormTest(0.5, source="micro_batch"))
