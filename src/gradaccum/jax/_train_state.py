@@ -23,17 +23,15 @@ from .._core.moments import moments_from_sums
 from .._core.noise_scale import noise_terms, window_terms
 from .._core.statistics import gsnr_of
 from .._core.planners import PlanSummary, after_window, is_planner
-from .._core.rules import FixedSteps, StoppingRule, statistics_kind, statistics_source
+from .._core.rules import StoppingRule, statistics_kind, statistics_source
 from .._core.validation import check_choice
 from ._decisions import traced_decision
 from ._layer_stats import LOG, statistics_path, sums_and_squares
-from ._refusal import reraised
-from ._window import (COUNT_MAX, Window, all_finite, check_counts, increment_moments, increment_norms, squared_norm,
-                      unzip, weighted_sum)
+from ._window import Window, all_finite, increment_moments, increment_norms, squared_norm, unzip, weighted_sum
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
 STATISTICS = ("auto", "vmap")
-LossFn = Callable[..., jax.Array]  # (params, batch) or, with rng, (params, batch, rng) -> per-example losses
+LossFn = Callable[[Any, Any], jax.Array]
 
 
 class PlanState(NamedTuple):
@@ -143,91 +141,6 @@ class AccumulatingTrainState(train_state.TrainState):
         return None if self.plan is None else self.plan.planned
 
 
-def _unshared(tree: Any) -> Any:
-    """``tree`` with every buffer that a leaf shares with an earlier leaf copied.
-
-    A donated step donates each leaf of the state, and XLA refuses a buffer donated twice
-    ("Attempt to donate the same buffer twice"): an optimizer whose state starts as the
-    parameters themselves, or params holding one array twice, would crash the first step."""
-    seen: set[Any] = set()
-
-    def own(leaf: Any) -> Any:
-        if not isinstance(leaf, jax.Array):
-            return leaf
-        buffers = _buffers(leaf)
-        if buffers & seen:
-            return jnp.copy(leaf)
-        seen.update(buffers)
-        return leaf
-
-    return jax.tree.map(own, tree)
-
-
-def _buffers(leaf: jax.Array) -> set[Any]:
-    """The device buffers of ``leaf`` (its identity where they cannot be read)."""
-    if leaf.size == 0:
-        return {id(leaf)}  # nothing to donate; empty buffers may share an address
-    try:
-        return {(str(shard.device), shard.data.unsafe_buffer_pointer()) for shard in leaf.addressable_shards}
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return {id(leaf)}
-
-
-# --- restoring a checkpoint: the saved window must be the one the target's rule keeps ----------
-
-_DATA_FIELDS = tuple(f.name for f in dataclasses.fields(AccumulatingTrainState)
-                     if f.metadata.get("pytree_node", True))
-
-
-def _state_dict(state: AccumulatingTrainState) -> dict[str, Any]:
-    """Flax's state dict of the train state, plus the rule it was saved under (its repr), so
-    restoring it under another rule names both."""
-    out = {name: serialization.to_state_dict(getattr(state, name)) for name in _DATA_FIELDS}
-    out["rule"] = repr(state.rule)
-    return out
-
-
-def _from_state_dict(target: AccumulatingTrainState, state: Any) -> AccumulatingTrainState:
-    """Restore ``state`` into ``target`` after checking that it holds the window (and plan)
-    that ``target``'s rule keeps; a state saved under another kind of rule is refused with
-    both named, instead of failing inside Flax (AttributeError) or, for a planner's state
-    restored under a stopping rule, loading a plan nothing reads."""
-    if not isinstance(state, dict) or not isinstance(state.get("window"), dict):
-        raise ValueError(f"state must be the state dict of an AccumulatingTrainState (with a 'window'), "
-                         f"got {type(state).__name__}")
-    found = _layout(_saved_kind(state["window"]), state.get("plan") is not None)
-    expected = _layout(window_kind(target.rule), target.plan is not None)
-    if found != expected:
-        saved = state.get("rule", "a rule this version did not record")
-        raise ValueError(f"cannot restore a train state saved under {saved} ({found}) into one whose rule is "
-                         f"{target.rule!r} ({expected}): create the target state with the rule it was saved with")
-    state = dict(state)
-    state.pop("rule", None)
-    missing = [name for name in _DATA_FIELDS if name not in state]
-    if missing or set(state) - set(_DATA_FIELDS):
-        raise ValueError(f"state dict of an AccumulatingTrainState: missing {missing}, unknown "
-                         f"{sorted(set(state) - set(_DATA_FIELDS))}")
-    return target.replace(**{name: serialization.from_state_dict(getattr(target, name), state[name], name=name)
-                             for name in _DATA_FIELDS})
-
-
-def _saved_kind(window: dict[str, Any]) -> str:
-    if window.get("mean") is not None:
-        return "elements"
-    return "norms" if window.get("sum_norms") is not None else "none"
-
-
-def _layout(kind: str, planned: bool) -> str:
-    """What a window of ``kind`` keeps, in words, and whether a plan comes with it."""
-    words = {"none": "a window of gradient sums",
-             "elements": "a window of per-element gradient moments (statistics='elements')",
-             "norms": "a window of gradient sums and per-sample norms (statistics='norms')"}[kind]
-    return f"{words} and a planner's plan" if planned else f"{words}, no plan"
-
-
-serialization.register_serialization_state(AccumulatingTrainState, _state_dict, _from_state_dict, override=True)
-
-
 def window_kind(rule: StoppingRule) -> str:
     """What the window keeps for ``rule``: ``"none"``, ``"elements"`` or ``"norms"``. The JAX
     backend's statistics are per-sample: a rule asking for the micro-batch source is refused."""
@@ -241,10 +154,9 @@ def window_kind(rule: StoppingRule) -> str:
 
 def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool = False, jit: bool = True
                     ) -> Callable[..., tuple[AccumulatingTrainState, dict]]:
-    """The step ``(state, batch, weights=None, *, mask=None, rng=None) -> (state, metrics)`` for one micro-batch.
+    """The step ``(state, batch, weights=None, *, mask=None) -> (state, metrics)`` for one micro-batch.
 
-    ``loss_fn(params, batch)`` returns the per-example losses, shape ``(B,)``, floating point
-    (an integer loss has no gradient and is refused); every leaf
+    ``loss_fn(params, batch)`` returns the per-example losses, shape ``(B,)``; every leaf
     of ``batch`` has the examples on its leading axis. ``weights`` (shape ``(B,)``,
     non-negative integers) are the examples' item counts: with per-example losses that
     are means over each example's tokens, pass the token counts and the window's gradient
