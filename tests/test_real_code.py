@@ -7,6 +7,8 @@ own gradients (the gradient of each sample's summed loss).
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -230,3 +232,60 @@ def test_token_count_refuses_what_is_not_labels() -> None:
         token_count(torch.tensor(3))
     with pytest.raises(TypeError, match="ignore_index"):
         token_count(torch.zeros(2, 3, dtype=torch.long), ignore_index=-1.0)
+
+
+@pytest.mark.parametrize("build", [nanogpt, gpt2], ids=["nanogpt", "gpt2"])
+def test_monitor_on_an_lm_with_its_own_loss_and_clipping_equals_the_per_sample_loop(build) -> None:
+    """The Monitor on the unchanged loop (the model's own mean loss, clipping on, AdamW): each
+    row's terms equal the per-sample loop's, in the Monitor's per-sample-mean units (the loop's
+    terms of each sample's summed loss over the batch's counted labels, squared)."""
+    from gradaccum.torch import Monitor
+
+    model = build()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    monitor = Monitor(model, optimizer)
+    batches = [_batch(model, 4, 8, seed=20 + k) for k in range(2)]
+    want = []
+    for x, y in batches:
+        twin = copy.deepcopy(model)  # the loop runs on a copy: the Monitor sees only the training loop
+        trace, squared, _ = _loop_terms(twin, [(x, y)])
+        count = _loss(twin, x, y)[1]
+        want.append((trace / count**2 * len(x) ** 2, squared / count**2 * len(x) ** 2))
+        loss, _ = _loss(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # clipped hard: measured before the clip
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    monitor.close()
+    assert len(monitor.rows) == 2
+    for row, (trace, squared) in zip(monitor.rows, want):
+        assert row["trace"] == pytest.approx(trace, rel=1e-8)
+        assert row["squared_norm"] == pytest.approx(squared, rel=1e-6, abs=1e-9 * trace)
+
+
+@pytest.mark.parametrize("source", ["per_sample", "micro_batch"])
+@pytest.mark.parametrize("build", [nanogpt, gpt2], ids=["nanogpt", "gpt2"])
+def test_noise_scale_planner_on_an_lm_with_its_own_loss(build, source: str) -> None:
+    """``NoiseScalePlanner`` on nanoGPT's and GPT-2's models as written (their own loss, the
+    broadcast position embedding, AdamW, clipping): windows follow the plans and every window
+    records finite noise terms; the per-sample source's equal the loop's."""
+    from gradaccum import NoiseScalePlanner
+
+    model = build()
+    planner = NoiseScalePlanner(1.0, min_batch=8, max_batch=16, micro_batch=4, source=source)
+    acc = Accumulator(model, torch.optim.AdamW(model.parameters(), lr=0.0), planner, clip_grad_norm=1.0)
+    batches = [_batch(model, 4, 8, seed=30 + k) for k in range(6)]
+    seen = []
+    for x, y in batches:
+        seen.append((x, y))
+        loss, count = _loss(model, x, y)
+        if acc.backward(loss, count, samples=len(x)):
+            record = acc.history[-1]
+            assert record.micro_batches == record.info["planned"] >= 2
+            assert record.info["trace"] > 0
+            if source == "per_sample":
+                trace, _, n = _loop_terms(model, seen)
+                assert record.info["samples"] == n
+                assert record.info["trace"] == pytest.approx(trace, rel=1e-9)
+            seen = []
+    assert acc.steps >= 2
