@@ -41,7 +41,7 @@ def run(name: str, width: int, n: int) -> None:
     rules = {"FixedSteps": FixedSteps(2), "GSNR (per-element)": GSNR(1e9, increment=n, max_samples=2 * n),
              "NormTest (norms)": NormTest(1e-9, increment=n, max_samples=2 * n)}
     acc = None if name == "hand loop" else Accumulator(model, optimizer, rules[name])
-    _fused.kernels_for([torch.zeros(_fused.FUSED_FROM)])  # compile the fused kernels now: a process's one-time cost
+    _fused.Kernels().for_operands([torch.zeros(_fused.FUSED_FROM)])  # compile the fused kernels now: a process's one-time cost
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     with open("/proc/self/clear_refs", "w") as f:

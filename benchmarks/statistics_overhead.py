@@ -191,7 +191,7 @@ def _vm_hwm_kib() -> int:
 def child(config: str, name: str, foreach: bool) -> None:
     runners, _ = make(config, (name,))
     if not foreach:
-        _fused.kernels_for([torch.zeros(_fused.FUSED_FROM)])  # compile the fused kernels now: a process's one-time cost
+        _fused.Kernels().for_operands([torch.zeros(_fused.FUSED_FROM)])  # compile the fused kernels now: a process's one-time cost
     with open("/proc/self/statm") as f:
         rss_kib = int(f.read().split()[1]) * resource.getpagesize() // 1024
     with open("/proc/self/clear_refs", "w") as f:

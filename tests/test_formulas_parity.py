@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradaccum import GSNR, NormTest
+from gradaccum import GSNR, NormTest, WindowView
 from gradaccum._core.moments import Moments, chan_merge, moments_from_sums
 from gradaccum._core.statistics import live_elements
 from gradaccum.torch._stats._merge import merge_sums_into
@@ -147,14 +147,14 @@ def test_torch_fused_gsnr_equals_the_definition(name: str, scale: str, chunk: in
     CHUNK elements; on every edge case it gives the definition's value, live count and skipped
     count."""
     from gradaccum._core import statistics
-    from gradaccum.torch._stats import _reductions
+    from gradaccum.torch._stats import _fused, _reductions
 
     monkeypatch.setattr(statistics, "FLAT_BELOW", 0)  # take the fused path even for these small arrays
     monkeypatch.setattr(_reductions, "CHUNK", chunk)
     n, means, m2s = case(name, "float64")
     t_means, t_m2s = [torch.from_numpy(m) for m in means], [torch.from_numpy(m) for m in m2s]
-    fused = _reductions.gsnr_of(t_means, t_m2s, n, scale)
-    plain = statistics.gsnr_of(t_means, t_m2s, n, scale, fused=False)
+    fused = _reductions.Reductions(_fused.Kernels()).gsnr_of(t_means, t_m2s, n, scale)
+    plain = statistics.gsnr_of(t_means, t_m2s, n, scale)
     got, want = float(fused[0]), float(plain[0])
     assert (math.isnan(got) and math.isnan(want)) or got == pytest.approx(want, rel=1e-12)
     if not math.isnan(want):
@@ -167,11 +167,12 @@ def test_compiled_kernels_run_from_a_million_elements_on_contiguous_cpu_floats()
     from gradaccum.torch._stats import _fused
 
     big = [torch.zeros(1 << 19), torch.zeros(1 << 19)]
-    assert _fused.kernels_for(big) is not None
-    assert _fused.kernels_for([big[0]]) is None  # below 2^20 elements in all
-    assert _fused.kernels_for([t.half() for t in big]) is None
-    assert _fused.kernels_for(big, [torch.zeros(1 << 10, 4).T]) is None  # a non-contiguous operand
-    assert _fused.kernels_for(big, [torch.zeros(0)]) is None
+    kernels = _fused.Kernels()
+    assert kernels.for_operands(big) is kernels
+    assert kernels.for_operands([big[0]]) is None  # below 2^20 elements in all
+    assert kernels.for_operands([t.half() for t in big]) is None
+    assert kernels.for_operands(big, [torch.zeros(1 << 10, 4).T]) is None  # a non-contiguous operand
+    assert kernels.for_operands(big, [torch.zeros(0)]) is None
 
 
 def test_kernels_that_do_not_compile_fall_back_to_foreach(monkeypatch, caplog) -> None:
@@ -180,7 +181,7 @@ def test_kernels_that_do_not_compile_fall_back_to_foreach(monkeypatch, caplog) -
     from gradaccum.torch import PerSampleGradStats
     from gradaccum.torch._stats import _fused
 
-    def run() -> tuple[list, float]:
+    def run() -> tuple[list, float, PerSampleGradStats]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
         stats = PerSampleGradStats(model)
@@ -190,10 +191,10 @@ def test_kernels_that_do_not_compile_fall_back_to_foreach(monkeypatch, caplog) -
             model(x[part]).square().sum().backward()
             stats.commit()
         moments = stats.moments()
-        info = GSNR(1.0, increment=8).decision(24, [m.mean for m in moments], [m.m2 for m in moments])[1]
-        return moments, float(info["gsnr"])
+        info = GSNR(1.0, increment=8).decide(WindowView(2, 24, moments)).info
+        return moments, float(info["gsnr"]), stats
 
-    want, want_gsnr = run()  # below FUSED_FROM: foreach
+    want, want_gsnr, _ = run()  # below FUSED_FROM: foreach
 
     def broken(fn, **kwargs):
         def fail(*args):
@@ -201,12 +202,12 @@ def test_kernels_that_do_not_compile_fall_back_to_foreach(monkeypatch, caplog) -
         return fail
 
     monkeypatch.setattr(_fused, "FUSED_FROM", 0)
-    monkeypatch.setattr(_fused, "_KERNELS", None)
     monkeypatch.setattr(_fused.torch, "compile", broken)
     with caplog.at_level("WARNING", logger="gradaccum"):
-        got, got_gsnr = run()
+        got, got_gsnr, stats = run()
     assert "do not compile here" in caplog.text and "no C++ compiler" in caplog.text
-    assert _fused._KERNELS.broken is not None and _fused.kernels_for([torch.zeros(8)]) is None
+    kernels = stats._statistic.kernels
+    assert kernels.broken is not None and kernels.for_operands([torch.zeros(8)]) is None
     assert got_gsnr == want_gsnr
     for a, b in zip(got, want):
         assert a.n == b.n and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
@@ -231,22 +232,23 @@ def test_the_decision_reads_the_merges_maximum_while_the_moments_are_unchanged(m
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
     stats = PerSampleGradStats(model)
+    reductions = stats._statistic.reductions
     x = torch.randn(3, 16, 12)
     for k, part in enumerate(x):  # a new window's first increment, then two merges
         model.zero_grad(set_to_none=True)
         model(part).square().sum().backward()
         stats.commit()
         moments = stats.moments()
-        recalled = _reductions._recall([m.mean for m in moments], [m.m2 for m in moments], float(stats.count))
+        recalled = reductions.recall([m.mean for m in moments], [m.m2 for m in moments], float(stats.count))
         assert recalled is not None, k
         means, m2s = [m.mean for m in moments], [m.m2 for m in moments]
-        assert float(recalled) == float(own_pass(_reductions._Fused(_fused._KERNELS, means, m2s), stats.count))
+        assert float(recalled) == float(own_pass(_reductions._Fused(reductions.kernels, means, m2s), stats.count))
         decided = mean_gsnr(moments, "mean").value
         assert passes == []  # one pass: the maximum came from the merge
-        _reductions._RECALLED.clear()
+        reductions.forget()
         assert mean_gsnr(moments, "mean").value == decided and len(passes) == 1
         passes.clear()
-    _reductions.remember_largest(moments, torch.tensor(math.nan))  # a stale value, if it were read
+    reductions.remember_largest(moments, torch.tensor(math.nan))  # a stale value, if it were read
     moments[0].m2.mul_(1.0)  # any in-place change
     assert math.isfinite(mean_gsnr(moments, "mean").value) and len(passes) == 1
     stats.load_state_dict(stats.state_dict())

@@ -17,7 +17,7 @@ from typing import Any, Mapping, NamedTuple, Protocol, Sequence, runtime_checkab
 from array_api_compat import array_namespace
 
 from .noise_scale import NormStatistics, noise_terms
-from .statistics import at_least_1, bounded_stop, gsnr_of, sample_count, where_enough
+from .statistics import GSNRFunction, at_least_1, bounded_stop, gsnr_function, gsnr_of, sample_count, where_enough
 from .validation import check_choice, check_positive_float, check_positive_int
 
 
@@ -155,8 +155,13 @@ class _SampleRule:
         if stats is None:
             raise ValueError(f"{type(self).__name__} needs per-sample statistics in window.statistics")
         n = sample_count(stats)
-        stop, info = self.decision(n, [m.mean for m in stats], [m.m2 for m in stats])
+        stop, info = self._decision_on(stats, n, [m.mean for m in stats], [m.m2 for m in stats])
         return Decision(bool(stop), {k: _python(v) for k, v in info.items()})
+
+    def _decision_on(self, stats: Sequence[Any], n: Any, means: Sequence[Any], m2s: Sequence[Any]
+                     ) -> tuple[Any, dict[str, Any]]:
+        """``decision`` on the moments ``stats`` (which may carry their backend's implementations)."""
+        return self.decision(n, means, m2s)
 
 
 @dataclass(frozen=True)
@@ -183,12 +188,19 @@ class GSNR(_SampleRule):
         check_choice("scale", self.scale, _SCALES)
         self._check_sizes()
 
-    def decision(self, n: Any, means: Sequence[Any], m2s: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
-        value, _, skipped = gsnr_of(means, m2s, n, self.scale)
+    def decision(self, n: Any, means: Sequence[Any], m2s: Sequence[Any], gsnr: GSNRFunction = gsnr_of
+                 ) -> tuple[Any, dict[str, Any]]:
+        """The decision on the window's moments; ``gsnr``: the implementation of
+        ``statistics.gsnr_of`` to run (a backend's, which its statistics carry)."""
+        value, _, skipped = gsnr(means, m2s, n, self.scale)
         value = where_enough(n, value)
         stop = bounded_stop(n, value > self.tau, self.max_samples, self.min_samples)
         return stop, {"samples": n, "gsnr": value, "capped": n >= self.max_samples,
                       "zero_variance_elements": skipped}
+
+    def _decision_on(self, stats: Sequence[Any], n: Any, means: Sequence[Any], m2s: Sequence[Any]
+                     ) -> tuple[Any, dict[str, Any]]:
+        return self.decision(n, means, m2s, gsnr_function(stats))
 
 
 @dataclass(frozen=True)

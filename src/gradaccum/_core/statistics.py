@@ -20,7 +20,7 @@ makes the statistic NaN, so no rule stops on it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from array_api_compat import array_namespace
 
@@ -93,20 +93,12 @@ def gsnr_value(total: Any, elements: Any, n: Any, scale: str) -> Any:
     return value * n if scale == "mean" else value
 
 
-FUSED: dict[str, Callable[..., tuple[Any, Any, Any]]] = {}
-"""Fused implementations of ``gsnr_of`` per array namespace (``array_namespace(x).__name__``):
-a backend may register one for its hot path; a parity test holds it equal to the definition."""
-
-
-def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str, fused: bool = True
-            ) -> tuple[Any, Any, Any]:
+def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str) -> tuple[Any, Any, Any]:
     """(mean GSNR, live elements, skipped elements) over all parameters, as arrays.
 
-    This is the definition; with ``fused`` a backend's registered implementation of it
-    runs instead where there is one (torch: foreach kernels over the parameter list)."""
-    implementation = FUSED.get(array_namespace(means[0]).__name__) if fused else None
-    if implementation is not None:
-        return implementation(means, m2s, n, scale)
+    This is the definition, and the code every backend runs unless it hands its own
+    implementation with its statistics (``ElementStatistics``: the torch backend's fused
+    kernels); a parity test holds the two equal."""
     size = sum(math.prod(m.shape) for m in means)
     if size <= FLAT_BELOW and len(means) > 1:  # the same sums in one pass over a flat copy
         xp = array_namespace(means[0])
@@ -117,6 +109,31 @@ def gsnr_of(means: Sequence[Any], m2s: Sequence[Any], n: Any, scale: str, fused:
     total = sum(t for t, _ in terms)
     elements = sum(c for _, c in terms)
     return gsnr_value(total, elements, n, scale), elements, size - elements
+
+
+GSNRFunction = Callable[[Sequence[Any], Sequence[Any], Any, str], tuple[Any, Any, Any]]
+"""An implementation of ``gsnr_of``: ``(means, m2s, n, scale) -> (value, live, skipped)``."""
+
+
+class ElementStatistics(list):  # type: ignore[type-arg]
+    """Per-parameter ``Moments`` (a list, in the parameters' order) with the implementation of
+    ``gsnr_of`` the backend that made them runs on them.
+
+    The torch backend hands its per-element statistics to the rules this way: its
+    implementation runs fused kernels and keeps scratch buffers and the merge's maximum between
+    decisions, state its statistics object owns. What the core computes on them is then
+    chosen by what it is given, never by what was imported (``gsnr_function``).
+    """
+
+    def __init__(self, moments: Iterable[Moments], gsnr: GSNRFunction) -> None:
+        super().__init__(moments)
+        self.gsnr = gsnr
+
+
+def gsnr_function(stats: Sequence[Moments]) -> GSNRFunction:
+    """The implementation of ``gsnr_of`` for ``stats``: the one they came with
+    (``ElementStatistics``), else the definition."""
+    return stats.gsnr if isinstance(stats, ElementStatistics) else gsnr_of
 
 
 def norm_test_sums(mean: Any, m2: Any) -> tuple[Any, Any]:
@@ -151,11 +168,12 @@ def bounded_stop(n: Any, test: Any, max_samples: int, min_samples: int | None) -
 def mean_gsnr(stats: Sequence[Moments], scale: str) -> GSNRValue:
     """Mean over live parameter elements of ``mu_j^2 / var_j`` (``scale="sample"``, the
     per-sample GSNR of the original GAGA) or ``n * mu_j^2 / var_j`` (``scale="mean"``,
-    the signal-to-noise ratio of the accumulated mean gradient itself)."""
+    the signal-to-noise ratio of the accumulated mean gradient itself), with the implementation
+    the statistics came with (``gsnr_function``)."""
     n = sample_count(stats)
     if n < 2:
         raise ValueError(f"the GSNR needs at least 2 samples, got n={n}")
-    value, elements, skipped = gsnr_of([m.mean for m in stats], [m.m2 for m in stats], n, scale)
+    value, elements, skipped = gsnr_function(stats)([m.mean for m in stats], [m.m2 for m in stats], n, scale)
     return GSNRValue(float(value), int(elements), int(skipped))
 
 

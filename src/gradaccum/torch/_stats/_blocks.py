@@ -27,9 +27,9 @@ import torch
 
 from ..._core.moments import Moments
 from ._guard import Values, increment_m2
-from ._fused import kernels_for, run_largest
+from ._fused import Kernels, run_largest
 from ._merge import merge_into
-from ._reductions import remember_largest
+from ._reductions import Reductions
 from ._registry import RowSquares
 
 BLOCK = 1 << 19  # elements per block (2 MiB in float32): a block of a 4096-wide weight is 128 rows, as fast a GEMM as the whole
@@ -145,21 +145,22 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
                      squares: list[torch.Tensor | RowSquares | None], n: int, coefficients: list[float],
                      values: list[Values | None], names: list[str], unscale: float,
                      reduce: Callable[[list[torch.Tensor], list[torch.Tensor], int], tuple[list[torch.Tensor], int]]
-                     | None) -> list[Moments]:
+                     | None, reductions: Reductions) -> list[Moments]:
     """Merge the increment (sums ``firsts``, sums of squares ``squares`` over its ``n`` samples,
     both scaled by ``unscale``) into ``state`` (None: a new window), block by block; returns the
     merged moments (``state``'s buffers, updated in place). ``reduce(firsts, m2s, n)`` makes a
     data-parallel increment global (then everything is one block). Tensors in ``squares`` are
     overwritten.
 
-    Where the fused kernels run, each block's ``max(mu^2 + M2 / n)`` is taken as it is merged
-    (in cache) and their maximum remembered for the decision (``_reductions``), which then makes
-    one pass over the moments instead of two.
+    Where the fused kernels run (``reductions.kernels``), each block's ``max(mu^2 + M2 / n)`` is
+    taken as it is merged (in cache) and their maximum remembered by ``reductions`` for the
+    decision, which then makes one pass over the moments instead of two.
 
     Raises what the first block raises with nothing changed, and ``PartialCommit`` when a later
     block fails.
     """
     elements = sum(p.numel() for p in params)
+    kernels: Kernels = reductions.kernels
     squares = [s.to(p.dtype) if isinstance(s, torch.Tensor) else s for p, s in zip(params, squares)]
     new = state is None  # a new window's moments are the increment's own: made in place, nothing to merge
     if state is None:
@@ -173,7 +174,7 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
             m2 = increment_m2(s1, _seconds(block, params, squares, m2s if new else None), n,
                               [coefficients[q.param] for q in block],
                               [_values_at(values[q.param], q, math.prod(params[q.param].shape[1:])) for q in block],
-                              [names[q.param] for q in block], elements)
+                              [names[q.param] for q in block], elements, kernels)
             if unscale != 1.0:
                 s1 = torch._foreach_div(s1, unscale)
                 torch._foreach_div_(m2, unscale * unscale)
@@ -182,11 +183,11 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
             if new:  # mean = S1 / n; M2 = M2_b, which the guard wrote in place
                 torch._foreach_copy_(means, s1)
                 torch._foreach_div_(means, float(total))
-                kernels = kernels_for(means, m2s, elements=elements)
-                largest.append(None if kernels is None else run_largest(kernels, means, m2s, total))  # in cache
+                fused = kernels.for_operands(means, m2s, elements=elements)
+                largest.append(None if fused is None else run_largest(fused, means, m2s, total))  # in cache
             else:
                 largest.append(merge_into([Moments(n_a, mean, m2_a) for mean, m2_a in zip(means, m2s)], s1, m2, total,
-                                          elements)[1])
+                                          elements, kernels)[1])
         except Exception as error:
             if number == 0:
                 raise
@@ -195,5 +196,5 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
                                 "and lost; reset() starts a new window") from error
     merged = [Moments(n_a + total, m.mean, m.m2) for m in state]
     if largest and all(x is not None for x in largest):
-        remember_largest(merged, torch.stack(largest).max())  # type: ignore[arg-type]
+        reductions.remember_largest(merged, torch.stack(largest).max())  # type: ignore[arg-type]
     return merged

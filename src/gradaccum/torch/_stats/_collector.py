@@ -255,7 +255,8 @@ class PerSampleGradStats:
         return self._statistic.count
 
     def moments(self) -> list[Moments]:
-        """Running moments per parameter (order of ``params``)."""
+        """Running moments per parameter (order of ``params``): an ``ElementStatistics``, which
+        carries the fused implementation of the GSNR the core's rules and reports run on them."""
         return self._statistic.moments()
 
     @property

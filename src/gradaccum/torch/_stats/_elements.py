@@ -1,6 +1,8 @@
 """The per-element statistic (docs/design.md, "Moments"): each parameter's running count,
 mean and ``M2`` over the window's samples, merged increment by increment with Chan's formula
-in blocks (``_blocks``), the precision guard checking each increment (``_guard``)."""
+in blocks (``_blocks``), the precision guard checking each increment (``_guard``). Its fused
+kernels (``_fused``) and the GSNR decision's state (``_reductions``) are its own: it hands its
+moments to the core with the implementation that reduces them (``ElementStatistics``)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,13 @@ import torch
 
 from ..._core.moments import Moments
 from ..._core.noise_scale import NormSums
+from ..._core.statistics import ElementStatistics
 from ._blocks import PartialCommit, commit_in_blocks
+from ._fused import Kernels
 from ._guard import flag_coefficient
 from ._increment import Increment
 from ._merge import merge_into
+from ._reductions import Reductions
 from ._statistic import Reduce, Statistic
 
 
@@ -32,6 +37,8 @@ class ElementMoments(Statistic):
         self._names = names
         self._moments: list[Moments] | None = None
         self._lost: str | None = None  # why the moments were lost (``PartialCommit``), until reset
+        self.kernels = Kernels()  # the fused kernels of the guard, the merge and the decision
+        self.reductions = Reductions(self.kernels)  # the decision's implementation and its state
 
     @property
     def count(self) -> int:
@@ -61,7 +68,7 @@ class ElementMoments(Statistic):
         before = self.count
         try:
             self._moments = commit_in_blocks(self._moments, self._params, firsts, inc.squares, n, coefficients,
-                                             inc.values, self._names, unscale, global_)
+                                             inc.values, self._names, unscale, global_, self.reductions)
         except PartialCommit as error:
             self._moments, self._lost = None, str(error)
             raise
@@ -72,17 +79,18 @@ class ElementMoments(Statistic):
         m2s = [torch.zeros_like(p) for p in self._params]
         firsts, n = reduce_moments(reduce, [torch.zeros_like(p) for p in self._params], m2s, 0)
         if n > 0:
-            self._moments = merge_into(self._moments, firsts, m2s, n)[0]
+            self._moments = merge_into(self._moments, firsts, m2s, n, kernels=self.kernels)[0]
         return n
 
     def reset(self) -> None:
         self._moments, self._lost = None, None
 
-    def moments(self) -> list[Moments]:
+    def moments(self) -> ElementStatistics:
+        """The running moments, with their ``gsnr_of`` (``Reductions.gsnr_of``)."""
         self.refuse_lost()
         if self._moments is None:
             raise ValueError("no increment has been committed yet")
-        return list(self._moments)
+        return ElementStatistics(self._moments, self.reductions.gsnr_of)
 
     def state_dict(self) -> dict[str, Any]:
         self.refuse_lost()

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -71,14 +71,38 @@ def _ratios(mean: torch.Tensor, m2: torch.Tensor, threshold: torch.Tensor) -> tu
     return torch.where(live, mean * mean / torch.clamp_min(m2, threshold), 0.0).sum(), live.sum()
 
 
-class _Kernels:
-    """The four kernels, compiled once per process on first use (shapes symbolic)."""
+class Kernels:
+    """The four kernels as one statistics object runs them (``PerSampleGradStats`` holds one):
+    compiled on first use (shapes symbolic; a process compiles each kernel once, later objects
+    reuse its code), checked against the foreach arithmetic once per dtype, and whether they
+    run here (``broken``: why not)."""
 
     def __init__(self) -> None:
         self.broken: str | None = None
         self.checked: set[torch.dtype] = set()
-        compile_ = lambda f: torch.compile(f, dynamic=True, fullgraph=True)  # noqa: E731
-        self.guard, self.merge, self.largest, self.ratios = (compile_(f) for f in (_guard, _merge, _largest, _ratios))
+        self.guard: Any = None  # the compiled kernels, from the first ``ready``
+        self.merge: Any = None
+        self.largest: Any = None
+        self.ratios: Any = None
+
+    def for_operands(self, *operands: Sequence[torch.Tensor], elements: int | None = None) -> Kernels | None:
+        """These kernels if they should run on ``operands`` (lists of tensors; see the module
+        docstring), else None. ``elements``: the model's, when the operands are a block of it
+        (default: the first list's)."""
+        if elements is None:
+            elements = sum(t.numel() for t in operands[0])
+        if not operands[0] or elements < FUSED_FROM:
+            return None
+        dtype = operands[0][0].dtype
+        if dtype not in DTYPES or any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous()
+                                      or not t.numel() for ts in operands for t in ts):
+            return None
+        return self if self.ready(dtype) else None
+
+    def _compile(self) -> None:
+        if self.guard is None:
+            compile_ = lambda f: torch.compile(f, dynamic=True, fullgraph=True)  # noqa: E731
+            self.guard, self.merge, self.largest, self.ratios = (compile_(f) for f in (_guard, _merge, _largest, _ratios))
 
     def ready(self, dtype: torch.dtype) -> bool:
         """Whether the kernels run for ``dtype`` here: compiled on a small case and checked
@@ -88,6 +112,7 @@ class _Kernels:
         if dtype in self.checked:
             return True
         try:
+            self._compile()
             with _quiet():
                 for size in (37, 1, 5000):  # sizes 1 and above 4096 compile their own specialisations: now, not mid-run
                     _self_check(self, dtype, size)
@@ -100,7 +125,7 @@ class _Kernels:
         return True
 
 
-def _self_check(kernels: _Kernels, dtype: torch.dtype, size: int) -> None:
+def _self_check(kernels: Kernels, dtype: torch.dtype, size: int) -> None:
     g = torch.Generator().manual_seed(0)
     s1, s2, mean, m2 = (torch.rand(size, generator=g, dtype=torch.float64).to(dtype) + 1 for _ in range(4))
     s2 = s2 + s1 * s1 / 3
@@ -122,27 +147,6 @@ def _self_check(kernels: _Kernels, dtype: torch.dtype, size: int) -> None:
             raise RuntimeError("the compiled kernels disagree with the foreach arithmetic on a small case")
 
 
-_KERNELS: _Kernels | None = None
-
-
-def kernels_for(*operands: Sequence[torch.Tensor], elements: int | None = None) -> _Kernels | None:
-    """The fused kernels if they should run on ``operands`` (lists of tensors; see the module
-    docstring), else None. ``elements``: the model's elements, when the operands are a block of
-    it (default: the first list's)."""
-    global _KERNELS
-    if elements is None:
-        elements = sum(t.numel() for t in operands[0])
-    if not operands[0] or elements < FUSED_FROM:
-        return None
-    dtype = operands[0][0].dtype
-    if dtype not in DTYPES or any(t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous() or not t.numel()
-                                  for ts in operands for t in ts):
-        return None
-    if _KERNELS is None:
-        _KERNELS = _Kernels()
-    return _KERNELS if _KERNELS.ready(dtype) else None
-
-
 @contextlib.contextmanager
 def _quiet():
     """No autograd, and no warnings from a compilation (torch's own deprecations inside inductor)."""
@@ -157,11 +161,11 @@ def _scalar(value: float, dtype: torch.dtype) -> torch.Tensor:
 
 
 def flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view (``kernels_for`` admits only contiguous operands): outputs are written in place."""
+    """A 1-D view (``Kernels.for_operands`` admits only contiguous operands): outputs are written in place."""
     return t.view(-1)
 
 
-def run_guard(kernels: _Kernels, m2s: list[torch.Tensor], firsts: list[torch.Tensor], n: int,
+def run_guard(kernels: Kernels, m2s: list[torch.Tensor], firsts: list[torch.Tensor], n: int,
               coefficients: list[float]) -> list[torch.Tensor]:
     """``m2s`` (the sums of squares) become the raw increment ``M2_b`` in place; returns each
     parameter's lowest slack ``min(M2_b - c S1^2)`` (0-d tensors)."""
@@ -171,7 +175,7 @@ def run_guard(kernels: _Kernels, m2s: list[torch.Tensor], firsts: list[torch.Ten
                 for m2, s1, c in zip(m2s, firsts, coefficients)]
 
 
-def run_merge(kernels: _Kernels, means: list[torch.Tensor], m2_a: list[torch.Tensor], firsts: list[torch.Tensor],
+def run_merge(kernels: Kernels, means: list[torch.Tensor], m2_a: list[torch.Tensor], firsts: list[torch.Tensor],
               m2s: list[torch.Tensor], n_a: int, n_b: int) -> torch.Tensor:
     """Chan's merge of the increment (sums ``firsts``, ``M2_b`` in ``m2s``) into ``means`` and ``m2_a``, in
     place; returns the merged ``max(mu^2 + M2 / n)`` over them (0-d, NaN if a moment is not finite)."""
@@ -185,13 +189,13 @@ def run_merge(kernels: _Kernels, means: list[torch.Tensor], m2_a: list[torch.Ten
     return largest
 
 
-def run_largest(kernels: _Kernels, means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: float) -> torch.Tensor:
+def run_largest(kernels: Kernels, means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], n: float) -> torch.Tensor:
     inv_n = _scalar(1.0 / n, means[0].dtype)
     with _quiet():
         return torch.stack([kernels.largest(flat(m), flat(m2), inv_n) for m, m2 in zip(means, m2s)]).max()
 
 
-def run_ratios(kernels: _Kernels, means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], threshold: float
+def run_ratios(kernels: Kernels, means: Sequence[torch.Tensor], m2s: Sequence[torch.Tensor], threshold: float
                ) -> tuple[torch.Tensor, torch.Tensor]:
     t = _scalar(threshold, means[0].dtype)
     with _quiet():

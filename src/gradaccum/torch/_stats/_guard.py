@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from ._fused import kernels_for, run_guard
+from ._fused import Kernels, run_guard
 
 TOLERANCE = 1e-5  # relative error allowed on an element's increment M2 (where float32 sums allow it)
 MIN_AMPLIFICATION = 2.0  # never flag an element whose cancellation loses less than one bit
@@ -48,20 +48,22 @@ def flag_coefficient(terms: int, dtype: torch.dtype, samples: int) -> float:
 
 @torch.no_grad()
 def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int, coefficients: list[float],
-                 values: list[Values | None], names: list[str], elements: int | None = None) -> list[torch.Tensor]:
+                 values: list[Values | None], names: list[str], elements: int | None = None,
+                 kernels: Kernels | None = None) -> list[torch.Tensor]:
     """Each parameter's ``M2_b`` over the increment's ``n`` samples, in place of ``seconds``
     (the sums of squares), flagged elements recomputed from ``values`` (see the module docstring).
     A few passes over the elements and one synchronisation; the recomputation costs only where
     elements are flagged.
 
-    ``elements``: the model's, where these are a block of it (which kernels run; ``kernels_for``).
+    ``elements``: the model's, where these are a block of it; ``kernels``: the fused kernels, which
+    run where they pay (``Kernels.for_operands``; None: the foreach code).
 
     Raises ValueError when an element is flagged in a parameter that has no per-sample values.
     """
     m2s = seconds
-    kernels = kernels_for(m2s, firsts, elements=elements)
-    if kernels is not None:  # one pass
-        lowest = torch.stack(run_guard(kernels, m2s, firsts, n, coefficients))
+    fused = None if kernels is None else kernels.for_operands(m2s, firsts, elements=elements)
+    if fused is not None:  # one pass
+        lowest = torch.stack(run_guard(fused, m2s, firsts, n, coefficients))
     else:
         torch._foreach_addcmul_(m2s, firsts, firsts, value=-1.0 / n)
         if sum(m.numel() for m in m2s) <= FOREACH_BELOW:  # few kernel launches for every parameter at once

@@ -15,14 +15,16 @@ from __future__ import annotations
 import torch
 
 from ..._core.moments import Moments
-from ._fused import kernels_for, run_merge
+from ._fused import Kernels, run_merge
 
 
 def merge_into(state: list[Moments] | None, firsts: list[torch.Tensor], m2s: list[torch.Tensor],
-               n_b: int, elements: int | None = None) -> tuple[list[Moments], torch.Tensor | None]:
+               n_b: int, elements: int | None = None, kernels: Kernels | None = None
+               ) -> tuple[list[Moments], torch.Tensor | None]:
     """Merge an increment of ``n_b`` samples with sums ``firsts`` and sums of squared deviations
     ``m2s`` into ``state``. ``m2s`` (and ``state``) are overwritten; ``firsts`` are not.
-    ``elements``: the model's, where these are a block of it (which kernels run). Returns the
+    ``elements``: the model's, where these are a block of it; ``kernels``: the fused kernels, which
+    run where they pay (``Kernels.for_operands``; None: the foreach code). Returns the
     merged moments and, where the fused kernel merged them, their ``max(mu^2 + M2 / n)`` (the
     decision's floor, taken in the same loop), else None."""
     if state is None:
@@ -30,9 +32,9 @@ def merge_into(state: list[Moments] | None, firsts: list[torch.Tensor], m2s: lis
     n_a = state[0].n
     n = n_a + n_b
     means, m2_a = [m.mean for m in state], [m.m2 for m in state]
-    kernels = kernels_for(means, m2_a, firsts, m2s, elements=elements)
-    if kernels is not None:  # one pass
-        largest = run_merge(kernels, means, m2_a, firsts, m2s, n_a, n_b)
+    fused = None if kernels is None else kernels.for_operands(means, m2_a, firsts, m2s, elements=elements)
+    if fused is not None:  # one pass
+        largest = run_merge(fused, means, m2_a, firsts, m2s, n_a, n_b)
         return [Moments(n, mean, m2) for mean, m2 in zip(means, m2_a)], largest
     torch._foreach_add_(m2_a, m2s)
     scratch = m2s  # m2s := D
@@ -44,10 +46,10 @@ def merge_into(state: list[Moments] | None, firsts: list[torch.Tensor], m2s: lis
 
 
 def merge_sums_into(state: list[Moments] | None, firsts: list[torch.Tensor], seconds: list[torch.Tensor],
-                    n_b: int) -> list[Moments]:
+                    n_b: int, kernels: Kernels | None = None) -> list[Moments]:
     """The same from the increment's sums of squares ``seconds`` (overwritten), without the
     precision guard: ``M2_b = S2 - S1^2 / n_b``, clamped at 0 (what the parity tests hold
-    against the core's ``chan_merge``)."""
+    against the core's ``chan_merge``); fused where a fresh ``Kernels`` runs, by default."""
     torch._foreach_addcmul_(seconds, firsts, firsts, value=-1.0 / n_b)
     torch._foreach_clamp_min_(seconds, 0.0)
-    return merge_into(state, firsts, seconds, n_b)[0]
+    return merge_into(state, firsts, seconds, n_b, kernels=Kernels() if kernels is None else kernels)[0]
