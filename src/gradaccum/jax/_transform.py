@@ -19,7 +19,7 @@ import optax
 from .._core.config import AccumulationConfig
 from .._core.rules import FixedSteps
 from .._core.validation import check_choice, check_positive_int
-from ._window import all_finite
+from ._window import all_finite, check_counts
 
 
 class AccumulationState(NamedTuple):
@@ -49,7 +49,8 @@ def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedStep
     """Wrap ``optimizer`` to step once per ``every_k`` micro-batches on the items' mean gradient.
 
     ``update(updates, state, params=None, *, items=1, last=False, **extra_args)``:
-    ``updates`` is the micro-batch's *mean* gradient over its ``items`` items; ``last=True``
+    ``updates`` is the micro-batch's *mean* gradient over its ``items`` items (a non-negative
+    integer count, checked as the train step checks its weights when it is concrete); ``last=True``
     closes the window after this micro-batch whatever its length (the end of an epoch
     or a run). ``every_k`` may be an int, ``FixedSteps(k)`` or an ``AccumulationConfig``
     with the fixed rule. Between steps the returned updates are zeros, as with ``optax.MultiSteps``.
@@ -60,6 +61,10 @@ def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedStep
     ``nonfinite="skip_micro_batch"`` (default) drops its gradient and items (it still
     counts toward the window's length, as in the train state and the torch Accumulator);
     ``"skip_window"`` closes its window without a step.
+
+    The gradients are the caller's, so is their randomness: with dropout, draw each
+    micro-batch's key afresh, ``jax.random.fold_in(key, micro_step)`` with a counter of
+    micro-batches (a key reused across the micro-batches of a window repeats their masks).
     """
     check_choice("nonfinite", nonfinite, ("skip_micro_batch", "skip_window"))
     if isinstance(every_k, AccumulationConfig):
@@ -118,13 +123,10 @@ def _count_dtype() -> Any:
 
 
 def _check_items(items: Any) -> None:
-    """Check a concrete ``items`` (a traced one is the caller's to get right)."""
+    """Check a concrete ``items`` as the train step checks its weights (a traced one is the
+    caller's to get right)."""
     if isinstance(items, jax.core.Tracer):
         return
-    if isinstance(items, (str, bytes)):
+    if isinstance(items, (str, bytes)) or np.ndim(items) != 0 or np.asarray(items).dtype == bool:
         raise TypeError(f"items must be a scalar count of the micro-batch's items, got {items!r}")
-    value = np.asarray(items)  # numpy, not jnp: inside jit a jnp op on a constant is traced too
-    if value.shape != () or not (np.issubdtype(value.dtype, np.integer) or np.issubdtype(value.dtype, np.floating)):
-        raise TypeError(f"items must be a scalar count of the micro-batch's items, got {items!r}")
-    if not np.isfinite(value) or value < 0:
-        raise ValueError(f"items must be a finite count >= 0, got {items!r}")
+    check_counts("items", items)

@@ -10,9 +10,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from .._core.moments import chan_merge
+
+COUNT_MAX = int(np.iinfo(np.int32).max)  # a window counts its items in int32
 
 
 @struct.dataclass
@@ -85,6 +88,36 @@ class Window:
         new_mean, new_m2 = unzip(pairs, self.mean)
         return self.replace(micro_batches=self.micro_batches + 1, items=self.items + items,
                             samples=self.samples + n, mean=new_mean, m2=new_m2)
+
+
+def check_counts(name: str, counts: Any, *, binary: bool = False) -> np.ndarray | None:
+    """Refuse concrete item counts (``weights``, ``mask``, ``items``) that would silently change
+    a window's item count: not finite, negative, fractional (or not 0/1 for a mask), above
+    int32's largest value, or adding up past it (the int32 sum would wrap: 4 x 2**30 is 0).
+    The train step and ``accumulate`` give the same messages. Returns the counts as NumPy
+    (None for a traced value, the caller's to get right)."""
+    if isinstance(counts, jax.core.Tracer):
+        return None
+    if isinstance(counts, (str, bytes)):
+        raise TypeError(f"{name} must be item counts (numbers), got {counts!r}")
+    values = np.asarray(counts)  # numpy, not jnp: inside jit a jnp op on a constant is traced too
+    if values.dtype == bool:
+        return values
+    if not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
+        raise TypeError(f"{name} must be item counts (integers or floats), got dtype {values.dtype}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite numbers, got {values.tolist()}")
+    allowed = "0 or 1" if binary else "non-negative integers (item counts)"
+    if np.any(values < 0) or np.any(values != np.round(values)) or (binary and np.any(values > 1)):
+        raise ValueError(f"{name} must hold {allowed}, got {values.tolist()}")
+    if np.any(values > COUNT_MAX):
+        raise ValueError(f"{name}: an item count above {COUNT_MAX} does not fit the window's int32 counts, "
+                         f"got {values.max():.6g}")
+    total = int(values.astype(np.int64).sum())
+    if total > COUNT_MAX:
+        raise ValueError(f"{name} add up to {total} items, above {COUNT_MAX} (the window's int32 count would "
+                         "wrap): split the micro-batch or pass smaller counts")
+    return values
 
 
 def increment_moments(per_sample: Any, weights: jax.Array) -> tuple[jax.Array, Any, Any]:
