@@ -20,6 +20,7 @@ from ._layer_stats import layer_paths as layer_paths
 from ._layer_stats import register_sum_norms as register_sum_norms
 from ._layer_stats import register_sum_squares as register_sum_squares
 from ._layer_stats import statistics_path as statistics_path
+from ._refusal import Refused as Refused
 from ._schedule import ScaleByItemsState as ScaleByItemsState
 from ._schedule import scale_by_items as scale_by_items
 from ._train_state import AccumulatingTrainState as AccumulatingTrainState
@@ -31,7 +32,7 @@ from ._train_state import noise_value_and_grad as noise_value_and_grad
 from ._train_state import window_kind as window_kind
 from ._window import Window as Window
 
-__all__ = ["AccumulatingTrainState", "AccumulationState", "ScaleByItemsState", "Window", "accumulate", "data_mesh",
-           "flush", "layer_paths", "make_train_step", "noise_value_and_grad", "register_decision",
+__all__ = ["AccumulatingTrainState", "AccumulationState", "Refused", "ScaleByItemsState", "Window", "accumulate",
+           "data_mesh", "flush", "layer_paths", "make_train_step", "noise_value_and_grad", "register_decision",
            "register_sum_norms", "register_sum_squares", "replicate", "scale_by_items", "shard_batch",
            "statistics_path", "traced_decision", "window_kind"]
