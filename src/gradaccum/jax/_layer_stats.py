@@ -28,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 from ._window import weighted_sum
@@ -144,8 +145,10 @@ def _record(calls: list[_Call], context: Any, args: tuple, kwargs: dict, y: Any)
                          "such as LayerNorm or GroupNorm")
     if context.method_name == "setup" or not _owns_params(module):  # setup creates, it does not compute
         return False
+    # the input may be a NumPy batch called eagerly (not traced): an array all the same, or the
+    # first layer would be left out here but not in the shapes traced before, misaligning the rest
     simple = (context.method_name == "__call__" and len(args) == 1 and not kwargs and isinstance(y, jax.Array)
-              and isinstance(args[0], jax.Array) and set(module.variables) == {"params"})
+              and isinstance(args[0], (jax.Array, np.ndarray)) and set(module.variables) == {"params"})
     output = jax.ShapeDtypeStruct(jnp.shape(y), jnp.result_type(y)) if simple else None
     x = jax.ShapeDtypeStruct(jnp.shape(args[0]), jnp.result_type(args[0])) if simple else None
     calls.append(_Call(tuple(module.path), module, context.method_name, simple, x, output))
