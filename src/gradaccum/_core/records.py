@@ -20,7 +20,12 @@ class StepRecord:
         micro-batch) or "failed" (dropped: a backward raised half-way into in-place sums).
       grad_norm: total norm of the mean gradient before clipping, when clipping is on.
       lr: learning rate of each parameter group used for this step.
-      info: the stopping rule's info (for example the statistic it tested).
+      info: the stopping rule's info (for example the statistic it tested). With statistics,
+        ``trace`` and ``squared_norm`` are the unbiased ``tr(Sigma)`` and ``|G|^2`` in units of
+        one sample's *summed* loss (a sequence's summed token losses for a language model, as
+        ``samples`` counts them; a sample's loss for a classifier): per-token means are ``T^2``
+        smaller. ``noise_scale`` (``B_simple``, in samples) is their ratio and has no such factor.
+        The Monitor's rows are in per-sample-mean units (the loss as the batch reduces it).
       samples: samples (sequences, images) in the window, summed over processes: the
         units per-sample statistics count; None when nothing said (a rule without
         statistics and no ``samples=`` given).
