@@ -229,3 +229,13 @@ def test_layer_that_folds_positions_into_the_batch_takes_the_model_fallback() ->
         mean = g.mean(0)
         torch.testing.assert_close(got.mean, mean, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(got.m2, ((g - mean) ** 2).sum(0), rtol=1e-10, atol=1e-14)
+
+
+def test_a_second_commit_for_one_backward_says_so() -> None:
+    """Committing twice after one backward is refused as what it is (not as a missing input)."""
+    model = nn.Linear(3, 2).double()
+    stats = PerSampleGradStats(model)
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    assert stats.commit() == 4
+    with pytest.raises(ValueError, match="second commit for one backward"):
+        stats.commit()

@@ -172,6 +172,9 @@ class PerSampleGradStats:
             calls = [c for c in self._recorder.calls if c.reached_loss]
             if not calls and all(s is None for s in sums):
                 raise ValueError("no layer saw a backward since the last commit: run the increment's backward first")
+            if not calls and not self._recorder.model_calls:
+                raise ValueError("commit: no forward or backward of the model was seen since the last commit (a second "
+                                 "commit for one backward?); each increment is one forward and backward, then one commit")
             n = self._sample_count(samples)
             inc = self._increment(calls, sums, n)
             self.last_samples = n
