@@ -294,3 +294,20 @@ def test_a_storage_failure_mid_tune_names_the_storage(data: MNIST1D, tmp_path: P
         tuning.tune_arm("baseline", cfg, data)
     monkeypatch.setattr(optuna.Study, "tell", real_tell)
     assert len(tuning.tune_arm("baseline", cfg, data).get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
+
+
+def test_every_pool_worker_ignores_ctrl_c_from_its_start() -> None:
+    """A Ctrl-C reaching a worker still importing torch printed its traceback: every worker is
+    started with the pool, with SIGINT already ignored (inherited across its exec)."""
+    from gradaccum.experiments.workers import executor
+
+    pool = executor(2)
+    try:
+        processes = list(pool._processes.values())  # type: ignore[attr-defined]
+        assert len(processes) == 2
+        for process in processes:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+            assert ignored & (1 << (2 - 1)), "SIGINT is not ignored"
+    finally:
+        pool.shutdown()

@@ -128,11 +128,18 @@ def executor(processes: int) -> Executor:
         return InlineExecutor()
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' OpenMP when they start
+    # Ctrl-C is the parent's: a worker ignores it from its first instruction (an ignored signal
+    # stays ignored across the exec that starts it), not only once its imports are done
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
         pool = _Pool(processes, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
                      initargs=(os.getpid(),))
-        pool.submit(int).result()  # start the workers now, while the variable is set
+        for started in [pool.submit(int) for _ in range(processes)]:  # every worker started now, as set up here
+            started.result()
     finally:
+        if main:
+            signal.signal(signal.SIGINT, handler)
         if previous is None:
             del os.environ["OMP_NUM_THREADS"]
         else:
