@@ -106,6 +106,7 @@ class MicroBatchSource:
         self.micro_batches = 0
         self.samples = 0
         self.weighted = [0.0] * len(self.names)
+        self._last: tuple[Any, list[float]] | None = None  # the window sums' squared norms, by their state
 
     def discard(self) -> None:
         """Nothing is kept between a micro-batch's backward and its ``measure``."""
@@ -135,7 +136,16 @@ class MicroBatchSource:
         return b
 
     def _window_squared(self, window_sums: list[torch.Tensor | None], scale: float) -> list[float]:
-        """Each parameter's ``|S|^2`` of the window's sum (summed over the shards under FSDP2)."""
+        """Each parameter's ``|S|^2`` of the window's sum (summed over the shards under FSDP2);
+        one pass per state of the sums (the close reads it for the model and for its layers)."""
+        key = (scale, tuple(None if s is None else (id(s), s._version) for s in window_sums))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        squared = self._measure_window(window_sums, scale)
+        self._last = (key, squared)
+        return squared
+
+    def _measure_window(self, window_sums: list[torch.Tensor | None], scale: float) -> list[float]:
         present = [(i, s) for i, s in enumerate(local(window_sums)) if s is not None]
         out = [0.0] * len(self.names)
         if present:
