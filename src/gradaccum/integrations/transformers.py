@@ -68,7 +68,6 @@ import json
 import math
 import numbers
 import os
-import tempfile
 from dataclasses import fields
 from typing import Any
 
@@ -78,6 +77,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, has_length
 
 from .. import FixedSteps, Planner, StepRecord
+from .._files import write_atomic
 from ..torch import Accumulator
 
 STATE_FILE = "gradaccum_planner.json"
@@ -468,7 +468,7 @@ class PlannedTrainer(Trainer):
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         state = {"global_step": self.state.global_step, "epoch": self._epoch, "position": self._position,
                  "history": [r.as_dict() for r in self.history]}
-        _write_whole(os.path.join(folder, STATE_FILE), json.dumps(state))
+        write_atomic(os.path.join(folder, STATE_FILE), json.dumps(state))
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self.history:
@@ -640,28 +640,6 @@ def _check_count(path: str, key: str, value: Any, low: int, high: float = math.i
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _write_whole(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a private temporary file renamed over it,
-    with the permissions an ordinary ``open`` gives)."""
-    handle = tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), prefix=os.path.basename(path) + ".",
-                                         suffix=".tmp", delete=False, encoding="utf-8")
-    try:
-        with handle as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(handle.name, 0o666 & ~umask)
-        os.replace(handle.name, path)
-    except BaseException:
-        try:
-            os.unlink(handle.name)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _samples(inputs: Any) -> int:
