@@ -1,118 +1,25 @@
 """Models written the way popular training code writes them, for the real-code tests.
 
-``TinyGPT`` follows nanoGPT's ``model.py``: token and position embeddings (the position
-embedding of ``arange(T)`` broadcast over the batch), pre-norm blocks with a LayerNorm module
-of its own (``F.layer_norm`` with an optional bias), causal attention through
-``F.scaled_dot_product_attention``, a GELU MLP, dropout modules, a head tied to the token
-embedding, and ``forward(idx, targets) -> (logits, loss)`` with the mean cross-entropy over
-the targets that are not ``-1``.
+``TinyGPT`` is nanoGPT's ``GPT`` as ``examples/_models.py`` copies it (token and position
+embeddings, the position embedding of ``arange(T)`` broadcast over the batch, a LayerNorm module
+of its own, causal attention through ``F.scaled_dot_product_attention``, a head tied to the token
+embedding, ``forward(idx, targets) -> (logits, loss)`` over the targets that are not ``-1``), at a
+tiny size by default.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import sys
+from pathlib import Path
 
-import torch
-from torch import nn
-from torch.nn import functional as F
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from _models import GPT as TinyGPT  # noqa: E402
+from _models import GPTConfig as _GPTConfig  # noqa: E402
 
-
-@dataclass
-class GPTConfig:
-    block_size: int = 16
-    vocab_size: int = 32
-    n_layer: int = 1
-    n_head: int = 2
-    n_embd: int = 16
-    dropout: float = 0.0
-    bias: bool = True
+__all__ = ["GPTConfig", "TinyGPT"]
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm with an optional bias (a module the statistics have no formula for)."""
-
-    def __init__(self, ndim: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(ndim))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
-
-
-class TinyGPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                nn.init.normal_(p, 0.0, 0.02 if not name.endswith("c_proj.weight") else 0.02 / math.sqrt(2 * config.n_layer))
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        b, t = idx.size()
-        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)
-        tok_emb = self.transformer.wte(idx)
-        pos_emb = self.transformer.wpe(pos)
-        x = self.transformer.drop(tok_emb + pos_emb)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, [-1], :]), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+def GPTConfig(**overrides: object) -> _GPTConfig:  # noqa: N802 - stands for the config class
+    """nanoGPT's config at the tests' tiny size (block 16, vocab 32, one layer, width 16, no dropout)."""
+    sizes = dict(block_size=16, vocab_size=32, n_layer=1, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    return _GPTConfig(**{**sizes, **overrides})  # type: ignore[arg-type]
