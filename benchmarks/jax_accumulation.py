@@ -23,9 +23,10 @@ Each model runs twice: with the carried state copied by every step, and donated 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from functools import partial
 from itertools import product
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as fnn
 import jax

@@ -14,7 +14,8 @@ statistics' cost, not the optimizer's.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as fnn
 import jax

@@ -32,17 +32,16 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-import torch.nn.functional as F
-
 from gradaccum import GSNR, NormTest, WindowView
-from gradaccum.experiments.lm_task import ByteGPT
 from gradaccum._core.noise_scale import pooled_terms
+from gradaccum.experiments.lm_task import ByteGPT
 from gradaccum.torch import PerSampleGradStats
 from gradaccum.torch._stats import _fused
 

@@ -15,7 +15,7 @@ import glob
 import os
 import re
 import sys
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -40,12 +40,20 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_constant_schedule_with
 from transformers.utils import logging as hf_logging
 
 import gradaccum
+from _common import (
+    EOT,
+    VOCAB,
+    checked_args,
+    documents,
+    max_difference,
+    parser,
+    report_check,
+    report_monitor,
+    report_planned,
+)
 from gradaccum import FixedSteps, NoiseScalePlanner
 from gradaccum.integrations.accelerate import accumulator
 from gradaccum.torch import Monitor
-
-from _common import (EOT, VOCAB, checked_args, documents, max_difference, parser, report_check, report_monitor,
-                     report_planned)
 
 HF_TOLERANCE = 1e-6  # transformers' loss casts the logits to float32
 

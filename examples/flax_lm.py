@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +42,19 @@ from flax import linen as nn
 from flax import struct
 from flax.training import train_state
 
+from _common import (
+    CHECK_WINDOWS,
+    VOCAB,
+    checked_args,
+    documents,
+    max_difference,
+    parser,
+    print_noise_scale,
+    report_check,
+    report_monitor,
+)
 from gradaccum import FixedSteps, MonitorLog, NoiseScalePlanner
 from gradaccum.jax import AccumulatingTrainState, make_train_step, noise_value_and_grad, scale_by_items
-
-from _common import (CHECK_WINDOWS, VOCAB, checked_args, documents, max_difference, parser, print_noise_scale,
-                     report_check, report_monitor)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
-import os, tempfile
+import os
+import tempfile
+
 import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+
 from gradaccum import FixedSteps
 from gradaccum.torch import Accumulator
 

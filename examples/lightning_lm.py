@@ -37,12 +37,19 @@ import torch.nn.functional as F
 from lightning.pytorch.demos import Transformer
 from torch.utils.data import DataLoader, Dataset, random_split
 
+from _common import (
+    VOCAB,
+    checked_args,
+    max_difference,
+    parser,
+    report_check,
+    report_monitor,
+    report_planned,
+    token_stream,
+)
 from gradaccum import FixedSteps, NoiseScalePlanner
 from gradaccum.integrations.lightning import Accumulating
 from gradaccum.torch import Monitor
-
-from _common import (VOCAB, checked_args, max_difference, parser, report_check, report_monitor, report_planned,
-                     token_stream)
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,21 @@ import numpy as np
 import torch
 
 import gradaccum
+from _common import (
+    CHECK_WINDOWS,
+    EOT,
+    VOCAB,
+    checked_args,
+    max_difference,
+    parser,
+    report_check,
+    report_monitor,
+    report_planned,
+    token_stream,
+)
+from _models import GPT, GPTConfig
 from gradaccum import FixedSteps, NoiseScalePlanner
 from gradaccum.torch import Accumulator, Monitor
-
-from _common import (CHECK_WINDOWS, EOT, VOCAB, checked_args, max_difference, parser, report_check, report_monitor,
-                     report_planned, token_stream)
-from _models import GPT, GPTConfig
 
 
 @dataclass(frozen=True)

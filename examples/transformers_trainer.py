@@ -33,15 +33,22 @@ from dataclasses import dataclass, replace
 from itertools import chain
 
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments,
-                          default_data_collator, get_linear_schedule_with_warmup, set_seed)
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+    get_linear_schedule_with_warmup,
+    set_seed,
+)
 from transformers.utils import logging as hf_logging
 
+from _common import VOCAB, checked_args, documents, max_difference, parser, report_check, report_monitor, report_planned
 from gradaccum import FixedSteps, NoiseScalePlanner
 from gradaccum.integrations.transformers import PlannedTrainer
 from gradaccum.torch import Monitor
-
-from _common import VOCAB, checked_args, documents, max_difference, parser, report_check, report_monitor, report_planned
 
 HF_TOLERANCE = 1e-6  # transformers' loss casts the logits to float32
 

@@ -240,7 +240,7 @@ def run_transformers(rank: int, out: Path, mode: str) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     from gradaccum import NoiseScalePlanner
 
-    from .test_integration_transformers import DDP_SAMPLES, InOrder, arguments, ddp_ramp, dataset, model, token_loss
+    from .test_integration_transformers import DDP_SAMPLES, InOrder, arguments, dataset, ddp_ramp, model, token_loss
 
     net = model()
     noise = mode == "transformers_noise"

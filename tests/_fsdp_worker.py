@@ -23,7 +23,7 @@ import torch.distributed as dist
 from gradaccum import FixedSteps
 from gradaccum.torch import Accumulator
 
-from ._ddp_worker import K, SIZES, rank_data
+from ._ddp_worker import SIZES, K, rank_data
 from .reference import GradCapture, ce_mean, mlp, take
 
 RAISE_AT = 4  # rank 1's micro-batch whose backward raises (window 1, its second)

@@ -18,7 +18,7 @@ import torch
 from gradaccum.torch import Accumulator
 
 from . import _ddp_worker as worker
-from .reference import classification, ce_mean, full_batch_grad, mlp, take
+from .reference import ce_mean, classification, full_batch_grad, mlp, take
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -301,7 +301,8 @@ def test_a_study_whose_every_trial_diverges_stops_and_says_the_lr_range_is_wrong
 
 @pytest.mark.parametrize("section", ["reference", "front"])
 def test_rounds_whose_every_trial_diverges_stop(section: str, data: MNIST1D, tmp_path: Path) -> None:
-    from gradaccum.experiments.front import FrontTask, tuning as front_tuning
+    from gradaccum.experiments.front import FrontTask
+    from gradaccum.experiments.front import tuning as front_tuning
     from gradaccum.experiments.reproduce import tuning_of
 
     cfg = ExperimentConfig(out=str(tmp_path), trials=3, budget=320, eval_every=160, arms=["baseline"],

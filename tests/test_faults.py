@@ -456,8 +456,7 @@ def test_a_commit_failing_in_its_first_block_changes_nothing(monkeypatch: pytest
 def test_a_commit_failing_after_its_first_block_loses_the_moments_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     """The blocks before the failure are merged and cannot be taken out: the moments are refused
     (not silently partial) until reset, and the next window is exact."""
-    from gradaccum.torch import PerSampleGradStats
-    from gradaccum.torch import PartialCommit
+    from gradaccum.torch import PartialCommit, PerSampleGradStats
 
     arm = flaky_rows(monkeypatch, 1)
     data = classification(8)

@@ -16,7 +16,6 @@ import copy
 import math
 
 import pytest
-
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap

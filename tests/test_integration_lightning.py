@@ -8,15 +8,14 @@ from __future__ import annotations
 import copy
 
 import lightning as L
-from lightning.pytorch.loggers import Logger
 import pytest
 import torch
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from gradaccum import BatchRamp, FixedSteps
 from gradaccum.integrations.lightning import Accumulating
-
 
 
 def data(n: int, seed: int = 0) -> TensorDataset:

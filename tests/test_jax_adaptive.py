@@ -13,8 +13,15 @@ from flax import serialization
 
 from gradaccum import GSNR, BatchRamp, FixedSteps, GSNRPlanner, NoiseScalePlanner, NormTest, NormTestPlanner, WindowView
 from gradaccum._core.moments import Moments
-from gradaccum.jax import (AccumulatingTrainState, Window, accumulate, make_train_step, scale_by_items, traced_decision,
-                          window_kind)
+from gradaccum.jax import (
+    AccumulatingTrainState,
+    Window,
+    accumulate,
+    make_train_step,
+    scale_by_items,
+    traced_decision,
+    window_kind,
+)
 from gradaccum.torch import Accumulator
 
 from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff, take

@@ -13,8 +13,15 @@ import torch
 from flax import serialization
 
 from gradaccum import GSNR, BatchRamp, FixedSteps, GSNRPlanner, NoiseScalePlanner, NormTest, NormTestPlanner
-from gradaccum.jax import (AccumulatingTrainState, accumulate, flush, make_train_step, noise_value_and_grad,
-                          scale_by_items, statistics_path)
+from gradaccum.jax import (
+    AccumulatingTrainState,
+    accumulate,
+    flush,
+    make_train_step,
+    noise_value_and_grad,
+    scale_by_items,
+    statistics_path,
+)
 from gradaccum.torch import Accumulator
 
 from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff, take

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradaccum import Decision, FixedSteps, GSNR, WindowView
+from gradaccum import GSNR, Decision, FixedSteps, WindowView
 from gradaccum._core.moments import Moments
 from gradaccum._core.noise_scale import NormStatistics, noise_terms
 from gradaccum.torch import Accumulator

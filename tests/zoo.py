@@ -9,8 +9,9 @@ item count of a batch, and optimizer parameter groups as real code builds them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

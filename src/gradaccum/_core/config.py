@@ -13,9 +13,10 @@ it or it reaches ``batch_size * gradient_accumulation_steps`` samples.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

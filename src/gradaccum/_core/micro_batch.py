@@ -42,7 +42,7 @@ class MicroBatchSums(NamedTuple):
     samples: int
     weighted: float
 
-    def add(self, squared_sum: float, samples: int) -> "MicroBatchSums":
+    def add(self, squared_sum: float, samples: int) -> MicroBatchSums:
         """With one more micro-batch of ``samples`` samples whose gradient sum has squared norm
         ``squared_sum``."""
         if samples < 1:
@@ -51,7 +51,7 @@ class MicroBatchSums(NamedTuple):
             raise ValueError(f"the micro-batch's squared gradient norm must be finite and >= 0, got {squared_sum}")
         return MicroBatchSums(self.micro_batches + 1, self.samples + samples, self.weighted + squared_sum / samples)
 
-    def __add__(self, other: tuple) -> "MicroBatchSums":  # type: ignore[override]
+    def __add__(self, other: tuple) -> MicroBatchSums:  # type: ignore[override]
         return MicroBatchSums(*(a + b for a, b in zip(self, other)))
 
     def norm_sums(self, window_squared_sum: float) -> NormSums:

@@ -25,8 +25,9 @@ import csv
 import io
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .._files import atomic_file
 from .noise_scale import NoiseScaleEMA, noise_scale

@@ -23,8 +23,9 @@ no signal), never a division by it. Array-API code: the backends run it as writt
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
@@ -68,7 +69,7 @@ class NormSums(NamedTuple):
     groups: float
 
     @classmethod
-    def of(cls, n: int, sum_squared_norms: float, squared_sum: float) -> "NormSums":
+    def of(cls, n: int, sum_squared_norms: float, squared_sum: float) -> NormSums:
         """From the window's sample count, ``T2 = sum_i |g_i|^2`` and ``|S1|^2`` (Python floats).
 
         Rounding can leave ``T2 - |S1|^2 / n`` slightly below 0 when the samples agree; it
@@ -77,7 +78,7 @@ class NormSums(NamedTuple):
             return cls(0.0, 0.0, 0.0, 0.0, 0.0)
         return cls(float(n), max(sum_squared_norms - squared_sum / n, 0.0), float(n - 1), squared_sum / n, 1.0)
 
-    def __add__(self, other: tuple) -> "NormSums":  # type: ignore[override]
+    def __add__(self, other: tuple) -> NormSums:  # type: ignore[override]
         return NormSums(*(a + b for a, b in zip(self, other)))
 
 

@@ -11,8 +11,9 @@ touches framework arrays itself. Rules that need per-sample statistics say so wi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from array_api_compat import array_namespace
 

@@ -20,7 +20,8 @@ makes the statistic NaN, so no rule stops on it.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 

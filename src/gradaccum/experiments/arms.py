@@ -7,8 +7,9 @@ the report all read this table.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .. import GSNR, BatchRamp, FixedSteps, NoiseScalePlanner, NormTest, StoppingRule
 

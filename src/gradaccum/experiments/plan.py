@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import nn
@@ -13,8 +13,8 @@ from .. import plan_micro_batches
 from ..torch import find_micro_batch_size, measure_peak_memory
 from ..torch._memory import ProbeError
 from .errors import SettingsError
-from .trainer_torch import mlp
 from .snn import SpikingClassifier
+from .trainer_torch import mlp
 
 BUILT_IN = ("mlp", "snn")
 

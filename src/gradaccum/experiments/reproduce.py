@@ -12,14 +12,13 @@ from typing import Any
 
 from tqdm import tqdm
 
+from .arms import ARM_TABLE, FRONT_ARMS, LM_FRONT_ARMS
 from .config import ExperimentConfig
 from .errors import SettingsError
 from .files import write_atomic
-from .mnist1d_data import MNIST1D, load_mnist1d
-from .arms import ARM_TABLE
-from .arms import FRONT_ARMS, LM_FRONT_ARMS
 from .front import FrontTask, run_front
 from .lm_task import EVAL_SEQUENCES, load_corpus, shape, train_lm_run
+from .mnist1d_data import MNIST1D, load_mnist1d
 from .report import write_full_report
 from .run_record import RunResult
 from .runs import train_run

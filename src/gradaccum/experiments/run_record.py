@@ -7,12 +7,13 @@ backends, so ``steps`` means the same thing in both: optimizer steps applied.
 
 from __future__ import annotations
 
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-import time
-import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 

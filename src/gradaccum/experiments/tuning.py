@@ -25,9 +25,10 @@ import logging
 import sqlite3
 import time
 import warnings
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState

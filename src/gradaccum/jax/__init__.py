@@ -13,9 +13,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from ._decisions import register_decision as register_decision
 from ._decisions import traced_decision as traced_decision
-from ._sharding import data_mesh as data_mesh
-from ._sharding import replicate as replicate
-from ._sharding import shard_batch as shard_batch
 from ._layer_stats import layer_paths as layer_paths
 from ._layer_stats import register_sum_norms as register_sum_norms
 from ._layer_stats import register_sum_squares as register_sum_squares
@@ -23,13 +20,16 @@ from ._layer_stats import statistics_path as statistics_path
 from ._refusal import Refused as Refused
 from ._schedule import ScaleByItemsState as ScaleByItemsState
 from ._schedule import scale_by_items as scale_by_items
+from ._sharding import data_mesh as data_mesh
+from ._sharding import replicate as replicate
+from ._sharding import shard_batch as shard_batch
 from ._train_state import AccumulatingTrainState as AccumulatingTrainState
 from ._train_state import flush as flush
 from ._train_state import make_train_step as make_train_step
-from ._transform import AccumulationState as AccumulationState
-from ._transform import accumulate as accumulate
 from ._train_state import noise_value_and_grad as noise_value_and_grad
 from ._train_state import window_kind as window_kind
+from ._transform import AccumulationState as AccumulationState
+from ._transform import accumulate as accumulate
 from ._window import Window as Window
 
 __all__ = ["AccumulatingTrainState", "AccumulationState", "Refused", "ScaleByItemsState", "Window", "accumulate",

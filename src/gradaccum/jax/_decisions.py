@@ -8,12 +8,13 @@ registers its traced decision with ``register_decision``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 
-from .._core.rules import GSNR, FixedSteps, NormTest, StoppingRule
 from .._core.noise_scale import window_terms
+from .._core.rules import GSNR, FixedSteps, NormTest, StoppingRule
 from ._window import Window, squared_norm
 
 TracedDecision = Callable[[Any, Window], tuple[jax.Array, dict[str, jax.Array]]]

@@ -23,7 +23,8 @@ whole; ``statistics_path`` says which path was taken.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as fnn
 import jax

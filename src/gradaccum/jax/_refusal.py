@@ -14,7 +14,8 @@ call is unchanged; with it, that state is gone.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import jax
 import numpy as np

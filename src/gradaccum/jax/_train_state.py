@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,15 +24,24 @@ from flax.training.train_state import OVERWRITE_WITH_GRADIENT
 from .._core.config import AccumulationConfig, as_rule
 from .._core.moments import moments_from_sums
 from .._core.noise_scale import noise_terms, window_terms
-from .._core.statistics import gsnr_of
 from .._core.planners import PlanSummary, after_window, is_planner
 from .._core.rules import FixedSteps, StoppingRule, statistics_kind, statistics_source
+from .._core.statistics import gsnr_of
 from .._core.validation import check_choice
 from ._decisions import traced_decision
 from ._layer_stats import LOG, statistics_path, sums_and_squares
 from ._refusal import reraised
-from ._window import (COUNT_MAX, Window, all_finite, check_counts, increment_moments, increment_norms, squared_norm,
-                      unzip, weighted_sum)
+from ._window import (
+    COUNT_MAX,
+    Window,
+    all_finite,
+    check_counts,
+    increment_moments,
+    increment_norms,
+    squared_norm,
+    unzip,
+    weighted_sum,
+)
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
 STATISTICS = ("auto", "vmap")
@@ -46,7 +56,7 @@ class PlanState(NamedTuple):
     planned: jax.Array
 
     @classmethod
-    def start(cls, planner: Any, params: Any) -> "PlanState":
+    def start(cls, planner: Any, params: Any) -> PlanState:
         dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
         # a buffer of its own per field: a donated step donates each leaf, and one buffer
         # shared by two leaves would be donated twice
@@ -54,7 +64,7 @@ class PlanState(NamedTuple):
                               *(jnp.zeros((), dtype) for _ in range(4)))
         return cls(summary, jnp.asarray(planner.plan_from(summary), jnp.int32))
 
-    def after(self, planner: Any, window: Window, applied: jax.Array) -> "PlanState":
+    def after(self, planner: Any, window: Window, applied: jax.Array) -> PlanState:
         """The state after ``window`` closed: its items and (noise planners) its noise terms
         join the summary; the plan is renewed at the planner's boundaries (``every``)."""
         dtype = self.summary.trace.dtype

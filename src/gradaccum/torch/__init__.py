@@ -8,9 +8,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ._accumulator import Accumulator as Accumulator
 from ._accumulator import NonFiniteError as NonFiniteError
 from ._accumulator import NonFinitePolicy as NonFinitePolicy
+from ._memory import ProbeError as ProbeError
 from ._memory import find_micro_batch_size as find_micro_batch_size
 from ._memory import is_out_of_memory as is_out_of_memory
-from ._memory import ProbeError as ProbeError
 from ._memory import measure_peak_memory as measure_peak_memory
 from ._memory import plan_accumulation as plan_accumulation
 from ._monitor import Monitor as Monitor

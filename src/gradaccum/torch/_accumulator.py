@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 
@@ -19,21 +20,41 @@ from .._core import (
     WindowView,
 )
 from .._core.config import AccumulationConfig, as_rule
+from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.noise_scale import NormStatistics, NormSums, layer_noise_scales, noise_scale, noise_terms, pooled_terms
 from .._core.planners import Planner, check_history, is_planner
 from .._core.rules import statistics_kind, statistics_source
 from .._core.statistics import mean_gsnr
-from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.validation import check_choice, check_positive_float, check_positive_int, real_number
 from ._checks import check_count, check_loss, check_model, tracked_parameters
-from ._distributed import (CHECK, CLOSE, FLUSH, GATE, INCREMENT, LAYERS, NORMS, RankContract, disable_ddp_sync, is_ddp,
-                           is_fsdp, local, sum_fsdp_gradients)
-from ._state import VERSION, checked_state
+from ._distributed import (
+    CHECK,
+    CLOSE,
+    FLUSH,
+    GATE,
+    INCREMENT,
+    LAYERS,
+    NORMS,
+    RankContract,
+    disable_ddp_sync,
+    is_ddp,
+    is_fsdp,
+    local,
+    sum_fsdp_gradients,
+)
+from ._nonfinite import (
+    POLICIES,
+    NonFiniteError,
+    NonFinitePolicy,
+    Screen,
+    all_finite,
+    finite_loss,
+    squared_norms_if_finite,
+)
 from ._sources import MicroBatchSource, PerSampleSource
+from ._state import VERSION, checked_state
 from ._stats import PerSampleGradStats
 from ._stats._sharded import is_sharded, shard_group
-from ._nonfinite import (POLICIES, NonFiniteError, NonFinitePolicy, Screen, all_finite, finite_loss,
-                         squared_norms_if_finite)
 from ._window_sums import MomentWindowSums, UnshiftedWindowSums, WindowSums
 
 __all__ = ["Accumulator", "NonFiniteError", "NonFinitePolicy"]
@@ -50,7 +71,7 @@ def _own_step() -> Iterator[None]:
         _OWN_STEPS[0] -= 1
 
 
-def _stray_step_hook(accumulator: "weakref.ref[Accumulator]") -> Callable[..., None]:
+def _stray_step_hook(accumulator: weakref.ref[Accumulator]) -> Callable[..., None]:
     """An optimizer step pre-hook that refuses a step the Accumulator did not take while its
     window is open: a leftover ``optimizer.step()`` in the loop would step with the window's
     partial sum (in ``.grad`` under ``"skip_window"``), or with nothing, before the window closes."""
@@ -900,7 +921,7 @@ class Accumulator:
         return int(counts[0]), int(counts[1]), bool(counts[2] > 0)
 
 
-def stepping_accumulator(optimizer: Any) -> "Accumulator | None":
+def stepping_accumulator(optimizer: Any) -> Accumulator | None:
     """The live Accumulator that steps ``optimizer``, if any (it marks the optimizer it owns)."""
     ref = getattr(optimizer, "_gradaccum_accumulator", None)
     return ref() if callable(ref) else None

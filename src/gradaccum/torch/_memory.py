@@ -9,14 +9,14 @@ import resource
 import signal
 import threading
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .._core.planning import plan_micro_batches
 from .._core.validation import check_positive_int
-
 
 _OOM_MESSAGES = re.compile(
     r"\b(?:CUDA|HIP|XPU|MTIA|MPS backend) out of memory"  # torch's device allocators

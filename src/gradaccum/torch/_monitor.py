@@ -189,7 +189,7 @@ class Monitor:
 
         return hook
 
-    def _open(self) -> "_Pass":
+    def _open(self) -> _Pass:
         if self._pass is None:
             self._pass = _Pass()
         return self._pass
@@ -206,7 +206,7 @@ class Monitor:
             self.stats.reset()
             self._busy = False
 
-    def _measure_backward(self, ended: "_Pass") -> "_Row | None":
+    def _measure_backward(self, ended: _Pass) -> _Row | None:
         """The row of the backward that just ended (None: its step will be skipped), or raise."""
         self._refuse_accumulator()
         if self._accumulated(ended):
@@ -226,7 +226,7 @@ class Monitor:
         n = self.stats.commit(grads, scale=scale)
         return self._row(n, grads, scale, ended.accumulated)
 
-    def _accumulated(self, ended: "_Pass") -> bool:
+    def _accumulated(self, ended: _Pass) -> bool:
         """Whether ``.grad`` held a nonzero gradient before this backward (one synchronisation)."""
         sizes = [s for i, s in ended.priors.items() if i in ended.accumulated and s is not None]
         sizes += [_size(p.grad) for i, p in enumerate(self.stats.params) if i not in ended.accumulated
@@ -264,7 +264,7 @@ class Monitor:
         self.log.record(pending.samples, pending.trace, pending.squared_norm, step=step, **pending.extra)
 
     # ------------------------------------------------------------------ the row
-    def _row(self, n: int, grads: list[torch.Tensor | None], scale: float, params: set[int]) -> "_Row":
+    def _row(self, n: int, grads: list[torch.Tensor | None], scale: float, params: set[int]) -> _Row:
         # the statistics are in .grad's units: per-sample gradients of the loss as reduced, so
         # with a mean over n samples both terms are n^2 too small (their ratio is not)
         units = float(n * n) if self.reduction == "mean" else 1.0
@@ -321,7 +321,7 @@ class Monitor:
             self._board = None
         self.log.close()
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -16,7 +16,8 @@ Both answer the same calls (``measure``, ``norm_sums``, ``layer_norm_sums``, ``r
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

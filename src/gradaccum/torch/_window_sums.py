@@ -15,7 +15,8 @@ unscaled arithmetic.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

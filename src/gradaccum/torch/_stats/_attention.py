@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Grads, LayerStats, register_layer_stats as register
+from ._registry import Grads, LayerStats
+from ._registry import register_layer_stats as register
 
 
 def _supported(module: nn.MultiheadAttention) -> bool:

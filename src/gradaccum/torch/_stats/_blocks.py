@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from ..._core.moments import Moments
-from ._guard import Values, increment_m2
 from ._fused import Kernels, run_largest
+from ._guard import Values, increment_m2
 from ._merge import merge_into
 from ._reductions import Reductions
 from ._registry import RowSquares

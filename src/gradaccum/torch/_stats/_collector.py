@@ -9,7 +9,8 @@ explained-gradient check (``_check``) and the statistic kept over the window (``
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn

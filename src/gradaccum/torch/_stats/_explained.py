@@ -34,7 +34,7 @@ missed use must be below about 5e-4 of the gradient's magnitude, and in float64 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -24,7 +24,7 @@ float32 means' precision).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

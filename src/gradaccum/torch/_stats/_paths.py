@@ -12,7 +12,8 @@ Parameters the hooks do not explain take the whole model run again per sample (`
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn

@@ -9,8 +9,9 @@ in ``_fallback.py``, and ``PerSampleGradStats.paths`` says so (docs/design.md,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -39,9 +40,9 @@ class NormParts(NamedTuple):
       terms: how many terms autograd adds up into each gradient element (samples x positions).
     """
 
-    squared_norms: "Grads"
-    sums: "Grads"
-    magnitudes: "Grads"
+    squared_norms: Grads
+    sums: Grads
+    magnitudes: Grads
     terms: int
 
 

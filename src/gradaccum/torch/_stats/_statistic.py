@@ -14,7 +14,8 @@ moments).
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
