@@ -41,7 +41,8 @@ def run(name: str, width: int, n: int) -> None:
     rules = {"FixedSteps": FixedSteps(2), "GSNR (per-element)": GSNR(1e9, increment=n, max_samples=2 * n),
              "NormTest (norms)": NormTest(1e-9, increment=n, max_samples=2 * n)}
     acc = None if name == "hand loop" else Accumulator(model, optimizer, rules[name])
-    _fused.Kernels().for_operands([torch.zeros(_fused.FUSED_FROM)])  # compile the fused kernels now: a process's one-time cost
+    # compile the fused kernels now: a process's one-time cost
+    _fused.Kernels().for_operands([torch.zeros(_fused.FUSED_FROM)])
     with open("/proc/self/statm") as f:
         before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
     with open("/proc/self/clear_refs", "w") as f:
@@ -73,7 +74,8 @@ def main() -> None:
         return
     model, _, _ = model_and_data(args.width, 1)
     size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(f"MLP 512-{args.width}-{args.width}-10 ({size:.1f} MiB of parameters), {args.samples} samples per increment\n")
+    print(f"MLP 512-{args.width}-{args.width}-10 ({size:.1f} MiB of parameters), "
+          f"{args.samples} samples per increment\n")
     print("| competitor | peak +MiB | / hand loop |\n|---|---|---|")
     base = None
     for name in COMPETITORS:

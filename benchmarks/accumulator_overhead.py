@@ -64,12 +64,12 @@ def main() -> None:
         runners = []
         model = mlp(widths)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        runners.append(lambda model=model, opt=opt: hand_loop(model, opt, batches, k))
+        runners.append(lambda model=model, opt=opt, batches=batches, k=k: hand_loop(model, opt, batches, k))
         for policy in ("raise", "skip_window"):
             model = mlp(widths)
             acc = Accumulator(model, torch.optim.Adam(model.parameters(), lr=1e-4), FixedSteps(k),
                               nonfinite=policy, keep_history=False)
-            runners.append(lambda model=model, acc=acc: accumulator_loop(model, acc, batches))
+            runners.append(lambda model=model, acc=acc, batches=batches: accumulator_loop(model, acc, batches))
         for run in runners:  # warm-up: allocations, Adam state
             run()
         times: list[list[float]] = [[] for _ in runners]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch import nn
@@ -102,8 +103,8 @@ def main() -> None:
         for i in range(len(names)):
             name = names[(i + r) % len(names)]
             t = time.perf_counter()
-            model, steps, batch = (run_baseline if name == BASELINE else lambda *a: run_arm(name, *a))(
-                x, y, args.samples, args.seed)
+            run = run_baseline if name == BASELINE else partial(run_arm, name)
+            model, steps, batch = run(x, y, args.samples, args.seed)
             times[name].append(time.perf_counter() - t)
             results[name] = (steps, batch, accuracy(model, x_test, y_test))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.samples} samples per run, "

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _jax_timing import median_ms  # benchmarks/ is on sys.path when run as a script
 
+from _jax_timing import median_ms  # benchmarks/ is on sys.path when run as a script
 from gradaccum import GSNR, FixedSteps
 from gradaccum.jax import AccumulatingTrainState, accumulate, make_train_step
 
@@ -107,10 +107,12 @@ def main() -> None:
                     "y": jnp.asarray(rng.integers(0, widths[-1], micro), jnp.int32)} for _ in range(k * args.windows)]
         runs = competitors(widths, micro, k, donate)
         med = median_ms(runs, batches, args.rounds)
-        print(f"| {name} | {micro} x {k} | {'yes' if donate else 'no'} | {med['plain']:.3f} | {med['multisteps']:.3f} | {med['accumulate']:.3f} | "
+        print(f"| {name} | {micro} x {k} | {'yes' if donate else 'no'} | {med['plain']:.3f} | "
+              f"{med['multisteps']:.3f} | {med['accumulate']:.3f} | "
               f"{med['accumulate'] / med['multisteps']:.3f}x | {med['train_state']:.3f} | "
               f"{med['train_state'] / med['multisteps']:.3f}x | {med['train_state_sw']:.3f} | "
-              f"{med['train_state_sw'] / med['multisteps']:.3f}x | {med['gaga']:.3f} | {med['gaga'] / med['plain']:.2f}x |")
+              f"{med['train_state_sw'] / med['multisteps']:.3f}x | {med['gaga']:.3f} | "
+              f"{med['gaga'] / med['plain']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _jax_timing import median_ms  # benchmarks/ is on sys.path when run as a script
 
+from _jax_timing import median_ms  # benchmarks/ is on sys.path when run as a script
 from gradaccum import GSNR
 from gradaccum.jax import AccumulatingTrainState, make_train_step, statistics_path
 
@@ -85,7 +85,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="samples per increment")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, {jax.devices()[0].platform}, float32, increments of {args.batch}\n")
-    print("| model | parameters | path (auto) | plain grad ms | layers ms | / plain | vmap ms | / plain | vmap / layers |")
+    print("| model | parameters | path (auto) | plain grad ms | layers ms | / plain | vmap ms | / plain "
+          "| vmap / layers |")
     print("|---|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     batches = [{"x": jnp.asarray(rng.normal(size=(args.batch, 40)), jnp.float32),

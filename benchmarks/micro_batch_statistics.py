@@ -98,8 +98,10 @@ def main() -> None:
         ratios = [[t / f for t, f in zip(times[j], times[0])] for j in (1, 2)]
         quartiles = [statistics.quantiles(r, n=4) for r in ratios]
         row = {"model": name, "fixed_ms_per_window": 1e3 * statistics.median(times[0]),
-               "micro_batch_over_fixed": statistics.median(ratios[0]), "micro_batch_iqr": [quartiles[0][0], quartiles[0][2]],
-               "per_sample_over_fixed": statistics.median(ratios[1]), "per_sample_iqr": [quartiles[1][0], quartiles[1][2]],
+               "micro_batch_over_fixed": statistics.median(ratios[0]),
+               "micro_batch_iqr": [quartiles[0][0], quartiles[0][2]],
+               "per_sample_over_fixed": statistics.median(ratios[1]),
+               "per_sample_iqr": [quartiles[1][0], quartiles[1][2]],
                "rounds": args.rounds, "threads": torch.get_num_threads()}
         results.append(row)
         print(f"| {name} | {row['fixed_ms_per_window']:.1f} | {row['micro_batch_over_fixed']:.3f}x "

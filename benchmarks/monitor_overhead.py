@@ -55,7 +55,7 @@ def main() -> None:
             if kind != "plain":
                 Monitor(model, opt, statistics=kind)
 
-            def step(model=model, opt=opt) -> None:
+            def step(model=model, opt=opt, x=x, y=y) -> None:
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(model(x), y).backward()
                 opt.step()
@@ -76,7 +76,7 @@ def main() -> None:
                     steps[kind]()
                 times[kind].append((time.perf_counter() - t) / repeats[kind])
 
-        def ratio(kind: str) -> str:
+        def ratio(kind: str, times: dict[str, list[float]] = times) -> str:
             rs = [a / b for a, b in zip(times[kind], times["plain"])]
             return f"{statistics.median(rs):.2f}x [{min(rs):.2f}-{max(rs):.2f}]"
 

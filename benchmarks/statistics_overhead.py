@@ -66,8 +66,8 @@ class ResNetLike(nn.Module):
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.blocks = nn.ModuleList([nn.Sequential(nn.GroupNorm(8, width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
-                                     for _ in range(2)])
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.GroupNorm(8, width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1)) for _ in range(2)])
         self.head = nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +91,8 @@ CONFIGS: dict[str, tuple[Callable[[], nn.Module], Callable[[int], torch.Tensor],
     "MLP 1024-4096-4096-10, 128 samples": (lambda: mlp(1024, 4096, 4096, 10), lambda n: torch.randn(n, 1024), 128),
     "Transformer encoder 2x64, 32 tokens, 32 samples": (Encoder, lambda n: torch.randint(0, 1000, (n, 32)), 32),
     # the experiment's byte-level GPT: 2 blocks, d=128, 4 heads, 64 tokens, head tied to the embedding
-    "nanoGPT-style LM 2x128, 64 tokens, 16 samples": (lambda: ByteGPT(64, 128, 2), lambda n: torch.randint(0, 256, (n, 64)),
-                                                      16),
+    "nanoGPT-style LM 2x128, 64 tokens, 16 samples": (lambda: ByteGPT(64, 128, 2),
+                                                      lambda n: torch.randint(0, 256, (n, 64)), 16),
     "ResNet-like CNN, GroupNorm, 32x32, 32 samples": (ResNetLike, lambda n: torch.randn(n, 3, 32, 32), 32),
 }
 
@@ -190,7 +190,8 @@ def _vm_hwm_kib() -> int:
 def child(config: str, name: str, foreach: bool) -> None:
     runners, _ = make(config, (name,))
     if not foreach:
-        _fused.Kernels().for_operands([torch.zeros(_fused.FUSED_FROM)])  # compile the fused kernels now: a process's one-time cost
+        # compile the fused kernels now: a process's one-time cost
+        _fused.Kernels().for_operands([torch.zeros(_fused.FUSED_FROM)])
     with open("/proc/self/statm") as f:
         rss_kib = int(f.read().split()[1]) * resource.getpagesize() // 1024
     with open("/proc/self/clear_refs", "w") as f:
@@ -243,7 +244,7 @@ def main() -> None:
                     runners[name]()
                 times[name].append((time.perf_counter() - t) / repeats[name])
 
-        def ratio(a: str, b: str) -> str:
+        def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> str:
             if a not in times:
                 return "skipped"
             rs = [x / y for x, y in zip(times[a], times[b])]
