@@ -209,6 +209,11 @@ def train_monitored(accelerator, model, optimizer, lr_scheduler, train_dataloade
     return monitor, model, None
 
 
+def pad_right(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """``t`` (batch x tokens) padded on the right with ``value`` to ``length`` tokens."""
+    return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+
 def full_batch_reference(initial: GPT2LMHeadModel, windows: list, cfg: Config) -> GPT2LMHeadModel:
     """Each window's micro-batches padded to one length and stacked: one forward, one backward
     of the mean loss over the window's predicted tokens, clipping, AdamW, the scheduler."""
@@ -218,9 +223,8 @@ def full_batch_reference(initial: GPT2LMHeadModel, windows: list, cfg: Config) -
     lr_scheduler = get_constant_schedule_with_warmup(optimizer=optimizer, num_warmup_steps=cfg.warmup_steps)
     for window in windows:
         length = max(b["input_ids"].shape[1] for b in window)
-        pad = lambda t, value: torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)  # noqa: E731
-        input_ids = torch.cat([pad(b["input_ids"], EOT) for b in window])
-        labels = torch.cat([pad(b["labels"], -100) for b in window])
+        input_ids = torch.cat([pad_right(b["input_ids"], length, EOT) for b in window])
+        labels = torch.cat([pad_right(b["labels"], length, -100) for b in window])
         model(input_ids=input_ids, labels=labels, use_cache=False).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()

@@ -184,7 +184,7 @@ def train_accumulated(model: GPT, data: dict[str, np.ndarray], cfg: Config, mode
         micro_steps = cfg.gradient_accumulation_steps if mode == "fixed" else acc.planned_micro_batches
         loss_sum = 0.0
         window = []
-        for micro_step in range(micro_steps):
+        for micro_step in range(micro_steps):  # noqa: B007 (nanoGPT's loop, as nanoGPT writes it)
             with ctx:
                 logits, loss = model(X, Y)
             # the number of targets the mean loss is over: read it BEFORE the prefetch below
@@ -229,7 +229,7 @@ def train_monitored(model: GPT, data: dict[str, np.ndarray], cfg: Config) -> Mon
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if iter_num == cfg.max_iters:
             break
-        for micro_step in range(cfg.gradient_accumulation_steps):
+        for micro_step in range(cfg.gradient_accumulation_steps):  # noqa: B007 (nanoGPT's loop, as nanoGPT writes it)
             with ctx:
                 logits, loss = model(X, Y)
                 loss = loss / cfg.gradient_accumulation_steps
