@@ -253,10 +253,7 @@ class _NoisePlanner:
         if self.micro_batch > self.min_batch:
             raise ValueError(f"micro_batch ({self.micro_batch}) must be <= min_batch ({self.min_batch})")
         check_choice("source", self.source, SOURCES)
-        if self.source == "micro_batch":
-            if self.statistics != "norms":
-                raise ValueError(f"source='micro_batch': {type(self).__name__} reads per-element statistics, which "
-                                 "the micro-batch source does not take; use source='per_sample'")
+        if self.source == "micro_batch":  # per-element statistics: the backend decides (statistics_source)
             if self.max_batch < 2 * self.micro_batch:
                 raise ValueError(f"max_batch ({self.max_batch}) must be >= 2 * micro_batch ({self.micro_batch}) with "
                                  "source='micro_batch': a window needs two micro-batches to measure their variance "

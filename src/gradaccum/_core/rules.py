@@ -109,19 +109,27 @@ SOURCES = ("micro_batch", "per_sample")
 
 - ``"micro_batch"``: the micro-batches' own gradients (their squared norms, taken in the pass
   the finiteness check makes): no hooks, any model, about free; a window needs two or more
-  micro-batches (or data-parallel ranks) to have a variance. Norm statistics only.
+  micro-batches (or data-parallel ranks) to have a variance. Norm statistics on every
+  backend; per-element statistics (the variance of the micro-batch means, one
+  parameter-sized buffer) where the backend takes them (``statistics_source``).
 - ``"per_sample"``: per-sample gradients from layer hooks (``PerSampleGradStats``): a variance
   from one micro-batch, and a lower-variance estimate; costs a share of the backward, and
   refuses what it cannot explain (compiled models, active dropout).
 """
 
 
-def statistics_source(rule: Any) -> str:
-    """Where ``rule`` takes its statistics from: ``"per_sample"`` unless it says ``source``."""
+def statistics_source(rule: Any, *, elements: bool = False, backend: str = "this backend") -> str:
+    """Where ``rule`` takes its statistics from: ``"per_sample"`` unless it says ``source``.
+
+    Each backend says what its micro-batch source measures: ``elements=True`` where it takes
+    per-element statistics from the micro-batches (``_core.micro_batch.element_moments``);
+    elsewhere a rule or planner reading per-element statistics (``GSNR``, ``GSNRPlanner``)
+    with ``source="micro_batch"`` is refused, naming ``backend``."""
     source = check_choice("source", getattr(rule, "source", "per_sample"), SOURCES)
-    if source == "micro_batch" and statistics_kind(rule) != "norms":
-        raise ValueError(f"source='micro_batch': {type(rule).__name__} reads per-element statistics, which the "
-                         "micro-batch source does not take; use source='per_sample'")
+    if source == "micro_batch" and statistics_kind(rule) != "norms" and not elements:
+        raise ValueError(f"source='micro_batch': {type(rule).__name__} reads per-element statistics, which "
+                         f"{backend} does not take from the micro-batches (its micro-batch source measures norm "
+                         "statistics: NormTest, NoiseScalePlanner, NormTestPlanner); use source='per_sample'")
     return source
 
 
@@ -177,16 +185,22 @@ class GSNR(_SampleRule):
     measurable variance are left out of the mean and counted in the record's
     ``zero_variance_elements`` (``statistics.live_elements``). The window always closes
     at ``max_samples``.
+
+    ``source`` (``SOURCES``): per-sample gradients (``"per_sample"``), or the variance of the
+    micro-batches' means (``"micro_batch"``, docs/design.md, "Micro-batch statistics"; where
+    the backend takes it), which needs two micro-batches before the test can pass.
     """
 
     tau: float
     scale: str = field(default="sample", kw_only=True)
+    source: str = field(default="per_sample", kw_only=True)
     needs_statistics: bool = field(default=True, init=False)
     statistics: str = field(default="elements", init=False)
 
     def __post_init__(self) -> None:
         check_positive_float("tau", self.tau)
         check_choice("scale", self.scale, _SCALES)
+        check_choice("source", self.source, SOURCES)
         self._check_sizes()
 
     def decision(self, n: Any, means: Sequence[Any], m2s: Sequence[Any], gsnr: GSNRFunction = gsnr_of
