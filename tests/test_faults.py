@@ -412,7 +412,6 @@ def flaky_rows(monkeypatch: pytest.MonkeyPatch, fail_from_row: int) -> dict[str,
     from gradaccum.torch._stats import _blocks, _layers
 
     monkeypatch.setattr(_blocks, "BLOCK", 16)
-    monkeypatch.setattr(_blocks, "_SCRATCH", {})
     arm = {"armed": False}
     make = _layers._linear_rows
 

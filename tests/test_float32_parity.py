@@ -169,10 +169,8 @@ def test_guard_recomputes_flagged_elements_on_every_path(chunked: bool | str, ke
     if chunked is True:  # the large-model path: one parameter at a time, in chunks through a scratch buffer
         monkeypatch.setattr(_guard, "FOREACH_BELOW", 0)
         monkeypatch.setattr(_guard, "CHUNK", 7)
-        monkeypatch.setattr(_guard, "_SCRATCH", {})
     if chunked == "blocks":  # the commit in blocks of 20 elements: rows of a parameter, or small ones together
         monkeypatch.setattr(_blocks, "BLOCK", 20)
-        monkeypatch.setattr(_blocks, "_SCRATCH", {})
     worst = worst_high_gsnr_m2_error()
     assert {"norm.bias", "mix.bias", "gru.bias_ih_l0", "head.bias"} <= set(worst)
     assert max(worst.values()) < 1e-5, worst
@@ -206,7 +204,6 @@ def test_flagged_elements_of_a_later_block_are_recomputed_at_their_own_rows(bloc
     rows they are flagged in blocks that start past row 0, and must be recomputed from their own
     rows' per-sample values (row 0's would be another element's)."""
     monkeypatch.setattr(_blocks, "BLOCK", block)
-    monkeypatch.setattr(_blocks, "_SCRATCH", {})
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)
     stats = PerSampleGradStats(layer)

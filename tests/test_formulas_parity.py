@@ -225,7 +225,6 @@ def test_the_decision_reads_the_merges_maximum_while_the_moments_are_unchanged(m
 
     monkeypatch.setattr(_fused, "FUSED_FROM", 0)
     monkeypatch.setattr(_blocks, "BLOCK", 100)  # several blocks: rows of the weights, the biases together
-    monkeypatch.setattr(_blocks, "_SCRATCH", {})
     passes = []
     own_pass = _reductions._Fused.largest
     monkeypatch.setattr(_reductions._Fused, "largest", lambda self, n: passes.append(n) or own_pass(self, n))

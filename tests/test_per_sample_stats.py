@@ -152,7 +152,6 @@ def test_moments_match_loop_over_samples(case: str, chunk_elements: int, block: 
     """Every layer path, in one block and cut into blocks of 37 elements (rows of the larger
     parameters, several small ones together, and rows wider than a block in fresh buffers)."""
     monkeypatch.setattr(_blocks, "BLOCK", block)
-    monkeypatch.setattr(_blocks, "_SCRATCH", {})
     make_model, make_batch, paths = CASES[case]
     model = make_model()
     n = 10

@@ -32,6 +32,7 @@ from ._guard import Values, increment_m2
 from ._merge import merge_into
 from ._reductions import Reductions
 from ._registry import RowSquares
+from ._scratch import Scratch
 
 BLOCK = 1 << 19  # elements per block (2 MiB in float32): a block of a 4096-wide weight is 128 rows, as fast a GEMM as the whole
 
@@ -80,28 +81,22 @@ def rows(t: torch.Tensor, piece: Piece) -> torch.Tensor:
     return t[piece.start:piece.stop]
 
 
-_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _buffer(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``size`` elements: of the buffer kept between increments (grown to the largest block
-    asked for, at most ``BLOCK``), or fresh above ``BLOCK``."""
+def _buffer(size: int, dtype: torch.dtype, device: torch.device, scratch: Scratch) -> torch.Tensor:
+    """``size`` elements: of the statistic's ``"blocks"`` buffer, kept between increments (grown
+    to the largest block asked for, at most ``BLOCK``), or fresh above ``BLOCK``."""
     if size > BLOCK:
         return torch.empty(size, dtype=dtype, device=device)
-    key = (dtype, device)
-    if key not in _SCRATCH or _SCRATCH[key].numel() < size:
-        _SCRATCH[key] = torch.empty(size, dtype=dtype, device=device)
-    return _SCRATCH[key][:size]
+    return scratch.take("blocks", size, dtype, device)
 
 
 def _seconds(block: list[Piece], params: list[torch.Tensor], squares: list[torch.Tensor | RowSquares | None],
-             into: list[torch.Tensor] | None) -> list[torch.Tensor]:
+             into: list[torch.Tensor] | None, scratch: Scratch) -> list[torch.Tensor]:
     """The block's ``S2``, which the guard overwrites: in ``into`` where given (a new window's
     ``M2`` rows); else rows of the tensors at hand (the increment's own, no copy), or made into
     the buffer. Zeros where the parameter had no gradient."""
     copy_tensors = into is not None  # else a tensor's target is its own rows
     if into is None:
-        into = _targets(block, params, squares)
+        into = _targets(block, params, squares, scratch)
     for q, out in zip(block, into):
         source = squares[q.param]
         if source is None:
@@ -113,15 +108,15 @@ def _seconds(block: list[Piece], params: list[torch.Tensor], squares: list[torch
     return into
 
 
-def _targets(block: list[Piece], params: list[torch.Tensor],
-             squares: list[torch.Tensor | RowSquares | None]) -> list[torch.Tensor]:
+def _targets(block: list[Piece], params: list[torch.Tensor], squares: list[torch.Tensor | RowSquares | None],
+             scratch: Scratch) -> list[torch.Tensor]:
     """Where each piece's ``S2`` goes: the rows of a tensor at hand, else consecutive views of
     the buffer (one per dtype and device)."""
     shapes = [(q.stop - q.start, *params[q.param].shape[1:]) if params[q.param].dim() else () for q in block]
     keys = [(params[q.param].dtype, params[q.param].device) for q in block]
     made = [not isinstance(squares[q.param], torch.Tensor) for q in block]
     sizes = {key: sum(math.prod(shape) for shape, k, m in zip(shapes, keys, made) if m and k == key) for key in set(keys)}
-    buffers = {key: _buffer(size, *key) for key, size in sizes.items() if size}
+    buffers = {key: _buffer(size, *key, scratch) for key, size in sizes.items() if size}
     offsets = dict.fromkeys(buffers, 0)
     out: list[torch.Tensor] = []
     for q, shape, key, m in zip(block, shapes, keys, made):
@@ -146,7 +141,7 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
                      squares: list[torch.Tensor | RowSquares | None], n: int, coefficients: list[float],
                      values: list[Values | None], names: list[str], unscale: float,
                      reduce: Callable[[list[torch.Tensor], list[torch.Tensor], int], tuple[list[torch.Tensor], int]]
-                     | None, reductions: Reductions) -> list[Moments]:
+                     | None, reductions: Reductions, scratch: Scratch) -> list[Moments]:
     """Merge the increment (sums ``firsts``, sums of squares ``squares`` over its ``n`` samples,
     both scaled by ``unscale``) into ``state`` (None: a new window), block by block; returns the
     merged moments (``state``'s buffers, updated in place). ``reduce(firsts, m2s, n)`` makes a
@@ -155,7 +150,8 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
 
     Where the fused kernels run (``reductions.kernels``), each block's ``max(mu^2 + M2 / n)`` is
     taken as it is merged (in cache) and their maximum remembered by ``reductions`` for the
-    decision, which then makes one pass over the moments instead of two.
+    decision, which then makes one pass over the moments instead of two. ``scratch``: the
+    statistic's buffers (the blocks' sums of squares, the guard's chunks), kept between increments.
 
     Raises what the first block raises with nothing changed, and ``PartialCommit`` when a later
     block fails.
@@ -172,10 +168,10 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
         try:
             s1 = [rows(firsts[q.param], q) for q in block]
             means, m2s = [rows(state[q.param].mean, q) for q in block], [rows(state[q.param].m2, q) for q in block]
-            m2 = increment_m2(s1, _seconds(block, params, squares, m2s if new else None), n,
+            m2 = increment_m2(s1, _seconds(block, params, squares, m2s if new else None, scratch), n,
                               [coefficients[q.param] for q in block],
                               [_values_at(values[q.param], q, math.prod(params[q.param].shape[1:])) for q in block],
-                              [names[q.param] for q in block], elements, kernels)
+                              [names[q.param] for q in block], elements, kernels, scratch)
             if unscale != 1.0:
                 s1 = torch._foreach_div(s1, unscale)
                 torch._foreach_div_(m2, unscale * unscale)

@@ -19,6 +19,7 @@ from ._guard import flag_coefficient
 from ._increment import Increment
 from ._merge import merge_into
 from ._reductions import Reductions
+from ._scratch import Scratch
 from ._statistic import Reduce, Statistic
 
 
@@ -39,6 +40,7 @@ class ElementMoments(Statistic):
         self._lost: str | None = None  # why the moments were lost (``PartialCommit``), until reset
         self.kernels = Kernels()  # the fused kernels of the guard, the merge and the decision
         self.reductions = Reductions(self.kernels)  # the decision's implementation and its state
+        self.scratch = Scratch()  # the commit's buffers, kept between increments
 
     @property
     def count(self) -> int:
@@ -68,7 +70,8 @@ class ElementMoments(Statistic):
         before = self.count
         try:
             self._moments = commit_in_blocks(self._moments, self._params, firsts, inc.squares, n, coefficients,
-                                             inc.values, self._names, unscale, global_, self.reductions)
+                                             inc.values, self._names, unscale, global_, self.reductions,
+                                             self.scratch)
         except PartialCommit as error:
             self._moments, self._lost = None, str(error)
             raise

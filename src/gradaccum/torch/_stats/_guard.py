@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from ._fused import Kernels, run_guard
+from ._scratch import Scratch
 
 TOLERANCE = 1e-5  # relative error allowed on an element's increment M2 (where float32 sums allow it)
 MIN_AMPLIFICATION = 2.0  # never flag an element whose cancellation loses less than one bit
@@ -49,14 +50,15 @@ def flag_coefficient(terms: int, dtype: torch.dtype, samples: int) -> float:
 @torch.no_grad()
 def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int, coefficients: list[float],
                  values: list[Values | None], names: list[str], elements: int | None = None,
-                 kernels: Kernels | None = None) -> list[torch.Tensor]:
+                 kernels: Kernels | None = None, scratch: Scratch | None = None) -> list[torch.Tensor]:
     """Each parameter's ``M2_b`` over the increment's ``n`` samples, in place of ``seconds``
     (the sums of squares), flagged elements recomputed from ``values`` (see the module docstring).
     A few passes over the elements and one synchronisation; the recomputation costs only where
     elements are flagged.
 
     ``elements``: the model's, where these are a block of it; ``kernels``: the fused kernels, which
-    run where they pay (``Kernels.for_operands``; None: the foreach code).
+    run where they pay (``Kernels.for_operands``; None: the foreach code); ``scratch``: the
+    statistic's buffers, through which a large parameter is checked (None: a fresh one).
 
     Raises ValueError when an element is flagged in a parameter that has no per-sample values.
     """
@@ -70,7 +72,8 @@ def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int
             slack = torch._foreach_addcmul(m2s, firsts, firsts, [-c for c in coefficients])
             lowest = torch.stack(torch._foreach_max(torch._foreach_neg(slack))).neg_()
         else:  # in chunks through one scratch buffer: no fresh model-sized memory per increment
-            lowest = torch.stack([_lowest_slack(m2, s1, c) for m2, s1, c in zip(m2s, firsts, coefficients)])
+            scratch = Scratch() if scratch is None else scratch
+            lowest = torch.stack([_lowest_slack(m2, s1, c, scratch) for m2, s1, c in zip(m2s, firsts, coefficients)])
     worst = lowest.to(torch.float64).tolist()  # one synchronisation (stack promotes: exact)
     for i, w in enumerate(worst):
         if w < 0:  # M2_b < c' S1_b^2: flagged, or negative from rounding (NaN compares False: reported as is)
@@ -84,19 +87,14 @@ def increment_m2(firsts: list[torch.Tensor], seconds: list[torch.Tensor], n: int
     return m2s
 
 
-_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
-
-
-def _lowest_slack(m2: torch.Tensor, s1: torch.Tensor, c: float) -> torch.Tensor:
-    """``min(M2_b - c' S1_b^2)`` over one parameter, CHUNK elements at a time."""
-    key = (m2.dtype, m2.device)
-    if key not in _SCRATCH:
-        _SCRATCH[key] = torch.empty(CHUNK, dtype=m2.dtype, device=m2.device)
-    scratch, flat_m2, flat_s1 = _SCRATCH[key], m2.reshape(-1), s1.reshape(-1)
+def _lowest_slack(m2: torch.Tensor, s1: torch.Tensor, c: float, scratch: Scratch) -> torch.Tensor:
+    """``min(M2_b - c' S1_b^2)`` over one parameter, CHUNK elements at a time through the
+    ``"guard"`` buffer of ``scratch``."""
+    buffer, flat_m2, flat_s1 = scratch.take("guard", CHUNK, m2.dtype, m2.device), m2.reshape(-1), s1.reshape(-1)
     lows = []
     for start in range(0, flat_m2.numel(), CHUNK):
         part = flat_m2[start:start + CHUNK]
-        out = scratch[:part.numel()]
+        out = buffer[:part.numel()]
         torch.addcmul(part, flat_s1[start:start + CHUNK], flat_s1[start:start + CHUNK], value=-c, out=out)
         lows.append(out.min())
     return torch.stack(lows).min()
