@@ -92,7 +92,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+    # skip interpreter teardown: gloo's threads can abort it ("terminate called without an active exception")
+    os._exit(0)
 
 
 def run_accelerate(rank: int, out: Path) -> None:
@@ -167,8 +168,9 @@ def run_fsdp(rank: int, out: Path, mode: str) -> None:
     policy = {"fsdp_raise": "raise", "fsdp_skip_window": "skip_window"}.get(mode, "skip_micro_batch")
     result: dict = {}
     if mode == "fsdp_refusals":
-        for name, make in (("rule", lambda: Accumulator(model, opt, GSNR(1.0, increment=2))),
-                           ("scaler", lambda: Accumulator(model, opt, FixedSteps(K), scaler=torch.amp.GradScaler("cpu")))):
+        for name, make in (
+                ("rule", lambda: Accumulator(model, opt, GSNR(1.0, increment=2))),
+                ("scaler", lambda: Accumulator(model, opt, FixedSteps(K), scaler=torch.amp.GradScaler("cpu")))):
             try:
                 make()
             except ValueError as error:
@@ -245,8 +247,8 @@ def run_transformers(rank: int, out: Path, mode: str) -> None:
     net = model()
     noise = mode == "transformers_noise"
     planner = NoiseScalePlanner(1.0, min_batch=8, max_batch=16, micro_batch=4) if noise else ddp_ramp()
-    trainer = InOrder(model=net, args=arguments(out, max_grad_norm=0.0 if noise else 0.5), train_dataset=dataset(DDP_SAMPLES),
-                      compute_loss_func=token_loss, planner=planner)
+    trainer = InOrder(model=net, args=arguments(out, max_grad_norm=0.0 if noise else 0.5),
+                      train_dataset=dataset(DDP_SAMPLES), compute_loss_func=token_loss, planner=planner)
     trainer.train()
     torch.save({"params": [p.detach() for p in net.parameters()], "history": [r.as_dict() for r in trainer.history],
                 "global_step": trainer.state.global_step}, out / f"rank{rank}.pt")

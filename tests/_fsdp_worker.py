@@ -96,7 +96,8 @@ def run_launch_mismatch(out: Path) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     model = sharded(torch.float64)
-    groups = [g for m in model.modules() if hasattr(m, "_get_fsdp_state") for g in m._get_fsdp_state()._fsdp_param_groups]
+    groups = [g for m in model.modules() if hasattr(m, "_get_fsdp_state")
+              for g in m._get_fsdp_state()._fsdp_param_groups]
     settings = lambda: [(g.gradient_divide_factor, g.force_sum_reduction_for_comms) for g in groups]  # noqa: E731
     before = settings()
     result: dict = {}

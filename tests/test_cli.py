@@ -63,7 +63,8 @@ def test_every_arm_trains_from_the_command_line(arm: str, tmp_path: Path, data_d
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--arm", "baseline", "--tau", "1.5"], "tau: the baseline arm takes no --tau (its parameters: --lr); drop it"),
-    (["--arm", "noise", "--c", "0.1", "--theta", "1"], "theta: the noise arm takes no --theta (its parameters: --lr, --c)"),
+    (["--arm", "noise", "--c", "0.1", "--theta", "1"],
+     "theta: the noise arm takes no --theta (its parameters: --lr, --c)"),
     (["--arm", "ramp", "--ramp", "1.5"], "ramp: the ramp arm needs --ramp, a number in (0, 1], got 1.5"),
     (["--arm", "noise"], "c: the noise arm needs --c, a positive finite number, got None"),
 ])
@@ -163,7 +164,8 @@ def test_ctrl_c_during_reproduce_ends_fast_and_leaves_no_worker(tmp_path: Path, 
         while not running and time.time() < deadline and proc.poll() is None:
             time.sleep(0.3)
             try:
-                study = optuna.load_study(study_name="gradaccum-baseline", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+                study = optuna.load_study(study_name="gradaccum-baseline",
+                                          storage=f"sqlite:///{tmp_path / 'optuna.db'}")
                 running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
             except Exception:  # noqa: BLE001 - not created yet
                 continue

@@ -263,7 +263,8 @@ def test_an_interrupted_fit_keeps_the_open_window_in_its_checkpoint(tmp_path) ->
 
     module = Failing(FixedSteps(3))
     with pytest.raises(RuntimeError, match="interrupted"):
-        trainer(max_epochs=2, callbacks=[SaveOnException(tmp_path / "on_exception.ckpt")]).fit(module, DataLoader(data(32), batch_size=8))
+        trainer(max_epochs=2, callbacks=[SaveOnException(tmp_path / "on_exception.ckpt")]).fit(
+            module, DataLoader(data(32), batch_size=8))
     assert module.accumulator.window_micro_batches == 2 and len(module.accumulator.history) == 2
     assert module.optimizer_steps == 2
     saved = torch.load(tmp_path / "on_exception.ckpt", weights_only=False)

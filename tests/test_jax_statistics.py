@@ -250,7 +250,8 @@ def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines(
         state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1),
                                               rule=GSNR(1e9, increment=6, max_samples=64))
         state, _ = make_train_step(losses)(state, batch)
-        per_sample = jax.vmap(lambda b: jax.grad(lambda p: losses(p, jax.tree.map(lambda v: v[None], b))[0])(params))(batch)
+        per_sample = jax.vmap(
+            lambda b: jax.grad(lambda p: losses(p, jax.tree.map(lambda v: v[None], b))[0])(params))(batch)
         mean = jax.tree.map(lambda g: g.mean(0), per_sample)
         m2 = jax.tree.map(lambda g, m: ((g - m) ** 2).sum(0), per_sample, mean)
         assert max_abs_diff(state.window.mean, mean) < 1e-12 and max_abs_diff(state.window.m2, m2) < 1e-10

@@ -255,7 +255,8 @@ def test_a_mid_window_state_resumes_to_the_same_window() -> None:
                 acc.load_state_dict(state)
             x, y = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (3,), generator=g)
             acc.backward(nn.functional.cross_entropy(model(x), y), 3)
-        return {"history": [r.as_dict() for r in acc.history], "weights": [p.detach().clone() for p in model.parameters()]}
+        return {"history": [r.as_dict() for r in acc.history],
+                "weights": [p.detach().clone() for p in model.parameters()]}
 
     a, b = run(False), run(True)
     assert a["history"] == b["history"]

@@ -136,7 +136,8 @@ def test_norm_state_resumes_mid_window_and_refuses_bad_state() -> None:
     runs = []
     for resume in (False, True):
         model = zoo.build("mlp")
-        acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), NormTest(0.3, increment=4, max_samples=16))
+        acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          NormTest(0.3, increment=4, max_samples=16))
         for k in range(6):
             if resume and k == 2:
                 state = acc.state_dict()

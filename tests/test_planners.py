@@ -296,7 +296,8 @@ NOISE_TERMS = ("trace -1e6", "squared_norm NaN", "gsnr inf")
 
 def applicable(planner, what: str) -> bool:
     """A ramp's records hold no noise terms; only the GSNR planner's hold a gsnr."""
-    return what not in NOISE_TERMS or planner.needs_statistics and (what != "gsnr inf" or isinstance(planner, GSNRPlanner))
+    return what not in NOISE_TERMS or (planner.needs_statistics
+                                       and (what != "gsnr inf" or isinstance(planner, GSNRPlanner)))
 
 
 @pytest.mark.parametrize(("planner", "what", "match"),

@@ -149,7 +149,7 @@ def test_a_short_last_micro_batch_is_split_so_that_every_rank_gets_examples() ->
     assert [len(b) for b in ranks[0]] == [4, 1] and [len(b) for b in ranks[1]] == [4, 1]
     single = list(MicroBatchSampler(10, 8, seed=5, drop_last=False))
     assert [a + b for a, b in zip(*ranks)] == single  # each global micro-batch, split between the ranks
-    for x, y in DataLoader(dataset(10), batch_sampler=MicroBatchSampler(10, 4, num_replicas=2, rank=1,
+    for _x, y in DataLoader(dataset(10), batch_sampler=MicroBatchSampler(10, 4, num_replicas=2, rank=1,
                                                                         drop_last=False)):
         assert len(y) > 0
     with pytest.raises(ValueError, match="drop_last=False: the epoch's last micro-batch holds 1 example"):
