@@ -18,12 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .planners import is_planner
 from .rules import GSNR, FixedSteps, NormTest, StoppingRule, check_rule
 from .validation import check_positive_int
-from .yaml_io import safe_load
 
 _RULES: dict[str, tuple[type, tuple[str, ...]]] = {
     # name -> (rule class, settings the YAML may give besides the sizes)
@@ -98,11 +95,14 @@ class AccumulationConfig:
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> AccumulationConfig:
-        """Settings from a YAML file path, or from YAML text if ``source`` contains a newline."""
+        """Settings from a YAML file path, or from YAML text if ``source`` contains a newline
+        (PyYAML is imported here, at the edge: the core itself reads no YAML)."""
+        from .._yaml import YAMLError, safe_load
+
         try:
             text = source if isinstance(source, str) and "\n" in source else Path(source).read_text()
             loaded = safe_load(text)
-        except (OSError, yaml.YAMLError) as error:
+        except (OSError, YAMLError) as error:
             raise ValueError(f"accumulation config: cannot read {source}: {error}") from None
         return cls.from_mapping(loaded or {})
 
