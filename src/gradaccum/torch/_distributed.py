@@ -178,7 +178,8 @@ class RankContract:
             buckets.setdefault((t.dtype, t.device), []).append(t)
         for bucket in buckets.values():
             flat = torch.cat([t.reshape(-1) for t in bucket])
-            self._run(lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group), kind, window, micro_batch)
+            self._run(lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group),
+                      kind, window, micro_batch)
             offset = 0
             for t in bucket:
                 n = t.numel()

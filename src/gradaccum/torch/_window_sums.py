@@ -110,9 +110,10 @@ class MomentWindowSums(WindowSums):
     exact to rounding), so with a per-element rule the Accumulator holds the mean and ``M2`` and
     no third parameter-sized buffer; at the close the mean's buffers become the gradient in
     place. Under DDP the moments are already the ranks' (every increment is reduced), so the
-    close reduces only which parameters any rank reached (``true_sums``), not the sums. ``seen`` marks the parameters a gradient reached: the others get no
-    ``.grad``, as in one big batch. ``sums`` gives (and takes) the sums in ``WindowSums``'s
-    form, scaled by the count shift, so state dicts are the same. Not with a GradScaler: an
+    close reduces only which parameters any rank reached (``true_sums``), not the sums. ``seen``
+    marks the parameters a gradient reached: the others get no ``.grad``, as in one big batch.
+    ``sums`` gives (and takes) the sums in ``WindowSums``'s form, scaled by the count shift, so
+    state dicts are the same. Not with a GradScaler: an
     overflowing micro-batch is never merged, and the scaler must see it in the window.
     """
 
