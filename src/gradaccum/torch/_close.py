@@ -25,10 +25,8 @@ from .._core.planners import Planner, check_history
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_positive_int, real_number
 from ._distributed import CLOSE, FLUSH
-from ._modes import DistributionMode
-from ._nonfinite import Screen, all_finite
-from ._sources import MicroBatchSource, PerSampleSource
-from ._window_sums import WindowSums
+from ._nonfinite import all_finite
+from ._parts import AccumulatorState
 
 _OWN_STEPS = [0]  # optimizer steps an Accumulator is taking now: the stray-step hook lets them through
 
@@ -76,28 +74,15 @@ class Pending:
     steps: bool  # whether the optimizer is called (an empty or poisoned window is not stepped)
 
 
-class WindowClose:
+class WindowClose(AccumulatorState):
     """The close of the Accumulator's window (mixed into ``Accumulator``, whose state it reads)."""
 
-    _params: list[torch.nn.Parameter]
-    _mode: DistributionMode
-    _window: WindowSums
-    _screen: Screen
-    _steps: int
-    _micro_batches: int
-    _items: int
-    _samples: int
-    _poisoned: bool
-    _failed: bool
     _items_seen: int
     _schedule: float | None
     _pending: Pending | None
     _planned: int | None
     optimizer: torch.optim.Optimizer
     planner: Planner | None
-    source: PerSampleSource | MicroBatchSource | None
-    stats: Any
-    scaler: Any
     scheduler: Any
     clip_grad_norm: float | None
     lr_scaling: str | None

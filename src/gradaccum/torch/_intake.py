@@ -5,34 +5,17 @@ has changed; a backward that raises is undone here (``_undo``)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from ._modes import DistributionMode
-from ._nonfinite import Screen, all_finite, finite_loss, squared_norms_if_finite
-from ._sources import MicroBatchSource, PerSampleSource
-from ._window_sums import WindowSums
+from ._nonfinite import all_finite, finite_loss, squared_norms_if_finite
+from ._parts import AccumulatorState
 
 
-class MicroBatchIntake:
+class MicroBatchIntake(AccumulatorState):
     """A micro-batch's way into the window (mixed into ``Accumulator``, whose state it reads)."""
 
-    _params: list[torch.nn.Parameter]
     _untracked: list[tuple[str, torch.nn.Parameter]]
-    _mode: DistributionMode
-    _window: WindowSums
-    _screen: Screen
-    _steps: int
-    _micro_batches: int
-    _items: int
-    _samples: int
-    _poisoned: bool
-    _failed: bool
     _grads_seen: list[tuple[int, int] | None]
-    source: PerSampleSource | MicroBatchSource | None
-    stats: Any
-    scaler: Any
 
     @property
     def _in_place(self) -> bool:
