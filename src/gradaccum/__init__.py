@@ -27,5 +27,6 @@ from ._core import token_count as token_count
 __version__ = "0.1.0"
 
 __all__ = ["GSNR", "AccumulationConfig", "BatchRamp", "Decision", "FixedSteps", "GSNRPlanner", "MonitorLog",
-           "NoiseScaleEMA", "NoiseScalePlanner", "NormTest", "NormTestPlanner", "Planner", "StepRecord", "StoppingRule", "WindowView",
+           "NoiseScaleEMA", "NoiseScalePlanner", "NormTest", "NormTestPlanner", "Planner", "StepRecord", "StoppingRule",
+           "WindowView",
            "lr_factor", "plan_micro_batches", "token_count", "__version__"]

@@ -48,7 +48,6 @@ def chan_merge(n_a: Any, mean_a: Any, m2_a: Any, n_b: Any, mean_b: Any, m2_b: An
     ``S2 - n * mu^2``, which loses every digit exactly when the GSNR is high. Either set
     may be empty (n = 0): the other is returned unchanged, also when counts are traced.
     """
-    xp = array_namespace(mean_a, mean_b)
     n = n_a + n_b
     w = _like(n_b, mean_b) / _like(at_least_1(n), mean_b)
     delta = mean_b - mean_a

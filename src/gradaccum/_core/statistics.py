@@ -13,8 +13,8 @@ normal number of its dtype and a floor relative to the whole model,
 the variance is rounding noise (the bias of an attention key projection has a gradient
 that is zero up to rounding) and its ratio ``mu^2 / var`` would be noise too; such
 elements are left out of the mean and counted, like dead units (mu = var = 0). In float32
-that is an element whose gradients are 3e-5 times smaller than the largest in the model. A parameter with a non-finite moment
-makes the statistic NaN, so no rule stops on it.
+that is an element whose gradients are 3e-5 times smaller than the largest in the model. A
+parameter with a non-finite moment makes the statistic NaN, so no rule stops on it.
 """
 
 from __future__ import annotations
@@ -61,7 +61,6 @@ def variance_floor(mean: Any, largest: Any) -> Any:
 def live_elements(mean: Any, m2: Any, n: Any, largest: Any = None) -> Any:
     """Boolean mask of the elements whose variance is measurable (see the module docstring);
     ``largest`` is ``largest_second_moment`` over the model (default: this tensor's own)."""
-    xp = array_namespace(mean, m2)
     if largest is None:
         largest = largest_second_moment([mean], [m2], n)
     return m2 / at_least_1(_count(n, mean) - 1) > variance_floor(mean, largest)

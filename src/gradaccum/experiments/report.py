@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
-from .arms import ARM_TABLE, label  # noqa: E402
+from .arms import ARM_TABLE, label, style  # noqa: E402
 from .errors import SettingsError  # noqa: E402
 from .files import atomic_file, write_atomic  # noqa: E402
 from .front_report import section as front_section  # noqa: E402
@@ -100,6 +100,76 @@ def verdict(summary: dict[str, dict[str, Any]], cfg: dict[str, Any]) -> str:
 
 
 FRONT_TASKS = ("mnist1d", "lm")  # the front sections, in the report's order
+CRITICAL_TASKS = ("mnist1d", "lm")  # critical_batch_<task>.json, in the report's order
+
+
+def critical_section(out: Path) -> str | None:
+    """The critical-batch section from ``critical_batch_<task>.json`` (None if there is none):
+    the module's own Markdown when it offers one, else a table of its checkpoints."""
+    found = [t for t in CRITICAL_TASKS if (out / f"critical_batch_{t}.json").exists()]
+    if not found:
+        return None
+    try:
+        from . import critical_batch_section as module
+    except ImportError:
+        module = None
+    lines = ["# The critical batch size, measured by branching, beside the online noise scale", ""]
+    for task in found:
+        path = out / f"critical_batch_{task}.json"
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise SettingsError(f"out: cannot read {path}: {error}") from None
+        own = getattr(module, "markdown", None)
+        if callable(own):
+            lines += [own(results), ""]
+            continue
+        lines += _critical_table(task, results)
+    return "\n".join(lines)
+
+
+def _critical_table(task: str, results: dict[str, Any]) -> list[str]:
+    """Per checkpoint: the fitted B_noise and critical batch beside the online B_simple."""
+    def number(value: Any) -> str:
+        return f"{value:.0f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+    lines = [f"## {task}", "", "| checkpoint step | samples | B_noise (fit) [interval] | Zhang et al. critical batch | "
+             "online B_simple (per-sample, micro-batch) | Adam's noise scale |", "|---|---|---|---|---|---|"]
+    for c in results.get("checkpoints", []):
+        online = c.get("online") or {}
+        sources = ", ".join(number((online.get(k) or {}).get("b_simple")) for k in ("per_sample", "micro_batch"))
+        adam = number((online.get("adam") or {}).get("b_simple"))
+        if "refused" in c:
+            lines.append(f"| {c.get('step')} | {number(c.get('samples'))} | refused: {c['refused']} | - | {sources} | "
+                         f"{adam} |")
+            continue
+        band = c.get("b_noise_interval")
+        fit = number(c.get("b_noise")) + (f" [{number(band[0])}-{number(band[1])}]" if band else "")
+        lines.append(f"| {c.get('step')} | {number(c.get('samples'))} | {fit} | {number(c.get('b_zhang'))} | "
+                     f"{sources} | {adam} |")
+    lines += ["", f"![critical batch, {task}](critical_batch_{task}.png)", ""]
+    return lines
+
+
+def sections_table(out: Path) -> list[str]:
+    """Each section's stated budget and measured seconds (``sections.json``), and whether it was reused."""
+    try:
+        status = json.loads((out / "sections.json").read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(status, dict) or not status:
+        return []
+    lines = ["# Sections: budgets and times", "",
+             "| section | budget (s) | measured (s) | workers | this call |", "|---|---|---|---|---|"]
+    for name, entry in status.items():
+        if not isinstance(entry, dict):
+            continue
+        seconds = entry.get("seconds")
+        lines.append(f"| {name} | {entry.get('budget_seconds', '-')} | "
+                     f"{seconds:.0f} | {entry.get('workers', '-')} | "
+                     f"{'reused (finished earlier)' if entry.get('reused') else 'computed'} |"
+                     if isinstance(seconds, (int, float)) else f"| {name} | - | - | - | - |")
+    return lines + [""]
 
 
 def write_full_report(out: Path) -> list[str]:
@@ -119,10 +189,15 @@ def write_full_report(out: Path) -> list[str]:
                 raise SettingsError(f"out: cannot read {path} or its timings: {error}") from None
             parts.append(front_section(front, timings, out))
             written.append(task)
+    critical = critical_section(out)
+    if critical is not None:
+        parts.append(critical)
+        written.append("critical")
     if not parts:
-        raise SettingsError(f"out: no readable results.json (nor {', '.join(t + '_results.json' for t in FRONT_TASKS)}) "
+        fronts = ", ".join(t + "_results.json" for t in FRONT_TASKS)
+        raise SettingsError(f"out: no readable results.json (nor {fronts}) "
                             f"in {out}: run `gradaccum reproduce` first")
-    write_atomic(out / "report.md", "\n".join(parts))
+    write_atomic(out / "report.md", "\n".join(parts + sections_table(out)))
     return written
 
 
@@ -155,17 +230,20 @@ def reference_section(results: dict[str, Any], out: Path) -> str:
         tuned = ", ".join(f"{k} {v:.4g}" for k, v in s["params"].items())
         lines.append(f"| {label(arm, results['config'])} | {100 * s['test_mean']:.2f} ± {100 * s['test_std']:.2f} % | "
                      f"{100 * s['ci95'][0]:.2f} – {100 * s['ci95'][1]:.2f} % | {tuned} | {s['stability']:.4f} | "
-                     f"{s['mean_batch']:.0f} ({s['min_batch']}-{s['max_batch']}) | {s['steps']:.0f} | {s['wall']:.1f} |")
+                     f"{s['mean_batch']:.0f} ({s['min_batch']}-{s['max_batch']}) | {s['steps']:.0f} | "
+                     f"{s['wall']:.1f} |")
     lines += ["", "Reference values (docs/design.md, 'Reference experiment'; one run each):", "",
               "| arm | lr | tau | test accuracy |", "|---|---|---|---|"]
     for arm, ref in REFERENCE.items():
-        lines.append(f"| {label(arm, results['config'])} | {ref['lr']} | {ref.get('tau', '-')} | {100 * ref['test_accuracy']:.2f} % |")
+        lines.append(f"| {label(arm, results['config'])} | {ref['lr']} | {ref.get('tau', '-')} | "
+                     f"{100 * ref['test_accuracy']:.2f} % |")
     lines += ["", "## Verdict", "", verdict(summary, cfg), ""]
     diverged = {arm: s for arm, s in summary.items() if s["diverged"]}
     if diverged:
         lines += ["## Diverged runs", ""]
-        lines += [f"- {label(arm, results['config'])}: {s['diverged']} of {s['runs']} final runs diverged (a non-finite loss or "
-                  "gradient); their accuracies, counted above, are those of the weights when it happened"
+        lines += [f"- {label(arm, results['config'])}: {s['diverged']} of {s['runs']} final runs diverged "
+                  "(a non-finite loss or gradient); their accuracies, counted above, are those of the weights "
+                  "when it happened"
                   for arm, s in diverged.items()]
         lines.append("")
     warned = {arm: s["warnings"] for arm, s in summary.items() if s["warnings"]}
@@ -187,9 +265,12 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         ys = [[c[i][1] for c in curves] for i in range(length)]
         mean = [statistics.fmean(v) for v in ys]
         std = [statistics.pstdev(v) for v in ys]
-        ax.plot(xs, mean, label=label(arm, results['config']))
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
-    ax.set(xlabel="training samples seen", ylabel="validation accuracy", title="Validation accuracy (mean ± std over seeds)")
+        colour, marker, line = style(arm)
+        ax.plot(xs, mean, color=colour, marker=marker, ls=line, ms=3, alpha=0.85, label=label(arm, results['config']))
+        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=colour,
+                        alpha=0.15)
+    ax.set(xlabel="training samples seen", ylabel="validation accuracy",
+           title="Validation accuracy (mean ± std over seeds)")
     ax.legend()
     paths.append(_save(fig, out / "val_accuracy.png"))
 
@@ -198,9 +279,12 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
         for arm in adaptive:
             run = results["arms"][arm]["runs"][0]
-            axes[0].plot(run["batch_sizes"], label=label(arm, results['config']), lw=0.8)
+            colour, marker, line = style(arm)
+            axes[0].plot(run["batch_sizes"], color=colour, ls=line, marker=marker, markevery=max(1, len(
+                run["batch_sizes"]) // 12), ms=4, label=label(arm, results['config']), lw=0.9, alpha=0.7)
             stat = [math.nan if v is None else v for v in run["statistic"]]
-            axes[1].plot(stat, label=label(arm, results['config']), lw=0.8)
+            axes[1].plot(stat, color=colour, ls=line, marker=marker, markevery=max(1, len(stat) // 12), ms=4,
+                         label=label(arm, results['config']), lw=0.9, alpha=0.7)
         axes[0].set(ylabel="effective batch (samples)", title="Adaptive arms, first seed")
         axes[1].set(xlabel="optimizer step", ylabel="rule statistic at the stop", yscale="log")
         axes[0].legend()
@@ -211,8 +295,9 @@ def write_plots(results: dict[str, Any], out: Path) -> list[Path]:
     for ax, arm in zip(axes[0], arms):
         values = [t["value"] for t in results["arms"][arm]["trials"]]
         best = [max(values[:i + 1]) for i in range(len(values))]
-        ax.plot(values, "o", ms=3, label="trial")
-        ax.plot(best, "-", label="best so far")
+        colour, marker, _ = style(arm)
+        ax.plot(values, marker, color=colour, ms=3, alpha=0.6, ls="none", label="trial")
+        ax.plot(best, "-", color=colour, label="best so far")
         ax.set(title=label(arm, results['config']), xlabel="trial", ylabel="final val. accuracy")
     axes[0][0].legend()
     paths.append(_save(fig, out / "optuna_history.png"))

@@ -22,5 +22,5 @@ from ._stats import RowSquares as RowSquares
 from ._stats import register_layer_stats as register_layer_stats
 
 __all__ = ["Accumulator", "LayerStats", "MicroBatchSampler", "Monitor", "NonFiniteError", "NonFinitePolicy",
-           "PartialCommit", "PerSampleGradStats", "ProbeError", "RowSquares", "find_micro_batch_size", "is_out_of_memory",
-           "measure_peak_memory", "plan_accumulation", "register_layer_stats"]
+           "PartialCommit", "PerSampleGradStats", "ProbeError", "RowSquares", "find_micro_batch_size",
+           "is_out_of_memory", "measure_peak_memory", "plan_accumulation", "register_layer_stats"]

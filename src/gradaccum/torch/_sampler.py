@@ -127,7 +127,8 @@ class MicroBatchSampler(Sampler[list[int]]):
                                  f"{key}={getattr(self, key)!r}: build it with the same settings")
         epoch, served = state["epoch"], state["served"]
         for name, value, high in (("epoch", epoch, None), ("served", served, len(self))):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (high is not None and value > high):
+            if (isinstance(value, bool) or not isinstance(value, int) or value < 0
+                    or (high is not None and value > high)):
                 raise ValueError(f"sampler state: {name} must be an int in [0, {high if high is not None else 'inf'}], "
                                  f"got {value!r}")
         self.epoch, self.served = epoch, served

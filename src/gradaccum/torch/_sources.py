@@ -189,7 +189,8 @@ class MicroBatchSource:
         k, n, weighted = entry
         for what, value in (("micro_batches", k), ("samples", n)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"statistics state: the micro-batch source's {what} must be an int >= 0, got {value!r}")
+                raise ValueError(f"statistics state: the micro-batch source's {what} must be an int >= 0, "
+                                 f"got {value!r}")
         if (k == 0) != (n == 0) or k > n:
             raise ValueError(f"statistics state: {k} measured micro-batches cannot hold {n} samples")
         if not isinstance(weighted, (list, tuple)) or len(weighted) != len(self.names):

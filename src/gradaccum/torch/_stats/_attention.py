@@ -58,7 +58,8 @@ def _mha_per_sample(module: nn.MultiheadAttention, args: tuple, d: torch.Tensor,
     w_parts = w.detach().chunk(3)
     b_parts = (None, None, None) if bias is None else bias.detach().chunk(3)
     with torch.enable_grad():
-        q, k, v = (F.linear(x, wp, bp).detach().requires_grad_() for x, wp, bp in zip((x_q, x_k, x_v), w_parts, b_parts))
+        q, k, v = (F.linear(x, wp, bp).detach().requires_grad_()
+                   for x, wp, bp in zip((x_q, x_k, x_v), w_parts, b_parts))
         heads = [z.view(b, -1, h, e // h).transpose(1, 2) for z in (q, k, v)]
         attn = F.scaled_dot_product_attention(*heads, attn_mask=_float_mask(module, kwargs, b, t, s, q))
         a = attn.transpose(1, 2).reshape(b, t, e)

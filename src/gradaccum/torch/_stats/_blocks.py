@@ -34,7 +34,8 @@ from ._reductions import Reductions
 from ._registry import RowSquares
 from ._scratch import Scratch
 
-BLOCK = 1 << 19  # elements per block (2 MiB in float32): a block of a 4096-wide weight is 128 rows, as fast a GEMM as the whole
+# elements per block (2 MiB in float32): a block of a 4096-wide weight is 128 rows, as fast a GEMM as the whole
+BLOCK = 1 << 19
 
 
 class Piece(NamedTuple):
@@ -115,7 +116,8 @@ def _targets(block: list[Piece], params: list[torch.Tensor], squares: list[torch
     shapes = [(q.stop - q.start, *params[q.param].shape[1:]) if params[q.param].dim() else () for q in block]
     keys = [(params[q.param].dtype, params[q.param].device) for q in block]
     made = [not isinstance(squares[q.param], torch.Tensor) for q in block]
-    sizes = {key: sum(math.prod(shape) for shape, k, m in zip(shapes, keys, made) if m and k == key) for key in set(keys)}
+    sizes = {key: sum(math.prod(shape) for shape, k, m in zip(shapes, keys, made) if m and k == key)
+             for key in set(keys)}
     buffers = {key: _buffer(size, *key, scratch) for key, size in sizes.items() if size}
     offsets = dict.fromkeys(buffers, 0)
     out: list[torch.Tensor] = []

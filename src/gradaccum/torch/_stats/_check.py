@@ -66,7 +66,8 @@ class Check:
         if not indices:
             return
         maxima = torch.stack(torch._foreach_max([inc.bound_source(i) for i in indices])).to(torch.float64)
-        bound = dict(zip(indices, (inc.element_bound(i, m, n, self._project) for i, m in zip(indices, maxima.tolist()))))
+        bounds = (inc.element_bound(i, m, n, self._project) for i, m in zip(indices, maxima.tolist()))
+        bound = dict(zip(indices, bounds))
         for group in groups:
             floor = max((bound[i] for i in group if i in bound), default=0.0)
             for i in group:

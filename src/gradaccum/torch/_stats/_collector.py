@@ -174,8 +174,9 @@ class PerSampleGradStats:
             if not calls and all(s is None for s in sums):
                 raise ValueError("no layer saw a backward since the last commit: run the increment's backward first")
             if not calls and not self._recorder.model_calls:
-                raise ValueError("commit: no forward or backward of the model was seen since the last commit (a second "
-                                 "commit for one backward?); each increment is one forward and backward, then one commit")
+                raise ValueError("commit: no forward or backward of the model was seen since the last commit (a "
+                                 "second commit for one backward?); each increment is one forward and backward, then "
+                                 "one commit")
             n = self._sample_count(samples)
             inc = self._increment(calls, sums, n)
             self.last_samples = n
@@ -229,7 +230,8 @@ class PerSampleGradStats:
         unexplained = self._check.unexplained(inc, checked, sums, n, dtype)  # type: ignore[arg-type]
         if unexplained and self._group is not None:
             raise ValueError(
-                f"per-sample statistics cannot explain the gradient of {', '.join(self._names[i] for i in unexplained)} "
+                "per-sample statistics cannot explain the gradient of "
+                f"{', '.join(self._names[i] for i in unexplained)} "
                 "and the whole-model fallback would replay the model on one rank of a fully_shard-ed model. Is a "
                 "weight used outside its module (a tied head through F.linear), a penalty added to the loss, or the "
                 "forward random (dropout)? Use a rule without statistics (FixedSteps) for this model")

@@ -123,7 +123,8 @@ class ElementMoments(Statistic):
                     raise ValueError(f"statistics state: {what} of {name} is not finite")
             if bool((m2 < 0).any()):
                 raise ValueError(f"statistics state: m2 of {name} has negative entries")
-            out.append(Moments(n, mean.detach().to(p.device, p.dtype).clone(), m2.detach().to(p.device, p.dtype).clone()))
+            out.append(Moments(n, mean.detach().to(p.device, p.dtype).clone(),
+                               m2.detach().to(p.device, p.dtype).clone()))
         if len(counts) != 1:
             raise ValueError("statistics state: every parameter's moments must cover the same samples")
         return out

@@ -25,10 +25,10 @@ is made). That bound misses cancellation *within* a sample (the bias of an atten
 key projection has a gradient that is zero up to rounding, summed from large terms),
 so every element's bound is raised to a floor: the largest bound among the elements of
 all parameters of the same layer (a key bias's rounding noise is that of the terms the
-layer's weight sums, whose own gradients are not small). ``autocast`` is 4 units of bfloat16/float16 precision when the layers ran in
-it (autograd rounds each gradient to it), else 0. So in float32 at n = 512, L = 4096 a
-missed use must be below about 5e-4 of the gradient's magnitude, and in float64 below
-1e-12; under bfloat16 autocast below about 3 %.
+layer's weight sums, whose own gradients are not small). ``autocast`` is 4 units of
+bfloat16/float16 precision when the layers ran in it (autograd rounds each gradient to it),
+else 0. So in float32 at n = 512, L = 4096 a missed use must be below about 5e-4 of the
+gradient's magnitude, and in float64 below 1e-12; under bfloat16 autocast below about 3 %.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class Projector:
         key = (size, dtype, device)
         if key not in self._vectors:
             g = torch.Generator().manual_seed(7919 * size + 1)
-            self._vectors[key] = (torch.rand(size, generator=g, dtype=torch.float64) + 0.5).to(dtype=dtype, device=device)
+            vector = torch.rand(size, generator=g, dtype=torch.float64) + 0.5
+            self._vectors[key] = vector.to(dtype=dtype, device=device)
         return self._vectors[key]
 
     def abs_sum(self, size: int) -> float:

@@ -103,7 +103,8 @@ class Kernels:
     def _compile(self) -> None:
         if self.guard is None:
             compile_ = lambda f: torch.compile(f, dynamic=True, fullgraph=True)  # noqa: E731
-            self.guard, self.merge, self.largest, self.ratios = (compile_(f) for f in (_guard, _merge, _largest, _ratios))
+            self.guard, self.merge, self.largest, self.ratios = (
+                compile_(f) for f in (_guard, _merge, _largest, _ratios))
 
     def ready(self, dtype: torch.dtype) -> bool:
         """Whether the kernels run for ``dtype`` here: compiled on a small case and checked

@@ -19,7 +19,8 @@ class Increment:
     """Per parameter (order of ``params``), what the hooked calls of one increment gave."""
 
     lengths: list[int]  # each parameter's last-dim length (what the projection runs along; 1 for vectors)
-    squares: list[torch.Tensor | RowSquares | None] = field(default_factory=list)  # per-element sums of squares over samples
+    # per-element sums of squares over samples
+    squares: list[torch.Tensor | RowSquares | None] = field(default_factory=list)
     hooked: list[torch.Tensor | None] = field(default_factory=list)  # projected sums of the hooked per-sample gradients
     floor: list[Any] = field(default_factory=list)  # the layer's per-element magnitude floor (see _explained)
     norms: list[torch.Tensor | None] = field(default_factory=list)  # norm-path entries: sum_i |g_i|^2 (0-d)

@@ -2,8 +2,8 @@
 
 The core's ``chan_merge`` is the definition (the code JAX runs); this is the same algebra arranged
 so that an increment given by its sum S1 and its own M2_b (from ``_guard.increment_m2``, exact
-to its stated tolerance) merges in four foreach passes (one fused pass where ``_fused`` runs) and no new allocation (on a
-21M-parameter model every temporary would cost 84 MB of fresh pages). With
+to its stated tolerance) merges in four foreach passes (one fused pass where ``_fused`` runs) and no new
+allocation (on a 21M-parameter model every temporary would cost 84 MB of fresh pages). With
 D = S1 - n_b * mean_a = n_b * (mean_b - mean_a):
 
     mean = mean_a + D / n

@@ -133,7 +133,8 @@ class LayerPaths:
             inc.hooked[i] = self._project(g.sum(0))
             inc.values[i] = gather(g)
             inc.norms[i] = inc.scales[i] = None  # what the layer paths said is replaced
-            inc.terms[i] = max(inc.terms[i] or 0, n * positions(None, next((g for g in call.grads if g is not None), None)))
+            first_grad = next((g for g in call.grads if g is not None), None)
+            inc.terms[i] = max(inc.terms[i] or 0, n * positions(None, first_grad))
             self._paths[self._names[i]] = f"model:{self._paths[MODEL]}"
 
     # ------------------------------------------------------------------ registered layers
@@ -215,7 +216,8 @@ class LayerPaths:
             else:
                 inc.add_squares(i, g, self._project)
 
-    def _fallback(self, unit: Unit, call: Call, n: int, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def _fallback(self, unit: Unit, call: Call, n: int, names: list[str],
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """vmap over samples where it works for this module, else the per-sample loop."""
         replay = Replay.of_layer(unit.module, call.args, call.kwargs, call.grads).cast_to(dtype)
         return self._replay(unit.label, replay, names, n)
@@ -245,7 +247,8 @@ def count_uses(calls: list[Call]) -> dict[int, int]:
 
 def compute_dtype(calls: list[Call]) -> torch.dtype:
     """The least precise floating dtype among the recorded inputs and output gradients."""
-    dtypes = [t.dtype for c in calls for t in (*c.args, *c.grads) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    dtypes = [t.dtype for c in calls for t in (*c.args, *c.grads)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
     return min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float64)
 
 

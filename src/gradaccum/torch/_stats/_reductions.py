@@ -56,7 +56,8 @@ class Reductions:
         passes = _Foreach(means, m2s, self._buffers) if kernels is None else _Fused(kernels, means, m2s)
         largest_value = self.recall(means, m2s, nf)  # taken by the merge that made these moments, if it was
         if largest_value is None:
-            largest_value = passes.largest(nf)  # E[g^2] = mu^2 + M2 / n, for the floor; NaN or inf iff a moment is not finite
+            # E[g^2] = mu^2 + M2 / n, for the floor; NaN or inf iff a moment is not finite
+            largest_value = passes.largest(nf)
         if not bool(torch.isfinite(largest_value)):
             nan = torch.full((), math.nan, dtype=dtype, device=device)
             return nan, torch.zeros((), dtype=torch.int64), torch.full((), size, dtype=torch.int64)
@@ -86,7 +87,8 @@ class Reductions:
         if count != n or len(buffers) != len(means):
             return None
         for (mean_ref, mean_version, m2_ref, m2_version), mean, m2 in zip(buffers, means, m2s):
-            if mean_ref() is not mean or mean._version != mean_version or m2_ref() is not m2 or m2._version != m2_version:
+            if (mean_ref() is not mean or mean._version != mean_version
+                    or m2_ref() is not m2 or m2._version != m2_version):
                 return None
         return value
 
@@ -102,7 +104,8 @@ class Reductions:
 Buffers = Callable[[tuple, Callable[[], tuple[torch.Tensor, ...]]], tuple[torch.Tensor, ...]]
 
 
-def _pieces(means: list[torch.Tensor], m2s: list[torch.Tensor], buffers: Buffers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _pieces(means: list[torch.Tensor], m2s: list[torch.Tensor],
+            buffers: Buffers) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The moments as pieces of at most CHUNK elements: views of large parameters (no copy),
     or one flat copy of a small model's (few kernel launches)."""
     size = sum(m.numel() for m in means)

@@ -65,7 +65,8 @@ class RowSquares(NamedTuple):
 
 
 PerSample = Callable[[nn.Module, tuple, torch.Tensor], Grads]
-SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector], "tuple[Grads, Grads] | tuple[Grads, Grads, Grads] | None"]
+SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector],
+                      "tuple[Grads, Grads] | tuple[Grads, Grads, Grads] | None"]
 Norms = Callable[[nn.Module, tuple, torch.Tensor, Projector], "NormParts | None"]
 Values = Callable[[nn.Module, tuple, torch.Tensor, str, torch.Tensor], torch.Tensor]
 

@@ -42,10 +42,10 @@ class Statistic(abc.ABC):
         """Whether a merge failed half-way and the state is refused until ``reset``."""
         return False
 
-    def refuse_lost(self) -> None:
+    def refuse_lost(self) -> None:  # noqa: B027 (an optional hook: a statistic that cannot be lost has none)
         """Raise if the state was lost (``lost``)."""
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook: a statistic taken on any model has none)
     def check_sharded(cls) -> None:
         """Raise if the statistic cannot be taken on a fully_shard-ed model."""
 
