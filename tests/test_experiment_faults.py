@@ -215,7 +215,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch) -> None:
     """The catch-all ``except ValueError`` swallowed real bugs as "bad input"."""
     from gradaccum.experiments import reproduce
 
-    def bug(cfg):
+    def bug(cfg, **options):
         raise ValueError("a bug, not bad input")
 
     monkeypatch.setattr(reproduce, "reproduce", bug)

@@ -8,42 +8,120 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from gradaccum.cli import main
+from gradaccum.experiments.config import ExperimentConfig
 from gradaccum.experiments.errors import SettingsError
-from gradaccum.experiments.front import pareto, points_at
-from gradaccum.experiments.front_report import compare, overall, targets, to_target
+from gradaccum.experiments.front import pareto, points_at, run_front
+from gradaccum.experiments.front_report import (
+    choices,
+    first_reaching,
+    noise_scale_quarters,
+    overall,
+    paired_ratio,
+    targets,
+    verdict,
+)
 from gradaccum.experiments.lm_task import TEST_FILES, TRAIN_FILES, VALIDATION_FILES, ByteGPT, load_corpus, sequences
+from gradaccum.experiments.mnist1d_data import load_mnist1d
+from gradaccum.experiments.reproduce import mnist1d_front
+from gradaccum.experiments.workers import InlineExecutor
 
 
 def evaluations(*points: tuple[int, float]) -> list[dict]:
-    return [{"samples": 100 * (k + 1), "steps": s, "test": m} for k, (s, m) in enumerate(points)]
+    return [{"samples": 100 * (k + 1), "steps": s, "val": m} for k, (s, m) in enumerate(points)]
 
 
-def test_steps_to_target_interpolate_between_evaluations() -> None:
-    runs = evaluations((10, 0.3), (20, 0.5), (30, 0.7))
-    assert to_target(runs, [1.0, 2.0, 3.0], 0.6, True, 0.1) == pytest.approx((25.0, 2.5, 250.0))
-    assert to_target(runs, None, 0.2, True, 0.1)[0] == pytest.approx(5.0)  # from the untrained metric at step 0
-    assert to_target(runs, None, 0.8, True, 0.1) is None
-    assert math.isnan(to_target(runs, None, 0.6, True, 0.1)[1])
-    losses = evaluations((10, 3.0), (20, 2.0))
-    assert to_target(losses, None, 2.5, False, 5.5)[0] == pytest.approx(15.0)  # lower is better
+def test_a_level_is_reached_by_a_moving_average_not_by_one_lucky_evaluation() -> None:
+    """The first crossing of a noisy curve used to credit a level its curve touched once."""
+    lucky = evaluations((10, 0.3), (20, 0.7), (30, 0.4), (40, 0.5), (50, 0.6), (60, 0.65), (70, 0.62))
+    assert first_reaching(lucky, 0.6, True) == 4  # (0.6 + 0.65 + 0.62) / 3; the 0.7 at 20 steps is one lucky one
+    assert first_reaching(lucky, 0.7, True) is None
+    assert first_reaching(lucky, 0.5, True) == 1  # (0.7 + 0.4 + 0.5) / 3 = 0.533
+    tail = evaluations((10, 0.3), (20, 0.3), (30, 0.8))
+    assert first_reaching(tail, 0.5, True) is None  # a last evaluation has no full window after it
+    losses = evaluations((10, 3.0), (20, 2.0), (30, 2.2), (40, 2.1))
+    assert first_reaching(losses, 2.2, False) == 1  # lower is better
+    unstepped = evaluations((0, 0.9), (0, 0.9), (1, 0.9), (2, 0.9), (3, 0.9))
+    assert first_reaching(unstepped, 0.5, True) == 2  # never before the first optimizer step
 
 
-def test_targets_sit_more_than_two_standard_errors_below_the_best_fixed_arm() -> None:
-    def arm(tests, adaptive=False):
-        return {"adaptive": adaptive, "points": [{"runs": [{"test_accuracy": t} for t in tests]}]}
+def test_paired_ratios_against_a_hand_computation() -> None:
+    adaptive, fixed = [50.0, 80.0, 60.0], [100.0, 100.0, 120.0]
+    logs = [math.log(0.5), math.log(0.8), math.log(0.5)]
+    mean = sum(logs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / 2)
+    p = 0.975  # the t quantile at 2 degrees of freedom has a closed form
+    half = (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p))) * sd / math.sqrt(3)
+    ratio = paired_ratio(adaptive, fixed)
+    assert ratio == pytest.approx((math.exp(mean), math.exp(mean - half), math.exp(mean + half)), rel=1e-12)
+    assert verdict(ratio) == "no difference"  # 0.58x, yet the interval [0.30-1.12] contains 1
+    assert verdict(paired_ratio([50.0, 52.0, 49.0], [100.0, 101.0, 99.0])) == "fewer steps"
+    assert verdict(paired_ratio([150.0, 160.0, 149.0], [100.0, 101.0, 99.0])) == "more steps"
+    assert verdict(paired_ratio([50.0], [100.0])) == "no interval (one seed)"
+    assert verdict(None) == "not reached"
+    with pytest.raises(ValueError, match="as many"):
+        paired_ratio([1.0, 2.0], [1.0])
 
-    front = {"metric": "accuracy", "arms": {"a": arm([0.60, 0.62, 0.64]), "b": arm([0.710, 0.711, 0.712]),
-                                            "c": arm([0.9, 0.9, 0.9], adaptive=True)}}
+
+def _run(seed: int, vals: list[float], steps_per_eval: int, test: float = 0.5) -> dict:
+    return {"seed": seed, "test_accuracy": test, "final_val_accuracy": vals[-1], "steps": steps_per_eval * len(vals),
+            "evaluations": [{"samples": 320 * (k + 1), "steps": steps_per_eval * (k + 1), "val": v}
+                            for k, v in enumerate(vals)]}
+
+
+def _front(arms: dict) -> dict:
+    return {"task": "mnist1d", "title": "t", "metric": "accuracy", "start": 0.1, "about": {},
+            "config": {"budget": 3200, "increment": 32, "max_samples": 512, "eval_every": 320, "front_trials": 2,
+                       "seeds": 3, "lr_low": 1e-4, "lr_high": 3e-2},
+            "arms": arms}
+
+
+def test_targets_come_from_the_validation_split_of_the_best_fixed_arm() -> None:
+    def arm(finals, adaptive=False):
+        return {"adaptive": adaptive, "points": [{"runs": [_run(s, [0.1, f, f, f], 10, test=0.0)
+                                                           for s, f in enumerate(finals)]}]}
+
+    front = _front({"a": arm([0.60, 0.62, 0.64]), "b": arm([0.710, 0.711, 0.712]),
+                    "c": arm([0.9, 0.9, 0.9], adaptive=True)})
     best, levels = targets(front)
-    assert best == "b"  # the adaptive arm never sets the targets
+    assert best == "b"  # the adaptive arm never sets the targets; the test accuracies (0) are never read
     assert levels == pytest.approx([0.711 - 0.005, 0.711 - 0.01, 0.711 - 0.02])  # the margins exceed 5.5 SE
-    noisy = {"metric": "accuracy", "arms": {"b": arm([0.60, 0.70, 0.80])}}
+    noisy = _front({"b": arm([0.60, 0.70, 0.80])})
     _, levels = targets(noisy)
     se = 0.1 / math.sqrt(3)
     assert levels == pytest.approx([0.7 - 2.5 * se, 0.7 - 4 * se, 0.7 - 5.5 * se])
+
+
+def test_one_rule_for_fixed_and_adaptive_arms_that_miss_a_level() -> None:
+    """A fixed arm that missed in a seed was dropped while an adaptive arm that missed lost:
+    now a point missing a level in any seed does not reach it, whichever kind it is."""
+    up = [0.2, 0.4, 0.6, 0.7, 0.7, 0.7, 0.7]
+    flat = [0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5]
+    arms = {"slow": {"adaptive": False, "points": [{"runs": [_run(s, up, 100) for s in range(3)]}]},
+            # fast in two seeds, misses in one: it cannot be the fixed front at 0.65
+            "quick": {"adaptive": False, "points": [{"runs": [_run(0, up, 10), _run(1, up, 10), _run(2, flat, 10)]}]},
+            "adapt": {"adaptive": True, "points": [{"runs": [_run(0, up, 10), _run(1, up, 10), _run(2, flat, 10)]},
+                                                   {"runs": [_run(s, up, 50) for s in range(3)]}]}}
+    result = choices(_front(arms), {})
+    row = next(r for r in result["rows"] if abs(r["level"] - 0.68) < 1e-9)  # the best fixed arm, 0.7, less 0.02
+    assert row["reference"] == "slow"
+    assert row["arms"]["adapt"]["point"] == 1  # its first point missed in seed 2, as "quick" did
+    assert row["ratios"]["adapt"]["steps"][0] == pytest.approx(0.5)
+    assert verdict(row["ratios"]["adapt"]["steps"]) == "fewer steps"  # 50 / 100 steps on every seed
+
+
+def test_the_noise_scale_is_the_ratio_of_averaged_terms() -> None:
+    """The report's B_simple was the median of per-window ratios: biased low for noisy windows."""
+    windows = [[32, 1000.0, 1.0], [32, 10.0, 9.0], [32, 10.0, 9.0]]  # [samples, tr(Sigma), |G|^2]
+    runs = [{"noise_terms": windows * 4}]  # 12 windows of 32 samples: 3 per quarter of 384
+    front = {"config": {"budget": 384}, "arms": {"noise": {"points": [{"runs": runs}]}}}
+    quarters = noise_scale_quarters(front)
+    assert quarters == pytest.approx([1020.0 / 19.0] * 4)  # not the median ratio 10 / 9
+    runs[0]["noise_terms"] = [None] * 12
+    assert noise_scale_quarters(front) is None
 
 
 def test_pareto_points_and_the_nearest_lower_choice() -> None:
@@ -57,14 +135,11 @@ def test_pareto_points_and_the_nearest_lower_choice() -> None:
     assert [t.number for t in losses] == [0, 1]
 
 
-def test_verdicts_compare_intervals() -> None:
-    fixed = {"steps": (100.0, 90.0, 110.0)}
-    assert compare({"steps": (50.0, 40.0, 60.0)}, fixed) == "fewer steps"
-    assert compare({"steps": (150.0, 140.0, 160.0)}, fixed) == "more steps"
-    assert compare({"steps": (105.0, 95.0, 115.0)}, fixed) == "equal within intervals"
-    assert compare({"reached": 2, "seeds": 5}, fixed) == "more steps (not reached)"
-    rows = [{"fastest_fixed": "f", "verdicts": {"a": "equal within intervals"}}] * 2
-    assert overall(rows, "a").startswith("no difference")
+def test_overall_says_no_difference_only_where_every_level_says_so() -> None:
+    same = {"reference": "f", "ratios": {"a": {"steps": (0.9, 0.7, 1.2)}}}
+    assert overall([same, same], "a").startswith("no difference")
+    fewer = {"reference": "f", "ratios": {"a": {"steps": (0.5, 0.4, 0.6)}}}
+    assert overall([same, fewer], "a") == "is mixed across the levels (1 fewer steps, 1 no difference)"
 
 
 def test_the_corpus_is_the_fixed_standard_library_files() -> None:
@@ -132,7 +207,7 @@ def test_the_front_is_the_same_for_the_same_seed_with_parallel_workers(fronts: P
 
 def test_the_front_sections_refuse_the_jax_backend(tmp_path: Path, capsys) -> None:
     assert main(["reproduce", "--sections", "front", "--backend", "jax", "--out", str(tmp_path), "--quiet"]) == 2
-    assert "front and lm sections run on torch" in capsys.readouterr().err
+    assert "front, lm and critical sections run on torch" in capsys.readouterr().err
 
 
 def test_a_front_without_fixed_points_is_refused_with_its_cause(tmp_path: Path, capsys) -> None:
@@ -148,3 +223,32 @@ def test_a_front_without_fixed_points_is_refused_with_its_cause(tmp_path: Path, 
     assert main(["report", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no fixed-batch arm has a retrained point" in err and "--sections front" in err
+
+
+def _choices_of(front: dict) -> dict:
+    """Every choice of a front: the tuning trials, the retrained points' settings, and per level
+    the fixed front's arm, each arm's point and the per-seed steps."""
+    picked = choices(front, {})
+    return {"trials": {arm: e["trials"] for arm, e in front["arms"].items()},
+            "points": {arm: [p["params"] for p in e["points"]] for arm, e in front["arms"].items()},
+            "best_fixed": picked["best_fixed"],
+            "rows": [(r["level"], r["reference"], {a: v and (v["point"], v["seeds"]) for a, v in r["arms"].items()})
+                     for r in picked["rows"]]}
+
+
+def test_no_choice_reads_the_test_split(tmp_path: Path, data_dir: str) -> None:
+    """Random test labels change the test column and nothing else: the settings, the points, the
+    targets, the fixed front at each level. (Targets and the best fixed arm came from test.)"""
+    cfg = dict(budget=640, eval_every=64, front_trials=2, seeds=2, quiet=True, workers=1, data_dir=data_dir)
+    data = load_mnist1d(Path(data_dir) / "mnist1d.npz")
+    rng = np.random.default_rng(0)
+    poisoned = data._replace(y_test=rng.integers(0, 10, size=len(data.y_test)).astype(data.y_test.dtype))
+    fronts = []
+    for name, d in (("clean", data), ("poisoned", poisoned)):
+        out = tmp_path / name
+        out.mkdir()
+        fronts.append(run_front(mnist1d_front(d), ExperimentConfig(out=str(out), **cfg), InlineExecutor(), out))
+    clean, bad = fronts
+    assert _choices_of(clean) == _choices_of(bad)
+    tests = [[r["test_accuracy"] for e in f["arms"].values() for p in e["points"] for r in p["runs"]] for f in fronts]
+    assert tests[0] != tests[1]  # the test split was read, once per run, and only there

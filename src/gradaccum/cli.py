@@ -73,19 +73,22 @@ def _config(args: argparse.Namespace, **fixed: Any):
         if args.quick:
             quick = ExperimentConfig.quick().to_dict()
             base = ExperimentConfig.from_yaml(args.config).to_dict()
-            return ExperimentConfig(**{**base, **{k: quick[k] for k in ("trials", "seeds", "budget", "eval_every", "front_trials",
-                                                                     "lm_budget")},
-                                       **overrides})
+            small = ("trials", "seeds", "budget", "eval_every", "front_trials", "lm_budget")
+            return ExperimentConfig(**{**base, **{k: quick[k] for k in small}, **overrides})
         return ExperimentConfig.from_yaml(args.config, **overrides)
     return ExperimentConfig.quick(**overrides) if args.quick else ExperimentConfig(**overrides)
 
 
 def _reproduce(args: argparse.Namespace) -> int:
     from .experiments.report import load_results, summarize
-    from .experiments.reproduce import reproduce
+    from .experiments.reproduce import reproduce, up_to_date
 
     cfg = _config(args)
-    out = reproduce(cfg)
+    if not args.force and up_to_date(cfg):
+        print(f"gradaccum reproduce: nothing to do: {cfg.out} holds every section ({', '.join(cfg.sections)}) with "
+              f"these settings and its report ({Path(cfg.out) / 'report.md'}); --force recomputes them")
+        return 0
+    out = reproduce(cfg, force=args.force, quick=args.quick)
     if "reference" not in cfg.sections:
         print(f"\nreport: {out / 'report.md'}")
         return 0
@@ -181,7 +184,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .experiments.demo import run_demo
 
     result = run_demo(Path(args.out), epochs=args.epochs, seed=args.seed, quiet=args.quiet)
-    print(f"accumulated vs full-batch gradient, float64: max abs difference {result['max_abs_error_vs_full_batch_float64']:.2e}")
+    print("accumulated vs full-batch gradient, float64: max abs difference "
+          f"{result['max_abs_error_vs_full_batch_float64']:.2e}")
     print(f"trained {result['optimizer_steps']} steps of effective batch {result['effective_batch']} "
           f"(micro-batch {result['micro_batch']}): test accuracy {result['test_accuracy']:.3f}")
     print(f"wrote {Path(args.out) / 'demo.json'}")
@@ -209,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     reproduce = sub.add_parser("reproduce", allow_abbrev=False, help="tune baseline and GAGA with Optuna on mnist1d, "
                                "train the best settings over seeds, write the report")
     _add_config_flags(reproduce)
+    reproduce.add_argument("--force", action="store_true", help="recompute the chosen sections and their final runs "
+                           "(by default a finished section, or final run, with the same settings is reused, and a "
+                           "finished reproduce is not run again)")
     reproduce.set_defaults(func=_reproduce)
 
     tune = sub.add_parser("tune", allow_abbrev=False, help="run (or resume, or join) one arm's Optuna study")

@@ -65,11 +65,12 @@ ARM_TABLE: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("baseline", "baseline (batch {increment})", lambda p, cfg: FixedSteps(1), {}),
     Arm("gaga", "GAGA (per-sample GSNR)", _gsnr("sample"), {"tau": ("tau_low", "tau_high")}),
     Arm("gaga_mean", "GSNR, mean-gradient scale", _gsnr("mean"), {"tau": ("tau_mean_low", "tau_mean_high")}),
-    Arm("baseline512", "fixed batch {max_samples}", lambda p, cfg: FixedSteps(max(1, cfg.max_samples // cfg.increment)), {}),
+    Arm("baseline512", "fixed batch {max_samples}",
+        lambda p, cfg: FixedSteps(max(1, cfg.max_samples // cfg.increment)), {}),
     Arm("normtest", "norm test",
         lambda p, cfg: NormTest(p["theta"], increment=cfg.increment, max_samples=cfg.max_samples),
         {"theta": ("theta_low", "theta_high")}),
-    *(_fixed(batch) for batch in (64, 128, 256, 16, 32)),
+    *(_fixed(batch) for batch in (64, 128, 256, 16, 32, 8)),
     Arm("ramp", "batch ramp", lambda p, cfg: BatchRamp(cfg.increment, cfg.max_samples, over=_ramp(p, cfg),
                                                        micro_batch=cfg.increment), {"ramp": ("ramp_low", "ramp_high")}),
     Arm("noise", "noise-scale planner",
@@ -108,10 +109,23 @@ def check_params(arm: str, params: dict[str, Any], flags: bool = False) -> Param
 DEFAULT_ARMS = ("baseline", "gaga", "gaga_mean")
 FRONT_ARMS = ("baseline", "fixed64", "fixed128", "fixed256", "baseline512", "ramp", "noise", "gaga_mean", "normtest")
 """The arms of the steps-quality front on mnist1d (docs/design.md, "The steps-quality front")."""
-LM_FRONT_ARMS = ("baseline", "fixed16", "fixed32", "fixed64", "fixed128", "baseline512", "ramp", "noise", "gaga_mean",
+LM_FRONT_ARMS = ("baseline", "fixed8", "fixed16", "fixed32", "fixed64", "baseline512", "ramp", "noise", "gaga_mean",
                  "normtest")
-"""The same on the LM: micro-batches of 8 sequences and windows up to 256 (fixed 8 to 256), the
+"""The same on the LM: micro-batches of 4 sequences and windows up to 128 (fixed 4 to 128), the
 range its measured noise scale spans."""
+
+_COLOURS = {"baseline": "#1f77b4", "gaga": "#ff7f0e", "gaga_mean": "#2ca02c", "baseline512": "#d62728",
+            "normtest": "#9467bd", "fixed64": "#8c564b", "fixed128": "#e377c2", "fixed256": "#7f7f7f",
+            "fixed16": "#bcbd22", "fixed32": "#17becf", "fixed8": "#aec7e8", "ramp": "#e6ab02", "noise": "#000000"}
+_MARKERS = "osD^v<>pP*Xhd"
+
+
+def style(name: str) -> tuple[str, str, str]:
+    """The arm's colour, marker and line style, the same in every plot: one colour per arm,
+    fixed batches dashed, adaptive and planned arms solid."""
+    k = ARMS.index(name) if name in ARM_TABLE else len(ARMS)
+    line = "-" if name in ARM_TABLE and ARM_TABLE[name].adaptive else "--"
+    return _COLOURS.get(name, "#555555"), _MARKERS[k % len(_MARKERS)], line
 
 
 def label(name: str, cfg: dict[str, Any] | None = None) -> str:

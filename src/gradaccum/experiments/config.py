@@ -18,7 +18,7 @@ from .arms import ARMS, DEFAULT_ARMS
 from .errors import SettingsError
 
 BACKENDS = ("torch", "jax")
-SECTIONS = ("reference", "front", "lm")
+SECTIONS = ("reference", "front", "lm", "critical")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -34,7 +34,9 @@ class ExperimentConfig:
     out: str = _f("gradaccum-out/reproduce", "output directory (results, report, plots, Optuna storage)")
     data_dir: str = _f("gradaccum-out/data", "where the generated mnist1d splits are cached")
     sections: list = _f(list(SECTIONS), "sections of `reproduce`: reference (the GAGA reproduction), front (fewer "
-                        "steps at equal quality? on mnist1d), lm (the same on a byte-level language model)",
+                        "steps at equal quality? on mnist1d), lm (the same on a byte-level language model), "
+                        "critical (the critical batch size measured by branching, beside the online noise scale, "
+                        "on both tasks)",
                         choices=SECTIONS)
     arms: list = _f(list(DEFAULT_ARMS), f"arms of the reference section, from {', '.join(ARMS)}", choices=ARMS)
     trials: int = _f(20, "Optuna trials per arm")
@@ -51,13 +53,15 @@ class ExperimentConfig:
     tau_mean_high: float = _f(20.0, "upper end of the log-uniform tau range, mean-gradient GSNR scale")
     theta_low: float = _f(0.1, "lower end of the log-uniform theta range of the norm test")
     theta_high: float = _f(3.0, "upper end of the log-uniform theta range of the norm test")
-    ramp_low: float = _f(0.05, "lower end of the log-uniform range of the batch ramp's length, as a fraction of the budget")
+    ramp_low: float = _f(0.05, "lower end of the log-uniform range of the batch ramp's length, as a fraction of "
+                         "the budget")
     ramp_high: float = _f(1.0, "upper end of the batch ramp's length range, as a fraction of the budget")
     c_low: float = _f(0.01, "lower end of the log-uniform range of the noise-scale planner's c (window = c B_simple)")
     c_high: float = _f(1.0, "upper end of the noise-scale planner's c range")
-    front_trials: int = _f(12, "Optuna trials per adaptive arm of the steps-quality front (a fixed arm gets half)")
+    front_trials: int = _f(8, "Optuna trials per arm of the steps-quality front, fixed and adaptive alike (a power "
+                           "of two keeps the Sobol points stratified)")
     workers: int = _f(0, "worker processes for trials and final runs, one thread each (0: one per core)")
-    lm_budget: int = _f(4_800, "training sequences per run of the LM section (evaluated every 1/30 of it)")
+    lm_budget: int = _f(4_800, "training sequences per run of the LM section (validated every 1/30 of it)")
     lm_scale: int = _f(1, "size of the LM section's model: width 64k, depth 2k, context 32k bytes (k > 1 for a GPU)")
     storage: str = _f("", "Optuna storage: an RDB URL (default: sqlite:///<out>/optuna.db; postgresql://... "
                           "for several machines) or journal:PATH (a file several local processes can share)")
@@ -75,8 +79,8 @@ class ExperimentConfig:
             value = getattr(self, f.name)
             kind = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list}[str(f.type)]
             if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
-                raise SettingsError(f"{f.name} must be {str(f.type).replace('list', f'a list of {f.name[:-1]} names')}, "
-                                    f"got {value!r} ({type(value).__name__})")
+                what = str(f.type).replace('list', f'a list of {f.name[:-1]} names')
+                raise SettingsError(f"{f.name} must be {what}, got {value!r} ({type(value).__name__})")
             if kind is list:
                 choices = f.metadata["choices"]
                 if not value or len(set(value)) != len(value) or any(v not in choices for v in value):
@@ -84,7 +88,8 @@ class ExperimentConfig:
                                         f"{', '.join(choices)}, got {value!r}")
         if self.backend not in BACKENDS:
             raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs", "front_trials", "lm_budget", "lm_scale"):
+        for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs", "front_trials",
+                     "lm_budget", "lm_scale"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.workers < 0:
@@ -101,7 +106,8 @@ class ExperimentConfig:
             if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
                 raise SettingsError(f"{low} and {high} must satisfy 0 < {low} < {high}, got {lo!r} and {hi!r}")
         if self.ramp_high > 1:
-            raise SettingsError(f"ramp_high must be <= 1 (a ramp longer than the budget never ends), got {self.ramp_high!r}")
+            raise SettingsError("ramp_high must be <= 1 (a ramp longer than the budget never ends), got "
+                                f"{self.ramp_high!r}")
         if not self.out:
             raise SettingsError("out must name a directory")
 
@@ -143,5 +149,5 @@ class ExperimentConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> ExperimentConfig:
         """A small version for smoke tests: few trials, seeds and samples."""
-        return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 1_600, "front_trials": 2,
+        return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 640, "front_trials": 2,
                       "lm_budget": 800, **overrides})

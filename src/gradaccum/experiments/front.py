@@ -1,13 +1,15 @@
 """The steps-quality front: the same quality in fewer optimizer steps? (docs/design.md, "The steps-quality front")
 
-Every arm gets the same sample budget. A fixed-batch arm tunes its lr for validation quality
-and is one point on the steps axis; together they are the fixed front. An adaptive or planned
-arm tunes its lr and its own parameter with two objectives (validation quality up, optimizer
-steps down, Optuna multi-objective), which gives a Pareto front of settings; its points at the
+Every arm gets the same sample budget and the same tuning budget: ``cfg.front_trials`` trials
+over the same lr range, scrambled Sobol points (a fixed arm's are a stratified log grid of the
+lr; an adaptive arm searches its own parameter within the same count). A fixed-batch arm's
+objective is its final validation quality (the mean of its last ``FINAL_EVALUATIONS``
+evaluations, which one lucky evaluation cannot set); an adaptive or planned arm has two (that
+quality up, optimizer steps down), which gives a Pareto front of settings, whose points at the
 fixed arms' step counts (the one with the most steps at or below each) are retrained over
-``cfg.seeds`` seeds. Every run evaluates on the validation and the test split every
-``cfg.eval_every`` samples; tuning reads only the validation split, targets and verdicts only
-the test split (``front_report``).
+``cfg.seeds`` seeds, the same seeds for every arm. Runs evaluate on the validation split during
+training and on the test split once, at the end; every choice (settings, points, reference arm,
+targets) reads the validation split only (``front_report``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .errors import SettingsError
 from .files import write_atomic
 from .run_record import RunResult
 from .tuning import storage, storage_errors, too_many_diverged
-from .workers import Tuning, complete, run_all, tune_in_rounds
+from .workers import Tuning, complete, run_reusing, tune_in_rounds
 
 FRONT_SEED_OFFSET = 20_000  # the front's final runs use seeds no tuning trial used
 
@@ -63,17 +65,28 @@ def open_front_study(task: FrontTask, arm: str, cfg: ExperimentConfig) -> optuna
     quality = "maximize" if task.higher_is_better else "minimize"
     directions = [quality] if not ARM_TABLE[arm].adaptive else [quality, "minimize"]
     try:
-        return optuna.create_study(study_name=f"gradaccum-{task.name}-{arm}", storage=storage(cfg.storage_url),
-                                   load_if_exists=True, directions=directions)
+        return optuna.create_study(study_name=f"gradaccum-{task.name}-{arm}-last{FINAL_EVALUATIONS}",
+                                   storage=storage(cfg.storage_url), load_if_exists=True, directions=directions)
     except SettingsError:
         raise
     except Exception as error:
         raise SettingsError(f"storage: cannot open Optuna storage {cfg.storage_url!r}: {error}") from None
 
 
+FINAL_EVALUATIONS = 3
+"""Validation evaluations whose mean is a run's final quality (the tuning objective)."""
+
+
 def trials_of(arm: str, cfg: ExperimentConfig) -> int:
-    """Trials of an arm: ``front_trials``, half of it for a fixed arm (it tunes only the lr)."""
-    return cfg.front_trials if ARM_TABLE[arm].adaptive else max(2, cfg.front_trials // 2)
+    """Trials of an arm: ``front_trials`` for every arm, fixed or adaptive (equal tuning budgets)."""
+    return cfg.front_trials
+
+
+def final_quality(result: RunResult) -> float:
+    """The mean validation metric of the run's last ``FINAL_EVALUATIONS`` evaluations (its final
+    validation metric if it has none)."""
+    values = [e.val for e in result.evaluations[-FINAL_EVALUATIONS:]]
+    return sum(values) / len(values) if values else result.final_val_accuracy
 
 
 def _sampler(cfg: ExperimentConfig, task: FrontTask, arm: str) -> optuna.samplers.BaseSampler:
@@ -89,12 +102,12 @@ def tuning(task: FrontTask, arm: str, cfg: ExperimentConfig) -> Tuning:
     spec = ARM_TABLE[arm]
 
     def value(result: RunResult) -> Any:
-        return result.final_val_accuracy if not spec.adaptive else [result.final_val_accuracy, result.steps]
+        return final_quality(result) if not spec.adaptive else [final_quality(result), result.steps]
 
     return Tuning(open_front_study(task, arm, cfg), trials_of(arm, cfg), lambda trial: spec.suggest(trial, cfg),
                   lambda params, number: (arm, params, cfg.seed + number, task.data, cfg), value=value,
                   pruned=lambda r: "diverged" if r.diverged else None,
-                  attributes=lambda r: {"steps": r.steps, "test": r.test_accuracy},
+                  attributes=lambda r: {"steps": r.steps},  # the test split is never read here
                   sampler=lambda number: _sampler(cfg, task, arm),
                   too_many_diverged=lambda count: too_many_diverged(f"{task.name} front, {arm}", count, cfg))
 
@@ -129,9 +142,12 @@ def points_at(front: list[FrozenTrial], steps: list[float]) -> list[FrozenTrial]
     return sorted(chosen.values(), key=lambda t: (t.values[1], t.number))
 
 
-def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path) -> dict[str, Any]:
+def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path, reuse: bool = True
+              ) -> dict[str, Any]:
     """Tune every arm, choose the points, retrain them over seeds; write ``<task>_results.json``
-    and ``<task>_timings.json`` (times vary from run to run and are kept apart)."""
+    and ``<task>_timings.json`` (times vary from run to run and are kept apart). Final runs an
+    earlier call finished (kept under ``<out>/runs/<task>``) are reused unless ``reuse`` is False;
+    each run's record says whether it was (``"reused"``)."""
     tunings = [tuning(task, arm, cfg) for arm in task.arms]
     total = sum(t.target for t in tunings)
     done = sum(min(complete(t.study), t.target) for t in tunings)
@@ -152,16 +168,17 @@ def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path)
     jobs = [(arm, k, dict(trial.params), cfg.seed + FRONT_SEED_OFFSET + seed)
             for arm in task.arms for k, trial in enumerate(chosen[arm]) for seed in range(cfg.seeds)]
     with tqdm(total=len(jobs), desc=f"{task.name}: final runs", disable=cfg.quiet) as bar:
-        results = run_all(pool, task.run, [(arm, params, seed, task.data, cfg) for arm, _, params, seed in jobs],
-                          on_done=bar.update)
+        records, reused = run_reusing(pool, task.run, [(arm, params, seed, task.data, cfg)
+                                                       for arm, _, params, seed in jobs], task.name,
+                                      out / "runs" / task.name if reuse else None, on_done=bar.update)
     arms: dict[str, Any] = {arm: {"adaptive": ARM_TABLE[arm].adaptive, "trials": trial_table(tunings[i].study,
                                                                                              tunings[i].target),
                                   "points": [{"trial": tr.number, "params": dict(tr.params),
                                               "tuned_values": list(tr.values), "runs": []} for tr in chosen[arm]]}
                             for i, arm in enumerate(task.arms)}
     timings: dict[str, Any] = {arm: [[] for _ in chosen[arm]] for arm in task.arms}
-    for (arm, k, _, _), result in zip(jobs, results):
-        record = result.as_dict()
+    for (arm, k, _, _), record, again in zip(jobs, records, reused):
+        record = {**record, "evaluations": [dict(e) for e in record["evaluations"]], "reused": again}
         timings[arm][k].append({"wall_seconds": record.pop("wall_seconds"),
                                 "evaluation_seconds": [e.pop("seconds") for e in record["evaluations"]]})
         arms[arm]["points"][k]["runs"].append(record)

@@ -1,14 +1,25 @@
-"""The steps-quality front's report section: targets, steps and time to target, verdicts, a plot.
+"""The steps-quality front's report section: quality levels, steps to each, paired ratios, plots.
 
-Targets come from the best fixed arm's final test metric (mean over seeds) less margins, the
-k-th raised to at least 2.5 + 1.5 k of that mean's standard errors, so that reaching a target is
-more than noise and the targets stay apart. A run's steps (and training seconds) to a target are read from its evaluations,
-linearly interpolated between the two evaluations around the first crossing (from the
-untrained model's metric at step 0 before the first). An arm's value at a target is the mean
-over seeds of its best point (the fewest mean steps among its points whose every seed reaches
-the target), with a 95 % t-interval. Verdicts compare with the best fixed arm at that target:
-fewer steps (the arm's interval entirely below the fixed one's), more steps (entirely above,
-or the target not reached), or equal within intervals.
+Every choice reads the validation split of the final runs (retrained on seeds no tuning trial
+used, the same seeds for every arm); the test split is read once per run, after training, for
+the final-quality column only:
+
+- A run's final quality is the mean of its last ``FINAL_EVALUATIONS`` validation evaluations.
+  The best fixed arm has the best mean final quality over seeds; the targets sit below
+  (accuracy) or above (loss) that mean by margins, the k-th raised to at least 2.5 + 1.5 k of
+  its standard errors. Lower quality levels, fractions of the way from the untrained model to
+  the best fixed arm, show the rest of the front.
+- A run reaches a level at the first evaluation from which the mean of ``WINDOW`` consecutive
+  validation evaluations reaches it (one lucky evaluation cannot); its steps, samples and
+  training seconds are read at that evaluation.
+- One rule for every arm, fixed or adaptive: a point that misses a level in any seed does not
+  reach it. The fixed front at a level is the fixed arm with the fewest mean steps among those
+  that reach it; an adaptive arm's value is its point with the fewest mean steps among those
+  that reach it (both chosen on the same runs, so both sides get the same benefit of a choice).
+- Comparisons are paired: per seed, the adaptive arm's steps over the fixed front's; the
+  geometric mean of the ratios with the 95 % t-interval of the mean log-ratio over seeds.
+  "fewer steps" where the interval lies below 1, "more steps" above, "no difference" where it
+  contains 1.
 """
 
 from __future__ import annotations
@@ -25,12 +36,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from scipy import stats as scipy_stats  # noqa: E402
 
-from .arms import label  # noqa: E402
+from .arms import label, style  # noqa: E402
 from .errors import SettingsError  # noqa: E402
 from .files import atomic_file  # noqa: E402
+from .front import FINAL_EVALUATIONS  # noqa: E402
 
 MARGINS = {"accuracy": (0.005, 0.01, 0.02), "loss": (0.01, 0.02, 0.05)}  # below / above the best fixed arm
 MIN_STANDARD_ERRORS = 2.5
+WINDOW = 3  # validation evaluations whose mean must reach a level
+LEVEL_FRACTIONS = (0.5, 0.75, 0.9)  # lower levels: of the way from the untrained metric to the best fixed arm's
 
 
 def interval(values: Sequence[float]) -> tuple[float, float, float]:
@@ -50,109 +64,156 @@ def reached(metric: float, target: float, higher: bool) -> bool:
     return metric >= target if higher else metric <= target
 
 
-def to_target(evaluations: Sequence[dict[str, Any]], seconds: Sequence[float] | None, target: float, higher: bool,
-              start: float) -> tuple[float, float, float] | None:
-    """(steps, training seconds, samples) at which the test metric first reaches ``target``,
-    interpolated linearly between evaluations (from ``start`` at step 0); None if it never does.
-    Seconds are NaN without ``seconds``."""
-    previous = (0.0, 0.0, 0.0, start)
-    for k, e in enumerate(evaluations):
-        now = (float(e["steps"]), float(seconds[k]) if seconds is not None else math.nan, float(e["samples"]),
-               float(e["test"]))
-        if reached(now[3], target, higher):
-            if reached(previous[3], target, higher) or now[3] == previous[3]:
-                return now[:3]
-            w = (target - previous[3]) / (now[3] - previous[3])
-            return tuple(a + w * (b - a) for a, b in zip(previous[:3], now[:3]))  # type: ignore[return-value]
-        previous = now
+def final_val(run: dict[str, Any]) -> float:
+    """A run's final quality: the mean of its last FINAL_EVALUATIONS validation evaluations."""
+    values = [e["val"] for e in run["evaluations"][-FINAL_EVALUATIONS:]]
+    return statistics.fmean(values) if values else run["final_val_accuracy"]
+
+
+def first_reaching(evaluations: Sequence[dict[str, Any]], target: float, higher: bool, window: int = WINDOW
+                   ) -> int | None:
+    """The index of the first evaluation, after at least one optimizer step, from which the mean
+    of ``window`` consecutive validation evaluations reaches ``target``; None if no full window does."""
+    values = [float(e["val"]) for e in evaluations]
+    for k in range(len(values) - window + 1):
+        if evaluations[k]["steps"] >= 1 and reached(statistics.fmean(values[k:k + window]), target, higher):
+            return k
     return None
 
 
+def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> tuple[float, float, float]:
+    """The geometric mean of the per-seed ratios and the exponentiated 95 % t-interval of the
+    mean log-ratio (NaN bounds for one seed)."""
+    if len(numerators) != len(denominators) or not numerators:
+        raise ValueError("paired_ratio needs as many denominators as numerators, at least one")
+    mean, lo, hi = interval([math.log(a / b) for a, b in zip(numerators, denominators)])
+    return math.exp(mean), math.exp(lo), math.exp(hi)
+
+
+def verdict(ratio: tuple[float, float, float] | None) -> str:
+    """'fewer steps', 'more steps' or 'no difference' from a paired ratio's interval."""
+    if ratio is None:
+        return "not reached"
+    _, lo, hi = ratio
+    if math.isnan(lo):
+        return "no interval (one seed)"
+    if hi < 1:
+        return "fewer steps"
+    if lo > 1:
+        return "more steps"
+    return "no difference"
+
+
 def targets(front: dict[str, Any]) -> tuple[str, list[float]]:
-    """The best fixed arm and the targets below (accuracy) or above (loss) its final test metric."""
+    """The best fixed arm (best mean final validation quality over seeds) and the targets below
+    (accuracy) or above (loss) that mean."""
     higher = front["metric"] == "accuracy"
-    fixed = {arm: [r["test_accuracy"] for r in e["points"][0]["runs"]]
+    fixed = {arm: [final_val(r) for r in e["points"][0]["runs"]]
              for arm, e in front["arms"].items() if not e["adaptive"] and e["points"] and e["points"][0]["runs"]}
     if not fixed:
         raise SettingsError(f"{front.get('task', 'front')}_results.json: no fixed-batch arm has a retrained point "
-                            "with runs, so there is no target to measure the arms against; rerun `gradaccum "
-                            f"reproduce --sections {'lm' if front.get('task') == 'lm' else 'front'}` to rebuild it")
-    best = (max if higher else min)(fixed, key=lambda a: statistics.fmean(fixed[a]))
+                            "with runs, so there is no target to measure the arms against; rerun `gradaccum reproduce "
+                            f"--sections {'lm' if front.get('task') == 'lm' else 'front'} --force` to rebuild it")
+    best = (max if higher else min)(fixed, key=lambda a: (statistics.fmean(fixed[a]), a))
     mean, se = statistics.fmean(fixed[best]), standard_error(fixed[best])
     sign = -1.0 if higher else 1.0
     margins = [max(m, (MIN_STANDARD_ERRORS + 1.5 * k) * se) for k, m in enumerate(MARGINS[front["metric"]])]
     return best, [mean + sign * m for m in margins]
 
 
-def point_at_target(point: dict[str, Any], seconds: list[dict[str, Any]] | None, target: float, higher: bool,
-                    start: float) -> dict[str, Any]:
-    """Steps and seconds to ``target`` of one point over its seeds."""
-    hits = []
+def levels(front: dict[str, Any]) -> tuple[str, list[float], int]:
+    """The best fixed arm, every quality level (lower levels first, then the targets), and how
+    many of them are targets."""
+    best, tops = targets(front)
+    top = statistics.fmean(final_val(r) for r in front["arms"][best]["points"][0]["runs"])
+    lower = [front["start"] + f * (top - front["start"]) for f in LEVEL_FRACTIONS]
+    higher = front["metric"] == "accuracy"
+    below_targets = [v for v in lower if (v < tops[-1] if higher else v > tops[-1])]
+    return best, below_targets + tops[::-1], len(tops)
+
+
+def point_at(point: dict[str, Any], seconds: list[dict[str, Any]] | None, target: float, higher: bool
+             ) -> dict[str, Any]:
+    """Per seed, the steps, samples and training seconds at which one point reaches ``target``."""
+    seeds: dict[int, tuple[float, float, float] | None] = {}
     for k, run in enumerate(point["runs"]):
-        evaluation_seconds = seconds[k]["evaluation_seconds"] if seconds else None
-        hits.append(to_target(run["evaluations"], evaluation_seconds, target, higher, start))
-    ok = [h for h in hits if h is not None]
-    out: dict[str, Any] = {"reached": len(ok), "seeds": len(hits)}
-    if len(ok) == len(hits):
-        out["steps"] = interval([h[0] for h in ok])
-        out["seconds"] = interval([h[1] for h in ok])
-        out["samples"] = interval([h[2] for h in ok])
-    return out
+        hit = first_reaching(run["evaluations"], target, higher)
+        if hit is None:
+            seeds[run["seed"]] = None
+            continue
+        e = run["evaluations"][hit]
+        s = float(seconds[k]["evaluation_seconds"][hit]) if seconds else math.nan
+        seeds[run["seed"]] = (float(e["steps"]), float(e["samples"]), s)
+    return {"seeds": seeds, "reached": sum(v is not None for v in seeds.values()), "runs": len(seeds),
+            "all": all(v is not None for v in seeds.values())}
 
 
-def arm_at_target(front: dict[str, Any], timings: dict[str, Any], arm: str, target: float) -> dict[str, Any]:
-    """The arm's best point at ``target`` (fewest mean steps among points every seed of which reaches it)."""
+def best_point(front: dict[str, Any], timings: dict[str, Any], arm: str, target: float) -> dict[str, Any] | None:
+    """The arm's point with the fewest mean steps among those reaching ``target`` in every seed
+    (None if none does); with its index and per-seed values."""
     higher, entry = front["metric"] == "accuracy", front["arms"][arm]
-    rows = [point_at_target(p, (timings.get(arm) or [None] * len(entry["points"]))[k], target, higher, front["start"])
-            for k, p in enumerate(entry["points"])]
-    full = [r for r in rows if "steps" in r]
+    times = timings.get(arm) or [None] * len(entry["points"])
+    rows = [dict(point_at(p, times[k], target, higher), point=k) for k, p in enumerate(entry["points"])]
+    full = [r for r in rows if r["all"] and r["runs"]]
     if not full:
-        return {"reached": max((r["reached"] for r in rows), default=0), "seeds": rows[0]["seeds"] if rows else 0}
-    return min(full, key=lambda r: r["steps"][0])
+        return None
+    return min(full, key=lambda r: (statistics.fmean(v[0] for v in r["seeds"].values()), r["point"]))
 
 
-def compare(arm: dict[str, Any], fixed: dict[str, Any]) -> str:
-    """An adaptive arm's steps to a target against the best fixed arm's."""
-    if "steps" not in fixed:
-        return "no fixed arm reaches it"
-    if "steps" not in arm:
-        return "more steps (not reached)"
-    (_, a_lo, a_hi), (_, f_lo, f_hi) = arm["steps"], fixed["steps"]
-    if a_hi < f_lo:
-        return "fewer steps"
-    if a_lo > f_hi:
-        return "more steps"
-    return "equal within intervals"
+def most_reached(front: dict[str, Any], timings: dict[str, Any], arm: str, target: float) -> tuple[int, int]:
+    """The most seeds any point of the arm reached ``target`` in, and its seeds."""
+    higher = front["metric"] == "accuracy"
+    rows = [point_at(p, None, target, higher) for p in front["arms"][arm]["points"]]
+    return max(((r["reached"], r["runs"]) for r in rows), default=(0, 0))
 
 
-def verdicts(front: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
-    """Per target: every arm's steps and seconds to it, the best fixed arm, each adaptive arm's verdict."""
-    best, levels = targets(front)
+def choices(front: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
+    """Every choice the section makes, from the validation split only: the best fixed arm, the
+    levels, and per level the fixed front's arm and each arm's point (None: not reached), with
+    the per-seed values and the paired ratios of steps and of samples."""
+    best, values, tops = levels(front)
     rows = []
-    for target in levels:
-        arms = {arm: arm_at_target(front, timings, arm, target) for arm in front["arms"]}
-        fixed = [a for a, e in front["arms"].items() if not e["adaptive"] and "steps" in arms[a]]
-        fastest = min(fixed, key=lambda a: arms[a]["steps"][0]) if fixed else None
-        reference = arms[fastest] if fastest else {}
-        rows.append({"target": target, "arms": arms, "fastest_fixed": fastest,
-                     "verdicts": {a: compare(arms[a], reference) for a, e in front["arms"].items() if e["adaptive"]}})
+    for target in values:
+        arms = {arm: best_point(front, timings, arm, target) for arm in front["arms"]}
+        fixed = [a for a, e in front["arms"].items() if not e["adaptive"] and arms[a] is not None]
+        reference = min(fixed, key=lambda a: (mean_of(arms[a], 0), a)) if fixed else None
+        ratios: dict[str, Any] = {}
+        for a, e in front["arms"].items():
+            if not e["adaptive"] or arms[a] is None or reference is None:
+                ratios[a] = None
+                continue
+            ref = arms[reference]["seeds"]
+            seeds = sorted(set(arms[a]["seeds"]) & set(ref))
+            if not seeds:
+                raise SettingsError(f"{front.get('task', 'front')}_results.json: the arms {a} and {reference} share "
+                                    "no seed, so there is no paired comparison; rerun with --force")
+            ratios[a] = {what: paired_ratio([arms[a]["seeds"][s][i] for s in seeds], [ref[s][i] for s in seeds])
+                         for i, what in enumerate(("steps", "samples"))}
+        rows.append({"level": target, "target": len(rows) >= len(values) - tops, "arms": arms,
+                     "reference": reference, "ratios": ratios})
     return {"best_fixed": best, "rows": rows}
 
 
+def mean_of(row: dict[str, Any], i: int) -> float:
+    return statistics.fmean(v[i] for v in row["seeds"].values())
+
+
+def interval_of(row: dict[str, Any], i: int) -> tuple[float, float, float]:
+    return interval([v[i] for v in row["seeds"].values()])
+
+
 def overall(rows: list[dict[str, Any]], arm: str) -> str:
-    said = [r["verdicts"][arm] for r in rows if r["fastest_fixed"] is not None]
-    if said and all(v == "fewer steps" for v in said):
-        return "dominates the fixed front (fewer steps at every target)"
-    if said and all(v.startswith("more steps") for v in said):
-        return "loses to the fixed front (more steps at every target)"
-    if said and all(v == "equal within intervals" for v in said):
-        return "no difference: equal to the best fixed batch within the intervals at every target"
-    return "is mixed across the targets"
-
-
-def ratio(row: dict[str, Any], arm: str, what: str) -> float:
-    """An arm's mean steps (or seconds) to the row's target over the fastest fixed arm's."""
-    return row["arms"][arm][what][0] / row["arms"][row["fastest_fixed"]][what][0]
+    said = [verdict(r["ratios"][arm]["steps"] if r["ratios"][arm] else None) for r in rows if r["reference"]]
+    if not said:
+        return "has no fixed front to compare with"
+    if all(v == "fewer steps" for v in said):
+        return "needs fewer steps than the fixed front at every level"
+    if all(v in ("more steps", "not reached") for v in said):
+        return "needs more steps than the fixed front (or misses) at every level"
+    if all(v == "no difference" for v in said):
+        return "no difference from the fixed front at any level"
+    counts = {v: said.count(v) for v in ("fewer steps", "no difference", "more steps", "not reached") if v in said}
+    return "is mixed across the levels (" + ", ".join(f"{n} {v}" for v, n in counts.items()) + ")"
 
 
 def _fmt(value: tuple[float, float, float] | None, digits: int = 0) -> str:
@@ -162,77 +223,127 @@ def _fmt(value: tuple[float, float, float] | None, digits: int = 0) -> str:
     return f"{mean:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]" if math.isfinite(lo) else f"{mean:.{digits}f}"
 
 
+def _ratio(value: tuple[float, float, float]) -> str:
+    mean, lo, hi = value
+    return f"{mean:.2f}x [{lo:.2f}-{hi:.2f}]" if math.isfinite(lo) else f"{mean:.2f}x"
+
+
+def edge_lrs(front: dict[str, Any]) -> list[str]:
+    """The fixed arms whose best tuning lr is the smallest or largest lr their trials tried."""
+    higher = front["metric"] == "accuracy"
+    edges = []
+    for arm, entry in front["arms"].items():
+        trials = entry.get("trials") or []
+        if entry["adaptive"] or len(trials) < 3:
+            continue
+        best = (max if higher else min)(trials, key=lambda t: t["values"][0])["params"]["lr"]
+        tried = [t["params"]["lr"] for t in trials]
+        if best in (min(tried), max(tried)):
+            edges.append(arm)
+    return edges
+
+
 def section(front: dict[str, Any], timings: dict[str, Any], out: Path) -> str:
     """The Markdown section (and its plot) for one task's front."""
     higher = front["metric"] == "accuracy"
     scale, unit = (100.0, " %") if higher else (1.0, "")
-    result = verdicts(front, timings)
-    plot = plot_front(front, out / f"{front['task']}_front.png")
+    digits = 2 if higher else 3
+    result = choices(front, timings)
+    plot = plot_front(front, result, out / f"{front['task']}_front.png")
     cfg = front["config"]
+    context = (front.get("about") or {}).get("model", {}).get("context")
+    per = "sequences (tokens: x " + str(context) + ")" if context else "samples"
     lines = [f"# {front['title']}", "",
-             f"Every arm trains on {cfg['budget']:,} samples (micro-batches of {cfg['increment']}), evaluated every "
-             f"{cfg['eval_every']:,}; tuning (Optuna, scrambled Sobol points; {cfg['front_trials']} trials per adaptive "
-             f"arm with two objectives, validation {front['metric']} and optimizer steps; half as many, lr only, per "
-             f"fixed arm) reads only the validation split. The fixed arms' best settings and the adaptive arms' Pareto "
-             f"points at the fixed arms' step counts (nearest lower) are retrained over {cfg['seeds']} seeds and "
-             f"measured on the test split. Intervals are 95 % t-intervals over seeds.", "",
-             f"| arm | point | optimizer steps | test {front['metric']} | tuned |", "|---|---|---|---|---|"]
+             f"Every arm trains on {cfg['budget']:,} {'sequences' if context else 'samples'} (micro-batches of "
+             f"{cfg['increment']}), validated every {cfg['eval_every']:,}. Tuning gives every arm, fixed or adaptive, "
+             f"the same {cfg['front_trials']} trials over the same lr range [{cfg['lr_low']:g}, {cfg['lr_high']:g}] "
+             "(Optuna, scrambled Sobol points: a stratified log grid of the lr for a fixed arm; an adaptive arm "
+             "searches its own parameter within the same count). Objectives: the mean of the last "
+             f"{FINAL_EVALUATIONS} validation evaluations, and for an adaptive arm also the optimizer steps (its "
+             "Pareto points at the fixed arms' step counts, nearest lower, are retrained). The chosen settings are "
+             f"retrained over {cfg['seeds']} seeds, the same seeds for every arm; every choice below (targets, the "
+             "fixed front's arm at each level, each adaptive arm's point) reads only those runs' validation "
+             "evaluations. The test split is read once per run, after training, for the test column.", ""]
+    edges = edge_lrs(front)
+    lines += [("Every fixed arm's best lr lies inside the lrs its trials tried." if not edges else
+               "The best lr of " + ", ".join(label(a, cfg) for a in edges) + " is at the edge of the lrs tried: "
+               "a wider lr range could change its steps."), ""]
+    lines += [f"| arm | point | optimizer steps | final validation {front['metric']} | test {front['metric']} "
+              "(once, at the end) | tuned |", "|---|---|---|---|---|---|"]
     for arm, entry in front["arms"].items():
         for k, point in enumerate(entry["points"]):
             steps = interval([r["steps"] for r in point["runs"]])
-            quality = interval([scale * r["test_accuracy"] for r in point["runs"]])
+            val = interval([scale * final_val(r) for r in point["runs"]])
+            test = interval([scale * r["test_accuracy"] for r in point["runs"]])
             tuned = ", ".join(f"{n} {v:.3g}" for n, v in point["params"].items())
-            lines.append(f"| {label(arm, front['config'])} | {k + 1} | {_fmt(steps)} | {_fmt(quality, 2)}{unit} | {tuned} |")
+            lines.append(f"| {label(arm, cfg)} | {k + 1} | {_fmt(steps)} | {_fmt(val, digits)}{unit} | "
+                         f"{_fmt(test, digits)}{unit} | {tuned} |")
     lines += about_lines(front)
-    lines += ["", f"Targets: the best fixed arm ({label(result['best_fixed'], front['config'])}) {'less' if higher else 'plus'} "
-              f"margins of at least {MIN_STANDARD_ERRORS}, 4 and 5.5 of its standard errors. Steps and training seconds to each "
-              "target, and the training samples it took (for the LM, times its context: tokens) (the arm's best point; '-' "
-              "where not every seed reached it):", ""]
-    arms = list(front["arms"])
-    lines += ["| target | " + " | ".join(label(a, front['config']) for a in arms) + " |", "|---" * (len(arms) + 1) + "|"]
-    for row in result["rows"]:
-        cells = []
-        for a in arms:
-            r = row["arms"][a]
-            cells.append(f"{_fmt(r['steps'])} steps, {_fmt(r['seconds'], 1)} s, {_fmt(r['samples'])} samples"
-                         if "steps" in r else
-                         f"- ({r['reached']}/{r['seeds']} seeds)")
-        lines.append(f"| {scale * row['target']:.{2 if higher else 3}f}{unit} | " + " | ".join(cells) + " |")
-    lines += ["", "## Verdicts", ""]
+    best = label(result["best_fixed"], cfg)
+    lines += ["", "## The whole front", "",
+              f"Levels: the three highest are the targets, the best fixed arm ({best}) {'less' if higher else 'plus'} "
+              f"margins of at least {MIN_STANDARD_ERRORS}, 4 and 5.5 of its standard errors; the lower ones are "
+              f"{', '.join(f'{f:g}' for f in LEVEL_FRACTIONS)} of the way from the untrained model to it. A run "
+              f"reaches a level at the first validation evaluation from which the mean of {WINDOW} consecutive "
+              "evaluations reaches it. One rule for fixed and adaptive arms alike: a point that misses a level in "
+              "any seed does not reach it; the fixed front is the fixed arm with the fewest mean steps among those "
+              "that reach it, an adaptive arm is its point with the fewest mean steps among those that reach it. "
+              "Ratios are paired per seed (the arm's steps over the fixed front's on the same seed): geometric "
+              "mean and 95 % t-interval of the mean log-ratio; 'no difference' where it contains 1. No tolerance "
+              f"on extra samples is imposed (every arm has the same budget); the {per} each needed is shown beside "
+              "its steps, with the paired ratio of samples.", ""]
     adaptive = [a for a, e in front["arms"].items() if e["adaptive"]]
+    lines += ["| level | fixed front: steps, " + ("sequences" if context else "samples") + " | "
+              + " | ".join(label(a, cfg) for a in adaptive) + " |", "|---" * (len(adaptive) + 2) + "|"]
+    for row in result["rows"]:
+        ref = row["reference"]
+        cells = [f"{label(ref, cfg)}: {_fmt(interval_of(row['arms'][ref], 0))} steps, "
+                 f"{_fmt(interval_of(row['arms'][ref], 1))}" if ref else "no fixed arm reaches it"]
+        for a in adaptive:
+            here = row["arms"][a]
+            if here is None:
+                got, of = most_reached(front, timings, a, row["level"])
+                cells.append(f"not reached ({got}/{of} seeds)")
+                continue
+            text = f"point {here['point'] + 1}: {_fmt(interval_of(here, 0))} steps, {_fmt(interval_of(here, 1))}"
+            ratio = row["ratios"][a]
+            if ratio:
+                text += (f"; steps {_ratio(ratio['steps'])}, samples {_ratio(ratio['samples'])}: "
+                         f"**{verdict(ratio['steps'])}**")
+            cells.append(text)
+        name = f"{scale * row['level']:.{digits}f}{unit}" + (" (target)" if row["target"] else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Verdicts", ""]
     for a in adaptive:
-        per_target = "; ".join(f"{scale * row['target']:.{2 if higher else 3}f}{unit}: {row['verdicts'][a]}"
-                               + (f" ({ratio(row, a, 'steps'):.2f}x the steps and {ratio(row, a, 'seconds'):.2f}x the "
-                                  f"training seconds of {label(row['fastest_fixed'], front['config'])})"
-                                  if "steps" in row["arms"][a] and row["fastest_fixed"] else "")
-                               for row in result["rows"])
-        lines.append(f"- **{label(a, front['config'])}** {overall(result['rows'], a)}. {per_target}.")
-    if not any(all(row["verdicts"][a] == "fewer steps" for row in result["rows"] if row["fastest_fixed"])
-               for a in adaptive):
-        lines += ["", "No adaptive or planned arm beats the best fixed batch at every target on this task."]
-    lines += ["", f"![steps vs {front['metric']}]({plot.name})", ""]
+        lines.append(f"- **{label(a, cfg)}** {overall(result['rows'], a)}.")
+    lines += ["", f"![steps to each level and the points]({plot.name})", ""]
     return "\n".join(lines)
 
 
-def noise_scale_quarters(front: dict[str, Any]) -> tuple[list[float], float] | None:
-    """The noise-scale planner's measured ``B_simple`` (samples): the median of each quarter of
-    training over its final runs, and the share of windows inside the arms' batch range."""
-    entry = front["arms"].get("noise")
+def noise_scale_quarters(front: dict[str, Any], arm: str = "noise") -> list[float] | None:
+    """The gradient noise scale ``B_simple`` (samples) in each quarter of the budget, over the
+    arm's final runs: the ratio of the quarter's mean ``tr(Sigma)`` to its mean ``|G|^2``
+    (a median of per-window ratios is biased low); None without measured windows."""
+    entry = front["arms"].get(arm)
     if not entry or not entry["points"]:
         return None
-    cfg = front["config"]
-    quarters: list[list[float]] = [[], [], [], []]
-    inside = total = 0
+    budget = front["config"]["budget"]
+    sums = [[0.0, 0.0, 0] for _ in range(4)]
     for point in entry["points"]:
         for run in point["runs"]:
-            values = [v for v in run["statistic"] if v is not None and math.isfinite(v)]
-            for k, v in enumerate(values):
-                quarters[min(3, 4 * k // max(1, len(values)))].append(v)
-                inside += cfg["increment"] <= v <= cfg["max_samples"]
-                total += 1
-    if not total or not all(quarters):
+            seen = 0
+            for terms in run.get("noise_terms") or []:
+                if terms is None:
+                    continue
+                samples, trace, squared = terms
+                quarter = sums[min(3, 4 * seen // budget)]
+                quarter[0] += trace
+                quarter[1] += squared
+                quarter[2] += 1
+                seen += samples
+    if not all(q[2] for q in sums):
         return None
-    return [statistics.median(q) for q in quarters], inside / total
+    return [q[0] / q[1] if q[1] > 0 else math.inf for q in sums]
 
 
 def about_lines(front: dict[str, Any]) -> list[str]:
@@ -249,40 +360,59 @@ def about_lines(front: dict[str, Any]) -> list[str]:
                   "sequences of each held-out split; a sample is one sequence."]
     measured = noise_scale_quarters(front)
     if measured is not None:
-        medians, share = measured
         cfg = front["config"]
-        lines += ["", "Measured gradient noise scale B_simple (the noise-scale planner's final runs, in samples): "
-                  "median per quarter of training " + ", ".join(f"{m:.0f}" for m in medians)
-                  + f"; {100 * share:.0f} % of windows within the arms' batch range {cfg['increment']}-"
-                  f"{cfg['max_samples']}."]
+        eight = 8 * cfg["increment"]
+        above = sum(m >= eight for m in measured)
+        lines += ["", "Measured gradient noise scale B_simple (the noise-scale planner's final runs, in samples; per "
+                  "quarter of the budget, the ratio of the mean tr(Sigma) to the mean |G|^2 over its windows): "
+                  + ", ".join(f"{m:.0f}" for m in measured)
+                  + f". It is at or above 8x the smallest batch ({eight}) in {above} of the 4 quarters; the arms' "
+                  f"batches span {cfg['increment']}-{cfg['max_samples']}."]
     return lines
 
 
-def plot_front(front: dict[str, Any], path: Path) -> Path:
-    """Optimizer steps against the test metric: every point of every arm with its seed intervals."""
-    scale = 100.0 if front["metric"] == "accuracy" else 1.0
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    fixed_x, fixed_y = [], []
+def plot_front(front: dict[str, Any], result: dict[str, Any], path: Path) -> Path:
+    """Left: optimizer steps to each level, the fixed front and every arm (95 % intervals over
+    seeds); right: every retrained point's steps against its test metric. One colour per arm."""
+    higher = front["metric"] == "accuracy"
+    scale = 100.0 if higher else 1.0
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    xs = [scale * row["level"] for row in result["rows"]]
+    front_steps = [mean_of(row["arms"][row["reference"]], 0) if row["reference"] else math.nan
+                   for row in result["rows"]]
+    left.plot(xs, front_steps, "-", color="#888888", lw=8, alpha=0.3, label="fixed front (fewest steps)", zorder=1)
+    for k, arm in enumerate(front["arms"]):
+        ys, lo, hi = [], [], []
+        for row in result["rows"]:
+            here = row["arms"][arm]
+            mean, a, b = interval_of(here, 0) if here else (math.nan, math.nan, math.nan)
+            ys.append(mean)
+            lo.append(0.0 if math.isnan(a) else mean - a)
+            hi.append(0.0 if math.isnan(b) else b - mean)
+        colour, marker, line = style(arm)
+        shift = 1 + 0.004 * (k - len(front["arms"]) / 2)  # a nudge so that equal values stay visible
+        left.errorbar([x * shift for x in xs], ys, yerr=[lo, hi], color=colour, marker=marker, ls=line, ms=5,
+                      capsize=2, lw=1.2, alpha=0.85, label=label(arm, front["config"]), zorder=2)
+    left.set(yscale="log", xlabel=f"validation {front['metric']} level" + (" (%)" if higher else ""),
+             ylabel="optimizer steps to reach it", title=f"{front['task']}: steps to each level")
+    if not higher:
+        left.invert_xaxis()
     for arm, entry in front["arms"].items():
-        xs, ys, xerr, yerr = [], [], [], []
-        for point in entry["points"]:
-            steps = interval([r["steps"] for r in point["runs"]])
-            quality = interval([scale * r["test_accuracy"] for r in point["runs"]])
-            xs.append(steps[0])
-            ys.append(quality[0])
-            xerr.append(0.0 if math.isnan(steps[1]) else steps[0] - steps[1])
-            yerr.append(0.0 if math.isnan(quality[1]) else quality[0] - quality[1])
-        marker = "s" if not entry["adaptive"] else "o"
-        ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt=marker + ("-" if entry["adaptive"] else ""), capsize=3,
-                    label=label(arm, front['config']), ms=5)
-        if not entry["adaptive"]:
-            fixed_x += xs
-            fixed_y += ys
-    order = sorted(range(len(fixed_x)), key=lambda i: fixed_x[i])
-    ax.plot([fixed_x[i] for i in order], [fixed_y[i] for i in order], "k--", lw=0.8, label="fixed front")
-    ax.set(xscale="log", xlabel="optimizer steps", ylabel=f"test {front['metric']}" + (" (%)" if scale == 100 else ""),
-           title=f"{front['task']}: steps vs quality (95 % intervals over seeds)")
-    ax.legend(fontsize=7)
+        colour, marker, line = style(arm)
+        pts = [(interval([r["steps"] for r in p["runs"]]), interval([scale * r["test_accuracy"] for r in p["runs"]]))
+               for p in entry["points"]]
+        if not pts:
+            continue
+        right.errorbar([s[0] for s, _ in pts], [q[0] for _, q in pts],
+                       xerr=[[0.0 if math.isnan(s[1]) else s[0] - s[1] for s, _ in pts],
+                             [0.0 if math.isnan(s[2]) else s[2] - s[0] for s, _ in pts]],
+                       yerr=[[0.0 if math.isnan(q[1]) else q[0] - q[1] for _, q in pts],
+                             [0.0 if math.isnan(q[2]) else q[2] - q[0] for _, q in pts]],
+                       color=colour, marker=marker, ls=line if entry["adaptive"] else "none", ms=6, capsize=2,
+                       alpha=0.85, label=label(arm, front["config"]))
+    right.set(xscale="log", xlabel="optimizer steps", ylabel=f"test {front['metric']}" + (" (%)" if higher else ""),
+              title="retrained points (test, once at the end)")
+    left.legend(fontsize=7)
     fig.tight_layout()
     with atomic_file(path) as f:
         fig.savefig(f, format="png", dpi=110)

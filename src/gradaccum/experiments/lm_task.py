@@ -33,7 +33,7 @@ from ..torch import Accumulator
 from .arms import ARM_TABLE
 from .config import ExperimentConfig
 from .errors import SettingsError
-from .run_record import RunResult, Trained, Window, increments, statistic, train_loop
+from .run_record import RunResult, Trained, increments, train_loop, window
 
 TRAIN_FILES = ("argparse.py", "ast.py", "calendar.py", "configparser.py", "contextlib.py", "csv.py", "dataclasses.py",
                "difflib.py", "enum.py", "fractions.py", "functools.py", "gettext.py", "heapq.py", "inspect.py",
@@ -42,6 +42,8 @@ TRAIN_FILES = ("argparse.py", "ast.py", "calendar.py", "configparser.py", "conte
                "tokenize.py", "typing.py")
 VALIDATION_FILES = ("optparse.py", "sched.py", "json/encoder.py")
 TEST_FILES = ("smtplib.py", "trace.py", "plistlib.py")
+LM_CONTEXT = 32
+"""Bytes per sequence at scale 1."""
 EVAL_SEQUENCES = 128  # sequences of each held-out split the loss is measured on (fixed, evenly spaced)
 
 
@@ -117,7 +119,7 @@ class ByteGPT(nn.Module):
 def shape(cfg: ExperimentConfig) -> dict[str, int]:
     """The model and sequence sizes at ``cfg.lm_scale``."""
     k = cfg.lm_scale
-    return {"context": 32 * k, "dim": 64 * k, "layers": 2 * k}
+    return {"context": LM_CONTEXT * k, "dim": 64 * k, "layers": 2 * k}
 
 
 def sequences(split: np.ndarray, context: int) -> torch.Tensor:
@@ -166,11 +168,11 @@ def train_lm(arm: str, params: dict[str, float], seed: int, corpus: Corpus, cfg:
 
     evaluations, wall, diverged, caught = train_loop(
         increments(len(train), cfg.increment, cfg.budget, torch.Generator().manual_seed(seed)), backward,
-        lambda: (loss_on(model, val), loss_on(model, test)), cfg.eval_every, acc.flush)
+        lambda: loss_on(model, val), cfg.eval_every, acc.flush)
     val_loss, test_loss = loss_on(model, val), loss_on(model, test)
     if not (math.isfinite(val_loss) and math.isfinite(test_loss)):
         diverged, val_loss, test_loss = True, math.log(256), math.log(256)  # recorded as a uniform guess
-    windows = [Window(r.items, r.micro_batches, r.skipped, r.reason, statistic(r.info)) for r in acc.history]
+    windows = [window(r) for r in acc.history]
     return Trained(windows, [(e.samples, e.val) for e in evaluations], val_loss, test_loss, wall, diverged, caught,
                    evaluations)
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import tempfile
+import time
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .report import write_full_report
 from .run_record import RunResult
 from .runs import train_run
 from .tuning import best_params, best_value, open_study, sampler, storage_errors, too_many_diverged, trial_table
-from .workers import Tuning, complete, executor, run_all, tune_in_rounds
+from .workers import Tuning, complete, executor, run_reusing, tune_in_rounds
 
 FINAL_SEED_OFFSET = 10_000  # final runs use seeds no tuning trial used
 
@@ -68,24 +69,25 @@ def tune_all(cfg: ExperimentConfig, data: MNIST1D, pool: Executor) -> dict[str, 
                   "trials": trial_table(t.study, cfg.trials)} for arm, t in zip(cfg.arms, tunings)}
 
 
-def final_runs(cfg: ExperimentConfig, data: MNIST1D, tuned: dict[str, Any], pool: Executor
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The best settings of each arm over ``cfg.seeds`` seeds; timings kept apart (they vary)."""
+def final_runs(cfg: ExperimentConfig, data: MNIST1D, tuned: dict[str, Any], pool: Executor,
+               cache: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The best settings of each arm over ``cfg.seeds`` seeds; timings kept apart (they vary).
+    Runs ``cache`` holds from an earlier call are reused (``workers.run_reusing``)."""
     jobs = [(arm, tuned[arm]["best_params"], cfg.seed + FINAL_SEED_OFFSET + k, data, cfg)
             for arm in cfg.arms for k in range(cfg.seeds)]
     with tqdm(total=len(jobs), desc="final runs", disable=cfg.quiet) as bar:
-        results = run_all(pool, train_run, jobs, on_done=bar.update)
+        records, reused = run_reusing(pool, train_run, jobs, "reference", cache, on_done=bar.update)
     arms: dict[str, Any] = {}
     timings: dict[str, list[float]] = {}
-    for (arm, *_), result in zip(jobs, results):
-        timings.setdefault(arm, []).append(result.wall_seconds)
-        arms.setdefault(arm, {**tuned[arm], "runs": []})["runs"].append(timeless(result))
+    for (arm, *_), record, again in zip(jobs, records, reused):
+        timings.setdefault(arm, []).append(record["wall_seconds"])
+        arms.setdefault(arm, {**tuned[arm], "runs": []})["runs"].append({**timeless(record), "reused": again})
     return arms, timings
 
 
-def timeless(result: RunResult) -> dict[str, Any]:
+def timeless(result: RunResult | dict[str, Any]) -> dict[str, Any]:
     """A run's record without its times (they vary from run to run: timings.json keeps them)."""
-    record = result.as_dict()
+    record = result.as_dict() if isinstance(result, RunResult) else json.loads(json.dumps(result))
     record.pop("wall_seconds")
     for evaluation in record["evaluations"]:
         evaluation.pop("seconds")
@@ -97,7 +99,7 @@ def mnist1d_front(data: MNIST1D) -> FrontTask:
                      0.1, FRONT_ARMS)
 
 
-LM_INCREMENT, LM_MAX = 8, 256  # sequences: the LM's noise scale runs from a few to a few hundred of them
+LM_INCREMENT, LM_MAX = 4, 128  # sequences of LM_CONTEXT bytes: the measured noise scale passes 8 x LM_INCREMENT
 
 
 def lm_front(cfg: ExperimentConfig) -> tuple[FrontTask, ExperimentConfig]:
@@ -113,23 +115,87 @@ def lm_front(cfg: ExperimentConfig) -> tuple[FrontTask, ExperimentConfig]:
     return FrontTask("lm", title, train_lm_run, corpus, "loss", math.log(256), LM_FRONT_ARMS, about), lm_cfg
 
 
-def reproduce(cfg: ExperimentConfig) -> Path:
-    """Run the chosen sections of the experiment; returns the output directory."""
+SECTION_BUDGETS = {"reference": 150, "front": 300, "lm": 330, "critical": 300}
+"""Seconds each section of the default `gradaccum reproduce` is sized to take on two cores
+(the report states them beside the measured times)."""
+SECTION_FILES = {"reference": "results.json", "front": "mnist1d_results.json", "lm": "lm_results.json",
+                 "critical": "critical_batch_lm.json"}
+STATUS = "sections.json"
+"""Per section: its settings, budget, measured seconds and whether the last call reused it."""
+
+
+def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What a section's results depend on (not where they are written, progress bars or sections)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "quiet", "sections")}
+
+
+def _status(out: Path) -> dict[str, Any]:
+    try:
+        status = json.loads((out / STATUS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def finished(cfg: ExperimentConfig, out: Path, section: str) -> bool:
+    """Whether ``out`` holds the section's results from a finished call with the same settings."""
+    entry = _status(out).get(section)
+    return (isinstance(entry, dict) and entry.get("settings") == _settings(cfg)
+            and (out / SECTION_FILES[section]).exists())
+
+
+def up_to_date(cfg: ExperimentConfig) -> bool:
+    """Whether every chosen section is finished in ``cfg.out`` with these settings and the report is there."""
+    out = Path(cfg.out)
+    return (out / "report.md").exists() and all(finished(cfg, out, s) for s in cfg.sections)
+
+
+def _run_section(section: str, cfg: ExperimentConfig, data: MNIST1D, pool: Executor, out: Path, force: bool,
+                 quick: bool) -> None:
+    if section == "reference":
+        tuned = tune_all(cfg, data, pool)
+        arms, timings = final_runs(cfg, data, tuned, pool, None if force else out / "runs" / "reference")
+        results = {"config": cfg.to_dict(), "arms": arms}
+        write_atomic(out / "timings.json", json.dumps({"wall_seconds": timings}, indent=1) + "\n")
+        write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    elif section == "front":
+        run_front(mnist1d_front(data), cfg, pool, out, reuse=not force)
+    elif section == "lm":
+        task, lm_cfg = lm_front(cfg)
+        run_front(task, lm_cfg, pool, out, reuse=not force)
+    else:
+        from .critical_batch_section import TASKS, run_critical_batch_section
+
+        for name in TASKS:
+            run_critical_batch_section(name, cfg, pool, out, quick=quick)
+
+
+def reproduce(cfg: ExperimentConfig, force: bool = False, quick: bool = False) -> Path:
+    """Run the chosen sections of the experiment; returns the output directory.
+
+    A section finished earlier with the same settings is reused (``sections.json`` says which,
+    with each section's budget and measured seconds), and so are the final runs an interrupted
+    call finished; ``force`` recomputes every chosen section and its final runs (tuning trials
+    already complete in the Optuna storage are kept: delete it to tune again). ``quick``: the
+    critical section's small plan (``--quick``)."""
     out, data = prepare_output(cfg)
-    if {"front", "lm"} & set(cfg.sections) and cfg.backend != "torch":
-        raise SettingsError("backend: the front and lm sections run on torch (their trainers record the "
+    if {"front", "lm", "critical"} & set(cfg.sections) and cfg.backend != "torch":
+        raise SettingsError("backend: the front, lm and critical sections run on torch (their trainers record the "
                             "evaluations they read); use --sections reference with --backend jax")
-    with executor(cfg.processes) as pool:
-        if "reference" in cfg.sections:
-            tuned = tune_all(cfg, data, pool)
-            arms, timings = final_runs(cfg, data, tuned, pool)
-            results = {"config": cfg.to_dict(), "arms": arms}
-            write_atomic(out / "timings.json", json.dumps({"wall_seconds": timings}, indent=1) + "\n")
-            write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
-        if "front" in cfg.sections:
-            run_front(mnist1d_front(data), cfg, pool, out)
-        if "lm" in cfg.sections:
-            task, lm_cfg = lm_front(cfg)
-            run_front(task, lm_cfg, pool, out)
+    status = _status(out)
+    todo = [s for s in cfg.sections if force or not finished(cfg, out, s)]
+    for section in cfg.sections:
+        if section not in todo:
+            status[section] = {**status[section], "reused": True}
+    if todo:
+        with executor(cfg.processes) as pool:
+            for section in todo:
+                started = time.perf_counter()
+                _run_section(section, cfg, data, pool, out, force, quick)
+                status[section] = {"settings": _settings(cfg), "budget_seconds": SECTION_BUDGETS[section],
+                                   "seconds": time.perf_counter() - started, "reused": False,
+                                   "workers": cfg.processes}
+                write_atomic(out / STATUS, json.dumps(status, indent=1) + "\n")
+    write_atomic(out / STATUS, json.dumps(status, indent=1) + "\n")
     write_full_report(out)
     return out

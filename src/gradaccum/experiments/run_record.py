@@ -7,17 +7,21 @@ backends, so ``steps`` means the same thing in both: optimizer steps applied.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
 from .errors import SettingsError
+
+if TYPE_CHECKING:  # the JAX trainer draws its order without torch
+    import torch
 
 
 @dataclass
@@ -29,19 +33,21 @@ class Window:
     skipped: bool
     reason: str  # "rule", "flush" or "nonfinite"
     statistic: float | None = None
+    trace: float | None = None  # the window's unbiased tr(Sigma) and |G|^2, when its rule measured them
+    squared_norm: float | None = None
+    samples: int = 0  # samples (sequences for the LM) in the window
 
 
 @dataclass
 class Evaluation:
     """One evaluation during a run: after ``samples`` training samples and ``steps`` optimizer
-    steps, ``seconds`` of training (evaluations excluded), the metric on the validation and on
-    the test split (accuracy for mnist1d, loss for the LM)."""
+    steps, ``seconds`` of training (evaluations excluded), the metric on the validation split
+    (accuracy for mnist1d, loss for the LM). The test split is read once, after training."""
 
     samples: int
     steps: int
     seconds: float
     val: float
-    test: float
 
 
 @dataclass
@@ -65,6 +71,9 @@ class RunResult:
     ``steps`` counts optimizer steps applied (windows skipped for a non-finite gradient do
     not count). ``batch_sizes`` are the windows the rule closed; a partial window left at
     the end of the budget (applied by ``flush``) is counted in ``flushed_items`` instead.
+    ``noise_terms`` holds each window's ``[samples, tr(Sigma), |G|^2]`` (None where its rule
+    measured nothing): the gradient noise scale of a stretch of training is the ratio of the
+    terms' means over its windows, not a mean or median of per-window ratios (biased low).
     ``diverged``: the loss or gradient became non-finite and training stopped (torch) or
     dropped micro-batches (JAX); the accuracies are those of the weights at that point.
     """
@@ -83,6 +92,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     diverged: bool = False
     evaluations: list[Evaluation] = field(default_factory=list)
+    noise_terms: list[list[float] | None] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,10 +106,16 @@ class RunResult:
                    batch_sizes=[w.items for w in windows if w.reason == "rule" and not w.skipped],
                    flushed_items=sum(w.items for w in windows if w.reason == "flush" and not w.skipped),
                    statistic=[w.statistic for w in windows], wall_seconds=trained.wall_seconds,
-                   warnings=trained.warnings, diverged=trained.diverged, evaluations=trained.evaluations)
+                   warnings=trained.warnings, diverged=trained.diverged, evaluations=trained.evaluations,
+                   noise_terms=[None if w.trace is None else [w.samples, w.trace, w.squared_norm] for w in windows])
 
 
 _PROGRESS: ContextVar[Callable[[int], Any] | None] = ContextVar("gradaccum_progress", default=None)
+
+
+def reporter() -> Callable[[int], Any] | None:
+    """The progress callback of the enclosing ``progress`` block, if any (for trainers with their own loop)."""
+    return _PROGRESS.get()
 
 
 @contextmanager
@@ -114,10 +130,10 @@ def progress(report: Callable[[int], Any]) -> Iterator[None]:
 
 
 def train_loop(batches: Iterable[torch.Tensor], backward: Callable[[torch.Tensor], bool],
-               evaluate: Callable[[], tuple[float, float]], every: int, flush: Callable[[], Any]
+               evaluate: Callable[[], float], every: int, flush: Callable[[], Any]
                ) -> tuple[list[Evaluation], float, bool, list[str]]:
     """What both tasks' torch trainers do around their step: ``backward(indices)`` per
-    micro-batch (True when the optimizer stepped), ``evaluate() -> (val, test)`` every ``every``
+    micro-batch (True when the optimizer stepped), ``evaluate() -> val`` every ``every``
     samples, timed apart from training. A NonFiniteError ends the run as diverged; the
     Accumulator's RuntimeWarnings ("not adapting") are collected. Returns the evaluations, the
     training seconds, whether it diverged and the warnings."""
@@ -137,13 +153,23 @@ def train_loop(batches: Iterable[torch.Tensor], backward: Callable[[torch.Tensor
                     report(len(idx))
                 if seen >= next_eval:
                     now = time.perf_counter()
-                    evaluations.append(Evaluation(seen, steps, now - start - evaluating, *evaluate()))
+                    evaluations.append(Evaluation(seen, steps, now - start - evaluating, evaluate()))
                     evaluating += time.perf_counter() - now
                     next_eval += every
             flush()
         except NonFiniteError:
             diverged = True
     return evaluations, time.perf_counter() - start - evaluating, diverged, sorted({str(w.message) for w in caught})
+
+
+def window(record: Any) -> Window:
+    """A trainer's ``Window`` from one of the Accumulator's step records."""
+    info = record.info
+    terms = ("trace" in info and "squared_norm" in info and not record.skipped
+             and all(isinstance(info[k], (int, float)) and math.isfinite(info[k]) for k in ("trace", "squared_norm")))
+    return Window(record.items, record.micro_batches, record.skipped, record.reason, statistic(info),
+                  float(info["trace"]) if terms else None, float(info["squared_norm"]) if terms else None,
+                  record.samples if record.samples is not None else record.items)
 
 
 def statistic(info: dict[str, Any]) -> float | None:
@@ -155,16 +181,29 @@ def statistic(info: dict[str, Any]) -> float | None:
     return None
 
 
-def increments(n: int, size: int, budget: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """Index batches of ``size`` drawn epoch by epoch from seeded shuffles, ``budget`` samples in all."""
+def increments(n: int, size: int, budget: int, generator: torch.Generator | np.random.Generator
+               ) -> Iterator[torch.Tensor | np.ndarray]:
+    """Index batches of ``size`` drawn epoch by epoch from seeded shuffles, ``budget`` samples in all.
+
+    ``generator``: a ``torch.Generator`` (the torch trainers: tensors of indices) or a NumPy
+    ``Generator`` (the JAX trainer, which needs no torch: arrays of indices)."""
     if size > n:  # no batch fits in an epoch: refuse rather than loop without progress
         raise SettingsError(f"increment ({size}) is larger than the training split ({n} samples)")
     seen = 0
     while seen < budget:
-        order = torch.randperm(n, generator=generator)
+        order = _permutation(n, generator)
         for i in range(0, n - size + 1, size):
             if seen >= budget:
                 return
             take = min(size, budget - seen)
             seen += take
             yield order[i:i + take]
+
+
+def _permutation(n: int, generator: torch.Generator | np.random.Generator) -> torch.Tensor | np.ndarray:
+    """A seeded shuffle of ``range(n)`` from ``generator``'s library."""
+    if isinstance(generator, np.random.Generator):
+        return generator.permutation(n)
+    import torch
+
+    return torch.randperm(n, generator=generator)

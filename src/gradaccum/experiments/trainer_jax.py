@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import torch
 
 from .._core.monitor import DecisionMonitor
 from ..jax import AccumulatingTrainState, flush, make_train_step
 from .arms import ARM_TABLE
 from .config import ExperimentConfig
 from .mnist1d_data import MNIST1D
-from .run_record import Trained, Window, increments
+from .run_record import Trained, Window, increments, reporter
 
 
 class FlaxMLP(fnn.Module):
@@ -66,7 +65,8 @@ def train_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg:
     x_val = data.x_val.astype(np.float32)  # converted once, validated every eval_every samples
     rule = ARM_TABLE[arm].rule(params, cfg)
     state = AccumulatingTrainState.create(
-        apply_fn=MODEL.apply, params=MODEL.init(jax.random.key(seed), jnp.zeros((1, x.shape[1]), jnp.float32))["params"],
+        apply_fn=MODEL.apply,
+        params=MODEL.init(jax.random.key(seed), jnp.zeros((1, x.shape[1]), jnp.float32))["params"],
         tx=optax.adam(params["lr"]), rule=rule)
     size = cfg.increment
     curve: list[tuple[int, float]] = []
@@ -74,7 +74,8 @@ def train_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg:
     seen, next_eval = 0, cfg.eval_every
     full = np.ones(size, np.int32)
     start = time.perf_counter()
-    for idx in increments(len(y), size, cfg.budget, torch.Generator().manual_seed(seed)):
+    report = reporter()
+    for idx in increments(len(y), size, cfg.budget, np.random.default_rng(seed)):
         rows = np.asarray(idx)
         weights = full
         if len(rows) < size:  # the budget's last, short increment: padded, so one compiled shape
@@ -83,6 +84,8 @@ def train_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg:
         state, metrics = _STEP(state, {"x": x[rows], "y": y[rows]}, weights)
         metrics_seen.append(metrics)  # device arrays: read once at the end, no host sync per micro-batch
         seen += len(idx)
+        if report is not None:
+            report(len(idx))
         if seen >= next_eval:
             curve.append((seen, accuracy(state.params, x_val, data.y_val)))
             next_eval += cfg.eval_every

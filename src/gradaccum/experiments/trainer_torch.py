@@ -9,7 +9,7 @@ from ..torch import Accumulator
 from .arms import ARM_TABLE
 from .config import ExperimentConfig
 from .mnist1d_data import MNIST1D
-from .run_record import Trained, Window, increments, statistic, train_loop
+from .run_record import Trained, increments, train_loop, window
 
 
 def mlp() -> nn.Module:
@@ -37,7 +37,7 @@ def train_torch(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cf
 
     evaluations, wall, diverged, caught = train_loop(
         increments(len(y), cfg.increment, cfg.budget, torch.Generator().manual_seed(seed)), backward,
-        lambda: (accuracy(model, x_val, y_val), accuracy(model, x_test, y_test)), cfg.eval_every, acc.flush)
-    windows = [Window(r.items, r.micro_batches, r.skipped, r.reason, statistic(r.info)) for r in acc.history]
+        lambda: accuracy(model, x_val, y_val), cfg.eval_every, acc.flush)
+    windows = [window(r) for r in acc.history]
     return Trained(windows, [(e.samples, e.val) for e in evaluations], accuracy(model, x_val, y_val),
                    accuracy(model, x_test, y_test), wall, diverged, caught, evaluations)

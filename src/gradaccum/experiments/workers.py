@@ -19,6 +19,8 @@ The parent owns every trial its workers compute and records their heartbeats
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
 import signal
@@ -29,11 +31,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from .files import write_atomic
 from .study_storage import Heartbeats, ask, fail_stale
 from .tuning import diverged_limit, finish, tell_failed
 
@@ -162,6 +166,54 @@ def run_all(pool: Executor, fn: Callable[..., Any], jobs: Sequence[tuple], on_do
             future.cancel()
         raise
     return [f.result() for f in futures]
+
+
+TRAINING_IRRELEVANT = ("out", "quiet", "workers", "storage", "n_jobs", "sections", "seeds", "arms", "trials",
+                       "front_trials")
+"""Settings a run's result does not depend on (given its arm, parameters and seed)."""
+
+
+def run_key(task: str, job: tuple) -> str:
+    """A name for one run, from what its result depends on: the task, arm, parameters, seed and
+    the settings training reads."""
+    arm, params, seed, _, cfg = job
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in TRAINING_IRRELEVANT}
+    text = json.dumps([task, arm, params, seed, settings], sort_keys=True)
+    return f"{arm}-{seed}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def run_reusing(pool: Executor, fn: Callable[..., Any], jobs: Sequence[tuple], task: str, cache: Path | None,
+                on_done: Callable[[], None] = lambda: None) -> tuple[list[dict[str, Any]], list[bool]]:
+    """``fn(*job).as_dict()`` for every job, the records in the jobs' order, and for each whether
+    it was reused: a run whose record ``cache`` holds (from an earlier, interrupted or finished
+    call) is read back instead of trained again; each new record is written there as soon as its
+    run ends (whole or not at all). ``cache=None`` trains every run and keeps nothing."""
+    records: list[dict[str, Any] | None] = [None] * len(jobs)
+    paths = [cache / f"{run_key(task, job)}.json" for job in jobs] if cache is not None else [None] * len(jobs)
+    for k, path in enumerate(paths):
+        if path is not None and path.exists():
+            try:
+                records[k] = json.loads(path.read_text())
+            except (OSError, ValueError):
+                records[k] = None  # unreadable: trained again
+    reused = [r is not None for r in records]
+    for _ in range(sum(reused)):
+        on_done()
+    missing = [k for k, r in enumerate(records) if r is None]
+    futures = {pool.submit(fn, *jobs[k]): k for k in missing}
+    try:
+        for future in _as_completed(list(futures)):
+            k = futures[future]
+            records[k] = future.result().as_dict()
+            if paths[k] is not None:
+                paths[k].parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(paths[k], json.dumps(records[k]) + "\n")
+            on_done()
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    return [r for r in records if r is not None], reused
 
 
 def _as_completed(futures: Iterable[Future]) -> Iterable[Future]:
