@@ -13,7 +13,7 @@ it or it reaches ``batch_size * gradient_accumulation_steps`` samples.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from .planners import is_planner
 from .rules import GSNR, FixedSteps, NormTest, StoppingRule, check_rule
 from .validation import check_positive_int
 
-_RULES: dict[str, tuple[type, tuple[str, ...]]] = {
+_RULES: dict[str, tuple[Callable[..., StoppingRule], tuple[str, ...]]] = {
     # name -> (rule class, settings the YAML may give besides the sizes)
     "fixed": (FixedSteps, ()),
     "gsnr": (GSNR, ("tau", "scale", "min_samples")),

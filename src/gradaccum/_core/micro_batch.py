@@ -62,7 +62,7 @@ class MicroBatchSums(NamedTuple):
             raise ValueError(f"the micro-batch's squared gradient norm must be finite and >= 0, got {squared_sum}")
         return MicroBatchSums(self.micro_batches + 1, self.samples + samples, self.weighted + squared_sum / samples)
 
-    def __add__(self, other: tuple) -> MicroBatchSums:  # type: ignore[override]
+    def __add__(self, other: tuple[Any, ...]) -> MicroBatchSums:
         return MicroBatchSums(*(a + b for a, b in zip(self, other)))
 
     def norm_sums(self, window_squared_sum: float) -> NormSums:

@@ -24,10 +24,10 @@ def check_positive_float(name: str, value: Any) -> float:
     """Return ``value`` as a float if it is a finite real number > 0."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive finite number, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return value
+    result = float(value)
+    if not math.isfinite(result) or result <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {result!r}")
+    return result
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -35,7 +35,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
+    return choices[choices.index(value)]
 
 
 def real_number(value: Any) -> float | None:
