@@ -211,3 +211,21 @@ def test_train_gives_what_a_reproduce_worker_gives_for_the_same_seed(tmp_path: P
         for evaluation in record["evaluations"]:
             evaluation.pop("seconds")
     assert json.loads(json.dumps(worker)) == here
+
+
+@pytest.mark.slow
+def test_critical_batch_quick_writes_its_numbers_and_plot(tmp_path: Path, data_dir: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["critical-batch", "--task", "mnist1d", "--quick", "--workers", "1", "--out", str(tmp_path),
+                 "--data-dir", data_dir]) == 0
+    results = json.loads((tmp_path / "critical_batch_mnist1d.json").read_text())
+    assert [c["step"] for c in results["checkpoints"]] == list(results["plan"]["checkpoints"])
+    for c in results["checkpoints"]:
+        assert ("b_noise" in c) != ("refused" in c)
+        assert set(c["online"]) == {"per_sample", "micro_batch", "adam"}
+    rows = (tmp_path / "critical_batch_mnist1d.csv").read_text().splitlines()
+    plan = results["plan"]
+    assert len(rows) == 1 + len(plan["checkpoints"]) * len(plan["batch_sizes"]) * len(plan["lr_factors"]) * len(
+        plan["seeds"])
+    assert (tmp_path / "critical_batch_mnist1d.png").read_bytes()[:4] == b"\x89PNG"
+    assert "step 25:" in capsys.readouterr().out

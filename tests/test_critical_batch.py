@@ -238,3 +238,112 @@ def test_a_learning_rate_not_scaled_with_the_batch_does_not_give_the_noise_scale
         assert "B_noise is below the smallest batch measured" in str(error)
     else:
         assert not 0.8 < result.b_noise / s**2 < 1.25
+
+
+# ---------------------------------------------------------------------------- PyTorch: the online noise scales
+def _tiny(seed: int = 0):
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    x = torch.randn(96, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (96,))
+    return model, (x, y)
+
+
+def _mean_ce(model, batch):
+    import torch
+
+    x, y = batch
+    return torch.nn.functional.cross_entropy(model(x), y)
+
+
+def _stream(data, size: int):
+    from gradaccum.experiments.critical_batch_torch import sample_batches
+
+    return sample_batches(data, size, 7)
+
+
+def _count(batch) -> tuple[int, int]:
+    return len(batch[1]), len(batch[1])
+
+
+def _flat_grad(model, batch) -> np.ndarray:
+    import torch
+
+    grads = torch.autograd.grad(_mean_ce(model, batch), list(model.parameters()))
+    return torch.cat([g.reshape(-1) for g in grads]).numpy()
+
+
+def test_the_weighted_estimator_is_the_micro_batch_formula_against_a_slow_reference() -> None:
+    """tr(P Sigma) = b sum_j |g_j - g|_P^2 / (k - 1), G^T P G = |g|_P^2 - tr / n, per window, the
+    terms averaged over windows (float64, explicit loops)."""
+    import torch
+
+    from gradaccum.experiments.critical_batch_torch import weighted_noise_scale
+
+    model, data = _tiny()
+    weights = [torch.rand_like(p) + 0.1 for p in model.parameters()]
+    p_flat = torch.cat([w.reshape(-1) for w in weights]).numpy()
+    got = weighted_noise_scale(model, _mean_ce, _stream(data, 8), 4, 3, weights, lambda b: len(b[1]))
+    stream, traces, squares = _stream(data, 8), [], []
+    for _ in range(3):
+        g = np.stack([_flat_grad(model, next(stream)) for _ in range(4)])
+        mean = g.mean(0)
+        trace = 8 * sum(float(((gj - mean) ** 2 * p_flat).sum()) for gj in g) / 3
+        traces.append(trace)
+        squares.append(float((mean**2 * p_flat).sum()) - trace / 32)
+    assert got["trace"] == pytest.approx(np.mean(traces), rel=1e-10)
+    assert got["squared_norm"] == pytest.approx(np.mean(squares), rel=1e-10)
+    assert got["b_simple"] == pytest.approx(np.mean(traces) / np.mean(squares), rel=1e-10)
+
+
+def test_unweighted_it_is_the_accumulators_micro_batch_source() -> None:
+    from gradaccum.experiments.critical_batch_torch import accumulator_noise_scale, weighted_noise_scale
+
+    model, data = _tiny(1)
+    ours = weighted_noise_scale(model, _mean_ce, _stream(data, 8), 4, 3, None, lambda b: len(b[1]))
+    library = accumulator_noise_scale(model, _mean_ce, _stream(data, 8), 4, 3, "micro_batch", _count)
+    assert ours["b_simple"] == pytest.approx(library["b_simple"], rel=1e-9)
+
+
+def test_the_per_sample_source_averages_the_windows_terms_against_a_slow_reference() -> None:
+    import torch
+
+    from gradaccum.experiments.critical_batch_torch import accumulator_noise_scale
+
+    model, data = _tiny(2)
+    got = accumulator_noise_scale(model, _mean_ce, _stream(data, 8), 2, 3, "per_sample", _count)
+    stream, traces, squares = _stream(data, 8), [], []
+    for _ in range(3):
+        x, y = (torch.cat(t) for t in zip(*[next(stream) for _ in range(2)]))
+        g = np.stack([_flat_grad(model, (x[i:i + 1], y[i:i + 1])) for i in range(16)])
+        trace = float(((g - g.mean(0)) ** 2).sum()) / 15
+        traces.append(trace)
+        squares.append(float((g.mean(0) ** 2).sum()) - trace / 16)
+    assert got["b_simple"] == pytest.approx(np.mean(traces) / np.mean(squares), rel=1e-9)
+    # the ratio of averaged terms, not the mean of the windows' ratios
+    assert got["b_simple"] != pytest.approx(np.mean(np.array(traces) / np.array(squares)), rel=1e-6)
+
+
+def test_online_measurement_and_branches_leave_the_checkpoint_as_it_was() -> None:
+    import torch
+
+    from gradaccum.experiments.critical_batch_torch import TorchProblem, checkpoint, online_noise_scales
+
+    model, data = _tiny(3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    problem = TorchProblem(_mean_ce, data, data)
+    state = (model, optimizer)
+    for batch in [next(_stream(data, 16)) for _ in range(3)]:
+        problem.step(state, batch, 1e-2)
+    saved = checkpoint(model, optimizer)
+    before = [p.detach().clone() for p in saved[0].parameters()]
+    v_before = [saved[1].state[p]["exp_avg_sq"].clone() for p in saved[0].parameters()]
+    online = online_noise_scales(saved, _mean_ce, lambda: _stream(data, 8), 2, 2, _count)
+    assert set(online) == {"per_sample", "micro_batch", "adam"}
+    branch = problem.restore(saved)
+    problem.step(branch, next(_stream(data, 16)), 1e-2)
+    assert all(torch.equal(a, p) for a, p in zip(before, saved[0].parameters()))
+    assert all(torch.equal(v, saved[1].state[p]["exp_avg_sq"]) for v, p in zip(v_before, saved[0].parameters()))
+    assert not all(torch.equal(a, p) for a, p in zip(before, branch[0].parameters()))

@@ -201,6 +201,24 @@ def _plot_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _critical_batch(args: argparse.Namespace) -> int:
+    from .experiments.config import ExperimentConfig
+    from .experiments.critical_batch_section import run_critical_batch_section
+    from .experiments.workers import executor, one_thread
+
+    cfg = ExperimentConfig(out=args.out, data_dir=args.data_dir, workers=args.workers, seed=args.seed)
+    with one_thread(), executor(cfg.processes) as pool:
+        results = run_critical_batch_section(args.task, cfg, pool, Path(args.out), quick=args.quick)
+    for c in results["checkpoints"]:
+        online = ", ".join(f"{k} {v['b_simple']:.0f}" for k, v in c["online"].items())
+        fitted = c.get("refused") or (f"B_noise {c['b_noise']:.0f}" + (
+            " [{:.0f}, {:.0f}]".format(*c["b_noise_interval"]) if c["b_noise_interval"] else "")
+            + f", Zhang {c['b_zhang']:.0f}")
+        print(f"step {c['step']}: {fitted}; online B_simple: {online}")
+    print(f"wrote {Path(args.out) / f'critical_batch_{args.task}'}.json, .csv, .png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser; no flag is matched by a prefix of its name (``--c`` once matched ``--config``
     or was "ambiguous"), so every flag means exactly what it says."""
@@ -260,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("csv", help="the CSV file gradaccum.torch.Monitor(..., csv=...) wrote")
     monitor.add_argument("--out", help="the PNG to write (default: the CSV's name with .png)")
     monitor.set_defaults(func=_plot_monitor)
+
+    critical = sub.add_parser("critical-batch", allow_abbrev=False, help="the critical batch size measured by "
+                              "branching from checkpoints, beside the online noise scale (docs/experiment.md)")
+    critical.add_argument("--task", required=True, choices=("mnist1d", "lm"))
+    critical.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    critical.add_argument("--out", default="gradaccum-out/critical-batch",
+                          help="output directory (default: %(default)s)")
+    critical.add_argument("--data-dir", default="gradaccum-out/data", help="the mnist1d cache (default: %(default)s)")
+    critical.add_argument("--workers", type=int, default=0, help="worker processes (0: one per core)")
+    critical.add_argument("--seed", type=int, default=0, help="seed of the run the checkpoints come from")
+    critical.set_defaults(func=_critical_batch)
 
     demo = sub.add_parser("demo", allow_abbrev=False,
                           help="check exactness and train a small model with accumulation")
