@@ -33,17 +33,29 @@ sample's per-token mean. The Accumulator's records are in units of each sample's
 loss (a factor ``T^2`` for ``T`` tokens a sample); ``noise_scale`` is the same in both.
 
 Two lines: ``monitor = Monitor(model, optimizer, csv="noise.csv")`` before the loop, and
-``monitor.close()`` after it. A step must be one backward of one batch through ``model``: a
-backward that adds to gradients already in ``.grad`` (accumulation in a plain loop) or a loss
-from several forward passes of the model raises ``ValueError`` from that backward, and the
-Monitor stays usable (with gradient accumulation, use the Accumulator, whose records hold the
-same numbers).
+``monitor.close()`` after it. With the per-sample source (``source="per_sample"``) a step must be
+one backward of one batch through ``model``: a backward that adds to gradients already in
+``.grad`` (accumulation in a plain loop) or a loss from several forward passes of the model raises
+``ValueError`` from that backward, and the Monitor stays usable.
+
+**Accumulation loops** (``source="micro_batch"``): ``loss.backward()`` on several micro-batches,
+then ``optimizer.step()``. Each micro-batch's own gradient is an estimate of the gradient, and
+their spread gives the terms (docs/design.md, "Micro-batch statistics"): no layer hooks, any
+model, compiled or with dropout (its noise is part of the gradient noise). A hook on each
+parameter sees the gradient a backward adds to ``.grad`` before it is added, and takes its
+squared norm and its product with ``.grad`` so far (two reductions per parameter and backward,
+no buffer); the terms of the window are made at the step. A step after a single backward has no
+between-micro-batch variance: the first one is refused (use ``source="per_sample"`` or accumulate
+two or more micro-batches), a later window of one micro-batch (a short last window) records NaN
+terms. ``accumulation`` says how the loop scaled each backward's loss. Each micro-batch's
+samples are the leading size of the model's first tensor input.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +63,12 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
+from .._core.micro_batch import MicroBatchSums
 from .._core.monitor_log import MonitorLog
-from .._core.noise_scale import layer_noise_scales, noise_scale, noise_terms, pooled_terms
+from .._core.noise_scale import NormSums, layer_noise_scales, noise_scale, noise_terms, pooled_terms
+from .._core.rules import SOURCES
 from .._core.statistics import mean_gsnr
-from .._core.validation import check_choice
+from .._core.validation import check_choice, check_positive_int
 from ._accumulator import stepping_accumulator
 from ._nonfinite import all_finite
 from ._stats import PerSampleGradStats
@@ -63,8 +77,18 @@ ACCUMULATED = (
     "Monitor: this backward added to gradients already in .grad (an earlier backward's, not cleared by "
     "optimizer.zero_grad()), so the step's gradient would come from several backward passes (gradient "
     "accumulation), which a Monitor does not measure. Clear the gradients before each backward (one backward "
-    "of one batch per optimizer.step()), or accumulate with gradaccum.torch.Accumulator, whose step records "
-    "hold the same statistics")
+    "of one batch per optimizer.step()); to measure a loop that accumulates, build the Monitor with "
+    "source='micro_batch' (or accumulate with gradaccum.torch.Accumulator, whose step records hold the same "
+    "statistics)")
+ACCUMULATED_OUTSIDE = (
+    "Monitor(source='micro_batch'): this backward added to a .grad that did not come from the backwards of the "
+    "open window alone (not cleared since the last optimizer.step(), changed between backwards, or partly "
+    "cleared): the micro-batches' gradients cannot be told apart. Clear the gradients after each step "
+    "(optimizer.zero_grad()) and leave .grad alone between a window's backwards; the window is as before")
+ONE_MICRO_BATCH = (
+    "Monitor(source='micro_batch'): this optimizer step follows a single backward, and one micro-batch has no "
+    "between-micro-batch variance to measure. Use source='per_sample' for a loop with one backward per step, or "
+    "accumulate >= 2 micro-batches (loss.backward() on each) before every optimizer.step()")
 UNDER_ACCUMULATOR = (
     "Monitor: optimizer is stepped by a gradaccum Accumulator, whose windows a Monitor cannot measure (several "
     "micro-batches, scaled losses). The Accumulator's own step records hold the same statistics "
@@ -97,6 +121,15 @@ class Monitor:
         ``gradaccum/<column>`` at the step (needs ``torch.utils.tensorboard``, the
         ``tensorboard`` extra).
       decay: the weight of the past in the noise terms' moving averages.
+      source: where the statistics come from: ``"per_sample"`` (default; per-sample gradients from
+        layer hooks, one backward per step) or ``"micro_batch"`` (each backward's own gradient, in
+        a loop that accumulates two or more micro-batches per step; norms only).
+      accumulation: with ``source="micro_batch"``, how the loop scaled each backward's loss (its
+        micro-batch's loss, reduced as ``reduction`` says): ``"mean"`` (default: divided by the
+        window's number of backwards, so ``.grad`` at the step is the mean of the micro-batches'),
+        ``"sum"`` (not divided), or an int N (divided by N always, as nanoGPT, Accelerate's
+        ``accelerator.backward`` and Lightning do with their fixed accumulation steps, also in a
+        shorter last window).
 
     ``rows`` holds every recorded row (dicts of floats); ``close()`` removes the hooks and
     closes the file. An optimizer stepped by a ``gradaccum.torch.Accumulator`` is refused.
@@ -104,9 +137,16 @@ class Monitor:
 
     def __init__(self, model: torch.nn.Module, optimizer: Any, *, statistics: str = "norms",
                  reduction: str = "mean", scaler: Any | None = None, csv: str | Path | None = None,
-                 tensorboard: str | Path | None = None, decay: float = 0.9) -> None:
+                 tensorboard: str | Path | None = None, decay: float = 0.9, source: str = "per_sample",
+                 accumulation: str | int = "mean") -> None:
         check_choice("statistics", statistics, ("norms", "elements"))
         self.reduction = check_choice("reduction", reduction, ("mean", "sum"))
+        self.source = check_choice("source", source, SOURCES)
+        if self.source == "micro_batch" and statistics != "norms":
+            raise ValueError("statistics='elements' with source='micro_batch': the GSNR and the preconditioned noise "
+                             "scale need per-element moments, which the micro-batch source does not take; use "
+                             "statistics='norms' or source='per_sample'")
+        self.accumulation = _check_accumulation(accumulation)
         self._optimizer = torch_optimizer(optimizer)
         if scaler is not None and not callable(getattr(scaler, "get_scale", None)):
             raise TypeError(f"scaler must be a torch.amp.GradScaler (with get_scale()), got {type(scaler).__name__}")
@@ -114,14 +154,22 @@ class Monitor:
         if _stepped_by_accumulator(self._optimizer):
             raise ValueError(UNDER_ACCUMULATOR)
         params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self.params = params
         self._board: Any = None
         self.log = MonitorLog(csv, decay, sink=self._to_board)  # checks the path; the file opens at the first row
-        self.stats = PerSampleGradStats(model, params=params, kind=statistics)
+        self.stats: PerSampleGradStats | None = None  # the per-sample source's hooks on the layers
+        self._window: _Window | None = None  # the micro-batch source's open window
+        if self.source == "per_sample":
+            self.stats = PerSampleGradStats(model, params=params, kind=statistics)
+        else:
+            names = {id(p): name for name, p in model.named_parameters()}
+            self._window = _Window([names.get(id(p), f"parameter #{i}") for i, p in enumerate(params)])
         if tensorboard is not None:
             try:
                 self._board = _summary_writer(tensorboard)
             except BaseException:
-                self.stats.remove()  # no hook left behind
+                if self.stats is not None:
+                    self.stats.remove()  # no hook left behind
                 raise
         self._pass: _Pass | None = None  # the backward running now, from its first hook to its end
         self._pending: _Row | None = None  # the last backward's row, recorded at the step that applies it
@@ -129,11 +177,12 @@ class Monitor:
         self._scanned = False  # looked for an Accumulator at the first backward
         self._busy = False  # measuring: the statistics' own replays must not be seen as the loop's
         self._steps = 0
-        self._handles = [model.register_forward_pre_hook(self._before_forward),
-                         model.register_forward_hook(self._on_forward),
+        # a compiled model's forward runs its hooks eagerly (they queue autograd callbacks)
+        self._handles = [model.register_forward_pre_hook(torch.compiler.disable(self._before_forward)),
+                         model.register_forward_hook(torch.compiler.disable(self._on_forward), with_kwargs=True),
                          self._optimizer.register_step_pre_hook(self._before_step),
                          self._optimizer.register_step_post_hook(self._after_step)]
-        for i, p in enumerate(self.stats.params):
+        for i, p in enumerate(self.params):
             self._handles.append(p.register_hook(self._before_accumulation(i)))
             self._handles.append(p.register_post_accumulate_grad_hook(self._after_accumulation(i)))
 
@@ -149,10 +198,10 @@ class Monitor:
         if self._busy or torch._C._current_graph_task_id() != -1:
             return  # a replay of the statistics, or a recomputation inside a backward
         stale, self._pass = self._pass, None
-        if stale is not None and (stale.task is not None or stale.accumulated):
+        if stale is not None and (stale.task is not None or stale.accumulated) and self.stats is not None:
             self.stats.discard()
 
-    def _on_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    def _on_forward(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         """Hook the model's outputs: their gradient is the first of the backward through the
         model, and a callback queued there runs when that backward (reentrant checkpoints
         inside it included) has ended. (``register_multi_grad_hook`` over the parameters would
@@ -161,22 +210,32 @@ class Monitor:
         see what ``.grad`` held before, which is how accumulation is told apart.)"""
         if self._busy or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return  # a replay of the statistics, no_grad, or a recomputation inside a backward
+        forward = _Forward(_leading_size(args, kwargs))
         for t in tree_flatten(output)[0]:
             if isinstance(t, torch.Tensor) and t.requires_grad:
-                t.register_hook(self._on_output_grad)
+                t.register_hook(self._on_output_grad(forward))
 
-    def _on_output_grad(self, grad: torch.Tensor) -> None:
-        if self._busy:
-            return
-        task = torch._C._current_graph_task_id()
-        if self._pass is not None and self._pass.task not in (None, task):
-            self._pass = None  # queued in a backward that never ended
-        self._open().queue(task, self._end_of_backward)
+    def _on_output_grad(self, forward: _Forward):
+        def hook(grad: torch.Tensor) -> None:
+            if self._busy:
+                return
+            task = torch._C._current_graph_task_id()
+            if self._pass is not None and self._pass.task not in (None, task):
+                self._pass = None  # queued in a backward that never ended
+            current = self._open()
+            current.forwards[id(forward)] = forward
+            current.queue(task, self._end_of_backward)
+
+        return hook
 
     def _before_accumulation(self, i: int):
         def hook(grad: torch.Tensor) -> None:
-            if not self._busy:
-                self._open().before(i, self.stats.params[i].grad)
+            if self._busy:
+                return
+            if self._window is None:
+                self._open().before(i, self.params[i].grad)
+            else:
+                self._open().take(i, grad, self.params[i].grad, self._window.expected[i])
 
         return hook
 
@@ -185,6 +244,8 @@ class Monitor:
             if not self._busy:
                 current = self._open()
                 current.accumulated.add(i)
+                if param.grad is not None:
+                    current.after[i] = (weakref.ref(param.grad), param.grad._version)
                 current.queue(torch._C._current_graph_task_id(), self._end_of_backward)  # no-op when queued
 
         return hook
@@ -200,10 +261,14 @@ class Monitor:
             return  # no gradient reached .grad (torch.autograd.grad)
         self._busy = True
         try:
+            if self._window is not None:
+                self._measure_micro_batch(ended)
+                return
             self._pending = None
             self._pending = self._measure_backward(ended)
         finally:
-            self.stats.reset()
+            if self.stats is not None:
+                self.stats.reset()
             self._busy = False
 
     def _measure_backward(self, ended: _Pass) -> _Row | None:
@@ -211,13 +276,14 @@ class Monitor:
         self._refuse_accumulator()
         if self._accumulated(ended):
             raise ValueError(ACCUMULATED)
+        assert self.stats is not None
         passes = self.stats.forward_passes
         if passes > 1:
             raise ValueError(
                 f"Monitor: this backward's loss comes from {passes} forward passes of the model; a monitored step "
                 "must be one backward of one batch. With gradient accumulation use gradaccum.torch.Accumulator, "
                 "whose step records hold the same statistics")
-        grads = [p.grad if i in ended.accumulated else None for i, p in enumerate(self.stats.params)]
+        grads = [p.grad if i in ended.accumulated else None for i, p in enumerate(self.params)]
         if not all_finite(grads):
             if self._scaler is not None and _enabled(self._scaler):
                 return None  # the scaler skips this step
@@ -226,10 +292,63 @@ class Monitor:
         n = self.stats.commit(grads, scale=scale)
         return self._row(n, grads, scale, ended.accumulated)
 
+    def _measure_micro_batch(self, ended: _Pass) -> None:
+        """Add the backward that just ended to the open window (one synchronisation), or raise
+        with the window as it was. A backward into gradients cleared since the window's last
+        one starts a new window (the last one's step never came: a GradScaler skipped it)."""
+        self._refuse_accumulator()
+        window = self._window
+        assert window is not None
+        reached = sorted(i for i in ended.accumulated if i in ended.squares)
+        if ended.twice:
+            names = ", ".join(window.names[i] for i in sorted(ended.twice)[:3])
+            raise ValueError(f"Monitor(source='micro_batch'): {names} received gradients in two parts of one backward "
+                             "(a reentrant checkpoint sharing it): the micro-batch's gradient cannot be taken apart "
+                             "from .grad there. Use torch.utils.checkpoint with use_reentrant=False, or "
+                             "source='per_sample'")
+        samples = self._micro_batch_samples(ended)
+        changed = [i for i in reached if ended.state.get(i) == "changed"]
+        device = ended.squares[reached[0]].device
+        values = torch.stack([t.to(device=device, dtype=torch.float64) for t in (
+            [ended.squares[i] for i in reached] + [ended.dots[i] for i in reached if i in ended.dots]
+            + [ended.sizes[i] for i in changed])]).tolist()
+        squares = dict(zip(reached, values))
+        dots = dict(zip([i for i in reached if i in ended.dots], values[len(reached):]))
+        foreign = [i for i, size in zip(changed, values[len(reached) + len(dots):]) if size != 0]
+        if foreign:
+            raise ValueError(ACCUMULATED_OUTSIDE)
+        cleared = [i for i in reached if ended.state.get(i) in ("none", "changed") and window.expected[i] is not None]
+        if cleared and dots:
+            raise ValueError(ACCUMULATED_OUTSIDE)
+        if cleared:
+            window.reset()  # gradients cleared without a step (a skipped step): that window is gone
+        scale = 1.0 if self._scaler is None else float(self._scaler.get_scale())
+        if not all(math.isfinite(v) for v in values[:len(reached) + len(dots)]):
+            if self._scaler is not None and _enabled(self._scaler):
+                window.overflow = True  # the scaler skips this window's step
+            else:
+                window.nonfinite = True
+        window.add(samples, squares, dots, scale, {i: ended.after[i] for i in reached if i in ended.after})
+
+    def _micro_batch_samples(self, ended: _Pass) -> int:
+        """The samples of the backward's micro-batch: the leading size of the input of the one
+        forward of the model whose output reached the loss."""
+        forwards = list(ended.forwards.values())
+        if len(forwards) > 1:
+            raise ValueError(
+                f"Monitor: this backward's loss comes from {len(forwards)} forward passes of the model; with "
+                "source='micro_batch' each backward must be one micro-batch's loss through one forward of the model")
+        samples = forwards[0].samples if forwards else None
+        if samples is None or samples < 1:
+            raise ValueError("Monitor(source='micro_batch'): the backward's micro-batch has no sample count: the "
+                             "model's forward whose output reached the loss was not seen with a tensor input carrying "
+                             "the batch on dim 0 (build the Monitor on the module whose forward takes the batch)")
+        return samples
+
     def _accumulated(self, ended: _Pass) -> bool:
         """Whether ``.grad`` held a nonzero gradient before this backward (one synchronisation)."""
         sizes = [s for i, s in ended.priors.items() if i in ended.accumulated and s is not None]
-        sizes += [_size(p.grad) for i, p in enumerate(self.stats.params) if i not in ended.accumulated
+        sizes += [_size(p.grad) for i, p in enumerate(self.params) if i not in ended.accumulated
                   and p.grad is not None]
         if not sizes:
             return False
@@ -246,25 +365,57 @@ class Monitor:
 
     # ------------------------------------------------------------------ the step
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Never raises (an exception here would leave a caller's window in ``.grad``): an
-        Accumulator's step is only noted, and refused at the next backward."""
+        """An Accumulator's step is only noted, and refused at the next backward (an exception
+        here would leave its window in ``.grad``). With the micro-batch source the first step
+        of a loop after a single backward is refused here, before the optimizer runs."""
         if _stepped_by_accumulator(optimizer):
             self._refusal, self._pending = UNDER_ACCUMULATOR, None
+            return
+        window = self._window
+        if window is not None and self._refusal is None and len(window.samples) == 1 and not window.measured:
+            raise ValueError(ONE_MICRO_BATCH)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         step, self._steps = self._steps, self._steps + 1
-        pending, self._pending = self._pending, None
         if self._refusal is not None:
             return
-        if pending is None or any(self.stats.params[i].grad is None for i in pending.params):
+        if self._window is not None:
+            self._record_window(step)
+            return
+        pending, self._pending = self._pending, None
+        if pending is None or any(self.params[i].grad is None for i in pending.params):
             warnings.warn("gradaccum Monitor: an optimizer step without a backward of its own since the previous "
                           "step (or whose gradient was cleared before it) records no row", RuntimeWarning,
                           stacklevel=2)
             return
         self.log.record(pending.samples, pending.trace, pending.squared_norm, step=step, **pending.extra)
 
+    def _record_window(self, step: int) -> None:
+        """The micro-batch source's row of the window this step applied; the next window opens.
+        A step after one backward (the loop's first was refused before it ran: a step whose
+        backward ran in its closure) raises once the step is taken."""
+        window = self._window
+        assert window is not None
+        k = len(window.samples)
+        try:
+            if k == 0 or any(self.params[i].grad is None for i in window.params):
+                warnings.warn("gradaccum Monitor: an optimizer step without a backward of its own since the previous "
+                              "step (or whose gradient was cleared before it) records no row", RuntimeWarning,
+                              stacklevel=3)
+                return
+            if k == 1 and not window.measured:
+                raise ValueError(f"{ONE_MICRO_BATCH} (the optimizer has stepped)")
+            if window.overflow:
+                return
+            row = window.row(self.accumulation, self.reduction)
+            self.log.record(*row[:3], step=step, **row[3])
+            window.measured = window.measured or k >= 2
+        finally:
+            window.reset()
+
     # ------------------------------------------------------------------ the row
     def _row(self, n: int, grads: list[torch.Tensor | None], scale: float, params: set[int]) -> _Row:
+        assert self.stats is not None
         # the statistics are in .grad's units: per-sample gradients of the loss as reduced, so
         # with a mean over n samples both terms are n^2 too small (their ratio is not)
         units = float(n * n) if self.reduction == "mean" else 1.0
@@ -290,7 +441,7 @@ class Monitor:
     def _preconditioned(self, moments: list[Any], n: int) -> float:
         """``tr(P Sigma) / G^T P G`` with Adam's current preconditioner (NaN without one)."""
         weights = []
-        for p in self.stats.params:
+        for p in self.params:
             state = self._optimizer.state.get(p, {})
             group = next(g for g in self._optimizer.param_groups if any(q is p for q in g["params"]))
             if "exp_avg_sq" not in state or "step" not in state or "betas" not in group or n < 2:
@@ -315,7 +466,8 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self.stats.remove()
+        if self.stats is not None:
+            self.stats.remove()
         if self._board is not None:
             self._board.close()
             self._board = None
@@ -341,21 +493,156 @@ class _Row:
 
 class _Pass:
     """One backward as the Monitor's hooks see it: where its end callback is queued, each
-    parameter's ``.grad`` before the backward added to it, and which parameters it reached."""
+    parameter's ``.grad`` before the backward added to it, and which parameters it reached.
+    With the micro-batch source also, per parameter, the added gradient's squared norm and its
+    product with ``.grad`` so far (0-dim tensors: one synchronisation at the end), and the
+    forwards whose outputs reached the loss."""
 
     def __init__(self) -> None:
         self.task: int | None = None  # the autograd graph task the end callback runs at the end of
         self.priors: dict[int, torch.Tensor | None] = {}  # parameter index -> its .grad's size before (None: none)
         self.accumulated: set[int] = set()
+        self.forwards: dict[int, _Forward] = {}
+        self.squares: dict[int, torch.Tensor] = {}
+        self.dots: dict[int, torch.Tensor] = {}
+        self.state: dict[int, str] = {}  # .grad before: "none", "same" (the window's, untouched) or "changed"
+        self.after: dict[int, tuple[Any, int]] = {}  # .grad after the add: (weak reference, version)
+        self.sizes: dict[int, torch.Tensor] = {}  # a changed .grad's largest magnitude
+        self.twice: set[int] = set()
 
     def before(self, i: int, grad: torch.Tensor | None) -> None:
         if i not in self.priors:  # a parameter reached twice (reentrant checkpoints): its first add counts
             self.priors[i] = None if grad is None else _size(grad)
 
+    def take(self, i: int, added: torch.Tensor, grad: torch.Tensor | None, expected: tuple[Any, int] | None) -> None:
+        """The micro-batch source's reductions of the gradient ``added`` to ``grad`` (``.grad``
+        now; ``expected``: what the open window left in it)."""
+        if i in self.squares:
+            self.twice.add(i)
+            return
+        added = added.detach()
+        self.squares[i] = torch.linalg.vector_norm(added).to(torch.float64).square()
+        if grad is None:
+            self.state[i] = "none"
+        elif expected is not None and expected[0]() is grad and grad._version == expected[1]:
+            self.state[i] = "same"
+            self.dots[i] = torch.dot(added.reshape(-1), grad.detach().reshape(-1).to(added.dtype)).to(torch.float64)
+        else:
+            self.state[i] = "changed"
+            self.sizes[i] = _size(grad)
+
     def queue(self, task: int, callback: Any) -> None:
         if self.task is None:
             self.task = task
             torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+@dataclass
+class _Forward:
+    """One forward of the model: its input's leading size (None: no tensor input with a batch dim)."""
+
+    samples: int | None
+
+
+class _Window:
+    """The micro-batch source's open window: per backward its samples and, per parameter, the
+    squared norm of the gradient it added and that gradient's product with ``.grad`` before it
+    (the earlier backwards' sum), the scale divided out; what ``.grad`` should hold now.
+
+    Args:
+      names: each parameter's name (its layer is the name's prefix).
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.layers = [name.rpartition(".")[0] or name for name in names]
+        self.measured = False  # a window of >= 2 micro-batches was recorded
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples: list[int] = []
+        self.squares: list[dict[int, float]] = []
+        self.dots: list[dict[int, float]] = []
+        self.params: set[int] = set()
+        self.expected: list[tuple[Any, int] | None] = [None] * len(self.names)
+        self.overflow = False  # a micro-batch overflowed under an enabled GradScaler: its step is skipped
+        self.nonfinite = False
+
+    def add(self, samples: int, squares: dict[int, float], dots: dict[int, float], scale: float,
+            after: dict[int, tuple[Any, int]]) -> None:
+        factor = 1.0 / (scale * scale)
+        self.samples.append(samples)
+        self.squares.append({i: v * factor for i, v in squares.items()})
+        self.dots.append({i: v * factor for i, v in dots.items()})
+        self.params.update(squares)
+        for i, state in after.items():
+            self.expected[i] = state
+
+    def row(self, accumulation: str | int, reduction: str) -> tuple[float, float, float, dict[str, float]]:
+        """(samples, tr(Sigma), |G|^2, the per-layer noise scales) of the window."""
+        groups: dict[str, list[int]] = {}
+        for i in sorted(self.params):
+            groups.setdefault(self.layers[i], []).append(i)
+        n = float(sum(self.samples))
+        if self.nonfinite:
+            return n, math.nan, math.nan, {f"noise_scale/{name}": math.nan for name in groups}
+        everything = sorted(self.params)
+        pooled = pooled_terms(self._norm_sums(everything, accumulation, reduction))
+        layers = {name: self._norm_sums(indices, accumulation, reduction) for name, indices in groups.items()}
+        extra = {f"noise_scale/{name}": math.nan for name in groups}
+        extra.update(layer_noise_scales(layers))
+        return n, pooled.trace, pooled.squared_norm, extra
+
+    def _norm_sums(self, indices: list[int], accumulation: str | int, reduction: str) -> NormSums:
+        k = len(self.samples)
+        divisor = k if accumulation == "mean" else 1 if accumulation == "sum" else int(accumulation)
+        units = float(divisor * divisor)  # each backward's loss was its micro-batch's over the divisor
+        squares = [math.fsum(s.get(i, 0.0) for i in indices) * units for s in self.squares]
+        dots = [math.fsum(d.get(i, 0.0) for i in indices) * units for d in self.dots]
+        weights = self.samples if reduction == "mean" else [1] * k
+        return micro_batch_norm_sums(self.samples, weights, squares, dots)
+
+
+def micro_batch_norm_sums(samples: list[int], weights: list[int], squares: list[float],
+                          dots: list[float]) -> NormSums:
+    """The norm sums of a window of micro-batches from what an accumulation loop's hooks see.
+
+    Micro-batch ``j`` (``b_j`` samples) added ``u_j`` to ``.grad``, its gradient sum
+    ``S_j = w_j u_j`` (``w_j = b_j`` for a mean loss, 1 for a summed one); ``squares[j] = |u_j|^2``
+    and ``dots[j] = u_j . (u_1 + ... + u_{j-1})``. With equal weights ``|S|^2 = w^2 (sum_j |u_j|^2
+    + 2 sum_j dots[j])`` and these are the micro-batch estimator's sums (``MicroBatchSums``). A mean
+    loss over micro-batches of unequal sizes leaves the weighted cross products out of reach
+    without a parameter-sized buffer: the means' pairwise products then give
+    ``|G|^2 = sum_{j<l} g_j . g_l / C(k, 2)`` and ``tr(Sigma) = (sum_j |g_j|^2 - k |G|^2) /
+    sum_j 1 / b_j`` (``g_j = u_j``), also unbiased with ``k - 1`` degrees of freedom, the same
+    numbers when the sizes agree (docs/design.md, "Micro-batch statistics")."""
+    k, n = len(samples), sum(samples)
+    if k == 0:
+        return NormSums(0.0, 0.0, 0.0, 0.0, 0.0)
+    if k == 1 or len(set(weights)) == 1:
+        w = float(weights[0])
+        weighted = math.fsum(w * w * u / b for u, b in zip(squares, samples))
+        squared_sum = w * w * (math.fsum(squares) + 2.0 * math.fsum(dots))
+        return MicroBatchSums(k, n, weighted).norm_sums(max(squared_sum, 0.0))
+    signal = 2.0 * math.fsum(dots) / (k * (k - 1))
+    trace = max((math.fsum(squares) - k * signal) / math.fsum(1.0 / b for b in samples), 0.0)
+    return NormSums(float(n), trace * (k - 1), float(k - 1), n * signal + trace, 1.0)
+
+
+def _check_accumulation(accumulation: Any) -> str | int:
+    if isinstance(accumulation, str):
+        return check_choice("accumulation", accumulation, ("mean", "sum"))
+    if isinstance(accumulation, bool) or not isinstance(accumulation, int):
+        raise TypeError(f"accumulation must be 'mean', 'sum' or an int >= 1 (the loss's divisor), got {accumulation!r}")
+    return check_positive_int("accumulation", accumulation)
+
+
+def _leading_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The leading size of the first tensor among a forward's arguments (None: no such tensor)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0]) if value.dim() > 0 else None
+    return None
 
 
 def _size(grad: torch.Tensor) -> torch.Tensor:
