@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -71,6 +72,52 @@ def test_report_rebuilt_from_saved_results_equals_the_original(reproduced: Path)
     assert main(["report", "--out", str(reproduced)]) == 0
     for name, content in original.items():
         assert (reproduced / name).read_bytes() == content
+
+
+@pytest.mark.slow
+def test_a_finished_reproduce_is_not_run_again_unless_forced(reproduced: Path, data_dir: str, capsys) -> None:
+    """Rerunning a completed reproduce recomputed every final run for minutes."""
+    argv = ["reproduce", *TINY, "--out", str(reproduced), "--data-dir", data_dir, "--arms", "baseline", "gaga"]
+    before = {p.name: p.stat().st_mtime_ns for p in reproduced.iterdir() if p.is_file()}
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in reproduced.iterdir() if p.is_file()} == before
+    results = json.loads((reproduced / "results.json").read_text())
+    status = json.loads((reproduced / "sections.json").read_text())
+    assert status["reference"]["reused"] is False and status["reference"]["budget_seconds"] > 0
+    (reproduced / "report.md").unlink()  # not finished any more: the section is reused, the report rebuilt
+    assert main(argv) == 0
+    assert json.loads((reproduced / "sections.json").read_text())["reference"]["reused"] is True
+    assert json.loads((reproduced / "results.json").read_text()) == results
+    assert "| reference | 150 |" in (reproduced / "report.md").read_text()
+    assert "reused (finished earlier)" in (reproduced / "report.md").read_text()
+    assert main([*argv, "--force"]) == 0  # forced: recomputed, the same numbers
+    again = json.loads((reproduced / "results.json").read_text())
+    assert json.loads((reproduced / "sections.json").read_text())["reference"]["reused"] is False
+    assert again == results
+
+
+@pytest.mark.slow
+def test_finished_final_runs_are_reused_and_say_so(reproduced: Path, tmp_path: Path, data_dir: str) -> None:
+    """An interrupted reproduce redid every final run; now the finished ones are read back."""
+    out = tmp_path / "again"
+    shutil.copytree(reproduced, out)
+    (out / "sections.json").unlink()  # as if killed after the final runs, before the section was done
+    (out / "results.json").unlink()
+    cached = sorted((out / "runs" / "reference").iterdir())
+    assert len(cached) == 4  # two arms, two seeds
+    cached[0].unlink()  # one run was not finished
+    assert main(["reproduce", *TINY, "--out", str(out), "--data-dir", data_dir, "--arms", "baseline", "gaga"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    reused = [r["reused"] for e in results["arms"].values() for r in e["runs"]]
+    assert sorted(reused) == [False, True, True, True]
+    first = json.loads((reproduced / "results.json").read_text())
+    for entry in (first, results):
+        entry["config"].pop("out")
+        for e in entry["arms"].values():
+            for r in e["runs"]:
+                r.pop("reused")
+    assert results == first  # read back or trained again, the same records
 
 
 def test_train_one_run(tmp_path: Path, data_dir: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 from gradaccum.cli import main
 from gradaccum.experiments.config import ExperimentConfig
 from gradaccum.experiments.errors import SettingsError
-from gradaccum.experiments.front import pareto, points_at, run_front
+from gradaccum.experiments.front import pareto, points_at, run_front, spread
 from gradaccum.experiments.front_report import (
     choices,
     first_reaching,
@@ -131,6 +131,8 @@ def test_pareto_points_and_the_nearest_lower_choice() -> None:
     assert [t.number for t in front] == [4, 0, 1, 3]
     assert [t.number for t in points_at(front, [3000, 1500, 750, 375, 188, 40])] == [0, 1, 3]
     assert [t.number for t in points_at(front, [1000, 60])] == [4, 3]
+    assert [t.number for t in spread(front, 3)] == [4, 1, 3] and spread(front, 1) == [front[-1]]
+    assert spread(front, 9) == front
     losses = pareto([SimpleNamespace(number=0, values=(2.0, 10)), SimpleNamespace(number=1, values=(1.5, 20))], False)
     assert [t.number for t in losses] == [0, 1]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,7 @@ def _config(args: argparse.Namespace, **fixed: Any):
         if args.quick:
             quick = ExperimentConfig.quick().to_dict()
             base = ExperimentConfig.from_yaml(args.config).to_dict()
-            small = ("trials", "seeds", "budget", "eval_every", "front_trials", "lm_budget")
+            small = ("trials", "seeds", "lm_seeds", "budget", "eval_every", "front_trials", "lm_budget")
             return ExperimentConfig(**{**base, **{k: quick[k] for k in small}, **overrides})
         return ExperimentConfig.from_yaml(args.config, **overrides)
     return ExperimentConfig.quick(**overrides) if args.quick else ExperimentConfig(**overrides)
@@ -247,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (text, _) in PARAMETERS.items():
         users = [arm for arm, spec in ARM_TABLE.items() if name in spec.space]
         train.add_argument("--" + name, type=float, help=f"{text} (arms {', '.join(users)}; refused by the others)")
-    _add_config_flags(train, skip=("arms", "trials", "seeds", "storage", "n_jobs", "front_trials", "workers", "lm_budget",
-                                    "lm_scale", *TUNING_RANGES))
+    _add_config_flags(train, skip=("arms", "trials", "seeds", "storage", "n_jobs", "front_trials", "front_points",
+                                    "lm_seeds", "workers", "lm_budget", "lm_scale", *TUNING_RANGES))
     train.set_defaults(func=_train)
 
     report = sub.add_parser("report", allow_abbrev=False,
@@ -268,9 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-size", type=_positive_int, help="largest micro-batch to try (default: the "
                       "effective batch)")
     plan.add_argument("--probes", type=_positive_int, default=3, help="probes to run; the peak depends on the "
-                      "machine's state, so their spread is reported and the smallest result used (default: %(default)s)")
-    plan.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds a try may take before the probe stops "
-                      "with an error (default: %(default)s)")
+                      "machine's state, so their spread is reported and the smallest result used "
+                      "(default: %(default)s)")
+    plan.add_argument("--timeout", type=_positive_float, default=600.0, help="seconds a try may take before the "
+                      "probe stops with an error (default: %(default)s)")
     plan.set_defaults(func=_plan)
 
     monitor = sub.add_parser("plot-monitor", allow_abbrev=False,
@@ -303,6 +306,31 @@ def build_parser() -> argparse.ArgumentParser:
 TRAINING = ("reproduce", "tune", "train", "demo")  # the commands that train: one thread, as reproduce's workers
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``), raised in the main thread so that the workers are ended and the pool's
+    semaphores released on the way out, as for Ctrl-C (a default SIGTERM left them leaked)."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated (in the main thread only; elsewhere nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -313,16 +341,17 @@ def main(argv: list[str] | None = None) -> int:
             return int(args.func(args))
         from .experiments.workers import one_thread
 
-        with one_thread():
+        with _terminate_as_interrupt(), one_thread():
             return int(args.func(args))
     except SettingsError as error:  # bad settings, unwritable output, unreadable config, data or storage
         print(f"gradaccum {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT
-        resume = " (rerun the same command to resume: finished trials are kept)" if args.command in ("reproduce",
-                                                                                                     "tune") else ""
-        print(f"\ngradaccum {args.command}: interrupted{resume}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C or kill: one line, the shell's code for SIGINT (SIGTERM)
+        resume = {"reproduce": " (rerun the same command to resume: finished trials and runs are kept)",
+                  "tune": " (rerun the same command to resume: finished trials are kept)"}.get(args.command, "")
+        what = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        print(f"\ngradaccum {args.command}: {what}{resume}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except ModuleNotFoundError as error:  # the experiment stack is an optional extra
         if error.name is None or error.name.split(".")[0] not in EXPERIMENT_MODULES:
             raise

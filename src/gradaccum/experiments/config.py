@@ -60,6 +60,8 @@ class ExperimentConfig:
     c_high: float = _f(1.0, "upper end of the noise-scale planner's c range")
     front_trials: int = _f(8, "Optuna trials per arm of the steps-quality front, fixed and adaptive alike (a power "
                            "of two keeps the Sobol points stratified)")
+    front_points: int = _f(3, "most Pareto points per adaptive arm retrained over seeds (spread over its front)")
+    lm_seeds: int = _f(3, "seeds the LM section's chosen settings are trained over")
     workers: int = _f(0, "worker processes for trials and final runs, one thread each (0: one per core)")
     lm_budget: int = _f(4_800, "training sequences per run of the LM section (validated every 1/30 of it)")
     lm_scale: int = _f(1, "size of the LM section's model: width 64k, depth 2k, context 32k bytes (k > 1 for a GPU)")
@@ -89,7 +91,7 @@ class ExperimentConfig:
         if self.backend not in BACKENDS:
             raise SettingsError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         for name in ("trials", "seeds", "budget", "eval_every", "increment", "max_samples", "n_jobs", "front_trials",
-                     "lm_budget", "lm_scale"):
+                     "front_points", "lm_seeds", "lm_budget", "lm_scale"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.workers < 0:
@@ -149,5 +151,5 @@ class ExperimentConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> ExperimentConfig:
         """A small version for smoke tests: few trials, seeds and samples."""
-        return cls(**{"trials": 2, "seeds": 2, "budget": 6_400, "eval_every": 640, "front_trials": 2,
+        return cls(**{"trials": 2, "seeds": 2, "lm_seeds": 2, "budget": 6_400, "eval_every": 640, "front_trials": 2,
                       "lm_budget": 800, **overrides})

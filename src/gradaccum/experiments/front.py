@@ -6,8 +6,9 @@ lr; an adaptive arm searches its own parameter within the same count). A fixed-b
 objective is its final validation quality (the mean of its last ``FINAL_EVALUATIONS``
 evaluations, which one lucky evaluation cannot set); an adaptive or planned arm has two (that
 quality up, optimizer steps down), which gives a Pareto front of settings, whose points at the
-fixed arms' step counts (the one with the most steps at or below each) are retrained over
-``cfg.seeds`` seeds, the same seeds for every arm. Runs evaluate on the validation split during
+fixed arms' step counts (the one with the most steps at or below each; at most
+``cfg.front_points``, spread from the fewest steps to the most) are retrained over ``cfg.seeds``
+seeds, the same seeds for every arm. Runs evaluate on the validation split during
 training and on the test split once, at the end; every choice (settings, points, reference arm,
 targets) reads the validation split only (``front_report``).
 """
@@ -142,6 +143,15 @@ def points_at(front: list[FrozenTrial], steps: list[float]) -> list[FrozenTrial]
     return sorted(chosen.values(), key=lambda t: (t.values[1], t.number))
 
 
+def spread(points: list[FrozenTrial], most: int) -> list[FrozenTrial]:
+    """At most ``most`` of ``points`` (sorted by steps), evenly spread from the first to the last."""
+    if len(points) <= most:
+        return points
+    if most == 1:
+        return [points[-1]]
+    return [points[round(i * (len(points) - 1) / (most - 1))] for i in range(most)]
+
+
 def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path, reuse: bool = True
               ) -> dict[str, Any]:
     """Tune every arm, choose the points, retrain them over seeds; write ``<task>_results.json``
@@ -164,7 +174,8 @@ def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path,
             fixed_steps.append(float(chosen[arm][0].user_attrs["steps"]))
     for arm, t in zip(task.arms, tunings):
         if ARM_TABLE[arm].adaptive:
-            chosen[arm] = points_at(pareto(counted(t.study, t.target), task.higher_is_better), fixed_steps)
+            chosen[arm] = spread(points_at(pareto(counted(t.study, t.target), task.higher_is_better), fixed_steps),
+                                 cfg.front_points)
     jobs = [(arm, k, dict(trial.params), cfg.seed + FRONT_SEED_OFFSET + seed)
             for arm in task.arms for k, trial in enumerate(chosen[arm]) for seed in range(cfg.seeds)]
     with tqdm(total=len(jobs), desc=f"{task.name}: final runs", disable=cfg.quiet) as bar:

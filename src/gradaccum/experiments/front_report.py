@@ -260,7 +260,8 @@ def section(front: dict[str, Any], timings: dict[str, Any], out: Path) -> str:
              "(Optuna, scrambled Sobol points: a stratified log grid of the lr for a fixed arm; an adaptive arm "
              "searches its own parameter within the same count). Objectives: the mean of the last "
              f"{FINAL_EVALUATIONS} validation evaluations, and for an adaptive arm also the optimizer steps (its "
-             "Pareto points at the fixed arms' step counts, nearest lower, are retrained). The chosen settings are "
+             "Pareto points at the fixed arms' step counts, nearest lower, at most "
+             f"{cfg.get('front_points', 'all')} spread over its front, are retrained). The chosen settings are "
              f"retrained over {cfg['seeds']} seeds, the same seeds for every arm; every choice below (targets, the "
              "fixed front's arm at each level, each adaptive arm's point) reads only those runs' validation "
              "evaluations. The test split is read once per run, after training, for the test column.", ""]

@@ -106,7 +106,7 @@ def lm_front(cfg: ExperimentConfig) -> tuple[FrontTask, ExperimentConfig]:
     """The LM section's task and settings: its own budget, evaluations every 1/30 of it,
     micro-batches of LM_INCREMENT sequences and windows up to LM_MAX."""
     corpus = load_corpus()
-    lm_cfg = dataclasses.replace(cfg, budget=cfg.lm_budget, eval_every=max(1, cfg.lm_budget // 30),
+    lm_cfg = dataclasses.replace(cfg, budget=cfg.lm_budget, seeds=cfg.lm_seeds, eval_every=max(1, cfg.lm_budget // 30),
                                  increment=LM_INCREMENT * cfg.lm_scale, max_samples=LM_MAX * cfg.lm_scale)
     size = shape(lm_cfg)
     title = (f"Fewer optimizer steps at equal quality? A byte-level language model (context {size['context']}, "
