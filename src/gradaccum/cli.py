@@ -303,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-TRAINING = ("reproduce", "tune", "train", "demo")  # the commands that train: one thread, as reproduce's workers
+TRAINING = ("reproduce", "tune", "train", "demo", "critical-batch")
+"""The commands that train: one thread each, as reproduce's workers, so a run gives the same
+numbers whichever command (or worker) ran it."""
 
 
 class Terminated(KeyboardInterrupt):
