@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import atomic_file
-from .noise_scale import NoiseScaleEMA, noise_scale
+from .noise_scale import NoiseScaleEMA, averaged_noise_scale, noise_scale
 
 
 class MonitorLog:
@@ -45,7 +45,8 @@ class MonitorLog:
 
     def __init__(self, csv: str | os.PathLike[str] | None = None, decay: float = 0.9,
                  sink: Callable[[dict[str, float]], None] | None = None) -> None:
-        self.decay = NoiseScaleEMA(decay).decay  # validated
+        self._average = NoiseScaleEMA(decay)  # validated
+        self.decay = self._average.decay
         self._path = None if csv is None else _checked_path(csv)
         if sink is not None and not callable(sink):
             raise TypeError(f"sink must be a callable taking a row, got {type(sink).__name__}")
@@ -54,7 +55,7 @@ class MonitorLog:
         self._file: Any = None
         self._columns: list[str] = []
         self._closed = False
-        self._ema = (0.0, 0.0, 0.0)  # trace, squared norm, weight
+        self._ema: tuple[float, ...] = (0.0, 0.0, 0.0)  # trace, squared norm, weight (NoiseScaleEMA.update)
 
     def record(self, samples: float, trace: float, squared_norm: float, *, step: int | None = None,
                **extra: float) -> dict[str, float]:
@@ -69,15 +70,10 @@ class MonitorLog:
         if not samples >= 2:
             trace = squared_norm = math.nan
         finite = math.isfinite(trace) and math.isfinite(squared_norm)
-        ema = self._ema
-        if finite:
-            t, g, w = ema
-            d = self.decay
-            ema = (d * t + (1 - d) * trace, d * g + (1 - d) * squared_norm, d * w + (1 - d))
-        t, g, w = ema
+        ema = self._average.update(self._ema, (trace, squared_norm, 1.0)) if finite else self._ema
         row = {"step": float(len(self.rows) if step is None else step), "samples": samples, "trace": trace,
                "squared_norm": squared_norm, "noise_scale": noise_scale(trace, squared_norm) if finite else math.nan,
-               "noise_scale_ema": math.nan if w == 0 else noise_scale(t / w, g / w),
+               "noise_scale_ema": averaged_noise_scale(*ema),
                **{k: float(v) for k, v in extra.items()}}
         self._write(row)  # first: a row the file refuses is not recorded
         self._ema = ema

@@ -17,7 +17,10 @@ parameter-sized tensors (docs/design.md, "Norm path").
 One window's estimate is noisy, and its ``|G|^2`` can be negative: numerator and
 denominator are averaged separately (an exponential moving average) before dividing, as the
 anchors do, and a non-positive averaged ``|G|^2`` gives an infinite noise scale (all noise,
-no signal), never a division by it. Array-API code: the backends run it as written.
+no signal), never a division by it. ``NoiseScaleEMA`` is the one moving average of the
+noise terms: the planners (on step records and in a traced JAX step) and ``MonitorLog`` run it.
+Array-API code: the backends run it as written, and the host runs the same code on Python
+numbers (``arrays``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
+from .arrays import host_array, is_python, namespace, python, ratio_or_inf
 from .statistics import at_least_1
 from .validation import check_positive_float
 
@@ -95,15 +99,17 @@ def window_terms(n: Any, sum_squared_norms: Any, squared_sum: Any) -> NoiseTerms
     """``tr(Sigma)`` and ``|G|^2`` of one process's window from ``T2 = sum_i |g_i|^2`` and
     ``|S1|^2``, as array code (a traced JAX step runs it): ``pooled_terms`` of the window's
     ``NormSums``. Fewer than 2 samples give a trace of 0; the rules' ``where_enough`` makes
-    their statistic NaN there."""
-    host = isinstance(sum_squared_norms, (int, float))
-    xp = None if host else array_namespace(sum_squared_norms)
-    nf = n if host or isinstance(n, int) else xp.astype(n, sum_squared_norms.dtype)
+    their statistic NaN there. Python numbers give Python floats."""
+    host = is_python(sum_squared_norms, squared_sum)
+    xp = namespace(sum_squared_norms, squared_sum)
+    sum_squared_norms, squared_sum = host_array(sum_squared_norms), host_array(squared_sum)
+    nf = n if isinstance(n, (int, float)) else xp.astype(n, sum_squared_norms.dtype)
     per_sample = squared_sum / at_least_1(nf)  # |S1|^2 / n
     m2 = sum_squared_norms - per_sample
-    m2 = max(m2, 0.0) if host else xp.maximum(m2, xp.zeros_like(m2))
+    m2 = xp.maximum(m2, xp.zeros_like(m2))
     trace = m2 / at_least_1(nf - 1)
-    return NoiseTerms(trace, (per_sample - trace) / at_least_1(nf))
+    terms = NoiseTerms(trace, (per_sample - trace) / at_least_1(nf))
+    return NoiseTerms(python(terms.trace), python(terms.squared_norm)) if host else terms
 
 
 def pooled_terms(sums: NormSums) -> NormStatistics:
@@ -129,9 +135,32 @@ def layer_noise_scales(layers: dict[str, NormSums]) -> dict[str, float]:
     return out
 
 
-def noise_scale(trace: float, squared_norm: float) -> float:
-    """``tr(Sigma) / |G|^2``; infinite when ``|G|^2 <= 0`` (no measurable signal)."""
-    return trace / squared_norm if squared_norm > 0 else math.inf
+def noise_scale(trace: Any, squared_norm: Any) -> Any:
+    """``tr(Sigma) / |G|^2``; infinite when ``|G|^2 <= 0`` (no measurable signal). Python
+    numbers or arrays (``arrays.ratio_or_inf``)."""
+    return ratio_or_inf(trace, squared_norm)
+
+
+def averaged(total: Any, weight: Any) -> tuple[Any, Any]:
+    """A moving average not yet divided by its ``weight`` (``NoiseScaleEMA.update``), divided
+    (dividing by 1 where nothing was averaged yet), and where something was: ``weight > 0``.
+    Array code (host numbers as NumPy float64 0-d arrays)."""
+    xp = namespace(total, weight)
+    weight = host_array(weight)
+    seen = weight > 0
+    return host_array(total) / xp.where(seen, weight, xp.ones_like(weight)), seen
+
+
+def averaged_noise_scale(trace: Any, squared: Any, weight: Any) -> Any:
+    """``B_simple`` of the moving averages of the noise terms (not yet divided by their common
+    ``weight``): NaN before any window counted (weight 0), infinite where the averaged ``|G|^2``
+    is not positive, never a division by it. Python numbers give a Python float; arrays an array."""
+    host = is_python(trace, squared, weight)
+    xp = namespace(trace, squared, weight)
+    (trace, seen), (squared, _) = averaged(trace, weight), averaged(squared, weight)
+    ratio = ratio_or_inf(trace, squared)
+    out = xp.where(seen, ratio, xp.asarray(math.nan, dtype=ratio.dtype))
+    return python(out) if host else out
 
 
 @dataclass(frozen=True)
@@ -140,6 +169,8 @@ class NoiseScaleEMA:
 
     ``decay`` is the weight of the past (0.9: about the last 10 windows count). The first
     window initialises both averages (a bias-corrected EMA, as Adam corrects its moments).
+    The one moving average of the library: the planners (``planners.summarize`` on step
+    records, ``planners.after_window`` in a traced JAX step) and ``MonitorLog`` run ``update``.
     """
 
     decay: float = 0.9
@@ -149,18 +180,30 @@ class NoiseScaleEMA:
         if self.decay >= 1:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}")
 
-    def average(self, terms: Sequence[tuple[float, float]]) -> tuple[float, float]:
-        """The bias-corrected EMAs of (trace, squared_norm) over ``terms``, oldest first."""
-        trace = squared = weight = 0.0
+    def update(self, averages: Sequence[Any], values: Sequence[Any]) -> tuple[Any, ...]:
+        """The moving averages after one more window: each ``decay * average + (1 - decay) * value``,
+        the newest window weighing ``1 - decay``. Averages start at 0 and are not yet divided by
+        their weight: averaging a value of 1 alongside gives it (``1 - decay^k`` after k windows),
+        the bias correction. Python numbers and arrays alike (plain arithmetic, traceable)."""
+        return tuple(self.decay * a + (1 - self.decay) * v for a, v in zip(averages, values))
+
+    def sums(self, terms: Sequence[tuple[float, float]]) -> tuple[float, float, float]:
+        """``(trace, squared_norm, weight)``: the moving averages of ``terms`` (oldest first),
+        not yet divided by their weight."""
+        state = (0.0, 0.0, 0.0)
         for t, g in terms:
-            trace = self.decay * trace + (1 - self.decay) * t
-            squared = self.decay * squared + (1 - self.decay) * g
-            weight = self.decay * weight + (1 - self.decay)
+            state = self.update(state, (t, g, 1.0))
+        return state  # type: ignore[return-value]
+
+    def average(self, terms: Sequence[tuple[float, float]]) -> tuple[float, float]:
+        """The bias-corrected EMAs of (trace, squared_norm) over ``terms``, oldest first (NaN
+        before any window)."""
+        trace, squared, weight = self.sums(terms)
         if weight == 0:
             return math.nan, math.nan
         return trace / weight, squared / weight
 
     def estimate(self, terms: Sequence[tuple[float, float]]) -> float:
         """``B_simple`` from the averaged terms (NaN before any window)."""
-        trace, squared = self.average(terms)
-        return math.nan if math.isnan(trace) else noise_scale(trace, squared)
+        trace, squared, weight = self.sums(terms)
+        return math.nan if math.isnan(trace) else averaged_noise_scale(trace, squared, weight)

@@ -27,7 +27,8 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from array_api_compat import array_namespace
 
-from .noise_scale import NoiseScaleEMA, noise_scale
+from .arrays import host_array, is_python, namespace, python, ratio_or_inf
+from .noise_scale import NoiseScaleEMA, averaged, averaged_noise_scale
 from .records import StepRecord
 from .rules import SOURCES
 from .validation import check_choice, check_positive_float, check_positive_int, real_number
@@ -78,14 +79,14 @@ class PlanSummary(NamedTuple):
 
 def summarize(history: Sequence[StepRecord], decay: float = 0.9, every: int = 1) -> PlanSummary:
     """``PlanSummary`` of the step records; the noise terms of windows up to the last
-    multiple of ``every`` windows."""
-    trace = squared = weight = signal = 0.0
+    multiple of ``every`` windows (``NoiseScaleEMA.update``, as ``after_window``)."""
+    average = NoiseScaleEMA(decay)
+    state = (0.0, 0.0, 0.0, 0.0)  # trace, squared, weight, signal
     for r in history[: len(history) - len(history) % every]:
         if "trace" in r.info and not r.skipped and math.isfinite(r.info["trace"]):
             measured = r.info["gsnr"] - 1 / r.info["samples"] if "gsnr" in r.info else 0.0
-            trace, squared, weight, signal = _ema(decay, (trace, squared, weight, signal), r.info["trace"],
-                                                  r.info["squared_norm"], measured)
-    return PlanSummary(sum(r.items for r in history), len(history), trace, squared, weight, signal)
+            state = average.update(state, (r.info["trace"], r.info["squared_norm"], 1.0, measured))
+    return PlanSummary(sum(r.items for r in history), len(history), *state)
 
 
 REASONS = ("rule", "flush", "nonfinite", "failed")  # why a window closed (``StepRecord.reason``)
@@ -158,24 +159,17 @@ def after_window(summary: PlanSummary, decay: float, items: Any, counts: Any, tr
     (applied, finite trace)."""
     xp = array_namespace(summary.trace)
     old = (summary.trace, summary.squared, summary.weight, summary.signal)
-    new = _ema(decay, old, trace, squared, signal)
+    new = NoiseScaleEMA(decay).update(old, (trace, squared, 1.0, signal))
     keep = [xp.where(counts, a, b) for a, b in zip(new, old)]
     return PlanSummary(summary.items + items, summary.steps + 1, *keep)
 
 
-def _ema(decay: float, state: tuple[Any, Any, Any, Any], trace: Any, squared: Any, signal: Any
-         ) -> tuple[Any, Any, Any, Any]:
-    t, g, w, r = state
-    return (decay * t + (1 - decay) * trace, decay * g + (1 - decay) * squared, decay * w + (1 - decay),
-            decay * r + (1 - decay) * signal)
-
-
 def _micro_batches(batch: Any, micro_batch: int, low: int, high: int) -> Any:
-    """``batch`` samples as whole micro-batches (rounded half to even), within ``[low, high]``."""
-    if isinstance(batch, (int, float)):
-        return int(min(max(round(batch / micro_batch), low, 1), high))
-    xp = array_namespace(batch)
-    return xp.astype(xp.clip(xp.round(batch / micro_batch), max(low, 1), high), xp.int32)
+    """``batch`` samples as whole micro-batches (rounded half to even), within ``[low, high]``:
+    an int32 array, or a Python int for a Python number."""
+    xp = namespace(batch)
+    count = xp.clip(xp.round(host_array(batch) / micro_batch), max(low, 1), high)
+    return int(count) if is_python(batch) else xp.astype(count, xp.int32)
 
 
 @dataclass(frozen=True)
@@ -210,17 +204,14 @@ class BatchRamp:
                              "the ramp would never reach its end")
 
     def batch_at(self, progress: Any) -> Any:
-        """The window's target size in samples after ``progress`` samples (or steps)."""
-        if isinstance(progress, (int, float)):
-            fraction = min(1.0, progress / self.over)
-            if self.stages is not None:
-                fraction = math.floor(fraction * self.stages) / self.stages
-        else:
-            xp = array_namespace(progress)
-            fraction = xp.minimum(progress / self.over, 1.0)  # true division: the default float dtype
-            if self.stages is not None:
-                fraction = xp.floor(fraction * self.stages) / self.stages
-        return self.start + (self.end - self.start) * fraction
+        """The window's target size in samples after ``progress`` samples (or steps): an array,
+        or a Python float for a Python number."""
+        xp = namespace(progress)
+        fraction = xp.minimum(host_array(progress) / self.over, 1.0)  # true division: the default float dtype
+        if self.stages is not None:
+            fraction = xp.floor(fraction * self.stages) / self.stages
+        batch = self.start + (self.end - self.start) * fraction
+        return python(batch) if is_python(progress) else batch
 
     def plan(self, history: Sequence[StepRecord]) -> int:
         return self.plan_from(summarize(history))
@@ -273,16 +264,7 @@ class _NoisePlanner:
     def noise_scale_from(self, summary: PlanSummary) -> Any:
         """``B_simple`` of the summary's averages: NaN before any window counted, infinite
         when the averaged ``|G|^2`` is not positive (no division by it)."""
-        if isinstance(summary.weight, (int, float)):
-            if summary.weight == 0:
-                return math.nan
-            return noise_scale(summary.trace / summary.weight, summary.squared / summary.weight)
-        xp = array_namespace(summary.weight)
-        weight = xp.where(summary.weight > 0, summary.weight, 1.0)
-        trace, squared = summary.trace / weight, summary.squared / weight
-        positive = squared > 0
-        ratio = xp.where(positive, trace / xp.where(positive, squared, 1.0), math.inf)
-        return xp.where(summary.weight > 0, ratio, math.nan)
+        return averaged_noise_scale(summary.trace, summary.squared, summary.weight)
 
     def plan(self, history: Sequence[StepRecord]) -> int:
         return self.plan_from(summarize(history, self.decay, self.every))
@@ -299,14 +281,11 @@ class _NoisePlanner:
 
     def _plan_batch(self, batch: Any) -> Any:
         low = max(-(-self.min_batch // self.micro_batch), self._fewest)
-        if isinstance(batch, (int, float)):
-            if math.isnan(batch):
-                batch = self.min_batch  # nothing measured yet: start small
-            return _micro_batches(min(batch, self.max_batch), self.micro_batch, low,
-                                  self.max_batch // self.micro_batch)
-        xp = array_namespace(batch)
-        batch = xp.minimum(xp.where(xp.isnan(batch), float(self.min_batch), batch), float(self.max_batch))
-        return _micro_batches(batch, self.micro_batch, low, self.max_batch // self.micro_batch)
+        xp = namespace(batch)
+        # nothing measured yet (NaN): start small; no signal (inf): the largest window
+        clamped = xp.minimum(xp.where(xp.isnan(host_array(batch)), float(self.min_batch), batch), float(self.max_batch))
+        return _micro_batches(python(clamped) if is_python(batch) else clamped, self.micro_batch, low,
+                              self.max_batch // self.micro_batch)
 
 
 @dataclass(frozen=True)
@@ -375,12 +354,10 @@ class GSNRPlanner(_NoisePlanner):
         self._check()
 
     def _target_from(self, summary: PlanSummary) -> Any:
-        if isinstance(summary.weight, (int, float)):
-            if summary.weight == 0:
-                return math.nan
-            signal = summary.signal / summary.weight
-            return (self.tau - 1) / signal if signal > 0 else math.inf
-        xp = array_namespace(summary.weight)
-        signal = summary.signal / xp.where(summary.weight > 0, summary.weight, 1.0)
-        target = xp.where(signal > 0, (self.tau - 1) / xp.where(signal > 0, signal, 1.0), math.inf)
-        return xp.where(summary.weight > 0, target, math.nan)
+        """``(tau - 1) / r`` of the averaged signal r: NaN before anything was measured, infinite
+        while r <= 0."""
+        xp = namespace(summary.signal, summary.weight)
+        signal, seen = averaged(summary.signal, summary.weight)
+        target = ratio_or_inf(self.tau - 1, signal)
+        target = xp.where(seen, target, xp.asarray(math.nan, dtype=target.dtype))
+        return python(target) if is_python(summary.signal, summary.weight) else target

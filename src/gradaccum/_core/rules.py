@@ -10,13 +10,13 @@ touches framework arrays itself. Rules that need per-sample statistics say so wi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from array_api_compat import array_namespace
 
+from .arrays import host_array, is_python, namespace, python, ratio_or_inf
 from .noise_scale import NormStatistics, noise_terms
 from .statistics import GSNRFunction, at_least_1, bounded_stop, gsnr_function, gsnr_of, sample_count, where_enough
 from .validation import check_choice, check_positive_float, check_positive_int
@@ -165,7 +165,7 @@ class _SampleRule:
             raise ValueError(f"{type(self).__name__} needs per-sample statistics in window.statistics")
         n = sample_count(stats)
         stop, info = self._decision_on(stats, n, [m.mean for m in stats], [m.m2 for m in stats])
-        return Decision(bool(stop), {k: _python(v) for k, v in info.items()})
+        return Decision(bool(stop), {k: python(v) for k, v in info.items()})
 
     def _decision_on(self, stats: Sequence[Any], n: Any, means: Sequence[Any], m2s: Sequence[Any]
                      ) -> tuple[Any, dict[str, Any]]:
@@ -263,45 +263,26 @@ class NormTest(_SampleRule):
                             ) -> tuple[Any, dict[str, Any]]:
         """The decision from the window's samples and unbiased ``tr(Sigma)`` and ``|G|^2``
         (arrays or Python floats), and ``|mu|^2`` where it is known directly (else
-        ``|G|^2 + tr(Sigma) / n``): what both statistics paths and every backend run."""
-        host = isinstance(trace, (int, float))
-        xp = None if host else array_namespace(trace)
-        nf = n if host or isinstance(n, int) else xp.astype(n, trace.dtype)
+        ``|G|^2 + tr(Sigma) / n``): what both statistics paths and every backend run. Python
+        numbers give Python numbers."""
+        host = is_python(trace, squared_norm)
+        xp = namespace(trace, squared_norm)
+        trace, squared_norm = host_array(trace), host_array(squared_norm)
+        nf = n if isinstance(n, (int, float)) else xp.astype(n, trace.dtype)
         variance = trace / at_least_1(nf)
-        if mean_squared is None:
-            mean_squared = squared_norm + variance
+        mean_squared = squared_norm + variance if mean_squared is None else host_array(mean_squared)
         bound = self.theta**2 * (squared_norm if self.unbiased else mean_squared)
-        if host:
-            ratio = variance / bound if bound > 0 else math.inf
-            noise = trace / squared_norm if squared_norm > 0 else math.inf
-            ratio = ratio if n >= 2 else math.nan
-            noise = noise if n >= 2 else math.nan
-        else:
-            ratio = where_enough(n, _ratio(xp, variance, bound))
-            noise = where_enough(n, _ratio(xp, trace, squared_norm))
+        ratio = where_enough(n, ratio_or_inf(variance, bound))
+        noise = where_enough(n, ratio_or_inf(trace, squared_norm))
         stop = bounded_stop(n, ratio <= 1.0, self.max_samples, self.min_samples)
-        return stop, {"samples": n, "norm_test": ratio, "noise_scale": noise, "capped": n >= self.max_samples}
+        info = {"samples": n, "norm_test": ratio, "noise_scale": noise, "capped": n >= self.max_samples}
+        if host:
+            return python(stop), {k: python(v) for k, v in info.items()}
+        return stop, info
 
     def decide(self, window: WindowView) -> Decision:
         stats = window.statistics
         if isinstance(stats, NormStatistics):
             stop, info = self.decision_from_terms(stats.samples, stats.trace, stats.squared_norm)
-            return Decision(bool(stop), {k: _python(v) for k, v in info.items()})
+            return Decision(bool(stop), {k: python(v) for k, v in info.items()})
         return super().decide(window)
-
-
-def _ratio(xp: Any, a: Any, b: Any) -> Any:
-    """``a / b`` where ``b > 0``, else inf, without dividing by a non-positive number."""
-    positive = b > 0
-    return xp.where(positive, a / xp.where(positive, b, xp.ones_like(b)), xp.asarray(math.inf, dtype=b.dtype))
-
-
-def _python(value: Any) -> Any:
-    """A 0-d array (or Python scalar) as the Python bool, int or float it holds."""
-    if isinstance(value, (bool, int, float)):
-        return value
-    if value.dtype == bool or str(value.dtype) == "bool" or "bool" in str(value.dtype):
-        return bool(value)
-    if "int" in str(value.dtype):
-        return int(value)
-    return float(value)
