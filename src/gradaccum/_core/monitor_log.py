@@ -135,7 +135,7 @@ class MonitorLog:
             self._file = None
 
 
-def _writer(f: Any, columns: list[str]) -> csv.DictWriter:
+def _writer(f: Any, columns: list[str]) -> csv.DictWriter[str]:
     return csv.DictWriter(f, fieldnames=columns, restval="nan")
 
 

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 from array_api_compat import array_namespace
 
 from .arrays import host_array, is_python, namespace, python, ratio_or_inf
-from .statistics import at_least_1
+from .moments import at_least_1
 from .validation import check_positive_float
 
 
@@ -82,7 +82,7 @@ class NormSums(NamedTuple):
             return cls(0.0, 0.0, 0.0, 0.0, 0.0)
         return cls(float(n), max(sum_squared_norms - squared_sum / n, 0.0), float(n - 1), squared_sum / n, 1.0)
 
-    def __add__(self, other: tuple) -> NormSums:  # type: ignore[override]
+    def __add__(self, other: tuple[float, ...]) -> NormSums:  # type: ignore[override]
         return NormSums(*(a + b for a, b in zip(self, other)))
 
 
@@ -190,10 +190,10 @@ class NoiseScaleEMA:
     def sums(self, terms: Sequence[tuple[float, float]]) -> tuple[float, float, float]:
         """``(trace, squared_norm, weight)``: the moving averages of ``terms`` (oldest first),
         not yet divided by their weight."""
-        state = (0.0, 0.0, 0.0)
+        trace = squared = weight = 0.0
         for t, g in terms:
-            state = self.update(state, (t, g, 1.0))
-        return state  # type: ignore[return-value]
+            trace, squared, weight = self.update((trace, squared, weight), (t, g, 1.0))
+        return trace, squared, weight
 
     def average(self, terms: Sequence[tuple[float, float]]) -> tuple[float, float]:
         """The bias-corrected EMAs of (trace, squared_norm) over ``terms``, oldest first (NaN

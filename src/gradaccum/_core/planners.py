@@ -214,7 +214,7 @@ class BatchRamp:
         return python(batch) if is_python(progress) else batch
 
     def plan(self, history: Sequence[StepRecord]) -> int:
-        return self.plan_from(summarize(history))
+        return int(self.plan_from(summarize(history)))
 
     def plan_from(self, summary: PlanSummary) -> Any:
         """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""
@@ -259,7 +259,7 @@ class _NoisePlanner:
 
     def noise_scale(self, history: Sequence[StepRecord]) -> float:
         """``B_simple`` from the windows up to the last multiple of ``every`` steps (NaN if none)."""
-        return self.noise_scale_from(summarize(history, self.decay, self.every))
+        return float(self.noise_scale_from(summarize(history, self.decay, self.every)))
 
     def noise_scale_from(self, summary: PlanSummary) -> Any:
         """``B_simple`` of the summary's averages: NaN before any window counted, infinite
@@ -267,7 +267,7 @@ class _NoisePlanner:
         return averaged_noise_scale(summary.trace, summary.squared, summary.weight)
 
     def plan(self, history: Sequence[StepRecord]) -> int:
-        return self.plan_from(summarize(history, self.decay, self.every))
+        return int(self.plan_from(summarize(history, self.decay, self.every)))
 
     def plan_from(self, summary: PlanSummary) -> Any:
         """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""

@@ -17,8 +17,9 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 from array_api_compat import array_namespace
 
 from .arrays import host_array, is_python, namespace, python, ratio_or_inf
+from .moments import at_least_1
 from .noise_scale import NormStatistics, noise_terms
-from .statistics import GSNRFunction, at_least_1, bounded_stop, gsnr_function, gsnr_of, sample_count, where_enough
+from .statistics import GSNRFunction, bounded_stop, gsnr_function, gsnr_of, sample_count, where_enough
 from .validation import check_choice, check_positive_float, check_positive_int
 
 
