@@ -201,7 +201,7 @@ def test_a_duplicate_yaml_key_is_refused_naming_it_and_its_lines(tmp_path: Path)
 
 def test_every_yaml_the_library_reads_refuses_duplicate_keys() -> None:
     from gradaccum import AccumulationConfig
-    from gradaccum._core.yaml_io import safe_load
+    from gradaccum._yaml import safe_load
 
     with pytest.raises(ValueError, match="duplicate key 'batch_size'"):
         AccumulationConfig.from_yaml("batch_size: 8\ngradient_accumulation_steps: 4\nbatch_size: 16\n")

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .._core.yaml_io import safe_load
+from .._yaml import safe_load
 from .arms import ARMS, DEFAULT_ARMS
 from .errors import SettingsError
 
