@@ -24,25 +24,10 @@ from gradaccum._core.noise_scale import noise_terms, pooled_terms
 from gradaccum._core.rules import statistics_source
 from gradaccum._core.statistics import gsnr_of
 
+from .test_micro_batch import per_sample_gradients, regression
+
 SIZES = (3, 1, 5, 2)
 
-
-def regression(d: int, anisotropic: bool, seed: int = 0):
-    """Linear regression at fixed parameters: ``x ~ N(0, diag(s^2))``, residual noise ``sigma``."""
-    rng = np.random.default_rng(seed)
-    delta = rng.normal(size=d) * 0.5
-    scales = np.linspace(0.2, 2.0, d) if anisotropic else np.ones(d)
-    cov = np.diag(scales**2)
-    sigma = 0.7
-    trace = (delta @ cov @ delta + sigma**2) * np.trace(cov) + np.sum((cov @ delta) ** 2)
-    return rng, delta, scales, sigma, float(trace)
-
-
-def per_sample_gradients(rng, delta, scales, sigma, b: int) -> np.ndarray:
-    """The gradients of ``(x . w - y)^2 / 2`` of ``b`` samples."""
-    x = rng.normal(size=(b, len(delta))) * scales
-    residual = x @ delta - sigma * rng.normal(size=b)
-    return x * residual[:, None]
 
 
 def _groups(seed: int = 1, sizes: tuple[int, ...] = SIZES, shape: tuple[int, ...] = (4, 3)) -> list[np.ndarray]:
@@ -151,7 +136,7 @@ def test_unbiased_per_element_on_linear_regression(k: int, anisotropic: bool) ->
     """Over 400 windows of ``k`` uneven micro-batches, the averaged per-sample variance of every
     element is within 3 standard errors of the closed form
     ``var_e = s_e^2 (delta' L delta + sigma^2) + (s_e^2 delta_e)^2`` (``L = diag(s^2)``)."""
-    rng, delta, scales, sigma, trace = regression(6, anisotropic, seed=100 + k)
+    rng, delta, scales, sigma, trace, _ = regression(6, anisotropic, seed=100 + k)
     cov = scales**2
     want = cov * (delta @ (cov * delta) + sigma**2) + (cov * delta) ** 2
     assert want.sum() == pytest.approx(trace, rel=1e-12)

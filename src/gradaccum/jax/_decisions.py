@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import jax
 
+from .._core.micro_batch import micro_batch_terms
 from .._core.noise_scale import window_terms
 from .._core.rules import GSNR, FixedSteps, NormTest, StoppingRule
 from ._window import Window, squared_norm
@@ -50,9 +51,14 @@ def _fixed_steps(rule: FixedSteps, window: Window) -> tuple[jax.Array, dict[str,
 @register_decision(GSNR)
 @register_decision(NormTest)
 def _sample_rule(rule: GSNR | NormTest, window: Window) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The core rule's own ``decision``, traced on the window's moments, or on the norm
-    path's terms (``NormTest.decision_from_terms``)."""
+    """The core rule's own ``decision``, traced on the window's moments (per-sample, or the
+    micro-batch means' as ``Moments``), or on the norm terms of either source
+    (``NormTest.decision_from_terms``)."""
     if window.sum_norms is not None:
         trace, squared = window_terms(window.samples, window.sum_norms, squared_norm(window.grad_sum))
         return rule.decision_from_terms(window.samples, trace, squared)  # type: ignore[union-attr]
-    return rule.decision(window.samples, jax.tree.leaves(window.mean), jax.tree.leaves(window.m2))
+    if window.weighted is not None:  # the micro-batch source's norm statistics
+        trace, squared = micro_batch_terms(window.measured, window.samples, window.weighted,
+                                           squared_norm(window.grad_sum))
+        return rule.decision_from_terms(window.samples, trace, squared)  # type: ignore[union-attr]
+    return rule.decision(window.samples, *window.element_moments())

@@ -22,6 +22,7 @@ from flax.training import train_state
 from flax.training.train_state import OVERWRITE_WITH_GRADIENT
 
 from .._core.config import AccumulationConfig, as_rule
+from .._core.micro_batch import micro_batch_terms
 from .._core.moments import moments_from_sums
 from .._core.noise_scale import noise_terms, window_terms
 from .._core.planners import PlanSummary, after_window, is_planner
@@ -71,8 +72,11 @@ class PlanState(NamedTuple):
         signal = jnp.zeros((), dtype)
         if window.sum_norms is not None:
             trace, squared = window_terms(window.samples, window.sum_norms, squared_norm(window.grad_sum))
-        elif window.mean is not None:  # per-element moments: the noise terms and the GSNR signal
-            means, m2s = jax.tree.leaves(window.mean), jax.tree.leaves(window.m2)
+        elif window.weighted is not None:  # the micro-batch source's norm statistics
+            trace, squared = micro_batch_terms(window.measured, window.samples, window.weighted,
+                                               squared_norm(window.grad_sum))
+        elif window.m2 is not None:  # per-element moments: the noise terms and the GSNR signal
+            means, m2s = window.element_moments()
             trace, squared = noise_terms(window.samples, means, m2s)
             gsnr = gsnr_of(means, m2s, window.samples, "sample")[0]
             signal = (gsnr - 1 / jnp.maximum(window.samples, 1)).astype(dtype)
@@ -111,7 +115,8 @@ class AccumulatingTrainState(train_state.TrainState):
                nonfinite: str = "skip_micro_batch", **kwargs: Any) -> AccumulatingTrainState:
         """A new state with ``step=0``, ``tx.init(params)`` and an empty window shaped like ``params``."""
         if rule is None:
-            raise TypeError("rule is required: a stopping rule such as gradaccum.FixedSteps(4) or an AccumulationConfig")
+            raise TypeError("rule is required: a stopping rule such as gradaccum.FixedSteps(4) or an "
+                            "AccumulationConfig")
         rule = as_rule(rule)
         if not is_planner(rule):
             traced_decision(rule)
@@ -231,6 +236,8 @@ def _from_state_dict(target: AccumulatingTrainState, state: Any) -> Accumulating
 def _saved_kind(window: dict[str, Any]) -> str:
     if window.get("mean") is not None:
         return "elements"
+    if window.get("measured") is not None:
+        return "micro_batch" if window.get("weighted") is not None else "micro_batch_elements"
     return "norms" if window.get("sum_norms") is not None else "none"
 
 
@@ -238,7 +245,10 @@ def _layout(kind: str, planned: bool) -> str:
     """What a window of ``kind`` keeps, in words, and whether a plan comes with it."""
     words = {"none": "a window of gradient sums",
              "elements": "a window of per-element gradient moments (statistics='elements')",
-             "norms": "a window of gradient sums and per-sample norms (statistics='norms')"}[kind]
+             "norms": "a window of gradient sums and per-sample norms (statistics='norms')",
+             "micro_batch": "a window of gradient sums and micro-batch norms (source='micro_batch')",
+             "micro_batch_elements": "a window of gradient sums and the per-element variance of its micro-batches "
+                                     "(source='micro_batch', statistics='elements')"}[kind]
     return f"{words} and a planner's plan" if planned else f"{words}, no plan"
 
 
@@ -246,14 +256,15 @@ serialization.register_serialization_state(AccumulatingTrainState, _state_dict, 
 
 
 def window_kind(rule: StoppingRule) -> str:
-    """What the window keeps for ``rule``: ``"none"``, ``"elements"`` or ``"norms"``. The JAX
-    backend's statistics are per-sample: a rule asking for the micro-batch source is refused."""
+    """What the window keeps for ``rule`` (``Window.empty``): ``"none"``; per-sample statistics,
+    ``"elements"`` or ``"norms"``; or, with ``source="micro_batch"``, ``"micro_batch"`` (norm
+    statistics) or ``"micro_batch_elements"`` (per-element)."""
     if not rule.needs_statistics:
         return "none"
-    if statistics_source(rule) != "per_sample":
-        raise ValueError(f"source={rule.source!r}: the JAX backend takes statistics from per-sample gradients only; "  # type: ignore[attr-defined]
-                         f"build {type(rule).__name__} with source='per_sample'")
-    return statistics_kind(rule)
+    kind = statistics_kind(rule)
+    if statistics_source(rule, elements=True, backend="the JAX backend") == "per_sample":
+        return kind
+    return "micro_batch" if kind == "norms" else "micro_batch_elements"
 
 
 def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool = False, jit: bool = True
@@ -503,7 +514,14 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
     window = state.window
     key = None if rng is None else jax.random.fold_in(jax.random.fold_in(rng, state.step), window.micro_batches)
     _check_losses(_with_key(loss_fn, key), state.params, batch, size)
-    if window.sum_norms is not None:
+    squared = None
+    if window.measured is not None:  # the micro-batch source: the plain gradient and its squared norm
+        grad_sum, loss_sum = jax.grad(partial(_summed_loss, _with_key(loss_fn, key)), has_aux=True)(
+            state.params, batch, weights)
+        n = (weights > 0).sum(dtype=jnp.int32)
+        squared = squared_norm(grad_sum)
+        add, increment, gradient = window.add_micro_batch, (grad_sum, squared, items, n), grad_sum
+    elif window.sum_norms is not None:
         losses, n, grad_sum, total = _norm_increment(loss_fn, statistics, state.params, batch, weights, key)
         loss_sum = weighted_sum(losses, weights)
         add, increment, gradient = window.add_norms, (grad_sum, total, items, n), (grad_sum, total)
@@ -522,7 +540,7 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
         finite = jnp.isfinite(loss_sum)
         added = add(*increment).replace(poisoned=window.poisoned | ~finite)
     else:
-        finite = jnp.isfinite(loss_sum) & all_finite(gradient)
+        finite = jnp.isfinite(loss_sum) & (all_finite(gradient) if squared is None else _finite(squared, gradient))
         added = add(*_zero_unless(finite, increment))
     if state.plan is not None:  # a planner: the window's length was fixed before it started
         stop, info = added.micro_batches >= state.plan.planned, {"planned": state.plan.planned}
@@ -535,6 +553,13 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
                "items": added.items, "samples": added.samples, "micro_batches": added.micro_batches,
                "step": new_state.step, **info}
     return new_state, metrics
+
+
+def _finite(squared: jax.Array, grads: Any) -> jax.Array:
+    """Whether every element of ``grads`` is finite, read from their squared norm (taken anyway
+    for the micro-batch source): a NaN or Inf element makes it non-finite; only then, since a
+    finite gradient's square may overflow, does the exact element check run."""
+    return jax.lax.cond(jnp.isfinite(squared), lambda g: jnp.ones((), bool), all_finite, grads)
 
 
 @jax.jit
@@ -554,7 +579,8 @@ def flush(state: AccumulatingTrainState) -> AccumulatingTrainState:
         reraised(error)
 
 
-def noise_value_and_grad(loss_fn: LossFn, *, statistics: str = "auto") -> Callable[..., tuple[tuple[jax.Array, Any], dict]]:
+def noise_value_and_grad(loss_fn: LossFn, *, statistics: str = "auto"
+                         ) -> Callable[..., tuple[tuple[jax.Array, Any], dict]]:
     """``jax.value_and_grad`` of the mean loss, plus the batch's gradient noise terms from the
     same backward: ``f(params, batch, weights=None, *, rng=None) -> ((loss, grads), stats)``.
 

@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from .._core.micro_batch import element_moments, merge_micro_batch
 from .._core.moments import chan_merge
 
 COUNT_MAX = int(np.iinfo(np.int32).max)  # a window counts its items in int32
+KINDS = ("none", "elements", "norms", "micro_batch", "micro_batch_elements")  # what a window keeps
 
 
 @struct.dataclass
@@ -33,6 +35,11 @@ class Window:
       sum_norms: the norm path's ``sum_i |g_i|^2`` over the window's samples (rules reading
         ``statistics = "norms"``, with ``grad_sum``), else None.
       poisoned: a micro-batch with a non-finite gradient joined (``nonfinite="skip_window"``).
+      measured: the micro-batch source's ``k``, micro-batches with samples that joined (rules
+        with ``source="micro_batch"``, with ``grad_sum``), else None.
+      weighted: the micro-batch source's ``sum_j |S_j|^2 / b_j`` over those micro-batches (norm
+        statistics), else None. With per-element statistics the source keeps ``m2`` instead:
+        the between-micro-batch ``sum_j b_j (g_j - g)^2`` per element (``mean`` is None).
     """
 
     micro_batches: jax.Array
@@ -43,25 +50,35 @@ class Window:
     m2: Any
     poisoned: jax.Array
     sum_norms: Any = None
+    measured: Any = None
+    weighted: Any = None
 
     @classmethod
     def empty(cls, params: Any, kind: str | bool) -> Window:
         """An empty window with zeroed buffers shaped like ``params``, for statistics of
-        ``kind``: ``"none"`` (the gradient sum), ``"elements"`` (per-element moments) or
-        ``"norms"`` (the gradient sum and ``sum_i |g_i|^2``); a bool means ``"elements"``
-        (True) or ``"none"``. ``gradaccum.jax.window_kind(rule)`` says which a rule needs."""
+        ``kind`` (``KINDS``): ``"none"`` (the gradient sum), ``"elements"`` (per-element
+        moments), ``"norms"`` (the gradient sum and ``sum_i |g_i|^2``), ``"micro_batch"`` (the
+        gradient sum and the micro-batches' ``k`` and ``sum_j |S_j|^2 / b_j``) or
+        ``"micro_batch_elements"`` (the gradient sum, ``k`` and the between-micro-batch ``M2``);
+        a bool means ``"elements"`` (True) or ``"none"``. ``gradaccum.jax.window_kind(rule)``
+        says which a rule needs."""
         if isinstance(kind, bool):
             kind = "elements" if kind else "none"
-        if kind not in ("none", "elements", "norms"):
-            raise ValueError(f"kind must be 'none', 'elements' or 'norms', got {kind!r}")
-        zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+        def zeros() -> Any:
+            return jax.tree.map(jnp.zeros_like, params)
+
         elements = kind == "elements"
+        micro = kind.startswith("micro_batch")
         dtype = jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32)
         return cls(
             micro_batches=jnp.zeros((), jnp.int32), items=jnp.zeros((), jnp.int32), samples=jnp.zeros((), jnp.int32),
             grad_sum=None if elements else zeros(), mean=zeros() if elements else None,
-            m2=zeros() if elements else None, poisoned=jnp.zeros((), bool),
+            m2=zeros() if elements or kind == "micro_batch_elements" else None, poisoned=jnp.zeros((), bool),
             sum_norms=jnp.zeros((), dtype) if kind == "norms" else None,
+            measured=jnp.zeros((), jnp.int32) if micro else None,
+            weighted=jnp.zeros((), dtype) if kind == "micro_batch" else None,
         )
 
     def mean_gradient(self) -> Any:
@@ -72,6 +89,16 @@ class Window:
             return jax.tree.map(lambda m: m * (self.samples.astype(m.dtype) / denominator.astype(m.dtype)), self.mean)
         return jax.tree.map(lambda s: s / denominator.astype(s.dtype), self.grad_sum)
 
+    def element_moments(self) -> tuple[list[jax.Array], list[jax.Array]]:
+        """The means and M2s the per-element rules read, one per leaf: the per-sample moments,
+        or the micro-batch source's as ``Moments`` (the core's ``element_moments``: M2 scaled
+        to ``k - 1`` degrees of freedom, NaN below two micro-batches)."""
+        if self.mean is not None:
+            return jax.tree.leaves(self.mean), jax.tree.leaves(self.m2)
+        pairs = [element_moments(self.measured, self.samples, s, m2)[1:]
+                 for s, m2 in zip(jax.tree.leaves(self.grad_sum), jax.tree.leaves(self.m2))]
+        return [m for m, _ in pairs], [m2 for _, m2 in pairs]
+
     def add_sum(self, grad_sum: Any, items: jax.Array, samples: jax.Array) -> Window:
         """Add a micro-batch given as the gradient of its summed loss and its item count."""
         return self.replace(micro_batches=self.micro_batches + 1, items=self.items + items,
@@ -80,6 +107,22 @@ class Window:
     def add_norms(self, grad_sum: Any, sum_norms: jax.Array, items: jax.Array, samples: jax.Array) -> Window:
         """Add a micro-batch on the norm path: its gradient sum and ``sum_i |g_i|^2``."""
         return self.add_sum(grad_sum, items, samples).replace(sum_norms=self.sum_norms + sum_norms)
+
+    def add_micro_batch(self, grad_sum: Any, squared: jax.Array, items: jax.Array, samples: jax.Array) -> Window:
+        """Add a micro-batch on the micro-batch source: its gradient sum ``S_j``, ``|S_j|^2``
+        (``squared``) and counts. A micro-batch without samples (all weights 0, or dropped as
+        non-finite: its increment is zeros) is not measured."""
+        has = samples > 0
+        out = self.add_sum(grad_sum, items, samples).replace(measured=self.measured + has.astype(jnp.int32))
+        if self.weighted is not None:
+            b = jnp.maximum(samples, 1).astype(self.weighted.dtype)
+            out = out.replace(weighted=self.weighted + jnp.where(has, squared.astype(self.weighted.dtype) / b, 0))
+        if self.m2 is not None:  # before the sum takes the micro-batch: Chan's update against it
+            def merged(m2: jax.Array, total: jax.Array, s: jax.Array) -> jax.Array:
+                return merge_micro_batch(m2, total, self.samples, s, samples)
+
+            out = out.replace(m2=jax.tree.map(merged, self.m2, self.grad_sum, grad_sum))
+        return out
 
     def add_moments(self, items: jax.Array, n: jax.Array, mean: Any, m2: Any) -> Window:
         """Merge an increment's moments into the window's: the core's ``chan_merge``."""
