@@ -219,11 +219,12 @@ def test_a_finite_gradient_whose_square_overflows_is_kept() -> None:
     assert not math.isfinite(float(m["noise_scale"]))
 
 
-@pytest.mark.parametrize("rule", [NormTest(0.3, increment=6, max_samples=24, source="micro_batch"),
-                                  GSNR(3.0, scale="mean", increment=6, max_samples=24, source="micro_batch"),
-                                  NoiseScalePlanner(c=2.0, min_batch=12, max_batch=48, micro_batch=6,
-                                                    source="micro_batch")],
-                         ids=["norm_test", "gsnr", "planner"])
+TRAINING = [NormTest(0.3, increment=6, max_samples=24, source="micro_batch"),
+            GSNR(3.0, scale="mean", increment=6, max_samples=24, source="micro_batch"),
+            NoiseScalePlanner(c=2.0, min_batch=12, max_batch=48, micro_batch=6, source="micro_batch")]
+
+
+@pytest.mark.parametrize("rule", TRAINING, ids=["norm_test", "gsnr", "planner"])
 def test_jit_with_donate_equals_without(rule) -> None:
     runs = []
     for donate in (False, True):
@@ -239,11 +240,7 @@ def test_jit_with_donate_equals_without(rule) -> None:
     assert sum(h["stop"] for h in runs[0][0]) >= 2
 
 
-@pytest.mark.parametrize("rule", [NormTest(0.3, increment=6, max_samples=24, source="micro_batch"),
-                                  GSNR(3.0, scale="mean", increment=6, max_samples=24, source="micro_batch"),
-                                  NoiseScalePlanner(c=2.0, min_batch=12, max_batch=48, micro_batch=6,
-                                                    source="micro_batch")],
-                         ids=["norm_test", "gsnr", "planner"])
+@pytest.mark.parametrize("rule", TRAINING, ids=["norm_test", "gsnr", "planner"])
 def test_a_checkpoint_mid_window_resumes_exactly(rule) -> None:
     step = make_train_step(net_loss)
     batches = _batches([6] * 12, seed=12)
