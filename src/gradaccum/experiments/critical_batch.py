@@ -54,7 +54,7 @@ import numpy as np
 
 __all__ = ["Branch", "BranchProblem", "CheckpointResult", "CriticalBatchError", "Tradeoff", "analyse_checkpoint",
            "evaluation_steps", "fit_samples", "fit_steps", "fit_tradeoff", "measure_branches",
-           "measure_critical_batch", "run_branch", "ZHANG_MARGIN"]
+           "measure_critical_batch", "run_branch", "zhang_measured", "ZHANG_MARGIN"]
 
 ZHANG_MARGIN = 0.2
 """Zhang et al. (2024): the critical batch size is where the steps exceed linear scaling by 20 %."""

@@ -5,8 +5,8 @@ planners measure online (``critical_batch_torch``), on mnist1d and on the byte-l
 Per task (``PLANS``): one run at the task's smallest batch with Adam (AdamW for the LM) gives
 checkpoints spread over its first part (before the validation loss stops falling); from each,
 branches at every batch size of the task's range and every learning rate of a grid around the
-square-root rule ``lr(B) = lr0 sqrt(B / B0)`` (Adam's; factors 1/4 to 4, the best per batch
-size taken, and a best at an end of the grid reported), over two seeds; the drop to reach is
+square-root rule ``lr(B) = lr0 sqrt(B / B0)`` (Adam's; factors 1/4 to 4 on mnist1d, 1/2 to 2 on
+the LM, the best per batch size taken, and a best at an end of the grid reported), over two seeds; the drop to reach is
 half of what the run itself still gained on the evaluation set after the checkpoint
 (``DROP_SHARE``). The evaluation set is the validation split (mnist1d) and the validation
 sequences (LM): the test split is never read. Online, at the same checkpoints and at more
@@ -90,7 +90,8 @@ PLANS: dict[tuple[str, bool], Plan] = {
     ("mnist1d", False): Plan(32, 2e-3, 800, 50, (25, 75, 150, 300), (16, 32, 64, 128, 256, 512, 1024), LR_FACTORS,
                              (0, 1), 600, 64),
     ("mnist1d", True): Plan(32, 2e-3, 300, 25, (25, 150), (16, 64, 256, 1024), (0.5, 1.0, 2.0), (0,), 300, 8),
-    ("lm", False): Plan(8, 3e-3, 600, 25, (25, 100, 300), (8, 16, 32, 64, 128, 256), LR_FACTORS, (0, 1), 400, 16),
+    ("lm", False): Plan(8, 3e-3, 600, 100, (25, 100, 300), (8, 16, 32, 64, 128, 256), (0.5, 1.0, 2.0), (0, 1), 150,
+                        16),
     ("lm", True): Plan(8, 3e-3, 100, 25, (25, 75), (8, 32, 128), (0.5, 1.0, 2.0), (0,), 150, 4),
 }
 
