@@ -43,7 +43,9 @@ class Planner(Protocol):
         ``squared_norm`` in the step records' info) that ``plan`` reads.
     """
 
-    needs_statistics: bool
+    # read-only: a planner may hold it as a plain attribute, a frozen dataclass field or a property
+    @property
+    def needs_statistics(self) -> bool: ...
 
     def plan(self, history: Sequence[StepRecord]) -> int:
         """Micro-batches of the window about to start, from the records of the windows so far."""

@@ -57,7 +57,9 @@ class StoppingRule(Protocol):
         ``tr(Sigma)`` and ``|G|^2``, gathered from per-sample gradient norms at almost no cost).
     """
 
-    needs_statistics: bool
+    # read-only: a rule may hold it as a plain attribute, a frozen dataclass field or a property
+    @property
+    def needs_statistics(self) -> bool: ...
 
     def decide(self, window: WindowView) -> Decision:
         """Return whether the window is complete after the micro-batch just added."""
