@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import GSNR, BatchRamp, FixedSteps, NoiseScalePlanner, NormTest, StoppingRule
+from .. import GSNR, BatchRamp, FixedSteps, NoiseScalePlanner, NormTest, Planner, StoppingRule
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ExperimentConfig
@@ -33,7 +33,7 @@ class Arm:
 
     name: str
     label: str
-    rule: Callable[[Params, ExperimentConfig], StoppingRule]
+    rule: Callable[[Params, ExperimentConfig], StoppingRule | Planner]
     space: dict[str, tuple[str, str]]
 
     @property
