@@ -112,6 +112,18 @@ def test_train_runs_on_one_thread_shows_progress_and_restores_the_thread_count(
     assert "baseline: training samples" in err and "320/320" in err
 
 
+@pytest.mark.slow
+def test_train_on_the_jax_backend_shows_progress(tmp_path: Path, data_dir: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``--backend jax`` printed nothing while it trained (its loop did not report progress)."""
+    pytest.importorskip("jax")
+    argv = ["train", "--arm", "baseline", "--backend", "jax", *TINY_TRAIN, "--out", str(tmp_path), "--data-dir",
+            data_dir]
+    assert main([a for a in argv if a != "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "baseline: training samples" in err and "320/320" in err
+
+
 @pytest.mark.parametrize("command", ["train", "tune"])
 def test_ctrl_c_ends_with_one_line_and_code_130(command: str, tmp_path: Path, data_dir: str,
                                                 monkeypatch: pytest.MonkeyPatch,
