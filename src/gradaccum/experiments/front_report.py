@@ -248,9 +248,9 @@ def cost_line(cfg: dict[str, Any]) -> str:
     seeds = cfg["seeds"]
     t = scipy_stats.t.ppf(0.975, seeds - 1) if seeds > 1 else math.nan
     return ("What the intervals cost: an adaptive arm searches its own parameter within the same "
-            f"{cfg['front_trials']} trials a fixed arm spends on its lr alone, so its settings are tuned more coarsely; with "
-            f"{seeds} seeds a paired interval reaches {t:.2f} standard errors of the mean log-ratio on each side, "
-            "so a ratio near 1 reads 'no difference' unless the seeds agree closely.")
+            f"{cfg['front_trials']} trials a fixed arm spends on its lr alone, so its settings are tuned more "
+            f"coarsely; with {seeds} seeds a paired interval reaches {t:.2f} standard errors of the mean log-ratio "
+            "on each side, so a ratio near 1 reads 'no difference' unless the seeds agree closely.")
 
 
 def section(front: dict[str, Any], timings: dict[str, Any], out: Path) -> str:
