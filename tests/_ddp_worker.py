@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from gradaccum import GSNR, BatchRamp, Decision, FixedSteps, NormTest
+from gradaccum import GSNR, BatchRamp, Decision, FixedSteps, NoiseScalePlanner, NormTest
 from gradaccum.torch import Accumulator, find_micro_batch_size
 
 from .reference import GradCapture, ce_mean, classification, mlp, take
@@ -54,6 +54,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         os._exit(0)
     if mode == "ramp":
         run_ramp(rank, out)
+    elif mode == "micro_planner":
+        run_micro_planner(rank, out)
     elif mode in ("norms", "norms_micro"):
         run_norms(rank, out, micro=mode == "norms_micro")
     elif mode == "norms_skip":
@@ -349,7 +351,7 @@ def run_contract(rank: int, out: Path, mode: str) -> None:
         outcome += f" | window {acc.window_micro_batches} micro-batches, {acc.steps} steps, weights unchanged: {same}"
     (out / f"rank{rank}.txt").write_text(f"{time.monotonic() - started:.1f}\n{outcome}")
     if mode == "contract_late" and rank == 1:
-        time.sleep(12)  # linger: the peer must time out, not see a closed connection
+        time.sleep(8)  # linger: the peer must time out, not see a closed connection
 
 
 def ramp_rule() -> BatchRamp:
@@ -376,6 +378,23 @@ def run_ramp(rank: int, out: Path) -> None:
     acc.flush()
     dist.all_reduce = original
     torch.save({"windows": [(r.items, r.micro_batches) for r in acc.history], "large": large,
+                "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
+
+
+def micro_planner() -> NoiseScalePlanner:
+    return NoiseScalePlanner(1.0, min_batch=8, max_batch=32, micro_batch=4, source="micro_batch")  # global samples
+
+
+def run_micro_planner(rank: int, out: Path) -> None:
+    """NoiseScalePlanner on the micro-batch source under DDP: each rank feeds 2 of every 4
+    samples; every window's record is kept."""
+    model = DistributedDataParallel(mlp())
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), micro_planner())
+    data = gsnr_data()
+    for start in range(0, GSNR_SAMPLES, 4):
+        acc.backward(*ce_mean(model, take(data, slice(start + 2 * rank, start + 2 * rank + 2))))
+    acc.flush()
+    torch.save({"history": [r.as_dict() for r in acc.history],
                 "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
 
 

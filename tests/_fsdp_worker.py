@@ -8,6 +8,8 @@ on a float32 model sharded by fully_shard. "backward_raises": rank 1's backward 
 through micro-batch 4; each rank records the error its Accumulator.backward raised, and rank 1's
 process ends there, as a script's would. "launch_mismatch" (one process, WORLD_SIZE=2 in its
 environment): an Accumulator over a model in a process group of one process is refused.
+"micro_batch": NormTest and NoiseScalePlanner with source="micro_batch" on the float64 sharded
+model over the DDP test's micro-batches; each window's record (its noise terms) is kept.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from gradaccum import FixedSteps
+from gradaccum import FixedSteps, NoiseScalePlanner, NormTest
 from gradaccum.torch import Accumulator
 
 from ._ddp_worker import SIZES, K, rank_data
@@ -62,6 +64,32 @@ def run_float32(rank: int, out: Path) -> None:
     seen = [[g.full_tensor() if isinstance(g, DTensor) else g for g in step] for step in opt.seen]
     torch.save({"seen": seen, "params": [p.full_tensor().detach() for p in model.parameters()],
                 "items": [r.items for r in acc.history]}, out / f"rank{rank}.pt")
+
+
+MICRO_THETA = 1.5  # NormTest's theta on the micro-batch source: windows of a few micro-batches
+
+
+def micro_batch_rules() -> list:
+    """The rules the "micro_batch" mode runs, in order (each on a fresh model)."""
+    return [NormTest(MICRO_THETA, source="micro_batch"),
+            NoiseScalePlanner(1.0, min_batch=8, max_batch=24, micro_batch=4, source="micro_batch")]
+
+
+def run_micro_batch(rank: int, out: Path) -> None:
+    """Each rule of ``micro_batch_rules`` over this rank's micro-batches (lr 0.1): the squared
+    norms of each micro-batch's sharded gradient are summed over the ranks (one small
+    all-reduce), so the records are one process's over the union of both ranks' micro-batches."""
+    result = []
+    for rule in micro_batch_rules():
+        model = sharded(torch.float64)
+        acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule)
+        for part in micro_batches(rank, torch.float64):
+            acc.backward(*ce_mean(model, part))
+        acc.flush()
+        result.append({"info": [dict(r.info) for r in acc.history],
+                       "micro_batches": [r.micro_batches for r in acc.history],
+                       "params": [p.full_tensor().detach() for p in model.parameters()]})
+    torch.save(result, out / f"rank{rank}.pt")
 
 
 def run_backward_raises(rank: int, out: Path) -> None:
@@ -125,6 +153,8 @@ def main(rank: int, world: int, out: Path, mode: str) -> None:
         os._exit(0)  # no teardown: the other rank may be gone, or rank 1's process ends here
     elif mode == "launch_mismatch":
         run_launch_mismatch(out)
+    elif mode == "micro_batch":
+        run_micro_batch(rank, out)
     else:
         raise ValueError(f"unknown mode {mode!r}")
     dist.barrier()  # both ranks done before either tears gloo down (else one can abort at exit)

@@ -21,6 +21,7 @@ from . import _ddp_worker as worker
 from .reference import ce_mean, classification, full_batch_grad, mlp, take
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test runs two gloo ranks in processes of their own
 
 
 def windows_of(sizes: list[int], k: int) -> list[slice]:
@@ -162,7 +163,6 @@ def test_ranks_that_break_the_contract_raise_instead_of_hanging(tmp_path: Path, 
         assert "rank 0: flush() at window 0, micro-batch 1" in outcome and rank1_did in outcome
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "said"), [
     ("contract_schedule", ("rank 0: lr_schedule's factor 1.0", "rank 1: lr_schedule's factor 0.5")),
     ("contract_clip", ("rank 0: clip_grad_norm 1.0", "rank 1: clip_grad_norm 2.0")),
@@ -181,7 +181,7 @@ def test_a_rank_that_never_arrives_times_out_with_the_contract_named(tmp_path: P
     seconds, outcome = contract_outcomes(tmp_path, "contract_late")[0]
     assert outcome.startswith("ContractError: rank 0: the Accumulator's collective for the window's close")
     assert "call Accumulator.backward the same number of times per window" in outcome
-    assert seconds < 11  # the 3 s timeout, not the peer's exit after 12 s
+    assert seconds < 7  # the 3 s timeout, not the peer's exit after 8 s
 
 
 def test_planned_windows_on_two_ranks_equal_one_process_with_one_reduce_per_window(tmp_path: Path) -> None:
@@ -254,3 +254,60 @@ def test_a_skipped_micro_batch_under_ddp_norm_rules_keeps_ranks_in_step(tmp_path
     assert len(ranks[0]["history"]) >= 2 and any(s % 8 == 4 for s in samples)
     for p, q in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(p, q)
+
+
+class Replay:
+    """A planner on the micro-batch source that plans the given windows, in order."""
+
+    needs_statistics = True
+    statistics = "norms"
+    source = "micro_batch"
+
+    def __init__(self, windows: list[int]) -> None:
+        self.windows = windows
+
+    def plan(self, history) -> int:
+        return self.windows[min(len(history), len(self.windows) - 1)]
+
+
+def test_micro_batch_planner_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+    """NoiseScalePlanner(source="micro_batch") under DDP: each rank's micro-batches are micro-
+    batches of the one window, so every record's noise terms and each layer's noise scale are one
+    process's over both ranks' micro-batches as micro-batches of their own (rank 0's, then rank
+    1's, each of 2 samples), measured from the window sum after the close's all-reduce; the
+    planner's windows follow from them, and the weights are the one process's."""
+    ranks = run_two_ranks(tmp_path, "micro_planner")
+    history = ranks[0]["history"]
+    assert ranks[1]["history"] == history
+    assert len(history) >= 3 and all(r["info"]["trace"] > 0 for r in history[:-1])
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05),
+                      Replay([2 * r["micro_batches"] for r in history]))
+    data = worker.gsnr_data()
+    for start in range(0, worker.GSNR_SAMPLES, 2):
+        acc.backward(*ce_mean(model, take(data, slice(start, start + 2))))
+    acc.flush()
+    assert [r.items for r in acc.history] == [r["items"] for r in history]
+    planner = worker.micro_planner()
+    for ours, theirs in zip(acc.history, history):
+        for key in ("samples", "trace", "squared_norm", "noise_scale"):
+            assert theirs["info"][key] == pytest.approx(ours.info[key], rel=1e-9), key
+        layers = [v for k, v in sorted(ours.info.items()) if k.startswith("noise_scale/")]
+        assert len(layers) == 3  # each layer's noise scale, in the layers' order
+        assert [v for k, v in sorted(theirs["info"].items()) if k.startswith("noise_scale/")] == \
+            pytest.approx(layers, rel=1e-9)
+    planned = [w for w in range(1, len(history)) if history[w]["reason"] == "rule"]
+    assert len(planned) >= 2
+    for w in planned:  # each plan is the planner's from the one process's records
+        assert history[w]["info"]["planned"] == planner.plan(acc.history[:w])
+    for r in range(2):
+        for p, q in zip(ranks[r]["params"], model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.xfail(strict=True, reason="the Accumulator names the micro-batch source's layers after the DDP "
+                   "wrapper's parameters ('module.0'), the per-sample source after the wrapped model's ('0')")
+def test_micro_batch_layer_columns_under_ddp_are_named_as_on_one_process(tmp_path: Path) -> None:
+    history = run_two_ranks(tmp_path, "micro_planner")[0]["history"]
+    assert {k for k in history[0]["info"] if k.startswith("noise_scale/")} == \
+        {"noise_scale/0", "noise_scale/2", "noise_scale/4"}

@@ -8,6 +8,7 @@ that torchrun launched, and a group that does not span the launch is refused."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -20,6 +21,21 @@ import torch
 from . import _ddp_worker as worker
 from .reference import full_batch_grad, mlp
 from .test_ddp import ROOT, run_two_ranks, windows_of
+
+
+def union_micro_batches() -> list:
+    """Micro-batch j of one process over both ranks: rank 0's micro-batch j, then rank 1's."""
+    from .reference import take
+
+    data = [worker.rank_data(r) for r in range(2)]
+    starts, out = [0, 0], []
+    for j in range(len(worker.SIZES[0])):
+        parts = []
+        for r in range(2):
+            parts.append(take(data[r], slice(starts[r], starts[r] + worker.SIZES[r][j])))
+            starts[r] += worker.SIZES[r][j]
+        out.append(type(parts[0])(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts])))
+    return out
 
 
 def reference_grads(drop: tuple[int, int] | None = None) -> list[list[torch.Tensor]]:
@@ -101,20 +117,13 @@ def test_norm_test_on_shards_decides_as_one_process_over_both_ranks(tmp_path: Pa
     from gradaccum import NormTest
     from gradaccum.torch import Accumulator
 
-    from .reference import GradCapture, ce_mean, take
+    from .reference import GradCapture, ce_mean
 
     ranks = run_two_ranks(tmp_path, "fsdp_norms")
     model = mlp()
     opt = GradCapture(model.parameters())
     acc = Accumulator(model, opt, NormTest(worker.FSDP_THETA))
-    data = [worker.rank_data(r) for r in range(2)]
-    starts = [0, 0]
-    for j in range(len(worker.SIZES[0])):
-        parts = []
-        for r in range(2):
-            parts.append(take(data[r], slice(starts[r], starts[r] + worker.SIZES[r][j])))
-            starts[r] += worker.SIZES[r][j]
-        union = type(parts[0])(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+    for union in union_micro_batches():
         acc.backward(*ce_mean(model, union))
     acc.flush()
     assert [r.micro_batches for r in acc.history] == ranks[0]["micro_batches"] == ranks[1]["micro_batches"]
@@ -227,3 +236,37 @@ def test_the_fsdp2_example_under_torchrun_trains_one_run_over_both_ranks(tmp_pat
     assert proc.returncode == 0, out
     printed = [line.strip() for line in out.splitlines() if line.strip().startswith("[")]
     assert printed == ["[64, 64, 64]", "[64, 64, 64]"], out
+
+
+@pytest.mark.slow
+def test_the_micro_batch_source_on_shards_equals_one_process_over_both_ranks(tmp_path: Path) -> None:
+    """NormTest and NoiseScalePlanner with ``source="micro_batch"`` under fully_shard: each
+    micro-batch's gradient is the sum over ranks, sharded; its squared norm is the sum of the
+    shards' (one small all-reduce), so every record's noise terms, each layer's noise scale, the
+    windows and the weights are one process's over the union of both ranks' micro-batches."""
+    from gradaccum.torch import Accumulator
+
+    from . import _fsdp_worker
+    from .reference import ce_mean
+
+    ranks = run_fsdp_worker(tmp_path, "micro_batch")
+    for index, rule in enumerate(_fsdp_worker.micro_batch_rules()):
+        model = mlp()
+        acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule)
+        for union in union_micro_batches():
+            acc.backward(*ce_mean(model, union))
+        acc.flush()
+        assert len(acc.history) >= 2 and any(math.isfinite(r.info.get("trace", math.nan)) or "norm_test" in r.info
+                                             for r in acc.history)
+        for rank in ranks:
+            got = rank[index]
+            assert got["micro_batches"] == [r.micro_batches for r in acc.history]
+            for ours, theirs in zip(got["info"], acc.history):
+                assert set(ours) == set(theirs.info), (ours, theirs.info)
+                for key, value in theirs.info.items():
+                    if isinstance(value, float) and math.isnan(value):
+                        assert math.isnan(ours[key]), key
+                    elif isinstance(value, (int, float)):
+                        assert ours[key] == pytest.approx(value, rel=1e-9), key
+            for p, q in zip(got["params"], model.parameters()):
+                torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-12)

@@ -138,8 +138,11 @@ class MicroBatchSource:
 
     def _window_squared(self, window_sums: list[torch.Tensor | None], scale: float) -> list[float]:
         """Each parameter's ``|S|^2`` of the window's sum (summed over the shards under FSDP2);
-        one pass per state of the sums (the close reads it for the model and for its layers)."""
-        key = (scale, tuple(None if s is None else (id(s), s._version) for s in window_sums))
+        one pass per state of the sums (the close reads it for the model and for its layers). The
+        state is the micro-batches measured and each sum's identity and version: an add into a
+        DTensor (FSDP2) leaves the versions of the DTensor and of its shard as they were."""
+        key = (scale, self.micro_batches, self.samples,
+               tuple(None if s is None else (id(s), s._version) for s in window_sums))
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         squared = self._measure_window(window_sums, scale)
@@ -166,14 +169,34 @@ class MicroBatchSource:
 
     def layer_norm_sums(self, window_sums: list[torch.Tensor | None], scale: float) -> dict[str, NormSums]:
         """``norm_sums`` per layer (the module holding each parameter): they add up to the model's."""
-        squared = self._window_squared(window_sums, scale)
+        return self._by_layer(self.micro_batches, self.samples, self.weighted,
+                              self._window_squared(window_sums, scale))
+
+    def global_norm_sums(self, reduced_sums: list[torch.Tensor | None], scale: float,
+                         all_reduce: Callable[[list[torch.Tensor]], None]) -> tuple[NormSums, dict[str, NormSums]]:
+        """The model's and each layer's norm sums over every rank's micro-batches, as one process
+        over all of them would measure them: under DDP each rank's micro-batches are micro-batches
+        of the one window, whose sum ``reduced_sums`` is (after the close's all-reduce, the same on
+        every rank). ``all_reduce`` sums one small float64 tensor over the ranks in place: the
+        micro-batches, their samples and each parameter's ``sum_j |S_j|^2 / b_j``."""
+        present = [s for s in local(reduced_sums) if s is not None]
+        device = present[0].device if present else torch.device("cpu")
+        totals = torch.tensor([float(self.micro_batches), float(self.samples), *self.weighted], dtype=torch.float64,
+                              device=device)
+        all_reduce([totals])
+        values = totals.tolist()
+        k, n, weighted = int(values[0]), int(values[1]), values[2:]
+        squared = self._window_squared(reduced_sums, scale)
+        return (MicroBatchSums(k, n, math.fsum(weighted)).norm_sums(math.fsum(squared)),
+                self._by_layer(k, n, weighted, squared))
+
+    def _by_layer(self, k: int, n: int, weighted: list[float], squared: list[float]) -> dict[str, NormSums]:
         grouped: dict[str, tuple[list[float], list[float]]] = {}
-        for layer, w, s in zip(self.layers, self.weighted, squared):
+        for layer, w, s in zip(self.layers, weighted, squared):
             entry = grouped.setdefault(layer, ([], []))
             entry[0].append(w)
             entry[1].append(s)
-        return {layer: MicroBatchSums(self.micro_batches, self.samples, math.fsum(w)).norm_sums(math.fsum(s))
-                for layer, (w, s) in grouped.items()}
+        return {layer: MicroBatchSums(k, n, math.fsum(w)).norm_sums(math.fsum(s)) for layer, (w, s) in grouped.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"micro_batch": (self.micro_batches, self.samples, list(self.weighted))}
