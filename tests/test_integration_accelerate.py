@@ -5,6 +5,7 @@ the optimizer's step count, and accelerator.save_state / load_state keep the par
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 
-from gradaccum import BatchRamp, FixedSteps
+from gradaccum import BatchRamp, FixedSteps, NoiseScalePlanner
 from gradaccum.integrations.accelerate import accumulator
+
+from .test_micro_batch import micro_batch_terms
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +81,31 @@ def test_a_planner_sets_the_windows_and_the_counts_agree() -> None:
     assert sizes[0] == 8 and max(sizes) == 32 and sum(sizes) == 160
     adam_steps = {int(s["step"]) for s in optimizer.optimizer.state.values()}
     assert adam_steps == {len(sizes)} and scheduler.scheduler.last_epoch == len(sizes)
+
+
+def test_a_noise_scale_planner_on_the_micro_batch_source_measures_the_micro_batches() -> None:
+    """NoiseScalePlanner(source="micro_batch") through the prepared model and optimizer: the first
+    window's terms equal a float64 loop over its two micro-batches' gradients, every planned window
+    has two or more micro-batches and finite terms, and each plan is the planner's own."""
+    x, y = data(96)
+    model, optimizer, scheduler = build()
+    initial = copy.deepcopy(model)
+    accelerator = Accelerator(cpu=True)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    planner = NoiseScalePlanner(1.0, min_batch=8, max_batch=32, micro_batch=4, source="micro_batch")
+    acc = accumulator(accelerator, model, optimizer, planner, scheduler=scheduler, clip_grad_norm=0.5)
+    for a in range(0, 96, 4):
+        acc.backward(nn.functional.cross_entropy(model(x[a:a + 4]), y[a:a + 4]), 4)
+    acc.flush()
+    first = acc.history[0]
+    trace, squared, n = micro_batch_terms(initial, [(x[0:4], y[0:4]), (x[4:8], y[4:8])])
+    assert first.micro_batches == 2 and first.info["samples"] == n == 8
+    assert first.info["trace"] == pytest.approx(trace, rel=1e-10)
+    assert first.info["squared_norm"] == pytest.approx(squared, rel=1e-9, abs=1e-12 * trace)
+    planned = [r for r in acc.history if r.reason == "rule"]
+    assert len(planned) >= 3 and all(r.micro_batches >= 2 and math.isfinite(r.info["trace"]) for r in planned)
+    for w in range(1, len(planned)):
+        assert acc.history[w].micro_batches == planner.plan(acc.history[:w])
 
 
 def test_save_state_and_load_state_keep_the_partial_window(tmp_path) -> None:

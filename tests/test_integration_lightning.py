@@ -6,6 +6,7 @@ step, the records reach the logs, and a checkpoint keeps the partial window."""
 from __future__ import annotations
 
 import copy
+import math
 
 import lightning as L
 import pytest
@@ -14,8 +15,10 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from gradaccum import BatchRamp, FixedSteps
+from gradaccum import BatchRamp, FixedSteps, NoiseScalePlanner
 from gradaccum.integrations.lightning import Accumulating
+
+from .test_micro_batch import micro_batch_terms
 
 
 def data(n: int, seed: int = 0) -> TensorDataset:
@@ -157,6 +160,29 @@ def test_a_planner_changes_the_windows_and_global_step_counts_them() -> None:
     sizes = [r.items for r in module.accumulator.history]
     assert sizes[0] == 8 and max(sizes) == 32
     assert fit.global_step == len(sizes) and module.lr_schedulers().last_epoch == len(sizes)
+
+
+def test_a_noise_scale_planner_on_the_micro_batch_source_measures_the_micro_batches() -> None:
+    """NoiseScalePlanner(source="micro_batch") in the mixin: the first window's terms equal a
+    float64 loop over its two micro-batches' gradients, every planned window has two or more
+    micro-batches and finite terms, each plan is the planner's own, and the noise scale is logged."""
+    dataset = data(96)
+    planner = NoiseScalePlanner(1.0, min_batch=8, max_batch=32, micro_batch=4, source="micro_batch")
+    module = Classifier(planner)
+    initial = copy.deepcopy(module.net)
+    fit = trainer(max_epochs=1)
+    fit.fit(module, DataLoader(dataset, batch_size=4))
+    history = module.accumulator.history
+    x, y = dataset[0:8]
+    trace, squared, n = micro_batch_terms(initial, [(x[:4], y[:4]), (x[4:], y[4:])])
+    assert history[0].micro_batches == 2 and history[0].info["samples"] == n
+    assert history[0].info["trace"] == pytest.approx(trace, rel=1e-10)
+    assert history[0].info["squared_norm"] == pytest.approx(squared, rel=1e-9, abs=1e-12 * trace)
+    planned = [r for r in history if r.reason == "rule"]
+    assert len(planned) >= 3 and all(r.micro_batches >= 2 and math.isfinite(r.info["trace"]) for r in planned)
+    for w in range(1, len(planned)):
+        assert history[w].micro_batches == planner.plan(history[:w])
+    assert "gradaccum/noise_scale" in fit.logged_metrics
 
 
 def epoch_of_uneven_micro_batches() -> list[list[int]]:

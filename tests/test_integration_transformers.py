@@ -288,6 +288,46 @@ def test_a_noise_scale_planner_reads_statistics_equal_to_the_per_sample_loop(tmp
     assert_same_weights(net, reference, 1e-12)
 
 
+def micro_batch_norm_terms(net: torch.nn.Module, data: list, micro_batches: list[list[int]]) -> tuple[float, float]:
+    """tr(Sigma) and |G|^2 of a window from its micro-batches' gradients (each the sum of its
+    sequences' gradients of their summed token loss), by a loop: ``sum_j |S_j|^2 / b_j - |S|^2 / n``
+    over ``k - 1`` (docs/design.md, "Micro-batch statistics")."""
+    sums = []
+    for micro_batch in micro_batches:
+        total = 0.0
+        for i in micro_batch:
+            net.zero_grad()
+            labels = data[i]["labels"][None]
+            token_loss(net(input_ids=data[i]["input_ids"][None]), labels, num_items_in_batch=1).backward()
+            total = total + torch.cat([p.grad.reshape(-1) for p in net.parameters()])
+        sums.append(total)
+    n, k = sum(len(m) for m in micro_batches), len(micro_batches)
+    window = sum(sums)
+    trace = (sum(float(s @ s) / len(m) for s, m in zip(sums, micro_batches)) - float(window @ window) / n) / (k - 1)
+    return trace, float(window @ window) / n**2 - trace / n
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["compute_loss_func", "own_loss"])
+def test_a_micro_batch_noise_scale_planner_reads_the_micro_batches_terms(tmp_path, own: bool) -> None:
+    """NoiseScalePlanner(source="micro_batch") in PlannedTrainer: the first window's terms equal a
+    float64 loop over its two micro-batches' gradients (units: one sequence's summed loss), every
+    planned window has two or more micro-batches, and the next plan is the planner's own."""
+    data = dataset(16)
+    net = TokenModel() if own else model()
+    initial = copy.deepcopy(net)
+    planner = NoiseScalePlanner(1.0, min_batch=4, max_batch=8, micro_batch=2, source="micro_batch")
+    trainer = InOrder(model=net, args=arguments(tmp_path, max_grad_norm=0.0), train_dataset=data,
+                      compute_loss_func=None if own else token_loss, planner=planner)
+    trainer.train()
+    first = trainer.history[0]
+    assert first.micro_batches == 2 and first.info["samples"] == 4
+    trace, squared = micro_batch_norm_terms(initial, data, [[0, 1], [2, 3]])
+    assert first.info["trace"] == pytest.approx(trace, rel=1e-10)
+    assert first.info["squared_norm"] == pytest.approx(squared, rel=1e-9, abs=1e-12 * trace)
+    assert all(r.micro_batches >= 2 for r in trainer.history if r.reason == "rule")
+    assert trainer.history[1].micro_batches == planner.plan(trainer.history[:1])
+
+
 def test_a_non_finite_loss_is_refused_not_stepped_on(tmp_path) -> None:
     """A NaN loss raises the Accumulator's NonFiniteError at its micro-batch (the Trainer would step
     on it): no window is applied."""

@@ -133,6 +133,11 @@ def _loop(model: nn.Module, parts: list[tuple[torch.Tensor, torch.Tensor, int]])
     return trace, float(total @ total) / n**2 - trace / n, n
 
 
+def micro_batch_terms(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, int]:
+    """``_loop`` over micro-batches of a classifier's cross-entropy (each micro-batch's summed loss)."""
+    return _loop(model, [(nn.functional.cross_entropy(model(x), y, reduction="sum"), None, len(y)) for x, y in batches])
+
+
 def test_window_terms_equal_a_float64_loop_over_uneven_micro_batches() -> None:
     model = _mlp()
     rule = RecordWindow(3)
@@ -283,15 +288,3 @@ def test_planners_refuse_a_micro_batch_source_that_cannot_measure() -> None:
         NoiseScalePlanner(c=1.0, min_batch=4, max_batch=4, micro_batch=4, source="micro_batch")
     with pytest.raises(ValueError, match="source"):
         NormTest(0.5, source="hooks")
-
-
-def test_the_jax_backend_refuses_the_micro_batch_source_by_name() -> None:
-    """The JAX backend's statistics are per-sample: asking for the micro-batch source is refused,
-    never silently measured another way."""
-    jnp = pytest.importorskip("jax.numpy")
-    optax = pytest.importorskip("optax")
-    from gradaccum.jax import AccumulatingTrainState
-
-    with pytest.raises(ValueError, match="source='micro_batch'"):
-        AccumulatingTrainState.create(apply_fn=None, params={"w": jnp.zeros(3)}, tx=optax.sgd(0.1),
-                                      rule=NormTest(0.5, source="micro_batch"))
