@@ -147,6 +147,7 @@ def test_statistics_rules_refuse_a_window_without_statistics() -> None:
         GSNR(0.1).decide(WindowView(1, 32, None))
 
 
+@pytest.mark.slow
 def test_core_imports_neither_torch_nor_jax() -> None:
     code = "import sys, gradaccum; assert 'torch' not in sys.modules and 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

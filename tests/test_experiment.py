@@ -149,6 +149,7 @@ def test_train_one_run_on_the_jax_backend(arm: str, extra: list[str], tmp_path: 
     assert first == second
 
 
+@pytest.mark.slow
 def test_killed_study_resumes_without_repeating_finished_trials(tmp_path: Path, data_dir: str) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "4", "--budget", "25600",
@@ -228,6 +229,7 @@ def test_config_file_and_flags(tmp_path: Path) -> None:
     assert ExperimentConfig.from_yaml(tmp_path / "saved.yaml") == cfg
 
 
+@pytest.mark.slow
 def test_parallel_tune_workers_share_one_study(tmp_path: Path, data_dir: str) -> None:
     storage = f"journal:{tmp_path / 'journal.log'}"
     args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "gaga", "--trials", "4", "--budget", "1600",

@@ -400,7 +400,8 @@ def test_the_flagging_check_leaves_gradients_bitwise_and_takes_complex_and_mixed
         assert torch.equal(bits(got), bits(want))  # bitwise: -0.0 keeps its sign, subnormals stay
     for bad in (math.inf, math.nan):
         assert not _nonfinite.all_finite([torch.ones(2), torch.complex(torch.ones(2), torch.tensor([1.0, bad]))])
-        assert not _nonfinite.all_finite([torch.ones(2, dtype=torch.bfloat16), torch.tensor([bad], dtype=torch.float64)])
+        assert not _nonfinite.all_finite([torch.ones(2, dtype=torch.bfloat16),
+                                          torch.tensor([bad], dtype=torch.float64)])
     assert _nonfinite.finite_loss(torch.tensor(2.0, requires_grad=True))
     assert not _nonfinite.finite_loss(torch.tensor(math.nan, dtype=torch.float16))
 
@@ -486,7 +487,8 @@ def test_a_commit_failing_after_its_first_block_loses_the_moments_and_says_so(mo
         loss, count = ce_mean(twin, take(data, part))
         (loss * count).backward()
         fresh.commit()
-    assert all(torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2) for a, b in zip(stats.moments(), fresh.moments()))
+    assert all(torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
+               for a, b in zip(stats.moments(), fresh.moments()))
 
 
 def test_a_partly_merged_micro_batch_drops_its_window_in_the_accumulator(monkeypatch: pytest.MonkeyPatch) -> None:

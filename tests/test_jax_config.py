@@ -153,6 +153,7 @@ def test_the_same_config_drives_accumulate_and_the_torch_accumulator() -> None:
         accumulate(optax.sgd(0.1), adaptive)
 
 
+@pytest.mark.slow
 def test_missing_jax_extra_is_named(tmp_path: Path) -> None:
     """Without the extra, importing gradaccum.jax and ``--backend jax`` say what to install."""
     import subprocess
