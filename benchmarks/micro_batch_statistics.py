@@ -110,7 +110,8 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
-        json.dump({"command": "python benchmarks/micro_batch_statistics.py", "results": results}, f, indent=1)
+        json.dump({"command": " ".join(["python benchmarks/micro_batch_statistics.py", *sys.argv[1:]]),
+                   "results": results}, f, indent=1)
     os.replace(tmp, args.out)
 
 

@@ -125,8 +125,11 @@ def squared_norms_if_finite(grads: list[torch.Tensor | None]) -> list[float] | N
     if not present:
         return out
     norms = torch._foreach_norm([g for _, g in present])
-    device = norms[0].device
-    values = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).square().tolist()
+    device, dtype = norms[0].device, norms[0].dtype
+    if all(n.device == device and n.dtype == dtype for n in norms):  # one stack, one conversion, one read
+        values = torch.stack(norms).to(torch.float64).square().tolist()
+    else:
+        values = torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]).square().tolist()
     for (i, g), value in zip(present, values):
         if not math.isfinite(value):
             if not bool(torch.isfinite(g).all()):
