@@ -197,13 +197,14 @@ class Accumulator(MicroBatchIntake, WindowClose):
         own gradients, or per-sample statistics from hooks on the model (``self.stats``)."""
         if not self.rule.needs_statistics:
             return None
-        names = {id(p): n for n, p in model.named_parameters()}
+        inner = self._mode.statistics_model(model)  # under DDP the wrapped model: its layers named as on one process
+        names = {id(p): n for n, p in inner.named_parameters()}
         if statistics_source(self.rule) == "micro_batch":
             return MicroBatchSource([names.get(id(p), f"parameter #{i}") for i, p in enumerate(self._params)],
                                     group=self._mode.shard_group(self._params,
                                                                  [names.get(id(p), "?") for p in self._params]))
         # matched to the optimizer's parameters by identity: its groups may list them in any order
-        self.stats = PerSampleGradStats(self._mode.statistics_model(model), params=self._params,
+        self.stats = PerSampleGradStats(inner, params=self._params,
                                         kind=statistics_kind(self.rule))
         return PerSampleSource(self.stats)
 
