@@ -152,4 +152,4 @@ class ExperimentConfig:
     def quick(cls, **overrides: Any) -> ExperimentConfig:
         """A small version for smoke tests: few trials, seeds and samples."""
         return cls(**{"trials": 2, "seeds": 2, "lm_seeds": 2, "budget": 6_400, "eval_every": 640, "front_trials": 2,
-                      "lm_budget": 800, **overrides})
+                      "lm_budget": 400, **overrides})

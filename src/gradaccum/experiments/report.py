@@ -133,19 +133,20 @@ def _critical_table(task: str, results: dict[str, Any]) -> list[str]:
     def number(value: Any) -> str:
         return f"{value:.0f}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
 
-    lines = [f"## {task}", "", "| checkpoint step | samples | B_noise (fit) [interval] | Zhang et al. critical batch | "
-             "online B_simple (per-sample, micro-batch) | Adam's noise scale |", "|---|---|---|---|---|---|"]
+    lines = [f"## {task}", "", "| checkpoint step | training samples | B_noise (fit) [interval] | Zhang et al. "
+             "critical batch | online B_simple (per-sample, micro-batch) | Adam's noise scale |",
+             "|---|---|---|---|---|---|"]
     for c in results.get("checkpoints", []):
         online = c.get("online") or {}
         sources = ", ".join(number((online.get(k) or {}).get("b_simple")) for k in ("per_sample", "micro_batch"))
         adam = number((online.get("adam") or {}).get("b_simple"))
         if "refused" in c:
-            lines.append(f"| {c.get('step')} | {number(c.get('samples'))} | refused: {c['refused']} | - | {sources} | "
-                         f"{adam} |")
+            lines.append(f"| {c.get('step')} | {number(c.get('run_samples'))} | refused: {c['refused']} | - | "
+                         f"{sources} | {adam} |")
             continue
         band = c.get("b_noise_interval")
         fit = number(c.get("b_noise")) + (f" [{number(band[0])}-{number(band[1])}]" if band else "")
-        lines.append(f"| {c.get('step')} | {number(c.get('samples'))} | {fit} | {number(c.get('b_zhang'))} | "
+        lines.append(f"| {c.get('step')} | {number(c.get('run_samples'))} | {fit} | {number(c.get('b_zhang'))} | "
                      f"{sources} | {adam} |")
     lines += ["", f"![critical batch, {task}](critical_batch_{task}.png)", ""]
     return lines
