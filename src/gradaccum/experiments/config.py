@@ -39,8 +39,8 @@ class ExperimentConfig:
                         "on both tasks)",
                         choices=SECTIONS)
     arms: list = _f(list(DEFAULT_ARMS), f"arms of the reference section, from {', '.join(ARMS)}", choices=ARMS)
-    trials: int = _f(20, "Optuna trials per arm")
-    seeds: int = _f(5, "seeds the best settings of each arm are trained over")
+    trials: int = _f(8, "Optuna trials per arm")
+    seeds: int = _f(4, "seeds the best settings of each arm are trained over")
     budget: int = _f(96_000, "training samples per run")
     eval_every: int = _f(3_200, "validate every this many training samples")
     increment: int = _f(32, "samples per micro-batch (the baseline's batch, GAGA's increment)")
@@ -58,12 +58,11 @@ class ExperimentConfig:
     ramp_high: float = _f(1.0, "upper end of the batch ramp's length range, as a fraction of the budget")
     c_low: float = _f(0.01, "lower end of the log-uniform range of the noise-scale planner's c (window = c B_simple)")
     c_high: float = _f(1.0, "upper end of the noise-scale planner's c range")
-    front_trials: int = _f(8, "Optuna trials per arm of the steps-quality front, fixed and adaptive alike (a power "
-                           "of two keeps the Sobol points stratified)")
-    front_points: int = _f(3, "most Pareto points per adaptive arm retrained over seeds (spread over its front)")
+    front_trials: int = _f(6, "Optuna trials per arm of the steps-quality front, fixed and adaptive alike")
+    front_points: int = _f(2, "most Pareto points per adaptive arm retrained over seeds (spread over its front)")
     lm_seeds: int = _f(3, "seeds the LM section's chosen settings are trained over")
     workers: int = _f(0, "worker processes for trials and final runs, one thread each (0: one per core)")
-    lm_budget: int = _f(4_800, "training sequences per run of the LM section (validated every 1/30 of it)")
+    lm_budget: int = _f(3_200, "training sequences per run of the LM section (validated every 1/30 of it)")
     lm_scale: int = _f(1, "size of the LM section's model: width 64k, depth 2k, context 32k bytes (k > 1 for a GPU)")
     storage: str = _f("", "Optuna storage: an RDB URL (default: sqlite:///<out>/optuna.db; postgresql://... "
                           "for several machines) or journal:PATH (a file several local processes can share)")

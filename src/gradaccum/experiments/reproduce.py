@@ -115,7 +115,7 @@ def lm_front(cfg: ExperimentConfig) -> tuple[FrontTask, ExperimentConfig]:
     return FrontTask("lm", title, train_lm_run, corpus, "loss", math.log(256), LM_FRONT_ARMS, about), lm_cfg
 
 
-SECTION_BUDGETS = {"reference": 180, "front": 300, "lm": 420, "critical": 300}
+SECTION_BUDGETS = {"reference": 120, "front": 360, "lm": 330, "critical": 390}
 """Seconds each section of the default `gradaccum reproduce` is sized to take on two cores
 (the report states them beside the measured times)."""
 SECTION_FILES = {"reference": "results.json", "front": "mnist1d_results.json", "lm": "lm_results.json",
