@@ -68,7 +68,8 @@ def float32_and_float64_gsnr(regression: bool) -> tuple[list[float], list[float]
     y = torch.randint(0, 10, (INCREMENT * PER_WINDOW * WINDOWS,), generator=g)
     x = centers[y] + 1.5 * torch.randn(len(y), 40, generator=g)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1 if regression else 10))
+    model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                          nn.Linear(256, 1 if regression else 10))
     if regression:
         x = torch.randn(len(y), 40, generator=g)
         y = 30.0 + 0.1 * torch.randn(len(y), 1, generator=g)  # type: ignore[assignment]
@@ -86,7 +87,7 @@ def float32_and_float64_gsnr(regression: bool) -> tuple[list[float], list[float]
             window: list[dict[str, torch.Tensor]] = []
         xb, yb = x[k * INCREMENT:(k + 1) * INCREMENT], y[k * INCREMENT:(k + 1) * INCREMENT]
 
-        def loss(p, xi, yi):
+        def loss(p, xi, yi, twin=twin):  # called in this iteration: binds this window's twin
             target = yi[None].double() if regression else yi[None]
             return criterion(functional_call(twin, p, (xi[None].double(),)), target)
 
