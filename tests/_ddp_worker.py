@@ -177,7 +177,7 @@ def run_fsdp(rank: int, out: Path, mode: str) -> None:
                 make()
             except ValueError as error:
                 result[name] = str(error)
-    rule = NormTest(FSDP_THETA) if mode == "fsdp_norms" else FixedSteps(K)
+    rule = NormTest(FSDP_THETA, source="per_sample") if mode == "fsdp_norms" else FixedSteps(K)
     acc = Accumulator(model, opt, rule, nonfinite=policy)
     data = rank_data(rank)
     start = 0
@@ -248,7 +248,8 @@ def run_transformers(rank: int, out: Path, mode: str) -> None:
 
     net = model()
     noise = mode == "transformers_noise"
-    planner = NoiseScalePlanner(1.0, min_batch=8, max_batch=16, micro_batch=4) if noise else ddp_ramp()
+    planner = NoiseScalePlanner(1.0, min_batch=8, max_batch=16, micro_batch=4, source="per_sample") if noise \
+        else ddp_ramp()
     trainer = InOrder(model=net, args=arguments(out, max_grad_norm=0.0 if noise else 0.5),
                       train_dataset=dataset(DDP_SAMPLES), compute_loss_func=token_loss, planner=planner)
     trainer.train()
@@ -465,7 +466,8 @@ def run_norms_skip(rank: int, out: Path) -> None:
     rank's norm sums stay as they were, both ranks still meet at every increment and decide alike."""
     model = DistributedDataParallel(mlp())
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05),
-                      NormTest(0.6, increment=2 * GSNR_INC, max_samples=32), nonfinite="skip_micro_batch")
+                      NormTest(0.6, increment=2 * GSNR_INC, max_samples=32, source="per_sample"),
+                      nonfinite="skip_micro_batch")
     data = gsnr_data()
     for k, start in enumerate(range(0, GSNR_SAMPLES, 2 * GSNR_INC)):
         part = take(data, slice(start + rank * GSNR_INC, start + (rank + 1) * GSNR_INC))

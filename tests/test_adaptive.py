@@ -92,7 +92,8 @@ def test_norm_test_window_matches_reference() -> None:
         var_of_mean = sum(float(g.var(0, unbiased=True).sum()) for g in grads) / n
         ratios.append(var_of_mean / (0.5**2 * sum(float((g.mean(0) ** 2).sum()) for g in grads)))
     stop = next((k for k, r in enumerate(ratios, start=1) if r <= 1.0), 8)
-    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.01), NormTest(0.5, increment=INC, max_samples=32))
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.01),
+                      NormTest(0.5, increment=INC, max_samples=32, source="per_sample"))
     stepped = [acc.backward(*ce_mean(model, take(data, slice(i, i + INC)))) for i in range(0, INC * stop, INC)]
     assert stepped == [False] * (stop - 1) + [True]
     assert acc.last_record.info["norm_test"] == pytest.approx(ratios[stop - 1], rel=1e-9)

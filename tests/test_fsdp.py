@@ -122,7 +122,7 @@ def test_norm_test_on_shards_decides_as_one_process_over_both_ranks(tmp_path: Pa
     ranks = run_two_ranks(tmp_path, "fsdp_norms")
     model = mlp()
     opt = GradCapture(model.parameters())
-    acc = Accumulator(model, opt, NormTest(worker.FSDP_THETA))
+    acc = Accumulator(model, opt, NormTest(worker.FSDP_THETA, source="per_sample"))
     for union in union_micro_batches():
         acc.backward(*ce_mean(model, union))
     acc.flush()

@@ -272,7 +272,7 @@ def test_a_noise_scale_planner_reads_statistics_equal_to_the_per_sample_loop(tmp
     data = dataset(16)
     net = TokenModel() if own else model()
     initial = copy.deepcopy(net)
-    planner = NoiseScalePlanner(1.0, min_batch=4, max_batch=8, micro_batch=2)
+    planner = NoiseScalePlanner(1.0, min_batch=4, max_batch=8, micro_batch=2, source="per_sample")
     trainer = InOrder(model=net, args=arguments(tmp_path, max_grad_norm=0.0), train_dataset=data,
                       compute_loss_func=None if own else token_loss, planner=planner)
     trainer.train()

@@ -288,8 +288,8 @@ def test_flush_still_closes_a_planned_partial_window() -> None:
     (FixedSteps(2), BatchRamp(8, 32, over=160, micro_batch=4), "no plan", "a planner's plan"),
     (GSNR(1.0, increment=4, max_samples=40), FixedSteps(2), "per-element gradient moments", "gradient sums, no"),
     (FixedSteps(2), GSNR(1.0, increment=4, max_samples=40), "gradient sums, no", "per-element gradient moments"),
-    (NormTest(0.8, increment=4, max_samples=40), GSNR(1.0, increment=4, max_samples=40), "per-sample norms",
-     "per-element"),
+    (NormTest(0.8, increment=4, max_samples=40, source="per_sample"), GSNR(1.0, increment=4, max_samples=40),
+     "per-sample norms", "per-element"),
 ], ids=lambda x: repr(x) if not isinstance(x, str) else None)
 def test_from_bytes_of_another_rules_state_is_refused_naming_both(saved, target, found, expected) -> None:
     with pytest.raises(ValueError) as error:

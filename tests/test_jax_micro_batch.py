@@ -265,7 +265,7 @@ def test_a_checkpoint_mid_window_resumes_exactly(rule) -> None:
 def test_a_checkpoint_of_another_source_is_refused() -> None:
     saved = _state(NormTest(0.3, source="micro_batch"))
     with pytest.raises(ValueError, match="source='micro_batch'.*statistics='norms'"):
-        serialization.from_bytes(_state(NormTest(0.3)), serialization.to_bytes(saved))
+        serialization.from_bytes(_state(NormTest(0.3, source="per_sample")), serialization.to_bytes(saved))
     with pytest.raises(ValueError, match="micro-batch norms.*per-element variance of its micro-batches"):
         serialization.from_bytes(_state(GSNR(3.0, source="micro_batch")), serialization.to_bytes(saved))
 
@@ -275,7 +275,7 @@ def test_window_kinds() -> None:
     assert window_kind(GSNR(3.0, source="micro_batch")) == "micro_batch_elements"
     assert window_kind(GSNRPlanner(tau=3.0, min_batch=4, max_batch=8, micro_batch=2,
                                    source="micro_batch")) == "micro_batch_elements"
-    assert window_kind(NormTest(0.3)) == "norms" and window_kind(GSNR(3.0)) == "elements"
+    assert window_kind(NormTest(0.3, source="per_sample")) == "norms" and window_kind(GSNR(3.0)) == "elements"
     state = _state(NormTest(0.3, source="micro_batch"))
     assert state.window.mean is None and state.window.m2 is None and state.window.sum_norms is None  # no buffer
     state = _state(GSNR(3.0, source="micro_batch"))

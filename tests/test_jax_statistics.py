@@ -150,7 +150,7 @@ def test_norm_path_equals_a_loop_over_samples(name: str, statistics: str) -> Non
     extra = jax.tree.map(lambda v: v.astype(jnp.float64), {k: v for k, v in variables.items() if k != "params"})
     losses = losses_of(model, extra)
     mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1])
-    rule = NormTest(1e-9, increment=10, max_samples=100)
+    rule = NormTest(1e-9, increment=10, max_samples=100, source="per_sample")
     state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rule=rule)
     assert state.window.mean is None and state.window.sum_norms is not None
     step = make_train_step(losses, statistics=statistics)

@@ -88,7 +88,7 @@ def test_norm_test_on_the_norm_path_decides_as_on_moments() -> None:
     pattern = zoo.ZOO["nanogpt"]
     for unbiased in (False, True):
         model = zoo.build("nanogpt")
-        rule = NormTest(0.9, increment=4, max_samples=64, unbiased=unbiased)
+        rule = NormTest(0.9, increment=4, max_samples=64, unbiased=unbiased, source="per_sample")
         acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), rule)
         batches = [pattern.batch(4, k) for k in range(3)]
         for batch in batches:  # the mean over the micro-batch's tokens, and its token count
@@ -137,12 +137,12 @@ def test_norm_state_resumes_mid_window_and_refuses_bad_state() -> None:
     for resume in (False, True):
         model = zoo.build("mlp")
         acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                          NormTest(0.3, increment=4, max_samples=16))
+                          NormTest(0.3, increment=4, max_samples=16, source="per_sample"))
         for k in range(6):
             if resume and k == 2:
                 state = acc.state_dict()
                 acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                                  NormTest(0.3, increment=4, max_samples=16))
+                                  NormTest(0.3, increment=4, max_samples=16, source="per_sample"))
                 acc.load_state_dict(state)
             batch = pattern.batch(4, k)
             acc.backward(pattern.losses(model, batch).mean(), len(batch))
@@ -213,7 +213,7 @@ def test_grad_scaler_on_the_norm_path_equals_no_scaler() -> None:
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
         model = zoo.build("mlp")
         acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                          NormTest(0.7, increment=4, max_samples=16), scaler=scaler)
+                          NormTest(0.7, increment=4, max_samples=16, source="per_sample"), scaler=scaler)
         for k in range(14):
             batch = pattern.batch(4, 20 + k)
             acc.backward(pattern.losses(model, batch).mean(), 4)

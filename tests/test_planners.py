@@ -181,7 +181,7 @@ def planned_run(planner) -> Accumulator:
 
 
 def test_noise_scale_planner_records_its_terms_and_plans_from_them() -> None:
-    acc = planned_run(NoiseScalePlanner(c=1.0, min_batch=8, max_batch=64, micro_batch=8))
+    acc = planned_run(NoiseScalePlanner(c=1.0, min_batch=8, max_batch=64, micro_batch=8, source="per_sample"))
     first = acc.history[0]
     assert {"trace", "squared_norm", "noise_scale", "planned"} <= set(first.info)
     assert first.items == 8  # nothing measured before the first window

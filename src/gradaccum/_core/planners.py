@@ -300,6 +300,7 @@ class NoiseScalePlanner(_NoisePlanner):
     """
 
     c: float
+    source: str = field(default="micro_batch", kw_only=True)  # the micro-batches' own gradients (docs/noise-scale.md)
 
     def __post_init__(self) -> None:
         check_positive_float("c", self.c)
@@ -321,6 +322,7 @@ class NormTestPlanner(_NoisePlanner):
 
     theta: float
     unbiased: bool = False
+    source: str = field(default="micro_batch", kw_only=True)  # the micro-batches' own gradients (docs/noise-scale.md)
 
     def __post_init__(self) -> None:
         check_positive_float("theta", self.theta)

@@ -239,14 +239,14 @@ class NormTest(_SampleRule):
     parallelism one all-reduce of a few scalars per increment. ``source`` says where they come
     from (``SOURCES``): per-sample gradient norms (``"per_sample"``, docs/design.md, "Norm
     path"), which measure a window of one micro-batch, or the micro-batches' own gradients
-    (``"micro_batch"``, docs/design.md, "Micro-batch statistics"), which cost about nothing on
-    any model and need two micro-batches before the test can pass (``samples`` then counts the
-    ``samples=`` of each micro-batch, or its items).
+    (``"micro_batch"``, the default; docs/design.md, "Micro-batch statistics"), which cost about
+    nothing on any model and need two micro-batches before the test can pass (``samples`` then
+    counts the ``samples=`` of each micro-batch, or its items).
     """
 
     theta: float
     unbiased: bool = field(default=False, kw_only=True)
-    source: str = field(default="per_sample", kw_only=True)
+    source: str = field(default="micro_batch", kw_only=True)
     needs_statistics: bool = field(default=True, init=False)
     statistics: str = field(default="norms", init=False)
 
