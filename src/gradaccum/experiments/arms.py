@@ -67,15 +67,19 @@ ARM_TABLE: dict[str, Arm] = {arm.name: arm for arm in (
     Arm("gaga_mean", "GSNR, mean-gradient scale", _gsnr("mean"), {"tau": ("tau_mean_low", "tau_mean_high")}),
     Arm("baseline512", "fixed batch {max_samples}",
         lambda p, cfg: FixedSteps(max(1, cfg.max_samples // cfg.increment)), {}),
+    # the experiment's norm test and planner read per-sample statistics: a decision after every
+    # micro-batch of the window (the micro-batch source needs two micro-batches to have a variance)
     Arm("normtest", "norm test",
-        lambda p, cfg: NormTest(p["theta"], increment=cfg.increment, max_samples=cfg.max_samples),
+        lambda p, cfg: NormTest(p["theta"], increment=cfg.increment, max_samples=cfg.max_samples,
+                                source="per_sample"),
         {"theta": ("theta_low", "theta_high")}),
     *(_fixed(batch) for batch in (64, 128, 256, 16, 32, 8)),
     Arm("ramp", "batch ramp", lambda p, cfg: BatchRamp(cfg.increment, cfg.max_samples, over=_ramp(p, cfg),
                                                        micro_batch=cfg.increment), {"ramp": ("ramp_low", "ramp_high")}),
     Arm("noise", "noise-scale planner",
         lambda p, cfg: NoiseScalePlanner(p["c"], min_batch=cfg.increment, max_batch=cfg.max_samples,
-                                         micro_batch=cfg.increment), {"c": ("c_low", "c_high")}),
+                                         micro_batch=cfg.increment, source="per_sample"),
+        {"c": ("c_low", "c_high")}),
 )}
 ARMS = tuple(ARM_TABLE)
 PARAMETERS: dict[str, tuple[str, float]] = {
