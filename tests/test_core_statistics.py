@@ -151,3 +151,15 @@ def test_statistics_rules_refuse_a_window_without_statistics() -> None:
 def test_core_imports_neither_torch_nor_jax() -> None:
     code = "import sys, gradaccum; assert 'torch' not in sys.modules and 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("trace, squared_norm", [(math.nan, math.nan), (2.0, math.nan), (math.nan, 1.0)])
+def test_a_window_with_nothing_measured_has_no_noise_scale_rather_than_an_infinite_one(
+        trace: float, squared_norm: float) -> None:
+    """NaN terms (a window of one micro-batch on the micro-batch source) mean nothing was measured:
+    the noise scale is NaN, not the infinite one of a window whose gradient has no signal."""
+    stop, info = NormTest(0.5).decision_from_terms(4, trace, squared_norm)
+    assert not stop and math.isnan(info["noise_scale"]) and math.isnan(info["norm_test"])
+    assert math.isinf(NormTest(0.5).decision_from_terms(4, 2.0, 0.0)[1]["noise_scale"])
+    arrays = NormTest(0.5).decision_from_terms(np.asarray(4), np.asarray(trace), np.asarray(squared_norm))[1]
+    assert np.isnan(arrays["noise_scale"])

@@ -271,7 +271,8 @@ def test_a_mid_window_state_resumes_to_the_same_window() -> None:
 
 def test_a_state_of_another_source_is_refused() -> None:
     model = _mlp()
-    per_sample = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0), NormTest(0.5, increment=3))
+    per_sample = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                             NormTest(0.5, increment=3, source="per_sample"))
     per_sample.backward(nn.functional.cross_entropy(model(torch.randn(3, 5, dtype=torch.float64)),
                                                     torch.tensor([0, 1, 2])), 3)
     state = per_sample.state_dict()

@@ -47,7 +47,8 @@ def python(value: Any) -> Any:
 
 
 def ratio_or_inf(a: Any, b: Any) -> Any:
-    """``a / b`` where ``b > 0``, else ``inf``, never dividing by a non-positive (or NaN) ``b``:
+    """``a / b`` where ``b > 0``, NaN where ``a`` or ``b`` is NaN (nothing was measured, e.g. a
+    window of one micro-batch), else ``inf`` (no signal), never dividing by a non-positive ``b``:
     the noise scale ``tr(Sigma) / |G|^2`` and every ratio whose denominator may have no signal.
     Python numbers give a Python float; arrays an array of their dtype."""
     host = is_python(a, b)
@@ -56,4 +57,5 @@ def ratio_or_inf(a: Any, b: Any) -> Any:
         b = xp.asarray(b, dtype=getattr(a, "dtype", xp.float64))
     positive = b > 0
     out = xp.where(positive, a / xp.where(positive, b, xp.ones_like(b)), xp.asarray(math.inf, dtype=b.dtype))
+    out = xp.where(xp.isnan(b) | xp.isnan(xp.asarray(a, dtype=b.dtype)), xp.asarray(math.nan, dtype=b.dtype), out)
     return python(out) if host else out
