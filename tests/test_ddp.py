@@ -305,8 +305,6 @@ def test_micro_batch_planner_on_two_ranks_equals_one_process(tmp_path: Path) -> 
             torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.xfail(strict=True, reason="the Accumulator names the micro-batch source's layers after the DDP "
-                   "wrapper's parameters ('module.0'), the per-sample source after the wrapped model's ('0')")
 def test_micro_batch_layer_columns_under_ddp_are_named_as_on_one_process(tmp_path: Path) -> None:
     history = run_two_ranks(tmp_path, "micro_planner")[0]["history"]
     assert {k for k in history[0]["info"] if k.startswith("noise_scale/")} == \
