@@ -223,6 +223,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch) -> None:
         main(["reproduce", "--quiet"])
 
 
+@pytest.mark.slow
 def test_two_workers_on_a_fresh_sqlite_file_both_start(tmp_path: Path, data_dir: Path) -> None:
     """One died with "UNIQUE constraint failed: alembic_version" (1 in 3)."""
     storage = f"sqlite:///{tmp_path / 'fresh.db'}"
@@ -232,6 +233,7 @@ def test_two_workers_on_a_fresh_sqlite_file_both_start(tmp_path: Path, data_dir:
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
 
 
+@pytest.mark.slow
 def test_the_experiments_extra_is_named_when_missing(tmp_path: Path) -> None:
     """A library user needs torch or jax and numpy, not Optuna: the CLI names the extra."""
     code = ("import sys, builtins\n"
@@ -250,6 +252,7 @@ def test_the_experiments_extra_is_named_when_missing(tmp_path: Path) -> None:
     assert "'.[experiments]'" in done.stderr
 
 
+@pytest.mark.slow
 def test_import_gradaccum_needs_no_experiment_stack() -> None:
     code = ("import sys, gradaccum, gradaccum.torch\n"
             "bad = [m for m in ('optuna', 'matplotlib', 'scipy', 'mnist1d') if m in sys.modules]\n"
