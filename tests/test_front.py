@@ -176,7 +176,8 @@ def fronts(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> Path:
 def test_both_front_sections_write_results_plots_and_verdicts(fronts: Path) -> None:
     report = (fronts / "report.md").read_text()
     assert report.index("mnist1d") < report.index("byte-level language model")
-    for needle in ("## Verdicts", "Targets: the best fixed arm", "mnist1d_front.png", "lm_front.png",
+    for needle in ("## Verdicts", "## The whole front", "Ratios are paired per seed", "mnist1d_front.png",
+                   "lm_front.png",
                    "Corpus: Python", "SHA-256"):
         assert needle in report
     for task, arms in (("mnist1d", 9), ("lm", 10)):
