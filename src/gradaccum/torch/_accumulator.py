@@ -73,7 +73,10 @@ class Accumulator(MicroBatchIntake, WindowClose):
 
     A rule that needs per-sample statistics (``GSNR``, ``NormTest``) gets them from a
     ``PerSampleGradStats`` on the model, merged after every micro-batch (one micro-batch
-    is one increment); ``FixedSteps`` pays nothing for them. The rule's info of each
+    is one increment); ``FixedSteps`` pays nothing for them. With ``source="micro_batch"``
+    they come from the micro-batches' own gradients instead (no hooks: any model, compiled
+    or with dropout; a window needs two micro-batches to have a variance); per-element rules
+    (``GSNR``, ``GSNRPlanner``) take them so on one process only. The rule's info of each
     window (samples, the statistic) goes into the step record, and a warning says when
     the rule closes every window after one increment or at the cap.
 
@@ -197,15 +200,26 @@ class Accumulator(MicroBatchIntake, WindowClose):
         own gradients, or per-sample statistics from hooks on the model (``self.stats``)."""
         if not self.rule.needs_statistics:
             return None
+        kind = statistics_kind(self.rule)
+        source = statistics_source(self.rule, elements=True, backend="the torch Accumulator")
+        if source == "micro_batch" and kind == "elements" and self._mode.reduces_increments:
+            raise ValueError(
+                f"source='micro_batch': {type(self.rule).__name__} reads per-element statistics, which the torch "
+                "Accumulator takes from the micro-batches on one process only (under DistributedDataParallel "
+                "each rank's decision would read only its own micro-batches); use source='per_sample', or a "
+                "norm rule or planner with source='micro_batch' (NormTest, NoiseScalePlanner, NormTestPlanner)")
         inner = self._mode.statistics_model(model)  # under DDP the wrapped model: its layers named as on one process
         names = {id(p): n for n, p in inner.named_parameters()}
-        if statistics_source(self.rule) == "micro_batch":
-            return MicroBatchSource([names.get(id(p), f"parameter #{i}") for i, p in enumerate(self._params)],
-                                    group=self._mode.shard_group(self._params,
-                                                                 [names.get(id(p), "?") for p in self._params]))
+        if source == "micro_batch":
+            micro = MicroBatchSource([names.get(id(p), f"parameter #{i}") for i, p in enumerate(self._params)],
+                                     group=self._mode.shard_group(self._params,
+                                                                  [names.get(id(p), "?") for p in self._params]),
+                                     kind=kind)
+            if kind == "elements":  # M2 by Chan's update against the window's sums before each add
+                micro.bind_window(lambda: self._window.sums, self._params)
+            return micro
         # matched to the optimizer's parameters by identity: its groups may list them in any order
-        self.stats = PerSampleGradStats(inner, params=self._params,
-                                        kind=statistics_kind(self.rule))
+        self.stats = PerSampleGradStats(inner, params=self._params, kind=kind)
         return PerSampleSource(self.stats)
 
     def _merged_moments(self) -> Any:

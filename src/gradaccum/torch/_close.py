@@ -280,7 +280,7 @@ class WindowClose(AccumulatorState):
         source = self.source
         assert source is not None
         if source.kind == "elements":
-            return self.stats.moments() if source.count else None
+            return source.moments() if source.count else None
         sums = source.norm_sums(self._window.sums, self._statistics_scale())
         return self._pooled(self._mode.pool_norm_sums(sums, self._steps, self._micro_batches))
 

@@ -206,7 +206,7 @@ class FSDP2Mode(_Connected):
             raise ValueError(f"rule: {type(rule).__name__} needs per-element statistics, which are not taken on "
                              "a model sharded with fully_shard (each rank would need its shard's moments over every "
                              "rank's samples); use a norm rule (NormTest, the noise-scale planners), FixedSteps "
-                             "or BatchRamp, or DDP")
+                             "or BatchRamp, or DDP (with source='per_sample')")
         if scaler is not None:
             raise ValueError("scaler: a GradScaler is not supported with fully_shard; use bf16 or 32-bit")
         sum_fsdp_gradients(model)
