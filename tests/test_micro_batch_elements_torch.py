@@ -207,5 +207,5 @@ def test_ddp_refuses_per_element_rules_from_micro_batches(monkeypatch: pytest.Mo
     model = _model()
     planner = GSNRPlanner(4.0, min_batch=8, max_batch=64, micro_batch=4, source="micro_batch")
     for rule in (GSNR(1.0, source="micro_batch"), planner):
-        with pytest.raises(ValueError, match="source='micro_batch'.*source='per_sample'"):
+        with pytest.raises(ValueError, match="source='micro_batch'.*DistributedDataParallel.*source='per_sample'"):
             _accumulator(model, rule)
