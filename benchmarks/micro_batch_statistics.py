@@ -17,7 +17,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -27,6 +26,7 @@ from gradaccum.torch import Accumulator
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from _models import GPT, GPTConfig  # noqa: E402  (nanoGPT's model, cut down)
+from _rounds import interleaved_seconds  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def mlp() -> nn.Module:
@@ -86,15 +86,7 @@ def main() -> None:
         runners = [runner(make, FixedSteps(k), data),
                    runner(make, NoiseScalePlanner(**pinned, source="micro_batch"), data),
                    runner(make, NoiseScalePlanner(**pinned, source="per_sample"), data)]
-        for run in runners:  # warm-up: allocations, optimizer state
-            run()
-        times: list[list[float]] = [[] for _ in runners]
-        for r in range(args.rounds):
-            for i in range(len(runners)):
-                which = (i + r) % len(runners)
-                start = time.perf_counter()
-                runners[which]()
-                times[which].append((time.perf_counter() - start) / args.windows)
+        times = interleaved_seconds(runners, args.rounds, args.windows)
         ratios = [[t / f for t, f in zip(times[j], times[0])] for j in (1, 2)]
         quartiles = [statistics.quantiles(r, n=4) for r in ratios]
         row = {"model": name, "fixed_ms_per_window": 1e3 * statistics.median(times[0]),

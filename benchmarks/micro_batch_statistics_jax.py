@@ -20,7 +20,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from gradaccum import FixedSteps, GSNRPlanner, NoiseScalePlanner
 from gradaccum.jax import AccumulatingTrainState, make_train_step
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from _rounds import interleaved_seconds  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from flax_lm import TransformerConfig, TransformerLM, make_loss_fn  # noqa: E402  (lm1b's model, cut down)
 
 
@@ -114,15 +114,7 @@ def main() -> None:
         if args.per_sample:
             rules.append(NoiseScalePlanner(c=1.0, **pinned, source="per_sample"))
         runners = [runner(params, loss_fn, rule, data) for rule in rules]
-        for run in runners:  # compile and warm up
-            run()
-        times: list[list[float]] = [[] for _ in runners]
-        for r in range(args.rounds):
-            for i in range(len(runners)):
-                which = (i + r) % len(runners)
-                start = time.perf_counter()
-                runners[which]()
-                times[which].append((time.perf_counter() - start) / args.windows)
+        times = interleaved_seconds(runners, args.rounds, args.windows)
         row: dict[str, Any] = {"model": name, "fixed_ms_per_window": 1e3 * statistics.median(times[0]),
                                "rounds": args.rounds, "windows_per_round": args.windows}
         cells = []
