@@ -89,9 +89,10 @@ EDGES = [(3.0, 2.0), (1.0, 0.0), (1.0, -0.5), (0.0, 0.0), (math.nan, 1.0), (1.0,
 
 @pytest.mark.parametrize(("a", "b"), EDGES)
 def test_ratio_or_inf_is_one_formula_for_numbers_and_arrays(a: float, b: float) -> None:
-    """``a / b`` where ``b > 0``, else inf (a NaN ``b`` too), never a division by ``b <= 0`` (NumPy
-    would warn, and warnings are errors here); Python numbers give a Python float."""
-    want = a / b if b > 0 else math.inf
+    """``a / b`` where ``b > 0``, NaN where either is NaN (nothing measured), else inf, never a
+    division by ``b <= 0`` (NumPy would warn, and warnings are errors here); Python numbers give a
+    Python float."""
+    want = math.nan if math.isnan(a) or math.isnan(b) else a / b if b > 0 else math.inf
     host = ratio_or_inf(a, b)
     assert type(host) is float and (host == want or (math.isnan(host) and math.isnan(want)))
     for dtype in (np.float64, np.float32):
