@@ -66,6 +66,9 @@ class Accumulating:
     accumulation_kwargs: dict[str, Any] = {}
     """Keyword arguments of the Accumulator (``clip_grad_norm``, ``nonfinite``, ``lr_schedule``...)."""
 
+    _gradaccum_batch: int | None = None
+    """The batch index of this epoch's last ``accumulate`` call (None: none yet)."""
+
     windows_span_epochs: bool = False
     """False (default): the epoch's last batch closes the open window, as ``accumulate_grad_batches``
     does. True: windows run on across epochs, and the window open at the end of the fit is applied then."""

@@ -69,7 +69,7 @@ import math
 import numbers
 import os
 from dataclasses import fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerState
@@ -208,15 +208,18 @@ class PlannedTrainer(Trainer):
         """The Trainer's ``train``; the arguments are checked and a checkpoint's window state is
         read and validated first, before anything (the model's weights included) is loaded."""
         self._check(self.args)
+        checkpoint: str | None
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint is None:
                 raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
-        if resume_from_checkpoint is False:
-            resume_from_checkpoint = None
-        self._resumed = None if resume_from_checkpoint is None else self._read_state(resume_from_checkpoint)
-        self._resumed_from = resume_from_checkpoint
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+        elif resume_from_checkpoint is False:
+            checkpoint = None
+        else:
+            checkpoint = resume_from_checkpoint
+        self._resumed = None if checkpoint is None else self._read_state(checkpoint)
+        self._resumed_from = checkpoint
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval)
 
     def set_initial_training_values(self, args: Any, dataloader: Any) -> tuple[int, int, int, int, int, Any, int]:
@@ -239,6 +242,8 @@ class PlannedTrainer(Trainer):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         model.zero_grad(set_to_none=True)  # as the Trainer does before its first step
         self._shifted = self._loss_shifts()
+        if self.optimizer is None:  # the Trainer creates it before this point
+            raise RuntimeError("PlannedTrainer: the Trainer prepared training without an optimizer")
         self._handoff = _Handoff(self.optimizer)
         self._accumulator = Accumulator(model, self._handoff, self.planner)
         if self._resumed is not None:
@@ -250,7 +255,7 @@ class PlannedTrainer(Trainer):
         steps = self._schedule_steps if self._schedule_steps is not None else num_training_steps
         scheduler = super().create_scheduler(steps, optimizer)
         if not isinstance(scheduler, WindowSchedule):
-            self.lr_scheduler = WindowSchedule(scheduler, self)
+            self.lr_scheduler = cast(Any, WindowSchedule(scheduler, self))  # the Trainer's attribute, wrapped
         return self.lr_scheduler
 
     # ------------------------------------------------------------------ windows
@@ -347,11 +352,13 @@ class PlannedTrainer(Trainer):
         """The micro-batch's loss as the Trainer computes it (the model's own, or
         ``compute_loss_func``), over the window's ``num_items_in_batch``."""
         model.train()
-        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-            self.optimizer.train()
+        train = getattr(self.optimizer, "train", None)  # schedule-free optimizers
+        if callable(train):
+            train()
         inputs = self._prepare_inputs(micro_batch)
         with self.compute_loss_context_manager():
-            return self.compute_loss(model, inputs, num_items_in_batch=items)
+            # without return_outputs the Trainer's compute_loss returns the loss alone
+            return cast(torch.Tensor, self.compute_loss(model, inputs, num_items_in_batch=items))
 
     def _loss_processes(self) -> int:
         """The factor the Trainer's ``compute_loss`` multiplies a loss over ``num_items_in_batch``
@@ -390,7 +397,7 @@ class PlannedTrainer(Trainer):
             p.grad = g if factor == 1.0 else g.mul_(factor)
 
     # ------------------------------------------------------------------ epochs, logs, checkpoints
-    def _run_epoch(self, **kwargs: Any) -> Any:
+    def _run_epoch(self, **kwargs: Any) -> Any:  # type: ignore[override]  # the Trainer passes keywords only
         self._epoch, self._steps_in_epoch = kwargs["epoch"], max(kwargs["steps_in_epoch"], 1)
         resumed = kwargs["resume_from_checkpoint"] is not None and kwargs["epoch"] == kwargs["epochs_trained"]
         self._position = kwargs["steps_trained_in_current_epoch"] if resumed else 0

@@ -94,7 +94,7 @@ def sum_fsdp_gradients(model: torch.nn.Module) -> None:
 
 def local(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """Each tensor's local shard (a DTensor's ``to_local()``; other tensors as they are)."""
-    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return [t.to_local() if t is not None and hasattr(t, "to_local") else t for t in tensors]
 
 
 def sum_over_ranks(tensors: list[torch.Tensor], group: Any) -> list[torch.Tensor]:

@@ -216,7 +216,8 @@ def measure_peak_memory(step: Callable[[int], object], m: int, *, timeout: float
         reader.close()
     child.join()
     if answer is None:
-        return _died(child.exitcode, m)
+        _died(child.exitcode, m)  # raises unless the out-of-memory killer ended it
+        return None
     kind, value = answer
     if kind == "peak":
         return value

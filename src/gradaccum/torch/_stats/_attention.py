@@ -10,13 +10,14 @@ configurations take the exact fallback.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import Grads, LayerStats
+from ._registry import Grads, LayerStats, PerSample
 from ._registry import register_layer_stats as register
 
 
@@ -61,7 +62,8 @@ def _mha_per_sample(module: nn.MultiheadAttention, args: tuple, d: torch.Tensor,
         q, k, v = (F.linear(x, wp, bp).detach().requires_grad_()
                    for x, wp, bp in zip((x_q, x_k, x_v), w_parts, b_parts))
         heads = [z.view(b, -1, h, e // h).transpose(1, 2) for z in (q, k, v)]
-        attn = F.scaled_dot_product_attention(*heads, attn_mask=_float_mask(module, kwargs, b, t, s, q))
+        q_h, k_h, v_h = heads
+        attn = F.scaled_dot_product_attention(q_h, k_h, v_h, attn_mask=_float_mask(module, kwargs, b, t, s, q))
         a = attn.transpose(1, 2).reshape(b, t, e)
         d_a = d @ module.out_proj.weight.detach()
         d_q, d_k, d_v = torch.autograd.grad(a, (q, k, v), d_a)
@@ -78,4 +80,7 @@ def _mha_per_sample(module: nn.MultiheadAttention, args: tuple, d: torch.Tensor,
     return {k: g for k, g in grads.items() if module.get_parameter(k).requires_grad}
 
 
-register(nn.MultiheadAttention)(LayerStats("attention", _mha_per_sample, subtree=True, applies=_supported))
+# A subtree entry takes the call's keyword arguments as a fourth argument (LayerStats.subtree), and
+# its functions take the registered type, narrower than the table's nn.Module.
+register(nn.MultiheadAttention)(LayerStats("attention", cast(PerSample, _mha_per_sample), subtree=True,
+                                          applies=cast(Callable[[nn.Module], bool], _supported)))

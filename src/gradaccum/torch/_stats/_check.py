@@ -48,7 +48,9 @@ class Check:
         # sharded: every rank's hooked sums and bounds added up, each rank checking its own rows
         present = [j for j in range(len(indices)) if hooked[j] is not None and scales[j] is not None]
         counts = torch.tensor([float(t) for t in terms] + list(map(float, floors)), dtype=torch.float64)
-        summed = sum_over_ranks([*(hooked[j] for j in present), *(scales[j] for j in present), counts], self._group)
+        present_hooked = [h for h in (hooked[j] for j in present) if h is not None]  # all of them, by `present`
+        present_scales = [s for s in (scales[j] for j in present) if s is not None]
+        summed = sum_over_ranks([*present_hooked, *present_scales, counts], self._group)
         for k, j in enumerate(present):
             p = self._params[indices[j]]
             hooked[j] = local_rows(p, summed[k])

@@ -305,7 +305,8 @@ def _store_broadcast_grad(call: Call):
 
 def _store_grad(call: Call, k: int):
     def hook(grad: torch.Tensor) -> None:
-        call.grads[k] = grad.detach() if call.grads[k] is None else call.grads[k] + grad.detach()
+        prior = call.grads[k]
+        call.grads[k] = grad.detach() if prior is None else prior + grad.detach()
 
     return hook
 

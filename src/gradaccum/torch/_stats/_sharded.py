@@ -20,9 +20,13 @@ Per-element moments on shards, and the fallbacks that replay a layer or the mode
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def is_sharded(params: list[torch.nn.Parameter]) -> bool:
@@ -41,7 +45,7 @@ def shard_group(params: list[torch.nn.Parameter], names: list[str]) -> dist.Proc
         if len(placements) != 1 or not placements[0].is_shard(0):
             raise ValueError(f"{name}: sharded as {placements}; per-sample statistics support fully_shard's "
                              "one-dimensional sharding on dim 0 only")
-    return params[0].device_mesh.get_group()
+    return cast("DTensor", params[0]).device_mesh.get_group()
 
 
 def local_rows(p: torch.nn.Parameter, projected: torch.Tensor) -> torch.Tensor:
@@ -49,7 +53,8 @@ def local_rows(p: torch.nn.Parameter, projected: torch.Tensor) -> torch.Tensor:
     of ``p``'s full shape: the rows of ``p``'s local shard."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    sharded = cast("DTensor", p)  # fully_shard's parameters are DTensors
+    shape, offset = compute_local_shape_and_global_offset(p.shape, sharded.device_mesh, sharded.placements)
     per_row = 1 if p.dim() < 2 else math.prod(p.shape[1:-1])
     return projected[offset[0] * per_row:(offset[0] + shape[0]) * per_row]
 
