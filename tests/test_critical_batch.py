@@ -347,3 +347,12 @@ def test_online_measurement_and_branches_leave_the_checkpoint_as_it_was() -> Non
     assert all(torch.equal(a, p) for a, p in zip(before, saved[0].parameters()))
     assert all(torch.equal(v, saved[1].state[p]["exp_avg_sq"]) for v, p in zip(v_before, saved[0].parameters()))
     assert not all(torch.equal(a, p) for a, p in zip(before, branch[0].parameters()))
+
+
+def test_the_lm_critical_batch_starts_from_the_lm_fronts_smallest_batch() -> None:
+    from gradaccum.experiments.critical_batch_section import PLANS
+    from gradaccum.experiments.reproduce import LM_INCREMENT
+
+    for quick in (False, True):
+        plan = PLANS[("lm", quick)]
+        assert plan.batch == LM_INCREMENT == min(plan.batch_sizes)

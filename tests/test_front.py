@@ -3,6 +3,7 @@ sections end to end on tiny budgets (deterministic with parallel workers)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -178,8 +179,15 @@ def test_both_front_sections_write_results_plots_and_verdicts(fronts: Path) -> N
     assert report.index("mnist1d") < report.index("byte-level language model")
     for needle in ("## Verdicts", "## The whole front", "Ratios are paired per seed", "mnist1d_front.png",
                    "lm_front.png",
-                   "Corpus: Python", "SHA-256"):
+                   "Corpus: Python", "SHA-256", "## The noise-scale regime and the two statistics sources",
+                   "passes 8x the smallest batch in", "Tolerance on extra samples", "lm_sources.png"):
         assert needle in report
+    with (fronts / "lm_sources.csv").open() as f:  # the stated LM run, both sources at every point
+        rows = list(csv.DictReader(f))
+    regime = json.loads((fronts / "lm_regime.json").read_text())
+    assert len(rows) == len(regime["points"]) == 24  # 96 sequences: 24 steps of 4, fewer than 32 points
+    assert all(float(r["per_sample_b_simple"]) > 0 and float(r["micro_batch_b_simple"]) > 0 for r in rows)
+    assert (fronts / "lm_sources.png").stat().st_size > 0
     for task, arms in (("mnist1d", 9), ("lm", 10)):
         front = json.loads((fronts / f"{task}_results.json").read_text())
         assert len(front["arms"]) == arms and (fronts / f"{task}_front.png").stat().st_size > 0

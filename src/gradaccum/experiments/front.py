@@ -53,6 +53,13 @@ class FrontTask:
     start: float  # the metric before training (chance accuracy, the loss of a uniform guess)
     arms: tuple[str, ...]
     about: dict[str, Any] = field(default_factory=dict)  # what the report says of the data and model
+    model: str = ""  # what the runs depend on beyond the settings (the LM's shape): in study names and run keys
+
+    @property
+    def key(self) -> str:
+        """The task's name in its studies and its runs' cache keys: trials and runs of another
+        model are never reused."""
+        return f"{self.name}-{self.model}" if self.model else self.name
 
     @property
     def higher_is_better(self) -> bool:
@@ -66,7 +73,7 @@ def open_front_study(task: FrontTask, arm: str, cfg: ExperimentConfig) -> optuna
     quality = "maximize" if task.higher_is_better else "minimize"
     directions = [quality] if not ARM_TABLE[arm].adaptive else [quality, "minimize"]
     try:
-        return optuna.create_study(study_name=f"gradaccum-{task.name}-{arm}-last{FINAL_EVALUATIONS}",
+        return optuna.create_study(study_name=f"gradaccum-{task.key}-{arm}-last{FINAL_EVALUATIONS}",
                                    storage=storage(cfg.storage_url), load_if_exists=True, directions=directions)
     except SettingsError:
         raise
@@ -180,7 +187,7 @@ def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path,
             for arm in task.arms for k, trial in enumerate(chosen[arm]) for seed in range(cfg.seeds)]
     with tqdm(total=len(jobs), desc=f"{task.name}: final runs", disable=cfg.quiet) as bar:
         records, reused = run_reusing(pool, task.run, [(arm, params, seed, task.data, cfg)
-                                                       for arm, _, params, seed in jobs], task.name,
+                                                       for arm, _, params, seed in jobs], task.key,
                                       out / "runs" / task.name if reuse else None, on_done=bar.update)
     arms: dict[str, Any] = {arm: {"adaptive": ARM_TABLE[arm].adaptive, "trials": trial_table(tunings[i].study,
                                                                                              tunings[i].target),

@@ -40,6 +40,7 @@ from .arms import label, style  # noqa: E402
 from .errors import SettingsError  # noqa: E402
 from .files import atomic_file  # noqa: E402
 from .front import FINAL_EVALUATIONS  # noqa: E402
+from .lm_regime import regime_section  # noqa: E402
 
 MARGINS = {"accuracy": (0.005, 0.01, 0.02), "loss": (0.01, 0.02, 0.05)}  # below / above the best fixed arm
 MIN_STANDARD_ERRORS = 2.5
@@ -289,7 +290,7 @@ def section(front: dict[str, Any], timings: dict[str, Any], out: Path) -> str:
             tuned = ", ".join(f"{n} {v:.3g}" for n, v in point["params"].items())
             lines.append(f"| {label(arm, cfg)} | {k + 1} | {_fmt(steps)} | {_fmt(val, digits)}{unit} | "
                          f"{_fmt(test, digits)}{unit} | {tuned} |")
-    lines += about_lines(front)
+    lines += about_lines(front) + regime_section(out, front["task"])
     best = label(result["best_fixed"], cfg)
     lines += ["", "## The whole front", "",
               f"Levels: the three highest are the targets, the best fixed arm ({best}) {'less' if higher else 'plus'} "

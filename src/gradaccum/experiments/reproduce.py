@@ -18,13 +18,14 @@ from .config import ExperimentConfig
 from .errors import SettingsError
 from .files import write_atomic
 from .front import FrontTask, run_front
+from .lm_regime import measure_regime, plot_sources, sources_csv
 from .lm_task import EVAL_SEQUENCES, load_corpus, shape, train_lm_run
 from .mnist1d_data import MNIST1D, load_mnist1d
 from .report import write_full_report
 from .run_record import RunResult
 from .runs import train_run
 from .tuning import best_params, best_value, open_study, sampler, storage_errors, too_many_diverged, trial_table
-from .workers import Tuning, complete, executor, run_reusing, tune_in_rounds
+from .workers import Tuning, complete, executor, run_all, run_reusing, tune_in_rounds
 
 FINAL_SEED_OFFSET = 10_000  # final runs use seeds no tuning trial used
 
@@ -112,21 +113,37 @@ def lm_front(cfg: ExperimentConfig) -> tuple[FrontTask, ExperimentConfig]:
     title = (f"Fewer optimizer steps at equal quality? A byte-level language model (context {size['context']}, "
              f"width {size['dim']}, {size['layers']} blocks) on Python {corpus.about['python']}'s standard library")
     about = {"corpus": corpus.about, "model": size, "eval_sequences": EVAL_SEQUENCES}
-    return FrontTask("lm", title, train_lm_run, corpus, "loss", math.log(256), LM_FRONT_ARMS, about), lm_cfg
+    model = "context{context}-dim{dim}-layers{layers}".format(**size)
+    return FrontTask("lm", title, train_lm_run, corpus, "loss", math.log(256), LM_FRONT_ARMS, about, model), lm_cfg
+
+
+def lm_regime_run(front: dict[str, Any], lm_cfg: ExperimentConfig, pool: Executor, out: Path) -> dict[str, Any]:
+    """The LM section's stated run (``lm_regime``): the baseline at the lr its tuning chose, both
+    statistics sources measured over it; writes ``lm_regime.json``, ``lm_sources.csv`` and ``.png``."""
+    lr = front["arms"]["baseline"]["points"][0]["params"]["lr"]
+    regime = run_all(pool, measure_regime, [(lr, lm_cfg.seed, lm_cfg)])[0]
+    write_atomic(out / "lm_sources.csv", sources_csv(regime))
+    plot_sources(regime, out / "lm_sources.png")
+    write_atomic(out / "lm_regime.json", json.dumps(regime, indent=1) + "\n")
+    return regime
 
 
 SECTION_BUDGETS = {"reference": 120, "front": 360, "lm": 330, "critical": 390}
 """Seconds each section of the default `gradaccum reproduce` is sized to take on two cores
 (the report states them beside the measured times)."""
-SECTION_FILES = {"reference": "results.json", "front": "mnist1d_results.json", "lm": "lm_results.json",
-                 "critical": "critical_batch_lm.json"}
+SECTION_FILES = {"reference": ("results.json",), "front": ("mnist1d_results.json",),
+                 "lm": ("lm_results.json", "lm_regime.json"), "critical": ("critical_batch_lm.json",)}
 STATUS = "sections.json"
 """Per section: its settings, budget, measured seconds and whether the last call reused it."""
 
 
-def _settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What a section's results depend on (not where they are written, progress bars or sections)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("out", "quiet", "sections")}
+def _settings(cfg: ExperimentConfig, section: str) -> dict[str, Any]:
+    """What a section's results depend on (not where they are written, progress bars or sections);
+    the LM's model shape for the sections that train it."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("out", "quiet", "sections")}
+    if section in ("lm", "critical"):
+        settings["lm_model"] = shape(cfg)
+    return settings
 
 
 def _status(out: Path) -> dict[str, Any]:
@@ -140,8 +157,8 @@ def _status(out: Path) -> dict[str, Any]:
 def finished(cfg: ExperimentConfig, out: Path, section: str) -> bool:
     """Whether ``out`` holds the section's results from a finished call with the same settings."""
     entry = _status(out).get(section)
-    return (isinstance(entry, dict) and entry.get("settings") == _settings(cfg)
-            and (out / SECTION_FILES[section]).exists())
+    return (isinstance(entry, dict) and entry.get("settings") == _settings(cfg, section)
+            and all((out / name).exists() for name in SECTION_FILES[section]))
 
 
 def up_to_date(cfg: ExperimentConfig) -> bool:
@@ -162,7 +179,8 @@ def _run_section(section: str, cfg: ExperimentConfig, data: MNIST1D, pool: Execu
         run_front(mnist1d_front(data), cfg, pool, out, reuse=not force)
     elif section == "lm":
         task, lm_cfg = lm_front(cfg)
-        run_front(task, lm_cfg, pool, out, reuse=not force)
+        front = run_front(task, lm_cfg, pool, out, reuse=not force)
+        lm_regime_run(front, lm_cfg, pool, out)
     else:
         from .critical_batch_section import TASKS, run_critical_batch_section
 
@@ -192,7 +210,7 @@ def reproduce(cfg: ExperimentConfig, force: bool = False, quick: bool = False) -
             for section in todo:
                 started = time.perf_counter()
                 _run_section(section, cfg, data, pool, out, force, quick)
-                status[section] = {"settings": _settings(cfg), "budget_seconds": SECTION_BUDGETS[section],
+                status[section] = {"settings": _settings(cfg, section), "budget_seconds": SECTION_BUDGETS[section],
                                    "seconds": time.perf_counter() - started, "reused": False,
                                    "workers": cfg.processes}
                 write_atomic(out / STATUS, json.dumps(status, indent=1) + "\n")
