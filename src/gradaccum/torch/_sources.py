@@ -28,6 +28,7 @@ from .._core.micro_batch import MicroBatchSums, element_moments, merge_micro_bat
 from .._core.moments import Moments
 from .._core.noise_scale import NormSums
 from ._distributed import local, sum_over_ranks
+from ._nonfinite import squared_norms
 from ._stats import PerSampleGradStats
 
 Reduce = Callable[[list[torch.Tensor], int], int]
@@ -216,9 +217,7 @@ class MicroBatchSource:
         present = [(i, s) for i, s in enumerate(local(window_sums)) if s is not None]
         out = [0.0] * len(self.names)
         if present:
-            norms = torch._foreach_norm([s.detach() for _, s in present])
-            values = torch.stack([n.to(dtype=torch.float64, device=norms[0].device) for n in norms]).square()
-            for (i, _), v in zip(present, values.tolist()):
+            for (i, _), v in zip(present, squared_norms([s for _, s in present])):
                 out[i] = v / (scale * scale)
         if self.group is not None:
             out = sum_over_ranks([torch.tensor(out, dtype=torch.float64)], self.group)[0].tolist()
