@@ -4,7 +4,7 @@ Competitors, on two increments of the same size (forward + backward of the summe
   plain   the ordinary backward, no statistics;
   ours    PerSampleGradStats: the same backward, hooks, the merge into the moments, and
           the GSNR rule's decision after each increment (per-element statistics);
-  norms   PerSampleGradStats(kind="norms"): the same backward, per-sample squared norms,
+  norms   PerSampleGradStats(statistics="norms"): the same backward, per-sample squared norms,
           and the NormTest decision after each increment (the norm path);
   vmap    torch.func vmap(grad) per-sample gradients, then their sum and sum of squares
           (how the reference GAGA implementation gets them).
@@ -139,7 +139,7 @@ def make(config: str, which: tuple[str, ...] = ("plain", "ours", "norms", "vmap"
         runners["ours"] = ours
     if "norms" in which:
         normed = copy.deepcopy(model) if len(which) > 1 else model
-        norm_stats = PerSampleGradStats(normed, kind="norms")
+        norm_stats = PerSampleGradStats(normed, statistics="norms")
         norm_rule = NormTest(0.5, increment=n, max_samples=4 * n)
         norm_params = list(normed.parameters())
 

@@ -51,7 +51,7 @@ def test_zoo_norm_statistics_equal_the_per_sample_loop(name: str) -> None:
     model = zoo.build(name)
     rule = RecordNorms(2)
     acc = Accumulator(model, torch.optim.SGD(zoo.decay_groups(model), lr=0.0), rule)
-    assert acc.stats is not None and acc.stats.kind == "norms"
+    assert acc.stats is not None and acc.stats.statistics == "norms"
     increments = [pattern.batch(4, 1), pattern.batch(3, 2)]
     switch = branch_switch(model)
     for k, batch in enumerate(increments):
@@ -71,7 +71,7 @@ def test_linear_layers_take_the_closed_forms() -> None:
         torch.manual_seed(positions)
         layer = nn.Linear(width, width).double()
         x = torch.randn(5, positions, width, dtype=torch.float64).squeeze(1)
-        stats = PerSampleGradStats(layer, kind="norms")
+        stats = PerSampleGradStats(layer, statistics="norms")
         (layer(x) ** 3).sum().backward()
         stats.commit()
         assert stats.paths == {"Linear": "linear:norms"}
@@ -80,6 +80,18 @@ def test_linear_layers_take_the_closed_forms() -> None:
             grads = torch.autograd.grad((layer(x[i:i + 1]) ** 3).sum(), list(layer.parameters()))
             want += sum(float((g * g).sum()) for g in grads)
         assert sum(stats._norm_totals) == pytest.approx(want, rel=1e-12)
+
+
+def test_the_statistics_argument_names_what_is_measured() -> None:
+    """``statistics=`` says what is measured, as the rules and the Monitor say it; ``kind=`` is not an
+    argument, and a bad value names ``statistics``."""
+    layer = nn.Linear(3, 2).double()
+    assert PerSampleGradStats(layer, statistics="norms").statistics == "norms"
+    assert PerSampleGradStats(nn.Linear(3, 2)).statistics == "elements"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'kind'"):
+        PerSampleGradStats(nn.Linear(3, 2), kind="norms")  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="statistics"):
+        PerSampleGradStats(nn.Linear(3, 2), statistics="moments")
 
 
 def test_norm_test_on_the_norm_path_decides_as_on_moments() -> None:
@@ -167,7 +179,7 @@ def test_the_check_still_moves_a_functional_tied_head_to_the_model_fallback() ->
     is caught and its norms come from the whole model per sample (exact, as above)."""
     pattern = zoo.ZOO["nanogpt"]
     model = zoo.build("nanogpt")
-    stats = PerSampleGradStats(model, kind="norms")
+    stats = PerSampleGradStats(model, statistics="norms")
     batch = pattern.batch(5, 3)
     pattern.losses(model, batch).sum().backward()
     stats.commit()

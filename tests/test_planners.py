@@ -239,7 +239,7 @@ def test_gsnr_planner_plans_where_the_mean_scale_test_is_expected_to_pass() -> N
 
 def test_gsnr_planner_records_the_gsnr_it_plans_from() -> None:
     acc = planned_run(GSNRPlanner(tau=2.0, min_batch=8, max_batch=64, micro_batch=8))
-    assert acc.stats is not None and acc.stats.kind == "elements"
+    assert acc.stats is not None and acc.stats.statistics == "elements"
     assert {"gsnr", "samples", "trace", "squared_norm"} <= set(acc.history[0].info)
 
 

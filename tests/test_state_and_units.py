@@ -162,7 +162,7 @@ def test_a_per_element_rule_applies_the_mean_over_items_not_samples() -> None:
     model, reference = TokenModel(), TokenModel()
     lr = 0.5
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=lr), GSNR(1e9, increment=4, max_samples=8))
-    assert acc.stats is not None and acc.stats.kind == "elements"
+    assert acc.stats is not None and acc.stats.statistics == "elements"
     for window in range(3):
         part = take(data, slice(8 * window, 8 * window + 8))
         items = int((part.labels != IGNORE).sum())

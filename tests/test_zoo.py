@@ -345,8 +345,8 @@ def test_a_forward_that_does_not_reach_the_loss_does_not_set_the_sample_count() 
     assert_moments([(m.n, m.mean, m.m2) for m in stats.moments()], want, 5)
 
 
-@pytest.mark.parametrize("kind", ["elements", "norms"])
-def test_a_conv_bias_summed_over_many_positions_is_explained_in_float32(kind: str) -> None:
+@pytest.mark.parametrize("statistics", ["elements", "norms"])
+def test_a_conv_bias_summed_over_many_positions_is_explained_in_float32(statistics: str) -> None:
     """A float32 conv bias summed over 32x32 positions and 32 samples was refused ("cannot
     explain the gradient of blocks.1.2.bias"): the check's rounding tolerance counted the
     samples (32) but not the positions autograd adds up (32768 terms per element)."""
@@ -354,7 +354,7 @@ def test_a_conv_bias_summed_over_many_positions_is_explained_in_float32(kind: st
     width = 32
     model = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU(),
                           nn.Conv2d(width, width, 3, padding=1), nn.Flatten(2))
-    stats = PerSampleGradStats(model, kind=kind)
+    stats = PerSampleGradStats(model, statistics=statistics)
     x = torch.randn(32, 3, 32, 32)
     (model(x).mean(2) ** 2).sum().backward()
     assert stats.commit() == 32
@@ -380,15 +380,15 @@ def test_the_check_s_magnitude_bound_in_blocks_equals_the_whole_computation(rows
         torch.testing.assert_close(_explained.scale_from_squares(squares, 6, project), want, rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["elements", "norms"])
-def test_a_use_outside_the_hooks_of_1_percent_is_caught_in_float32(kind: str) -> None:
+@pytest.mark.parametrize("statistics", ["elements", "norms"])
+def test_a_use_outside_the_hooks_of_1_percent_is_caught_in_float32(statistics: str) -> None:
     """The check's bound for nn.Linear comes from norms of its input and output gradient on
     both paths (no pass over the sums of squares): still tight enough in float32 at 256
     samples to catch a weight penalty whose gradient is 1 % of the weight's, and quiet without it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
     x, y = torch.randn(256, 40), torch.randint(0, 10, (256,))
-    stats = PerSampleGradStats(model, kind=kind)
+    stats = PerSampleGradStats(model, statistics=statistics)
     model.zero_grad()
     nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
     real = model[2].weight.grad.abs().max()

@@ -178,7 +178,8 @@ class Accumulator(MicroBatchIntake, WindowClose):
         # one micro-batch, and a statistics rule needs each micro-batch's own gradient.
         # Per-element statistics hold the window's sum themselves (their mean); not with a
         # GradScaler, whose overflowing micro-batch must reach the window unmerged.
-        if self.stats is not None and self.stats.kind == "elements" and scaler is None and self._mode.holds_moments:
+        elements = self.stats is not None and self.stats.statistics == "elements"
+        if elements and scaler is None and self._mode.holds_moments:
             self._window: WindowSums = MomentWindowSums(self._params, self._merged_moments)
         else:
             self._window = self._mode.window_sums(self._params,
@@ -219,7 +220,7 @@ class Accumulator(MicroBatchIntake, WindowClose):
                 micro.bind_window(lambda: self._window.sums, self._params)
             return micro
         # matched to the optimizer's parameters by identity: its groups may list them in any order
-        self.stats = PerSampleGradStats(inner, params=self._params, kind=kind)
+        self.stats = PerSampleGradStats(inner, params=self._params, statistics=kind)
         return PerSampleSource(self.stats)
 
     def _merged_moments(self) -> Any:

@@ -160,7 +160,7 @@ class Monitor:
         self.stats: PerSampleGradStats | None = None  # the per-sample source's hooks on the layers
         self._window: _Window | None = None  # the micro-batch source's open window
         if self.source == "per_sample":
-            self.stats = PerSampleGradStats(model, params=params, kind=statistics)
+            self.stats = PerSampleGradStats(model, params=params, statistics=statistics)
         else:
             names = {id(p): name for name, p in model.named_parameters()}
             self._window = _Window([names.get(id(p), f"parameter #{i}") for i, p in enumerate(params)])
@@ -420,7 +420,7 @@ class Monitor:
         # with a mean over n samples both terms are n^2 too small (their ratio is not)
         units = float(n * n) if self.reduction == "mean" else 1.0
         extra: dict[str, float] = {}
-        if self.stats.kind == "norms":
+        if self.stats.statistics == "norms":
             pooled = pooled_terms(self.stats.norm_sums(grads, scale))
             trace, squared = pooled.trace * units, pooled.squared_norm * units
             layers = self.stats.layer_norm_sums(grads, scale)

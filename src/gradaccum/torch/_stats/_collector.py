@@ -73,7 +73,7 @@ class PerSampleGradStats:
         matched by identity, so an optimizer's parameter groups in any order work.
       chunk_elements: bound on the elements of per-sample gradients held at once by
         the per-sample paths (the batch is processed in chunks below it).
-      kind: ``"elements"`` (per-element moments, for GSNR) or ``"norms"`` (the norm path,
+      statistics: ``"elements"`` (per-element moments, for GSNR) or ``"norms"`` (the norm path,
         for NormTest and the noise scale: only ``sum_i |g_i|^2`` over the window, a float64
         scalar, from per-sample gradient norms that cost about nothing for ``nn.Linear``;
         ``norm_sums`` combines it with the window's gradient sum). Both are exact and both
@@ -81,7 +81,7 @@ class PerSampleGradStats:
     """
 
     def __init__(self, model: nn.Module, *, params: Iterable[nn.Parameter] | None = None,
-                 chunk_elements: int = 1 << 24, kind: str = "elements") -> None:
+                 chunk_elements: int = 1 << 24, statistics: str = "elements") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         refuse_compiled(model)
@@ -90,7 +90,7 @@ class PerSampleGradStats:
             raise ValueError("model has no trainable parameters: there are no gradients to gather statistics of")
         if isinstance(chunk_elements, bool) or not isinstance(chunk_elements, int) or chunk_elements < 1:
             raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
-        self.kind = check_choice("kind", kind, KINDS)
+        self.statistics = check_choice("statistics", statistics, KINDS)
         self.model = model
         self.paths: dict[str, str] = {}
         self._index = {id(p): i for i, p in enumerate(self.params)}
@@ -99,7 +99,7 @@ class PerSampleGradStats:
         units = find_units(model, set(self._index), self.paths)
         self._owners = _layer_of_parameters(units, self.params, self._names)
         self._group = self._sharding(units)  # the shards' process group under fully_shard, else None
-        self._statistic: Statistic = NormSquares(self.params, self._owners, self._group) if self.kind == "norms" \
+        self._statistic: Statistic = NormSquares(self.params, self._owners, self._group) if self.statistics == "norms" \
             else ElementMoments(self.params, self._names)
         self._batch = BatchDims(model, self.params)
         self._recorder = Recorder(model, units, self._batch.may_broadcast)
@@ -114,13 +114,19 @@ class PerSampleGradStats:
         """Under FSDP2 the norm path runs on shards (``_sharded``); what cannot is refused here."""
         if not is_sharded(self.params):
             return None
-        _STATISTICS[self.kind].check_sharded()
+        _STATISTICS[self.statistics].check_sharded()
         fallback = [u.label for u in units if u.entry is None]
         if fallback:
             raise ValueError(f"{', '.join(fallback)}: no registered statistics, and the per-sample fallback would "
                              "replay the layer on one rank of a fully_shard-ed model; register the layer "
                              "(gradaccum.torch.register_layer_stats) or use a rule without statistics")
         return shard_group(self.params, self._names)
+
+    @property
+    def kind(self) -> str:
+        """Read-only: the same as ``statistics``, under the name the statistics sources share
+        (``PerSampleSource.kind``, ``MicroBatchSource.kind``); not a constructor argument."""
+        return self.statistics
 
     @property
     def chunk_elements(self) -> int:

@@ -26,7 +26,7 @@ class NormSquares(Statistic):
       group: the shards' process group under fully_shard (the terms are summed over it), else None.
     """
 
-    kind = "norms"
+    statistics = "norms"
     norm_formulas = True
 
     def __init__(self, params: list[torch.nn.Parameter], owners: list[str], group: Any) -> None:
@@ -68,7 +68,7 @@ class NormSquares(Statistic):
     def check_state(self, state: Any) -> tuple[int, list[float]]:
         if not isinstance(state, dict) or "norms" not in state:
             raise ValueError("statistics state must be a dict with 'norms' (from "
-                             "PerSampleGradStats(kind='norms').state_dict())")
+                             "PerSampleGradStats(statistics='norms').state_dict())")
         entry = state["norms"]
         if not isinstance(entry, (tuple, list)) or len(entry) != 2:
             raise ValueError("statistics state: 'norms' must be (samples, per-parameter sums of squared norms)")
@@ -88,7 +88,7 @@ class NormSquares(Statistic):
         self.samples, self.totals = checked
 
     def moments(self) -> list[Moments]:
-        raise ValueError("the norm path keeps no per-element moments (kind='norms'): use norm_sums")
+        raise ValueError("the norm path keeps no per-element moments (statistics='norms'): use norm_sums")
 
     def norm_sums(self, window_sums: list[torch.Tensor | None], scale: float) -> NormSums:
         samples, totals, squared = self._terms(window_sums, scale)

@@ -3,9 +3,9 @@
 ``PerSampleGradStats`` records the calls, takes each layer's path and checks the increment
 the same way for every statistic; what it keeps of an increment is the statistic's:
 
-- ``_norms.NormSquares`` (``kind="norms"``): the window's samples and each parameter's
+- ``_norms.NormSquares`` (``statistics="norms"``): the window's samples and each parameter's
   ``sum_i |g_i|^2``, float64 scalars (NormTest, the noise-scale planners);
-- ``_elements.ElementMoments`` (``kind="elements"``): per-element running moments (GSNR).
+- ``_elements.ElementMoments`` (``statistics="elements"``): per-element running moments (GSNR).
 
 Each refuses, by name, what it does not keep (``moments`` of the norms, ``norm_sums`` of the
 moments).
@@ -29,7 +29,7 @@ Reduce = Callable[[list[torch.Tensor], int], int]  # sums tensors (in place) and
 class Statistic(abc.ABC):
     """One statistic's running state over a window (see the module docstring)."""
 
-    kind: str  # the ``kind`` of ``PerSampleGradStats`` it serves
+    statistics: str  # the ``statistics`` of ``PerSampleGradStats`` it serves
     norm_formulas: bool  # whether the layers' norm formulas serve it (only ``sum_i |g_i|^2`` needed)
 
     @property
