@@ -50,6 +50,7 @@ def test_every_arm_has_its_parameters_on_the_command_line() -> None:
         assert [flag[2:] for flag in ARM_PARAMETERS.get(arm, [])[::2]] == list(spec.space), arm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arm", ["baseline", "gaga", "gaga_mean", "baseline512", "normtest", "fixed64", "fixed128",
                                  "fixed256", "fixed16", "fixed32", "ramp", "noise"])
 def test_every_arm_trains_from_the_command_line(arm: str, tmp_path: Path, data_dir: str) -> None:

@@ -149,6 +149,7 @@ def contract_outcomes(tmp_path: Path, mode: str) -> list[tuple[float, str]]:
     return [(float(seconds), outcome) for seconds, outcome in lines]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("mode", "rank1_did"), [
     ("contract_flush", "rank 1: the window's close (the rule) at window 0, micro-batch 3"),
     ("contract_gsnr", "rank 1: a statistics increment (backward) at window 0, micro-batch 2"),

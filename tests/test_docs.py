@@ -31,6 +31,7 @@ PAGES = FAST_PAGES + [pytest.param(page, marks=pytest.mark.slow, id=str(page.rel
                       for page in pages_with_examples() if page not in FAST_PAGES]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_python_blocks_run(page: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path,
                            monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,6 +28,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory, data_dir: str) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_reproduce_writes_every_output(reproduced: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
@@ -57,6 +58,7 @@ def test_reproduce_writes_every_output(reproduced: Path) -> None:
         assert needle in report
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_results(reproduced: Path, tmp_path: Path, data_dir: str) -> None:
     assert main(["reproduce", *TINY, "--out", str(tmp_path), "--data-dir", data_dir, "--arms", "baseline", "gaga"]) == 0
     first = json.loads((reproduced / "results.json").read_text())
@@ -127,6 +129,7 @@ def test_train_one_run(tmp_path: Path, data_dir: str) -> None:
     assert result["params"] == {"lr": 0.003, "tau": 1.5} and len(result["val_curve"]) == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("arm", "extra"), [("gaga_mean", ["--tau", "1.5"]), ("baseline512", [])])
 def test_train_one_run_on_the_jax_backend(arm: str, extra: list[str], tmp_path: Path, data_dir: str) -> None:
     """``--backend jax``: the Flax MLP through AccumulatingTrainState, same budget and outputs, deterministic."""
@@ -203,6 +206,7 @@ def test_unknown_arm_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2 and "invalid choice: 'adamw'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_unwritable_output_and_unopenable_storage(tmp_path: Path, data_dir: str, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

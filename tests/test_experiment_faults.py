@@ -43,6 +43,7 @@ def data(data_dir: Path) -> MNIST1D:
     return load_mnist1d(data_dir / "mnist1d.npz")
 
 
+@pytest.mark.slow
 def test_an_increment_no_epoch_can_hold_is_refused_not_a_hang(data_dir: Path, tmp_path: Path, capsys) -> None:
     """It passed validation, then spun at 100 % CPU: no increment fits in 3,200 samples."""
     assert main(["train", "--arm", "baseline", "--lr", "0.01", "--increment", "4000", "--max-samples", "8000",
@@ -50,6 +51,7 @@ def test_an_increment_no_epoch_can_hold_is_refused_not_a_hang(data_dir: Path, tm
     assert "increment (4000) is larger than the training split (3200 samples)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_a_diverging_run_is_reported_as_diverged(backend: str, data: MNIST1D, tmp_path: Path) -> None:
     """JAX exited 0 with "mean effective batch 2"; torch raised out of the trial."""
@@ -78,6 +80,7 @@ def test_a_diverging_trial_is_pruned_and_the_study_goes_on(data: MNIST1D, tmp_pa
     assert len(set(calls)) == 3  # the rerun samples another lr, not the one that diverged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated", "random_bytes", "zero_labels", "too_small"])
 def test_a_damaged_data_cache_is_regenerated(damage: str, data: MNIST1D, tmp_path: Path) -> None:
     """A truncated cache gave BadZipFile on every rerun, random bytes a misleading "allow_pickle"
@@ -148,6 +151,7 @@ def test_a_full_disk_leaves_no_temporary_and_names_the_path(where: str, tmp_path
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_reproduce_exits_2_without_temporaries(tmp_path: Path, data_dir: Path, monkeypatch,
                                                                   capsys) -> None:
     real = os.replace
@@ -263,6 +267,7 @@ def test_import_gradaccum_needs_no_experiment_stack() -> None:
 
 
 
+@pytest.mark.slow
 def test_a_file_in_the_way_of_the_data_dir_is_named(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "data"
     blocker.write_text("not a directory")
@@ -299,6 +304,7 @@ def test_a_storage_failure_mid_tune_names_the_storage(data: MNIST1D, tmp_path: P
     assert len(tuning.tune_arm("baseline", cfg, data).get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2
 
 
+@pytest.mark.slow
 def test_every_pool_worker_ignores_ctrl_c_from_its_start() -> None:
     """A Ctrl-C reaching a worker still importing torch printed its traceback: every worker is
     started with the pool, with SIGINT already ignored (inherited across its exec)."""

@@ -64,6 +64,7 @@ def complete_trials(cfg: ExperimentConfig) -> dict[int, float]:
     return {t.number: t.value for t in study.get_trials() if t.state == TrialState.COMPLETE}
 
 
+@pytest.mark.slow
 def test_a_torn_last_journal_line_is_cut_and_the_study_goes_on(data: MNIST1D, tmp_path: Path, monkeypatch) -> None:
     """A writer killed mid-line left half a record; the next tune glued a record to it and every
     trial of the study was lost (the journal no longer parsed)."""
@@ -299,6 +300,7 @@ def test_a_study_whose_every_trial_diverges_stops_and_says_the_lr_range_is_wrong
     assert len(calls) == tuning.diverged_limit(1) == 10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("section", ["reference", "front"])
 def test_rounds_whose_every_trial_diverges_stop(section: str, data: MNIST1D, tmp_path: Path) -> None:
     from gradaccum.experiments.front import FrontTask

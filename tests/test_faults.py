@@ -268,6 +268,7 @@ def test_unsupported_inputs_are_refused_by_name() -> None:
         Accumulator(meta, torch.optim.SGD(meta.parameters(), lr=0.1), FixedSteps(2))
 
 
+@pytest.mark.slow
 def test_memory_probe_stops_and_knows_cpu_out_of_memory() -> None:
     """A step that never fails doubled without bound; the CPU's "can't allocate memory" and
     MemoryError were not treated as out of memory."""

@@ -99,6 +99,7 @@ def float32_and_float64_gsnr(regression: bool) -> tuple[list[float], list[float]
     return rule.values, want, largest
 
 
+@pytest.mark.slow
 def test_float32_gsnr_equals_float64_over_a_training_run(kernels: str) -> None:
     got, want, _ = float32_and_float64_gsnr(regression=False)
     assert len(got) == len(want) == PER_WINDOW * WINDOWS
@@ -108,6 +109,7 @@ def test_float32_gsnr_equals_float64_over_a_training_run(kernels: str) -> None:
     assert max(errors) > 0  # float32 really ran
 
 
+@pytest.mark.slow
 def test_elements_above_gsnr_1e4_within_1e_4_thanks_to_the_guard(kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
     got, want, largest = float32_and_float64_gsnr(regression=True)
     errors = [abs(a - b) / b for a, b in zip(got, want)]
@@ -164,6 +166,7 @@ def worst_high_gsnr_m2_error() -> dict[str, float]:
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunked", [False, True, "blocks"], ids=["foreach", "chunked", "blocks"])
 def test_guard_recomputes_flagged_elements_on_every_path(chunked: bool | str, kernels: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:

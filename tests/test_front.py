@@ -247,6 +247,7 @@ def _choices_of(front: dict) -> dict:
                      for r in picked["rows"]]}
 
 
+@pytest.mark.slow
 def test_no_choice_reads_the_test_split(tmp_path: Path, data_dir: str) -> None:
     """Random test labels change the test column and nothing else: the settings, the points, the
     targets, the fixed front at each level. (Targets and the best fixed arm came from test.)"""

@@ -133,6 +133,7 @@ def logged_steps(trainer: Trainer) -> list[tuple[float, float, float]]:
     return [(e["learning_rate"], e["grad_norm"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
 
 
+@pytest.mark.slow
 def test_fixed_windows_equal_the_native_trainer_with_gradient_accumulation(tmp_path) -> None:
     """FixedSteps(3) over 11 micro-batches an epoch (the last of one sample), two epochs, GPT-2's
     own loss (float32 inside: equal only with the Trainer's arithmetic), AdamW, a linear schedule
@@ -156,6 +157,7 @@ def test_fixed_windows_equal_the_native_trainer_with_gradient_accumulation(tmp_p
     assert ours.state.epoch == native.state.epoch == 2.0
 
 
+@pytest.mark.slow
 def test_fixed_windows_with_max_steps_equal_the_native_trainer(tmp_path) -> None:
     """max_steps counts optimizer steps with fixed windows, as in the native Trainer: 4 windows
     of 2 micro-batches, the schedule sized by them."""
@@ -353,6 +355,7 @@ def resumable(tmp_path, planner, output: str = "a", data=None, **kwargs) -> Plan
                           planner=planner)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planner", [ramp, lambda: FixedSteps(3),
                                      lambda: NoiseScalePlanner(1.0, min_batch=2, max_batch=8, micro_batch=2)],
                          ids=["ramp", "fixed", "noise_scale"])
@@ -403,6 +406,7 @@ def tampered(saved: dict) -> list[tuple[str, object, str]]:
     ]
 
 
+@pytest.mark.slow
 def test_a_tampered_or_malformed_checkpoint_state_is_refused_by_key_and_file(tmp_path) -> None:
     """gradaccum_planner.json: every value validated before anything is loaded (the model's
     weights unchanged by the refused call), the refusal naming the key and the file."""

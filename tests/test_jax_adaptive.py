@@ -66,6 +66,7 @@ def test_traced_decision_equals_the_core_rule(rule, n: int) -> None:
             np.testing.assert_allclose(float(info[key]), float(value), rtol=1e-12, equal_nan=True)
 
 
+@pytest.mark.slow
 def test_traced_decisions_stop_on_both_sides_of_tau() -> None:
     """The comparison itself: the same window stops for a tau just below its GSNR, not just above."""
     window, moments = random_window(12, 0)
@@ -118,6 +119,7 @@ def run_twins(rule, seed: int, schedule=None):
     return acc, state, plans, jax_windows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 def test_torch_and_jax_give_the_same_windows_statistics_and_weights(rule) -> None:
     acc, state, _, jax_windows = run_twins(rule, seed=11)
@@ -131,6 +133,7 @@ def test_torch_and_jax_give_the_same_windows_statistics_and_weights(rule) -> Non
     assert max_abs_diff(state.params, {k: v for k, v in init_params().items()}) > 1e-3
 
 
+@pytest.mark.slow
 def test_an_lr_schedule_over_items_is_the_same_on_both_backends() -> None:
     """A ramp changes the windows, so the schedule runs over items seen: torch's
     ``lr_schedule`` and optax's ``scale_by_items`` give Adam the same factors and weights."""
@@ -158,6 +161,7 @@ def test_scale_by_items_refuses_a_call_without_items() -> None:
 # --- non-finite micro-batches ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", [FixedSteps(3), GSNR(1e9, increment=4, max_samples=12)], ids=repr)
 def test_skip_micro_batch_drops_its_items_and_gradient(rule) -> None:
     batch = data(12, seed=12)
@@ -201,6 +205,7 @@ def nan_gradient_loss(params, batch):
     return loss_fn(params, batch) + jnp.sqrt(bias - bias)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nonfinite", ["skip_micro_batch", "skip_window"])
 @pytest.mark.parametrize("rule", [FixedSteps(3), GSNR(1e9, increment=4, max_samples=12)], ids=repr)
 def test_finite_loss_with_a_nan_gradient_is_caught(rule, nonfinite: str) -> None:
@@ -224,6 +229,7 @@ def test_finite_loss_with_a_nan_gradient_is_caught(rule, nonfinite: str) -> None
 # --- checkpoint mid-window ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", [FixedSteps(4), GSNR(1.5, increment=4, max_samples=16, scale="mean")], ids=repr)
 def test_train_state_resumes_mid_window_exactly(rule) -> None:
     batch = data(64, seed=14)
@@ -254,6 +260,7 @@ def test_train_state_resumes_mid_window_exactly(rule) -> None:
     assert max_abs_diff(dropped.params, straight.params) > 1e-6
 
 
+@pytest.mark.slow
 def test_optax_state_resumes_mid_window_exactly() -> None:
     params, batch = init_params(), data(40, seed=15)
     tx = accumulate(optax.adam(0.01), 3)
@@ -284,6 +291,7 @@ PLANNERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("planner", PLANNERS, ids=repr)
 def test_torch_and_jax_plan_the_same_windows(planner) -> None:
     """The core's planners run on host records in torch and on the traced state's summary in

@@ -46,6 +46,7 @@ def new_state(rule, params=None):
                                          tx=SGD, rule=rule)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bounds", [[0, 1, 8, 24], [0, 24], [0, 23, 24]])
 def test_train_state_uneven_micro_batches_equal_full_batch(bounds: list[int]) -> None:
     batch = data(24)
@@ -58,6 +59,7 @@ def test_train_state_uneven_micro_batches_equal_full_batch(bounds: list[int]) ->
     assert max_abs_diff(state.params, want) < 1e-12
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(bounds=splits(24))
 def test_train_state_fixed_steps_equals_full_batch(bounds: list[int]) -> None:
@@ -73,6 +75,7 @@ def test_train_state_fixed_steps_equals_full_batch(bounds: list[int]) -> None:
     assert int(state.window.items) == 0 and int(state.window.micro_batches) == 0  # a fresh window
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(bounds=splits(24), scale=st.sampled_from(["sample", "mean"]))
 def test_statistics_rule_applies_the_full_batch_mean(bounds: list[int], scale: str) -> None:
@@ -86,6 +89,7 @@ def test_statistics_rule_applies_the_full_batch_mean(bounds: list[int], scale: s
     assert max_abs_diff(state.params, want) < 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", [FixedSteps(3), NormTest(1e-9, increment=4, max_samples=20)])
 def test_mask_leaves_padding_out(rule) -> None:
     """A short last micro-batch padded to the common shape with a mask == the unpadded one."""
@@ -105,6 +109,7 @@ def test_mask_leaves_padding_out(rule) -> None:
     assert max_abs_diff(padded.params, want) < 1e-12
 
 
+@pytest.mark.slow
 def test_flush_applies_the_short_last_window_by_its_own_size() -> None:
     batch = data(30, seed=3)
     state = new_state(FixedSteps(4))
@@ -140,6 +145,7 @@ def micro_grads(params, batch, bounds):
     return [(masked_mean_grad(params, batch, mask), int(mask.sum())) for mask in split_masks(bounds)]
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None)
 @given(bounds=splits(24))
 def test_accumulate_weights_micro_batches_by_items(bounds: list[int]) -> None:
@@ -153,6 +159,7 @@ def test_accumulate_weights_micro_batches_by_items(bounds: list[int]) -> None:
     assert int(state.gradient_step) == 1 and int(state.mini_step) == 0
 
 
+@pytest.mark.slow
 def test_accumulate_matches_multisteps_with_equal_micro_batches() -> None:
     params, batch = init_params(), data(48, seed=6)
     ours, theirs = accumulate(optax.adam(0.01), 4), optax.MultiSteps(optax.adam(0.01), 4, accumulator_dtype=jnp.float64)
@@ -169,6 +176,7 @@ def test_accumulate_matches_multisteps_with_equal_micro_batches() -> None:
     assert max_abs_diff(p_ours, p_theirs) < 1e-12 and max_abs_diff(p_ours, params) > 1e-3
 
 
+@pytest.mark.slow
 def test_accumulate_unequal_micro_batches_differ_from_multisteps_equal_weights() -> None:
     """The control: MultiSteps' equal weights are not the mean over items when sizes differ."""
     params, batch = init_params(), data(20, seed=7)
@@ -183,6 +191,7 @@ def test_accumulate_unequal_micro_batches_differ_from_multisteps_equal_weights()
     assert max_abs_diff(optax.apply_updates(params, u_theirs), want) > 1e-4
 
 
+@pytest.mark.slow
 def test_accumulate_last_closes_a_short_window_and_empty_windows_are_dropped() -> None:
     params, batch = init_params(), data(12, seed=8)
     tx = accumulate(optax.sgd(LR), 5)

@@ -106,6 +106,7 @@ def _uneven(sizes=(3, 6, 1, 4), width: int = 6):
     return out
 
 
+@pytest.mark.slow
 def test_norm_terms_equal_a_float64_loop_over_uneven_micro_batches() -> None:
     parts = _uneven()
     theta = 1e-3
@@ -122,6 +123,7 @@ def test_norm_terms_equal_a_float64_loop_over_uneven_micro_batches() -> None:
     assert not bool(metrics[0]["stop"])
 
 
+@pytest.mark.slow
 def test_per_element_gsnr_equals_a_float64_loop_over_uneven_micro_batches() -> None:
     parts = _uneven()
     for scale in ("sample", "mean"):
@@ -133,6 +135,7 @@ def test_per_element_gsnr_equals_a_float64_loop_over_uneven_micro_batches() -> N
         assert math.isnan(float(metrics[0]["gsnr"]))  # one micro-batch: no variance
 
 
+@pytest.mark.slow
 def test_planner_summary_holds_the_window_terms() -> None:
     """A planner's first window (3 micro-batches, planned ahead) adds the loop's terms to its average."""
     parts = _uneven(sizes=(2, 5, 3))
@@ -146,6 +149,7 @@ def test_planner_summary_holds_the_window_terms() -> None:
         assert float(summary.squared / summary.weight) == pytest.approx(squared, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_token_weights_count_examples_as_samples() -> None:
     """Token counts as weights: ``S_j`` is the gradient of the examples' summed token losses, ``b_j``
     the examples with tokens (an example of weight 0 is padding)."""
@@ -164,6 +168,7 @@ def test_token_weights_count_examples_as_samples() -> None:
     assert float(metrics[-1]["noise_scale"]) == pytest.approx(trace / squared, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_a_window_of_one_micro_batch_has_no_variance() -> None:
     """The norm test waits for a second micro-batch (theta 10 passes any measured window); a
     window the cap closes after one micro-batch records NaN, which no planner averages."""
@@ -186,6 +191,7 @@ def test_planners_plan_two_micro_batches_at_least() -> None:
             assert int(state.planned_micro_batches) == fewest
 
 
+@pytest.mark.slow
 def test_a_dropped_micro_batch_is_not_measured() -> None:
     """A micro-batch with a NaN loss is dropped (it counts toward the window's length only): the
     terms are the loop's over the others."""
@@ -224,6 +230,7 @@ TRAINING = [NormTest(0.3, increment=6, max_samples=24, source="micro_batch"),
             NoiseScalePlanner(c=2.0, min_batch=12, max_batch=48, micro_batch=6, source="micro_batch")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", TRAINING, ids=["norm_test", "gsnr", "planner"])
 def test_jit_with_donate_equals_without(rule) -> None:
     runs = []
@@ -240,6 +247,7 @@ def test_jit_with_donate_equals_without(rule) -> None:
     assert sum(h["stop"] for h in runs[0][0]) >= 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", TRAINING, ids=["norm_test", "gsnr", "planner"])
 def test_a_checkpoint_mid_window_resumes_exactly(rule) -> None:
     step = make_train_step(net_loss)
@@ -289,6 +297,7 @@ def _linear_loss(params, batch) -> jax.Array:
     return (batch["x"] @ params["w"] - batch["y"]) ** 2 / 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anisotropic", [False, True], ids=["isotropic", "anisotropic"])
 @pytest.mark.parametrize("k", [2, 4, 8, 32])
 def test_unbiased_on_linear_regression(k: int, anisotropic: bool) -> None:

@@ -28,6 +28,7 @@ def token_weighted_grad(params, batch, weights):
     return jax.grad(lambda p: (loss_fn(p, batch) * w).sum() / w.sum())(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", [FixedSteps(3), GSNR(1e9, increment=4, max_samples=10)], ids=["fixed", "gsnr"])
 def test_weighted_window_is_the_item_mean(rule) -> None:
     batch = data(12, seed=3)
@@ -41,6 +42,7 @@ def test_weighted_window_is_the_item_mean(rule) -> None:
     assert max_abs_diff(state.params, want) < 1e-12
 
 
+@pytest.mark.slow
 def test_weighted_statistics_are_those_of_the_weighted_per_sample_gradients() -> None:
     """A sample's gradient is that of its weighted loss (w_i l_i); weight-0 examples are not samples."""
     batch = data(8, seed=4)

@@ -102,6 +102,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_jax_zoo_window_moments_equal_the_loop(name: str) -> None:
     model, losses, make_batch, weights_of, first = CASES[name]()

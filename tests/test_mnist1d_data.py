@@ -10,6 +10,7 @@ import pytest
 from gradaccum.experiments import mnist1d_data
 
 
+@pytest.mark.slow
 def test_generated_offline_with_reference_splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import mnist1d.data
 

@@ -99,6 +99,7 @@ def test_wrapped_optimizers_are_unwrapped_and_anything_else_is_refused() -> None
         Monitor(model, object())
 
 
+@pytest.mark.slow
 def test_transformers_trainer_with_max_grad_norm(tmp_path) -> None:
     """The Trainer clips (``max_grad_norm``) and steps an AcceleratedOptimizer; a Monitor built
     in a callback's ``on_train_begin`` records every step, each the loop's terms of its batch."""

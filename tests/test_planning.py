@@ -99,6 +99,7 @@ def _check_probe(step, start: int, limit: int, tried: list[int]) -> None:
     assert len(tried) <= 2 * (limit.bit_length() + 2)  # doubling, then binary search
 
 
+@pytest.mark.slow
 def test_probing_respects_max_size_and_runtime_oom_messages() -> None:
     def step(m: int) -> None:
         if m > 300:
@@ -126,6 +127,7 @@ def _allocate(m: int) -> None:
     (x * 2).sum()
 
 
+@pytest.mark.slow
 def test_cpu_memory_budget_is_measured_and_respected() -> None:
     from gradaccum.torch import measure_peak_memory
 
@@ -170,6 +172,7 @@ def test_spiking_network_gradient_is_the_same_at_micro_batch_1_4_16() -> None:
         assert_grads_close(seen[micro], seen[16])
 
 
+@pytest.mark.slow
 def test_plan_command(capsys: pytest.CaptureFixture[str]) -> None:
     from gradaccum.cli import main
 
@@ -194,6 +197,7 @@ def test_lr_scaling_helper() -> None:
         lr_factor("linear", 256, 0)
 
 
+@pytest.mark.slow
 def test_plan_accumulation_in_one_call_and_budget_checks() -> None:
     from gradaccum.torch import plan_accumulation
 
@@ -209,6 +213,7 @@ def test_plan_accumulation_in_one_call_and_budget_checks() -> None:
         plan_accumulation(step, 0)
 
 
+@pytest.mark.slow
 def test_probe_leaves_no_gradients_and_the_accumulator_names_stale_ones() -> None:
     """Memory planning ran backward passes on the model; the Accumulator built afterwards
     then refused every backward with a misleading "stray backward" message."""
@@ -296,6 +301,7 @@ def test_a_crashing_step_is_not_taken_for_out_of_memory() -> None:
     assert find_micro_batch_size(killed, 1, 64, max_memory=1 << 40) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["here", "child"])
 def test_a_step_that_never_returns_times_out(where: str) -> None:
     """A hanging step blocked the probe forever."""
