@@ -56,9 +56,9 @@ class ElementMoments(Statistic):
 
     @classmethod
     def check_sharded(cls) -> None:
-        raise ValueError("kind='elements': per-element moments are not taken on a model sharded with fully_shard "
+        raise ValueError("statistics='elements': per-element moments are not taken on a model sharded with fully_shard "
                          "(each rank would need the moments of its shard from every rank's samples); use the "
-                         "norm path (kind='norms': NormTest, the noise-scale planners) or DDP")
+                         "norm path (statistics='norms': NormTest, the noise-scale planners) or DDP")
 
     def merge(self, inc: Increment, sums: list[torch.Tensor | None], n: int, unscale: float,
               reduce: Reduce | None) -> int:
@@ -133,10 +133,10 @@ class ElementMoments(Statistic):
         self._moments, self._lost = checked, None
 
     def norm_sums(self, window_sums: list[torch.Tensor | None], scale: float) -> NormSums:
-        raise ValueError("norm_sums needs PerSampleGradStats(kind='norms')")
+        raise ValueError("norm_sums needs PerSampleGradStats(statistics='norms')")
 
     def layer_norm_sums(self, window_sums: list[torch.Tensor | None], scale: float) -> dict[str, NormSums]:
-        raise ValueError("layer_norm_sums needs PerSampleGradStats(kind='norms')")
+        raise ValueError("layer_norm_sums needs PerSampleGradStats(statistics='norms')")
 
 
 def reduce_moments(reduce: Reduce, firsts: list[torch.Tensor], m2s: list[torch.Tensor],
