@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
+from ._choice import samples_per_product
 from ._registry import Grads, LayerStats, NormParts, Projector, RowSquares, channels_first_positions
 from ._registry import register_layer_stats as register
 
@@ -37,17 +38,32 @@ def _linear_per_sample(module: nn.Linear, args: tuple, d: torch.Tensor) -> Grads
 
 
 def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project: Projector
-                        ) -> tuple[Grads, Grads] | None:
+                        ) -> tuple[Grads, Grads, Grads] | None:
+    """The closed form of ``sum_i g_i^2``, a block of rows at a time (``RowSquares``): at one position
+    per sample ``(D^2)^T X^2`` (one GEMM), over T positions each sample's ``(D_i^T X_i)^2`` made for a
+    block of rows and a few samples at a time and summed in place (``_choice`` says when per-sample
+    gradients made whole cost less). The check's sums ``(D^T X) v`` are two GEMVs and its magnitudes
+    come from norms (``_linear_magnitudes``): no pass over the sums of squares."""
     x = args[0]
-    if x.dim() != 2:
-        return None  # several positions per sample: the square does not factor
-    squares = {"weight": RowSquares(module.weight.shape, _linear_rows(x, d), x.dtype, x.device)}
-    bias_squares = d.square().sum(0)  # the write squares D again: holding D^2 until then cost 2 MiB on the 1.6M MLP
-    v = project.vector(x.shape[-1], x.dtype, x.device)
-    sums = {"weight": d.T @ (x @ v)}  # (D^T X) v, two GEMVs
-    magnitudes = _linear_magnitudes(module, bias_squares.sqrt(), torch.linalg.vector_norm(x), x.shape[0],
-                                    project.norm(x.shape[-1]))
-    return (_own(module, _with_bias(module, squares, bias_squares)), _own(module, _with_bias(module, sums, d.sum(0))),
+    if x.dim() < 2 or x.shape[0] == 0:
+        return None
+    b = x.shape[0]
+    xf, df = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
+    positions = xf.shape[0] // b
+    if positions == 1:
+        write = _linear_rows(xf, df)
+        bias_squares = df.square().sum(0)  # the write squares D again: holding D^2 until then cost 2 MiB on the MLP
+        d_columns = bias_squares.sqrt()
+    else:
+        write = _linear_sequence_rows(xf.view(b, positions, -1), df.view(b, positions, -1))
+        bias_squares = df.view(b, positions, -1).sum(1).square_().sum(0)
+        d_columns = df.square().sum(0).sqrt_()
+    squares = {"weight": RowSquares(module.weight.shape, write, x.dtype, x.device)}
+    v = project.vector(xf.shape[-1], x.dtype, x.device)
+    sums = {"weight": df.T @ (xf @ v)}  # (D^T X) v, two GEMVs
+    magnitudes = _linear_magnitudes(module, d_columns, torch.linalg.vector_norm(xf), xf.shape[0],
+                                    project.norm(xf.shape[-1]))
+    return (_own(module, _with_bias(module, squares, bias_squares)), _own(module, _with_bias(module, sums, df.sum(0))),
             magnitudes)
 
 
@@ -63,6 +79,25 @@ def _linear_rows(x: torch.Tensor, d: torch.Tensor):
         torch.mm(d[:, start:stop].square().T, held[0], out=out)
         if stop == d.shape[1]:
             held.clear()
+
+    return write
+
+
+def _linear_sequence_rows(x3: torch.Tensor, d3: torch.Tensor):
+    """Rows ``start:stop`` of ``sum_i (D_i^T X_i)^2`` for ``(B, T, *)`` inputs: the samples' products
+    of those rows, ``samples_per_product`` samples at a time (one batched GEMM), squared in place and
+    summed into ``out``; no more than ``_choice.PRODUCTS`` elements of them are held at once."""
+    b, n_in = x3.shape[0], x3.shape[-1]
+
+    def write(start: int, stop: int, out: torch.Tensor) -> None:
+        d_rows = d3[:, :, start:stop].transpose(1, 2)  # (B, rows, T)
+        step = samples_per_product(stop - start, n_in)
+        for first in range(0, b, step):
+            products = torch.bmm(d_rows[first:first + step], x3[first:first + step]).square_()
+            if first == 0:
+                torch.sum(products, 0, out=out)
+            else:
+                out.add_(products.sum(0))
 
     return write
 

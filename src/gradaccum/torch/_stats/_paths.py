@@ -1,8 +1,10 @@
 """The path each recorded call takes to its parameters' share of an increment.
 
 A registered layer gives, in order of preference, its norm formula (the norm path needs only
-``sum_i |g_i|^2``), its sums of squares (``nn.Linear``: one extra GEMM, no per-sample
-gradient) or its per-sample gradients in chunks of samples; a module no entry covers takes
+``sum_i |g_i|^2``), its sums of squares in closed form (``nn.Linear``: one extra GEMM at one
+position per sample, products made a block of rows at a time over positions) unless per-sample
+gradients cost no more and fit ``_choice.BUDGET``, or its per-sample gradients in
+chunks of samples; a module no entry covers takes
 the per-sample fallback (vmap, else a loop). A parameter used by several calls takes
 per-sample gradients from each, summed per sample before they are squared (``Increment.tied``).
 Parameters the hooks do not explain take the whole model run again per sample (``add_model``).
@@ -18,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._choice import per_sample_is_cheaper
 from ._explained import Projector
 from ._fallback import BATCHED_KWARGS, Replay, loop_per_sample, vmap_per_sample
 from ._guard import Values
@@ -82,6 +85,7 @@ class LayerPaths:
         self._count_terms(unit, wanted, inc, n * positions(unit.entry, d))
         kwargs = {k: _cast(v, dtype) for k, v in call.kwargs.items()}
         if unit.entry.sum_squares and not needs_per_sample and \
+                not per_sample_is_cheaper(unit.entry.name, args, d) and \
                 self._add_sum_squares(unit, args, d, kwargs, n, wanted, inc):
             return
         self._paths[unit.label] = f"{unit.entry.name}:per_sample"
