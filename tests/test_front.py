@@ -264,3 +264,13 @@ def test_no_choice_reads_the_test_split(tmp_path: Path, data_dir: str) -> None:
     assert _choices_of(clean) == _choices_of(bad)
     tests = [[r["test_accuracy"] for e in f["arms"].values() for p in e["points"] for r in p["runs"]] for f in fronts]
     assert tests[0] != tests[1]  # the test split was read, once per run, and only there
+
+
+def test_the_final_runs_are_submitted_costly_arms_first_in_a_stable_order() -> None:
+    from gradaccum.experiments.front import costly_first
+
+    jobs = [("baseline", 0, {}, 1), ("noise", 0, {}, 1), ("fixed64", 0, {}, 1), ("normtest", 1, {}, 1),
+            ("noise", 0, {}, 2), ("baseline", 0, {}, 2)]
+    order = costly_first(jobs)
+    assert order == [1, 3, 4, 0, 2, 5]
+    assert sorted(order) == list(range(len(jobs)))  # every job once: the records are put back by it

@@ -159,12 +159,21 @@ def spread(points: list[FrozenTrial], most: int) -> list[FrozenTrial]:
     return [points[round(i * (len(points) - 1) / (most - 1))] for i in range(most)]
 
 
-def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path, reuse: bool = True
+def costly_first(jobs: list[tuple[Any, ...]]) -> list[int]:
+    """The order the final runs are submitted in: the adaptive arms' first (they read statistics
+    and take longest), so the pool's last runs are short ones; otherwise the jobs' own order."""
+    return sorted(range(len(jobs)), key=lambda i: not ARM_TABLE[jobs[i][0]].adaptive)
+
+
+def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path, reuse: bool = True,
+              before_final_runs: Callable[[dict[str, list[dict[str, float]]]], Any] | None = None
               ) -> dict[str, Any]:
     """Tune every arm, choose the points, retrain them over seeds; write ``<task>_results.json``
     and ``<task>_timings.json`` (times vary from run to run and are kept apart). Final runs an
     earlier call finished (kept under ``<out>/runs/<task>``) are reused unless ``reuse`` is False;
-    each run's record says whether it was (``"reused"``)."""
+    each run's record says whether it was (``"reused"``). ``before_final_runs(chosen)``, with
+    each arm's chosen settings, runs before the final runs are submitted (to put a run of its own
+    on ``pool`` beside them)."""
     tunings = [tuning(task, arm, cfg) for arm in task.arms]
     total = sum(t.target for t in tunings)
     done = sum(min(complete(t.study), t.target) for t in tunings)
@@ -185,10 +194,17 @@ def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path,
                                  cfg.front_points)
     jobs = [(arm, k, dict(trial.params), cfg.seed + FRONT_SEED_OFFSET + seed)
             for arm in task.arms for k, trial in enumerate(chosen[arm]) for seed in range(cfg.seeds)]
+    if before_final_runs is not None:
+        before_final_runs({arm: [dict(trial.params) for trial in chosen[arm]] for arm in task.arms})
+    order = costly_first(jobs)
     with tqdm(total=len(jobs), desc=f"{task.name}: final runs", disable=cfg.quiet) as bar:
-        records, reused = run_reusing(pool, task.run, [(arm, params, seed, task.data, cfg)
-                                                       for arm, _, params, seed in jobs], task.key,
-                                      out / "runs" / task.name if reuse else None, on_done=bar.update)
+        done, again = run_reusing(pool, task.run, [(jobs[i][0], jobs[i][2], jobs[i][3], task.data, cfg)
+                                                   for i in order], task.key,
+                                  out / "runs" / task.name if reuse else None, on_done=bar.update)
+    records: list[dict[str, Any]] = [{}] * len(jobs)
+    reused = [False] * len(jobs)
+    for position, i in enumerate(order):  # back in the jobs' order
+        records[i], reused[i] = done[position], again[position]
     arms: dict[str, Any] = {arm: {"adaptive": ARM_TABLE[arm].adaptive, "trials": trial_table(tunings[i].study,
                                                                                              tunings[i].target),
                                   "points": [{"trial": tr.number, "params": dict(tr.params),

@@ -7,7 +7,7 @@ import json
 import math
 import tempfile
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from .report import write_full_report
 from .run_record import RunResult
 from .runs import train_run
 from .tuning import best_params, best_value, open_study, sampler, storage_errors, too_many_diverged, trial_table
-from .workers import Tuning, complete, executor, run_all, run_reusing, tune_in_rounds
+from .workers import Tuning, complete, executor, run_reusing, tune_in_rounds
 
 FINAL_SEED_OFFSET = 10_000  # final runs use seeds no tuning trial used
 
@@ -117,15 +117,13 @@ def lm_front(cfg: ExperimentConfig) -> tuple[FrontTask, ExperimentConfig]:
     return FrontTask("lm", title, train_lm_run, corpus, "loss", math.log(256), LM_FRONT_ARMS, about, model), lm_cfg
 
 
-def lm_regime_run(front: dict[str, Any], lm_cfg: ExperimentConfig, pool: Executor, out: Path) -> dict[str, Any]:
-    """The LM section's stated run (``lm_regime``): the baseline at the lr its tuning chose, both
-    statistics sources measured over it; writes ``lm_regime.json``, ``lm_sources.csv`` and ``.png``."""
-    lr = front["arms"]["baseline"]["points"][0]["params"]["lr"]
-    regime = run_all(pool, measure_regime, [(lr, lm_cfg.seed, lm_cfg)])[0]
+def write_regime(regime: dict[str, Any], out: Path) -> None:
+    """The LM section's stated run (``lm_regime``: the baseline at the lr its tuning chose, both
+    statistics sources measured over it, run on the pool beside the final runs): writes
+    ``lm_sources.csv``, ``lm_sources.png`` and, last, ``lm_regime.json``."""
     write_atomic(out / "lm_sources.csv", sources_csv(regime))
     plot_sources(regime, out / "lm_sources.png")
     write_atomic(out / "lm_regime.json", json.dumps(regime, indent=1) + "\n")
-    return regime
 
 
 SECTION_BUDGETS = {"reference": 120, "front": 360, "lm": 330, "critical": 390}
@@ -179,8 +177,10 @@ def _run_section(section: str, cfg: ExperimentConfig, data: MNIST1D, pool: Execu
         run_front(mnist1d_front(data), cfg, pool, out, reuse=not force)
     elif section == "lm":
         task, lm_cfg = lm_front(cfg)
-        front = run_front(task, lm_cfg, pool, out, reuse=not force)
-        lm_regime_run(front, lm_cfg, pool, out)
+        side: list[Future[dict[str, Any]]] = []
+        run_front(task, lm_cfg, pool, out, reuse=not force, before_final_runs=lambda chosen: side.append(
+            pool.submit(measure_regime, chosen["baseline"][0]["lr"], lm_cfg.seed, lm_cfg)))
+        write_regime(side[0].result(), out)
     else:
         from .critical_batch_section import TASKS, run_critical_batch_section
 
