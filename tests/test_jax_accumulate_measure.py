@@ -215,3 +215,18 @@ def test_a_measuring_checkpoint_resumes_mid_window_exactly() -> None:
 def test_bad_settings_are_refused_naming_them(kwargs, error, message) -> None:
     with pytest.raises(error, match=message):
         accumulate(optax.sgd(0.1), 2, **kwargs)
+
+
+def test_a_dropped_window_records_its_terms_and_does_not_join_the_averages() -> None:
+    """``nonfinite="skip_window"``: a window with a NaN micro-batch closes without a step; its
+    finite micro-batches' terms are recorded, the averages (of applied windows) stay as they were."""
+    tx = accumulate(optax.sgd(0.1), 3, nonfinite="skip_window", measure_noise=True)
+    state = tx.init(PARAMS)
+    stream = [(1, STREAM[0][1], False), (4, STREAM[1][1], False), (2, None, False)]
+    for items, values, last in stream:
+        _, state = tx.update(_grads(values), state, PARAMS, items=items, last=last)
+    (want_trace, want_squared), *_ = _reference(stream, 3, DECAY)[0]
+    assert int(state.gradient_step) == 0 and int(state.mini_step) == 0
+    assert float(state.noise.trace) == pytest.approx(want_trace, rel=1e-12)
+    assert float(state.noise.squared_norm) == pytest.approx(want_squared, rel=1e-12)
+    assert float(state.noise.weight) == 0.0 and math.isnan(float(noise_scale(state)))
