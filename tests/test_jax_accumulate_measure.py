@@ -68,6 +68,7 @@ def _reference(stream, every_k: int, decay: float) -> tuple[list[tuple[float, fl
     return windows, (trace / weight) / (squared / weight) if squared > 0 else math.inf
 
 
+@pytest.mark.slow  # compiles the update (over a second)
 def test_the_terms_equal_a_float64_loop_over_uneven_micro_batches_under_jit() -> None:
     """Under ``jax.jit`` (the other tests run the update eagerly)."""
     tx = accumulate(optax.sgd(0.0), 3, measure_noise=True, noise_decay=DECAY)
@@ -94,13 +95,14 @@ def test_the_terms_equal_a_float64_loop_over_uneven_micro_batches_under_jit() ->
 
 def test_the_open_window_keeps_k_and_the_weighted_squares() -> None:
     tx = accumulate(optax.sgd(0.0), 4, measure_noise=True)
-    state = tx.init(PARAMS)
+    update, state = jax.jit(tx.update), tx.init(PARAMS)
     for items, values, _ in STREAM[:3]:
-        _, state = tx.update(_grads(values), state, PARAMS, items=items)
+        _, state = update(_grads(values), state, PARAMS, items=items)
     want = math.fsum(b * float(np.asarray(v) @ np.asarray(v)) for b, v, _ in STREAM[:3])
     assert int(state.noise.measured) == 3 and float(state.noise.weighted) == pytest.approx(want, rel=1e-13)
 
 
+@pytest.mark.slow  # compiles the scanned, vmapped update (over a second)
 @pytest.mark.parametrize(("k", "anisotropic"), [(2, False), (4, True)])
 def test_unbiased_on_linear_regression(k: int, anisotropic: bool) -> None:
     """800 windows of ``k`` uneven micro-batches (1, 2, 3 samples) at fixed parameters, each
@@ -126,6 +128,7 @@ def test_unbiased_on_linear_regression(k: int, anisotropic: bool) -> None:
         assert abs(got.mean() - want) < 3 * got.std(ddof=1) / math.sqrt(windows), (got.mean(), want)
 
 
+@pytest.mark.slow  # compiles the update (over a second)
 def test_a_finite_gradient_whose_squares_overflow_is_kept_and_measures_nothing() -> None:
     """float32 elements of 1e20 are finite but their squares are not: the exact element check
     keeps the micro-batch (its gradient steps), and its window's terms are NaN, not infinite."""
@@ -162,15 +165,17 @@ def _old_grads(scale: float) -> dict[str, jax.Array]:
     return {"w": jnp.asarray([1.0, -2.0, 0.5]) * scale, "b": jnp.asarray(0.75) * scale}
 
 
+@pytest.mark.slow  # compiles the update (over a second)
 def test_a_checkpoint_saved_before_measure_noise_existed_loads_and_resumes_exactly() -> None:
     tx = accumulate(optax.sgd(0.1, momentum=0.9), 3)
+    update = jax.jit(tx.update)
     restored = serialization.from_bytes(tx.init(OLD_PARAMS), base64.b64decode(OLD_CHECKPOINT))
     whole = tx.init(OLD_PARAMS)
     for items, scale in OLD_STREAM[:4]:
-        _, whole = tx.update(_old_grads(scale), whole, OLD_PARAMS, items=items)
+        _, whole = update(_old_grads(scale), whole, OLD_PARAMS, items=items)
     for items, scale in OLD_STREAM[4:]:
-        got, restored = tx.update(_old_grads(scale), restored, OLD_PARAMS, items=items)
-        want, whole = tx.update(_old_grads(scale), whole, OLD_PARAMS, items=items)
+        got, restored = update(_old_grads(scale), restored, OLD_PARAMS, items=items)
+        want, whole = update(_old_grads(scale), whole, OLD_PARAMS, items=items)
         assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), got, want))
     assert int(restored.gradient_step) == 2
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), restored, whole))
@@ -194,15 +199,16 @@ def test_a_state_of_the_other_setting_is_refused_naming_measure_noise() -> None:
         noise_scale(plain.init(OLD_PARAMS))
 
 
+@pytest.mark.slow  # compiles the update (over a second)
 def test_a_measuring_checkpoint_resumes_mid_window_exactly() -> None:
     tx = accumulate(optax.sgd(0.1, momentum=0.9), 3, measure_noise=True)
-    whole = tx.init(OLD_PARAMS)
+    update, whole = jax.jit(tx.update), tx.init(OLD_PARAMS)
     for items, scale in OLD_STREAM[:4]:
-        _, whole = tx.update(_old_grads(scale), whole, OLD_PARAMS, items=items)
+        _, whole = update(_old_grads(scale), whole, OLD_PARAMS, items=items)
     restored = serialization.from_bytes(tx.init(OLD_PARAMS), serialization.to_bytes(whole))
     for items, scale in OLD_STREAM[4:]:
-        _, restored = tx.update(_old_grads(scale), restored, OLD_PARAMS, items=items)
-        _, whole = tx.update(_old_grads(scale), whole, OLD_PARAMS, items=items)
+        _, restored = update(_old_grads(scale), restored, OLD_PARAMS, items=items)
+        _, whole = update(_old_grads(scale), whole, OLD_PARAMS, items=items)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b, equal_nan=True)), restored, whole))
     assert float(restored.noise.weight) > 0 and float(noise_scale(restored)) == float(noise_scale(whole))
 
@@ -217,6 +223,7 @@ def test_bad_settings_are_refused_naming_them(kwargs, error, message) -> None:
         accumulate(optax.sgd(0.1), 2, **kwargs)
 
 
+@pytest.mark.slow  # compiles the update (over a second)
 def test_a_dropped_window_records_its_terms_and_does_not_join_the_averages() -> None:
     """``nonfinite="skip_window"``: a window with a NaN micro-batch closes without a step; its
     finite micro-batches' terms are recorded, the averages (of applied windows) stay as they were."""
