@@ -2,9 +2,9 @@
 
 Per increment of B samples, jitted, on the same batches, rounds rotated, medians:
 - plain: ``jax.grad`` of the summed loss (what a step without statistics computes);
-- layers: the GSNR train step with ``statistics="auto"`` (one backward; closed form for
+- layers: the GSNR train step with ``path="auto"`` (one backward; closed form for
   ``nn.Dense``, a per-layer VJP vmap for other leaf layers);
-- vmap: the same step with ``statistics="vmap"`` (per-sample gradients of the whole model).
+- vmap: the same step with ``path="vmap"`` (per-sample gradients of the whole model).
 The GSNR tau is out of reach, so no window closes during timing: the numbers are the
 statistics' cost, not the optimizer's.
 
@@ -71,7 +71,7 @@ def steps(model: fnn.Module, batch_size: int) -> tuple[dict[str, tuple[Callable,
     # the plain carry holds the last gradient, so waiting for the carry waits for the backward
     runs: dict[str, tuple[Callable, Any]] = {"plain": (lambda c, b: (c[0], plain_grad(c[0], b)), (params, params))}
     for path in ("auto", "vmap"):
-        step = make_train_step(losses, statistics=path)
+        step = make_train_step(losses, path=path)
         state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3), rule=rule)
         runs[path] = ((lambda s, b, step=step: step(s, b)[0]), state)
     probe = {"x": jnp.zeros((batch_size, 40)), "y": jnp.zeros((batch_size,), jnp.int32)}

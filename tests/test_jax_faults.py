@@ -233,12 +233,12 @@ def rounded_loss(params, batch):
     return jnp.round(loss_fn(params, batch) * 10).astype(jnp.int32)
 
 
-@pytest.mark.parametrize("rule, statistics", [(FixedSteps(2), "auto"), (GSNR(1e9, increment=4, max_samples=8), "auto"),
-                                              (NormTest(1e-9, increment=4, max_samples=8), "vmap")], ids=str)
-def test_an_integer_loss_is_refused_naming_its_dtype(rule, statistics: str) -> None:
+@pytest.mark.parametrize("rule, path", [(FixedSteps(2), "auto"), (GSNR(1e9, increment=4, max_samples=8), "auto"),
+                                        (NormTest(1e-9, increment=4, max_samples=8), "vmap")], ids=str)
+def test_an_integer_loss_is_refused_naming_its_dtype(rule, path: str) -> None:
     """An integer loss has no gradient: the window would silently get zeros."""
     with pytest.raises(TypeError, match="floating-point losses, got dtype int32"):
-        make_train_step(rounded_loss, statistics=statistics)(new_state(rule), take(data(4), slice(0, 4)))
+        make_train_step(rounded_loss, path=path)(new_state(rule), take(data(4), slice(0, 4)))
     with pytest.raises(TypeError, match="got dtype bool"):
         make_train_step(lambda p, b: loss_fn(p, b) > 1.0)(new_state(rule), take(data(4), slice(0, 4)))
 
@@ -404,21 +404,21 @@ def reference_run(parts_per_window: list[list[dict]], per_example: bool, key=mic
     return params
 
 
-@pytest.mark.parametrize(("rule", "statistics"), [
+@pytest.mark.parametrize(("rule", "path"), [
     (FixedSteps(2), "auto"), (GSNR(1e9, increment=4, max_samples=8), "auto"),
     (GSNR(1e9, increment=4, max_samples=8), "vmap"), (NormTest(1e-9, increment=4, max_samples=8), "auto"),
 ], ids=str)
-def test_dropout_with_a_key_per_micro_batch_equals_the_reference(rule, statistics: str) -> None:
+def test_dropout_with_a_key_per_micro_batch_equals_the_reference(rule, path: str) -> None:
     batch = data(16, seed=26)
     parts = [take(batch, slice(a, a + 4)) for a in range(0, 16, 4)]
     params = DROPOUT.init(jax.random.key(0), jnp.zeros((1, 6)), train=False)["params"]
-    step = make_train_step(dropout_loss, statistics=statistics)
+    step = make_train_step(dropout_loss, path=path)
     state = AccumulatingTrainState.create(apply_fn=DROPOUT.apply, params=params, tx=SGD, rule=rule)
-    if statistics == "auto":  # the dropout model keeps the one-backward path
+    if path == "auto":  # the dropout model keeps the one-backward path
         bound = lambda p, b: dropout_loss(p, b, BASE)  # noqa: E731
         assert not statistics_path(bound, params, parts[0]).startswith("vmap")
     state, _ = step(state, parts[0], rng=BASE)
-    per_example = statistics == "vmap"
+    per_example = path == "vmap"
     if isinstance(rule, GSNR):  # the window's moments are those of the examples' gradients under their masks
         grads = per_sample_grads(params, parts[0], micro_batch_key(0, 0), per_example)
         stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)

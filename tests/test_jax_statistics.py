@@ -116,8 +116,8 @@ def reference_moments(losses, params, batch, mask):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("statistics", ["auto", "vmap"])
-def test_window_moments_equal_a_loop_over_samples(name: str, statistics: str) -> None:
+@pytest.mark.parametrize("path", ["auto", "vmap"])
+def test_window_moments_equal_a_loop_over_samples(name: str, path: str) -> None:
     model, batch = MODELS[name], data(10, seed=31)
     variables = model.init(jax.random.key(1), batch["x"][:1])
     params = variables["params"]
@@ -128,7 +128,7 @@ def test_window_moments_equal_a_loop_over_samples(name: str, statistics: str) ->
     mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1])
     rule = GSNR(1e9, increment=10, max_samples=100)
     state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rule=rule)
-    step = make_train_step(losses, statistics=statistics)
+    step = make_train_step(losses, path=path)
     half = {k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}
     state, _ = step(state, half[0], mask[:5])
     state, metrics = step(state, half[1], mask[5:])  # two increments, merged
@@ -140,8 +140,8 @@ def test_window_moments_equal_a_loop_over_samples(name: str, statistics: str) ->
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("statistics", ["auto", "vmap"])
-def test_norm_path_equals_a_loop_over_samples(name: str, statistics: str) -> None:
+@pytest.mark.parametrize("path", ["auto", "vmap"])
+def test_norm_path_equals_a_loop_over_samples(name: str, path: str) -> None:
     """NormTest on the norm path (no per-element moments in the window): after two masked
     increments its ratio and noise scale equal the core rule's on the loop's moments."""
     model, batch = MODELS[name], data(10, seed=31)
@@ -153,7 +153,7 @@ def test_norm_path_equals_a_loop_over_samples(name: str, statistics: str) -> Non
     rule = NormTest(1e-9, increment=10, max_samples=100, source="per_sample")
     state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rule=rule)
     assert state.window.mean is None and state.window.sum_norms is not None
-    step = make_train_step(losses, statistics=statistics)
+    step = make_train_step(losses, path=path)
     half = {k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}
     state, _ = step(state, half[0], mask[:5])
     state, metrics = step(state, half[1], mask[5:])
@@ -162,8 +162,8 @@ def test_norm_path_equals_a_loop_over_samples(name: str, statistics: str) -> Non
     assert int(metrics["samples"]) == 8
     for key in ("norm_test", "noise_scale"):
         np.testing.assert_allclose(float(metrics[key]), want.info[key], rtol=1e-9)
-    if statistics == "auto" and PATHS[name] == "sum_of_squares":
-        assert set(layer_paths(losses, params, half[0], kind="norms").values()) == {"norms"}
+    if path == "auto" and PATHS[name] == "sum_of_squares":
+        assert set(layer_paths(losses, params, half[0], statistics="norms").values()) == {"norms"}
 
 
 def test_sum_of_squares_and_vmap_windows_decide_alike() -> None:
@@ -171,8 +171,8 @@ def test_sum_of_squares_and_vmap_windows_decide_alike() -> None:
     batch = data(240, seed=32)
     rule = GSNR(1.5, increment=4, max_samples=40, scale="mean")
     runs = {}
-    for statistics in ("auto", "vmap"):
-        step = make_train_step(loss_fn, statistics=statistics)
+    for path in ("auto", "vmap"):
+        step = make_train_step(loss_fn, path=path)
         state = AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params(), tx=optax.sgd(0.1),
                                               rule=rule)
         closed = []
@@ -180,15 +180,15 @@ def test_sum_of_squares_and_vmap_windows_decide_alike() -> None:
             state, metrics = step(state, {k: v[a:a + 4] for k, v in batch.items()})
             if bool(metrics["stop"]):
                 closed.append((int(metrics["items"]), float(metrics["gsnr"])))
-        runs[statistics] = (closed, state.params)
+        runs[path] = (closed, state.params)
     assert [c[0] for c in runs["auto"][0]] == [c[0] for c in runs["vmap"][0]]
     np.testing.assert_allclose([c[1] for c in runs["auto"][0]], [c[1] for c in runs["vmap"][0]], rtol=1e-9)
     assert max_abs_diff(runs["auto"][1], runs["vmap"][1]) < 1e-12
 
 
-def test_statistics_choice_is_checked() -> None:
-    with pytest.raises(ValueError, match="statistics must be one of"):
-        make_train_step(loss_fn, statistics="ghost")
+def test_path_choice_is_checked() -> None:
+    with pytest.raises(ValueError, match="path must be one of"):
+        make_train_step(loss_fn, path="ghost")
 
 
 class TrainBatchNorm(fnn.Module):
@@ -198,8 +198,8 @@ class TrainBatchNorm(fnn.Module):
         return fnn.Dense(3, **F64)(h)
 
 
-@pytest.mark.parametrize("statistics", ["auto", "vmap"])
-def test_train_mode_batch_norm_is_refused_for_statistics_but_fine_for_fixed_steps(statistics: str) -> None:
+@pytest.mark.parametrize("path", ["auto", "vmap"])
+def test_train_mode_batch_norm_is_refused_for_statistics_but_fine_for_fixed_steps(path: str) -> None:
     model, batch = TrainBatchNorm(), data(8, seed=33)
     variables = model.init(jax.random.key(0), batch["x"])
 
@@ -213,7 +213,7 @@ def test_train_mode_batch_norm_is_refused_for_statistics_but_fine_for_fixed_step
                                              rule=rule)
 
     with pytest.raises(ValueError, match="BatchNorm at BatchNorm_0 normalises with batch statistics"):
-        make_train_step(losses, statistics=statistics)(fresh(GSNR(1.0, increment=8, max_samples=16)), batch)
+        make_train_step(losses, path=path)(fresh(GSNR(1.0, increment=8, max_samples=16)), batch)
     state, metrics = make_train_step(losses)(fresh(FixedSteps(1)), batch)
     assert int(state.step) == 1 and bool(metrics["finite"])
 
@@ -221,8 +221,8 @@ def test_train_mode_batch_norm_is_refused_for_statistics_but_fine_for_fixed_step
 def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines() -> None:
     """A registered closed form that returns None for these shapes: the layer's own VJP
     runs, and ``statistics_path`` / ``layer_paths`` say so (they said "sum_of_squares")."""
-    from gradaccum.jax import layer_paths, register_sum_squares
-    from gradaccum.jax._layer_stats import _REGISTRY
+    from gradaccum.jax import LayerStats, layer_paths, register_layer_stats
+    from gradaccum.jax._layer_stats import REGISTRY
 
     class Scaled(fnn.Dense):
         pass
@@ -238,9 +238,7 @@ def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines(
         logits = model.apply({"params": params}, batch["x"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
 
-    @register_sum_squares(Scaled)
-    def _declines(module, x, d):
-        return None
+    register_layer_stats(Scaled)(LayerStats("declines", sum_squares=lambda module, x, d: None))
 
     try:
         batch = data(6, seed=2)
@@ -256,7 +254,7 @@ def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines(
         m2 = jax.tree.map(lambda g, m: ((g - m) ** 2).sum(0), per_sample, mean)
         assert max_abs_diff(state.window.mean, mean) < 1e-12 and max_abs_diff(state.window.m2, m2) < 1e-10
     finally:
-        _REGISTRY.pop(Scaled, None)
+        REGISTRY.pop(Scaled, None)
 
 
 @pytest.mark.parametrize("name", ["mlp", "sequence", "conv", "shared"])

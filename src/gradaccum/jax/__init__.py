@@ -13,9 +13,9 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from ._decisions import register_decision as register_decision
 from ._decisions import traced_decision as traced_decision
+from ._layer_stats import LayerStats as LayerStats
 from ._layer_stats import layer_paths as layer_paths
-from ._layer_stats import register_sum_norms as register_sum_norms
-from ._layer_stats import register_sum_squares as register_sum_squares
+from ._layer_stats import register_layer_stats as register_layer_stats
 from ._layer_stats import statistics_path as statistics_path
 from ._refusal import Refused as Refused
 from ._schedule import ScaleByItemsState as ScaleByItemsState
@@ -32,7 +32,7 @@ from ._transform import AccumulationState as AccumulationState
 from ._transform import accumulate as accumulate
 from ._window import Window as Window
 
-__all__ = ["AccumulatingTrainState", "AccumulationState", "Refused", "ScaleByItemsState", "Window", "accumulate",
-           "data_mesh", "flush", "layer_paths", "make_train_step", "noise_value_and_grad", "register_decision",
-           "register_sum_norms", "register_sum_squares", "replicate", "scale_by_items", "shard_batch",
+__all__ = ["AccumulatingTrainState", "AccumulationState", "LayerStats", "Refused", "ScaleByItemsState", "Window",
+           "accumulate", "data_mesh", "flush", "layer_paths", "make_train_step", "noise_value_and_grad",
+           "register_decision", "register_layer_stats", "replicate", "scale_by_items", "shard_batch",
            "statistics_path", "traced_decision", "window_kind"]

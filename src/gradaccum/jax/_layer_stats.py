@@ -7,7 +7,8 @@ owns parameters, the gradient D of that loss with respect to the layer's output:
 zero is added to the output (through ``flax.linen.intercept_methods``) and
 differentiated along with the parameters. With the layer's input X and D:
 
-- a registered closed form gives the sum over samples of squared per-sample gradients
+- a registered closed form (a ``LayerStats`` given to ``register_layer_stats``, the
+  contract torch's registry has) gives the sum over samples of squared per-sample gradients
   directly: ``nn.Dense`` on (B, d_in) inputs, ``S2_kernel = (X*X)^T (D*D)`` and
   ``S2_bias = sum_b D*D`` (docs/design.md, "Per-sample statistics"), one extra matrix product;
 - any other leaf layer (``nn.Conv``, ``nn.LayerNorm``, ``nn.Embed``, ``nn.Dense`` on
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import flax.linen as fnn
@@ -32,41 +34,81 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from .._core.rules import KINDS
+from .._core.validation import check_choice
 from ._window import weighted_sum
 
 LOG = logging.getLogger("gradaccum.jax")
-SumSquares = Callable[[fnn.Module, jax.Array, jax.Array], "dict[str, jax.Array] | None"]
-SumNorms = Callable[[fnn.Module, jax.Array, jax.Array], "jax.Array | None"]
-_REGISTRY: dict[type, SumSquares] = {}
-_NORMS: dict[type, SumNorms] = {}
+PATHS = ("auto", "vmap")  # how per-sample statistics are computed: one-backward paths where they apply, or vmap
+SumSquares = Callable[[Any, jax.Array, jax.Array], "dict[str, jax.Array] | None"]
+SumNorms = Callable[[Any, jax.Array, jax.Array], "jax.Array | None"]
 
 
-def register_sum_squares(module_type: type) -> Callable[[SumSquares], SumSquares]:
-    """Register ``fn(module, inputs, output_grad) -> {param name: sum over samples of g_i**2}``
-    as the closed form of ``module_type`` (``None`` when it does not apply to these shapes).
+@dataclass(frozen=True)
+class LayerStats:
+    """How one Flax layer type yields per-sample statistics from its input and output gradient.
 
-    ``inputs`` and ``output_grad`` keep the samples on their leading axis;
-    ``output_grad`` is the gradient of the (masked) summed loss.
+    The JAX side of the contract torch's ``gradaccum.torch.LayerStats`` states (docs/design.md,
+    "Layer registry: one contract"): the same field names where the meaning is the same. Both
+    functions take ``(module, inputs, output_grad)`` with the samples on the leading axis,
+    ``output_grad`` the gradient of the (masked) summed loss, and return ``None`` where they
+    do not apply to these shapes; a layer without an entry, or whose entry returns ``None``,
+    gets its per-sample gradients from a ``vmap`` of its own VJP (exact, slower).
+
+    Attributes:
+      name: names the entry in messages (as torch's ``LayerStats.name``).
+      sum_squares: ``{param name: sum over samples of g_i**2}``, the per-element statistics'
+        closed form.
+      sum_norms: ``sum over samples of |g_i|^2`` over all the layer's parameters together, a
+        scalar: the norm path's closed form. Without it the norm path sums ``sum_squares``
+        (or the per-sample VJP's squares).
     """
 
-    def register(fn: SumSquares) -> SumSquares:
-        _REGISTRY[module_type] = fn
-        return fn
+    name: str
+    sum_squares: SumSquares | None = None
+    sum_norms: SumNorms | None = None
 
-    return register
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"LayerStats: name must be a non-empty str, got {self.name!r}")
+        for field in ("sum_squares", "sum_norms"):
+            fn = getattr(self, field)
+            if fn is not None and not callable(fn):
+                raise TypeError(f"LayerStats {self.name!r}: {field} must be a function or None, "
+                                f"got {type(fn).__name__}")
 
 
-def register_sum_norms(module_type: type) -> Callable[[SumNorms], SumNorms]:
-    """Register ``fn(module, inputs, output_grad) -> sum over samples of |g_i|^2`` (all the
-    layer's parameters together, a scalar) as the norm path's closed form of ``module_type``
-    (``None`` when it does not apply to these shapes). Without one, the norm path sums the
-    layer's squares (its ``register_sum_squares`` form, or its per-sample VJP)."""
+REGISTRY: dict[type, LayerStats] = {}
 
-    def register(fn: SumNorms) -> SumNorms:
-        _NORMS[module_type] = fn
-        return fn
 
-    return register
+def register_layer_stats(*module_types: type) -> Callable[[LayerStats], LayerStats]:
+    """Register ``LayerStats`` for Flax module types (the type and its subclasses that keep its
+    ``__call__``): ``register_layer_stats(nn.Dense)(LayerStats("dense", sum_squares=...))``."""
+    for t in module_types:
+        if not (isinstance(t, type) and issubclass(t, fnn.Module)):
+            raise TypeError(f"register_layer_stats: {t!r} is not a flax.linen.Module subclass")
+
+    def add(stats: LayerStats) -> LayerStats:
+        if not isinstance(stats, LayerStats):
+            raise TypeError(f"register_layer_stats takes a gradaccum.jax.LayerStats, got {type(stats).__name__}")
+        for t in module_types:
+            REGISTRY[t] = stats
+        return stats
+
+    return add
+
+
+def lookup(module: Any) -> LayerStats | None:
+    """The entry for ``module``'s type, or the nearest registered base class.
+
+    A subclass that overrides ``__call__`` computes something else than the registered type,
+    and JAX has no explained-gradient check (torch's ``_explained``) to catch a closed form
+    that no longer holds: it gets no entry (its own per-sample VJP), unless registered itself.
+    """
+    for t in type(module).__mro__:
+        if t in REGISTRY:
+            return REGISTRY[t] if type(module).__call__ is t.__call__ else None
+    return None
 
 
 def _sum_over_samples(per_sample: jax.Array) -> jax.Array:
@@ -75,10 +117,15 @@ def _sum_over_samples(per_sample: jax.Array) -> jax.Array:
     return (jnp.ones((rows.shape[0],), rows.dtype) @ rows).reshape(per_sample.shape[1:])
 
 
-@register_sum_squares(fnn.Dense)
+def _plain_product(module: fnn.Dense) -> bool:
+    """Whether the layer computes ``x @ kernel``: a ``dot_general`` of its own (a quantized or
+    scaled product) has other per-sample gradients than the closed forms assume."""
+    return module.dot_general is None and module.dot_general_cls is None
+
+
 def _dense(module: fnn.Dense, x: jax.Array, d: jax.Array) -> dict[str, jax.Array] | None:
-    if x.ndim != 2:  # several positions per sample: g_i = sum_t x_it^T d_it does not factor
-        return None
+    if x.ndim != 2 or not _plain_product(module):  # several positions per sample: g_i = sum_t x_it^T d_it
+        return None  # does not factor
     d2 = d * d
     out = {"kernel": (x * x).T @ d2}
     if module.use_bias:
@@ -86,10 +133,11 @@ def _dense(module: fnn.Dense, x: jax.Array, d: jax.Array) -> dict[str, jax.Array
     return out
 
 
-@register_sum_norms(fnn.Dense)
 def _dense_norms(module: fnn.Dense, x: jax.Array, d: jax.Array) -> jax.Array | None:
     """``|x_i|^2 |d_i|^2`` on (B, d_in) inputs; over T positions the Gram form
     ``sum_{t,s} (x_t . x_s)(d_t . d_s)`` where it costs less than the per-sample gradient."""
+    if not _plain_product(module):
+        return None
     b = x.shape[0]
     x3, d3 = x.reshape(b, -1, x.shape[-1]), d.reshape(b, -1, d.shape[-1])
     positions, n_in, n_out = x3.shape[1], x3.shape[2], d3.shape[2]
@@ -99,6 +147,9 @@ def _dense_norms(module: fnn.Dense, x: jax.Array, d: jax.Array) -> jax.Array | N
     if positions * (n_in + n_out) > n_in * n_out:
         return None
     return (jnp.einsum("bti,bsi->bts", x3, x3) * jnp.einsum("bto,bso->bts", d3, d3)).sum() + bias
+
+
+register_layer_stats(fnn.Dense)(LayerStats("dense", sum_squares=_dense, sum_norms=_dense_norms))
 
 
 def _per_layer_vmap(module: fnn.Module, params: Any, x: jax.Array, d: jax.Array) -> dict[str, jax.Array]:
@@ -170,15 +221,20 @@ def _calls(loss_fn: Callable, params: Any, batch: Any) -> list[_Call]:
     return calls
 
 
-def statistics_path(loss_fn: Callable, params: Any, batch: Any, statistics: str = "auto") -> str:
-    """How ``make_train_step(statistics=...)`` gets per-sample statistics for this model:
-    ``"sum_of_squares"`` (every layer has a closed form), ``"layers"`` (some layers by
-    their own per-sample VJP), or ``"vmap: <why>"`` (per-sample gradients of the model).
+def statistics_path(loss_fn: Callable, params: Any, batch: Any, path: str = "auto") -> str:
+    """How ``make_train_step(path=...)`` gets per-sample statistics for this model:
+    ``"sum_of_squares"`` (every layer's registered ``sum_squares`` applies), ``"layers"`` (some
+    layers by their own per-sample VJP), or ``"vmap: <why>"`` (per-sample gradients of the model).
 
-    Raises ValueError for a model whose samples are not independent (train-mode BatchNorm).
+    ``path`` (``PATHS``): ``"auto"`` takes the one-backward paths where the model allows,
+    ``"vmap"`` always the per-example gradients.
+
+    Raises ValueError for a model whose samples are not independent (train-mode BatchNorm),
+    and for a ``path`` not in ``PATHS``.
     """
+    check_choice("path", path, PATHS)
     calls = _calls(loss_fn, params, batch)
-    if statistics == "vmap":
+    if path == "vmap":
         return "vmap: asked for"
     odd = [c for c in calls if not c.simple]
     if odd:
@@ -198,7 +254,7 @@ def statistics_path(loss_fn: Callable, params: Any, batch: Any, statistics: str 
     if owned != leaves:
         missing = sorted("/".join(k) for k in leaves - owned)[:3]
         return f"vmap: parameters outside leaf layers ({', '.join(missing) or 'paths differ from params'})"
-    closed = all(_runs_closed_form(c) for c in calls)
+    closed = all(_runs_closed_form(c, "sum_squares") for c in calls)
     return "sum_of_squares" if closed else "layers"
 
 
@@ -221,35 +277,61 @@ def _broadcast_call(loss_fn: Callable, params: Any, batch: Any, calls: list[_Cal
     return None
 
 
-def layer_paths(loss_fn: Callable, params: Any, batch: Any, kind: str = "elements") -> dict[str, str]:
-    """Per leaf layer, the path ``sums_and_squares`` takes for statistics of ``kind``:
-    ``"sum_of_squares"`` / ``"norms"`` (its registered closed form applies to these shapes)
-    or ``"vmap"`` (its own per-sample VJP)."""
+def layer_paths(loss_fn: Callable, params: Any, batch: Any, statistics: str = "elements") -> dict[str, str]:
+    """Per leaf layer, the path ``sums_and_squares`` takes for ``statistics`` (``"elements"`` or
+    ``"norms"``): ``"sum_of_squares"`` / ``"norms"`` (its registered ``sum_squares`` /
+    ``sum_norms`` applies to these shapes) or ``"vmap"`` (its own per-sample VJP)."""
+    check_choice("statistics", statistics, KINDS)
     out = {}
     for c in _calls(loss_fn, params, batch):
-        if kind == "norms" and _runs_closed_form(c, _NORMS):
+        if statistics == "norms" and _runs_closed_form(c, "sum_norms"):
             out["/".join(c.path)] = "norms"
         else:
-            out["/".join(c.path)] = "sum_of_squares" if _runs_closed_form(c) else "vmap"
+            out["/".join(c.path)] = "sum_of_squares" if _runs_closed_form(c, "sum_squares") else "vmap"
     return out
 
 
-def _runs_closed_form(call: _Call, registry: dict[type, Any] = _REGISTRY) -> bool:
-    """Whether the registered closed form returns a value for this call's shapes (it may
-    decline with None, as ``nn.Dense`` does for sequences): the path that will really run."""
-    closed = registry.get(type(call.module))
+def _closed_form(module: Any, field: str) -> Callable | None:
+    """The registered ``sum_squares`` or ``sum_norms`` (``field``) of ``module``, if any."""
+    entry = lookup(module)
+    return None if entry is None else getattr(entry, field)
+
+
+def _runs_closed_form(call: _Call, field: str) -> bool:
+    """Whether the registered closed form (``field`` of its ``LayerStats``) returns a value for
+    this call's shapes (it may decline with None, as ``nn.Dense`` does for sequences): the
+    path that will really run."""
+    closed = _closed_form(call.module, field)
     if closed is None or call.input is None:
         return False
     return jax.eval_shape(lambda x, d: closed(call.module, x, d), call.input, call.output) is not None
 
 
-def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Array, kind: str = "elements"
+def _checked_squares(call: _Call, squares: Any, params: Any) -> dict[str, jax.Array]:
+    """A registered ``sum_squares``' answer, refused unless it has one array per parameter of
+    the layer, of that parameter's shape (a wrong one would misplace or drop a parameter's S2)."""
+    entry = lookup(call.module)
+    name = "?" if entry is None else entry.name
+    where = f"LayerStats {name!r} on {type(call.module).__name__} at {'/'.join(call.path)}"
+    if not isinstance(squares, dict) or set(squares) != set(params):
+        got = sorted(squares) if isinstance(squares, dict) else type(squares).__name__
+        raise ValueError(f"{where}: sum_squares must return a dict with one entry per parameter "
+                         f"{sorted(params)}, got {got}")
+    for key, value in squares.items():
+        if jnp.shape(value) != jnp.shape(params[key]):
+            raise ValueError(f"{where}: sum_squares[{key!r}] has shape {jnp.shape(value)}, the parameter "
+                             f"{jnp.shape(params[key])}")
+    return squares
+
+
+def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Array, statistics: str = "elements"
                      ) -> tuple[jax.Array, Any, Any]:
     """Per-example losses, the gradient sum S1 and the sum of squares S2 of the masked
-    samples (``kind="norms"``: ``sum_i |g_i|^2``, a scalar, instead of S2).
+    samples (``statistics="norms"``: ``sum_i |g_i|^2``, a scalar, instead of S2).
 
     Requires ``statistics_path(...)`` to be ``"sum_of_squares"`` or ``"layers"``.
     """
+    check_choice("statistics", statistics, KINDS)
     zeros = [jnp.zeros(c.output.shape, c.output.dtype) for c in _calls(loss_fn, params, batch)]  # type: ignore[union-attr]
     calls: list[_Call] = []  # static: filled while tracing
 
@@ -272,24 +354,26 @@ def sums_and_squares(loss_fn: Callable, params: Any, batch: Any, weights: jax.Ar
     squares: dict[tuple[str, ...], jax.Array] = {}
     total = jnp.zeros((), jnp.promote_types(jax.tree.leaves(params)[0].dtype, jnp.float32))
     for call, x, d in zip(calls, inputs, output_grads):
-        norms = _NORMS.get(type(call.module)) if kind == "norms" else None
+        norms = _closed_form(call.module, "sum_norms") if statistics == "norms" else None
         layer_norms = norms(call.module, x, d) if norms else None
         if layer_norms is not None:
             total = total + layer_norms
             continue
-        closed = _REGISTRY.get(type(call.module))
+        layer_params = params
+        for key in call.path:
+            layer_params = layer_params[key]
+        closed = _closed_form(call.module, "sum_squares")
         layer_squares = closed(call.module, x, d) if closed else None
         if layer_squares is None:
-            layer_params = params
-            for key in call.path:
-                layer_params = layer_params[key]
             layer_squares = _per_layer_vmap(call.module, layer_params, x, d)
-        if kind == "norms":
+        else:
+            layer_squares = _checked_squares(call, layer_squares, layer_params)
+        if statistics == "norms":
             total = total + sum(v.sum() for v in layer_squares.values())
             continue
         for name, value in layer_squares.items():
-            squares[(*call.path, name)] = value
-    if kind == "norms":
+            squares[call.path + (name,)] = value
+    if statistics == "norms":
         return losses, s1, total
     s2 = jax.tree_util.tree_map_with_path(lambda kp, _: squares[tuple(k.key for k in kp)], params)
     return losses, s1, s2

@@ -30,7 +30,7 @@ from .._core.rules import FixedSteps, StoppingRule, statistics_kind, statistics_
 from .._core.statistics import gsnr_of
 from .._core.validation import check_choice
 from ._decisions import traced_decision
-from ._layer_stats import LOG, statistics_path, sums_and_squares
+from ._layer_stats import LOG, PATHS, statistics_path, sums_and_squares
 from ._refusal import reraised
 from ._window import (
     COUNT_MAX,
@@ -45,7 +45,6 @@ from ._window import (
 )
 
 NONFINITE_POLICIES = ("skip_micro_batch", "skip_window")
-STATISTICS = ("auto", "vmap")
 LossFn = Callable[..., jax.Array]  # (params, batch) or, with rng, (params, batch, rng) -> per-example losses
 
 
@@ -117,9 +116,9 @@ class AccumulatingTrainState(train_state.TrainState):
         if rule is None:
             raise TypeError("rule is required: a stopping rule such as gradaccum.FixedSteps(4) or an "
                             "AccumulationConfig")
-        rule = as_rule(rule)
-        if not is_planner(rule):
-            traced_decision(rule)
+        stopping: StoppingRule = as_rule(rule)  # a stopping rule or a planner
+        if not is_planner(stopping):
+            traced_decision(stopping)
         check_choice("nonfinite", nonfinite, NONFINITE_POLICIES)
         leaves = jax.tree.leaves(params)
         if not leaves:
@@ -127,9 +126,9 @@ class AccumulatingTrainState(train_state.TrainState):
         for leaf in leaves:
             if not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
                 raise TypeError(f"params must hold floating-point arrays, got one of dtype {jnp.asarray(leaf).dtype}")
-        window = Window.empty(params, window_kind(rule))
-        plan = PlanState.start(rule, params) if is_planner(rule) else None
-        state = super().create(apply_fn=apply_fn, params=params, tx=tx, rule=rule, nonfinite=nonfinite,
+        window = Window.empty(params, window_kind(stopping))
+        plan = PlanState.start(stopping, params) if is_planner(stopping) else None
+        state = super().create(apply_fn=apply_fn, params=params, tx=tx, rule=stopping, nonfinite=nonfinite,
                                window=window, plan=plan, **kwargs)
         # a typed step counter: a Python 0 would make the first step's state differ in type
         # from the next one's, and the jitted step compile twice
@@ -204,7 +203,7 @@ _DATA_FIELDS = tuple(f.name for f in dataclasses.fields(AccumulatingTrainState)
 def _state_dict(state: AccumulatingTrainState) -> dict[str, Any]:
     """Flax's state dict of the train state, plus the rule it was saved under (its repr), so
     restoring it under another rule names both."""
-    out = {name: serialization.to_state_dict(getattr(state, name)) for name in _DATA_FIELDS}
+    out: dict[str, Any] = {name: serialization.to_state_dict(getattr(state, name)) for name in _DATA_FIELDS}
     out["rule"] = repr(state.rule)
     return out
 
@@ -267,7 +266,7 @@ def window_kind(rule: StoppingRule) -> str:
     return "micro_batch" if kind == "norms" else "micro_batch_elements"
 
 
-def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool = False, jit: bool = True
+def make_train_step(loss_fn: LossFn, *, path: str = "auto", donate: bool = False, jit: bool = True
                     ) -> Callable[..., tuple[AccumulatingTrainState, dict]]:
     """The step ``(state, batch, weights=None, *, mask=None, rng=None) -> (state, metrics)`` for one micro-batch.
 
@@ -298,11 +297,13 @@ def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool =
     With a rule that needs statistics, each micro-batch is an increment whose moments
     are merged into the window's (the core's ``chan_merge``); a sample is an example of
     non-zero weight and its gradient is that of ``w_i l_i``.
-    ``statistics="auto"`` takes the per-sample sums of squares from one backward pass
-    when every parameter belongs to a leaf Flax layer called once (closed form for
-    ``nn.Dense``, a per-layer vmap for others; see ``statistics_path``), else per-example
-    gradients from ``jax.vmap(jax.grad(...))``;
-    ``statistics="vmap"`` always uses the latter (exact two-pass moments in float32 too).
+    ``path`` says how they are computed (which statistics, ``"elements"`` or ``"norms"``, is
+    the rule's ``statistics``): ``path="auto"`` takes the per-sample sums of squares from one
+    backward pass when every parameter belongs to a leaf Flax layer called once (closed form
+    for ``nn.Dense`` and the layers given to ``register_layer_stats``, a per-layer vmap for
+    others; see ``statistics_path``), else per-example gradients from
+    ``jax.vmap(jax.grad(...))``; ``path="vmap"`` always uses the latter (exact two-pass
+    moments in float32 too).
 
     Weights given as concrete arrays are checked before the jitted step runs (finite,
     non-negative integers up to int32's largest value, adding up to no more than it; 0/1 for
@@ -322,8 +323,8 @@ def make_train_step(loss_fn: LossFn, *, statistics: str = "auto", donate: bool =
     ``samples`` and ``micro_batches`` of the window so far (before a close resets it),
     ``step``, and the rule's info (``gsnr``, ``norm_test``, ...).
     """
-    check_choice("statistics", statistics, STATISTICS)
-    step = partial(_train_step, loss_fn, statistics)
+    check_choice("path", path, PATHS)
+    step = partial(_train_step, loss_fn, path)
     jitted = step if not jit else jax.jit(step, donate_argnums=0) if donate else jax.jit(step)
     takes_rng: list[bool] = []  # checked once, at the first call with rng
     largest = [0]  # the most items a concrete micro-batch has had: bounds the windows' counts
@@ -373,6 +374,8 @@ def _check_weights(name: str, weights: Any, binary: bool) -> tuple[Any, int | No
     if np.ndim(weights) != 1:
         raise ValueError(f"{name} must be a vector with one value per example, got shape {np.shape(weights)}")
     counts = check_counts(name, weights, binary=binary)
+    if counts is None:  # traced after all: the step's to get right
+        return weights, None
     return weights, int(counts.astype(np.int64).sum())
 
 
@@ -390,9 +393,9 @@ def _check_room(name: str, state: AccumulatingTrainState, items: int, largest: i
     held = state.window.items
     if (bound is not None and bound * largest <= COUNT_MAX) or isinstance(held, jax.core.Tracer):
         return
-    held = int(held)
-    if held + items > COUNT_MAX:
-        raise ValueError(f"{name}: the window holds {held} items and this micro-batch adds {items}, more than the "
+    count = int(held)
+    if count + items > COUNT_MAX:
+        raise ValueError(f"{name}: the window holds {count} items and this micro-batch adds {items}, more than the "
                          f"{COUNT_MAX} its int32 count can hold: close windows sooner (a smaller rule, or flush()) "
                          "or pass smaller item counts")
 
@@ -417,7 +420,7 @@ def _check_batch(batch: Any, weights: jax.Array | None) -> int:
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
     if None in sizes or len(sizes) != 1:
         raise ValueError(f"every array in batch must have the examples on its leading axis, got leading sizes {sizes}")
-    (size,) = sizes
+    size = int(jnp.shape(leaves[0])[0])  # the one leading size (the check above)
     if size < 1:
         raise ValueError("batch must hold at least one example, got an empty micro-batch")
     if weights is not None and jnp.shape(weights) != (size,):
@@ -475,14 +478,14 @@ def _zero_unless(finite: jax.Array, tree: Any) -> Any:
     return jax.tree.map(lambda x: jnp.where(finite, x, jnp.zeros_like(x)), tree)
 
 
-def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weights: jax.Array,
+def _increment(loss_fn: LossFn, path: str, params: Any, batch: Any, weights: jax.Array,
                key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any, Any]:
     """Per-example losses and the count, mean and M2 of this micro-batch's per-sample
     gradients of the weighted losses."""
     batched = _with_key(loss_fn, key)
-    path = statistics_path(batched, params, batch, statistics)
-    LOG.info("per-sample statistics by %s", path)
-    if not path.startswith("vmap"):
+    taken = statistics_path(batched, params, batch, path)
+    LOG.info("per-sample statistics by %s", taken)
+    if not taken.startswith("vmap"):
         losses, s1, s2 = sums_and_squares(batched, params, batch, weights)
         n = (weights > 0).sum(dtype=jnp.int32)
         pairs = jax.tree.map(lambda a, b: moments_from_sums(n, a, b)[1:], s1, s2)  # (mean, m2) per leaf
@@ -491,21 +494,21 @@ def _increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weight
     return losses, *increment_moments(per_sample, weights)
 
 
-def _norm_increment(loss_fn: LossFn, statistics: str, params: Any, batch: Any, weights: jax.Array,
+def _norm_increment(loss_fn: LossFn, path: str, params: Any, batch: Any, weights: jax.Array,
                     key: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
     """Per-example losses, the count, the gradient sum and ``sum_i |g_i|^2`` of this
     micro-batch's per-sample gradients of the weighted losses (the norm path)."""
     batched = _with_key(loss_fn, key)
-    path = statistics_path(batched, params, batch, statistics)
-    LOG.info("per-sample norms by %s", path)
-    if not path.startswith("vmap"):
-        losses, s1, total = sums_and_squares(batched, params, batch, weights, kind="norms")
+    taken = statistics_path(batched, params, batch, path)
+    LOG.info("per-sample norms by %s", taken)
+    if not taken.startswith("vmap"):
+        losses, s1, total = sums_and_squares(batched, params, batch, weights, statistics="norms")
         return losses, (weights > 0).sum(dtype=jnp.int32), s1, total
     losses, per_sample = _per_example(loss_fn, key, params, batch)
     return losses, *increment_norms(per_sample, weights)
 
 
-def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState, batch: Any,
+def _train_step(loss_fn: LossFn, path: str, state: AccumulatingTrainState, batch: Any,
                 weights: jax.Array | None = None, rng: jax.Array | None = None
                 ) -> tuple[AccumulatingTrainState, dict[str, Any]]:
     size = _check_batch(batch, weights)
@@ -515,6 +518,8 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
     key = None if rng is None else jax.random.fold_in(jax.random.fold_in(rng, state.step), window.micro_batches)
     _check_losses(_with_key(loss_fn, key), state.params, batch, size)
     squared = None
+    add: Callable[..., Window]  # the window's add for what this micro-batch brings
+    increment: tuple[Any, ...]
     if window.measured is not None:  # the micro-batch source: the plain gradient and its squared norm
         grad_sum, loss_sum = jax.grad(partial(_summed_loss, _with_key(loss_fn, key)), has_aux=True)(
             state.params, batch, weights)
@@ -522,11 +527,11 @@ def _train_step(loss_fn: LossFn, statistics: str, state: AccumulatingTrainState,
         squared = squared_norm(grad_sum)
         add, increment, gradient = window.add_micro_batch, (grad_sum, squared, items, n), grad_sum
     elif window.sum_norms is not None:
-        losses, n, grad_sum, total = _norm_increment(loss_fn, statistics, state.params, batch, weights, key)
+        losses, n, grad_sum, total = _norm_increment(loss_fn, path, state.params, batch, weights, key)
         loss_sum = weighted_sum(losses, weights)
         add, increment, gradient = window.add_norms, (grad_sum, total, items, n), (grad_sum, total)
     elif window.mean is not None:
-        losses, n, mean, m2 = _increment(loss_fn, statistics, state.params, batch, weights, key)
+        losses, n, mean, m2 = _increment(loss_fn, path, state.params, batch, weights, key)
         loss_sum = weighted_sum(losses, weights)
         add, increment, gradient = window.add_moments, (items, n, mean, m2), (mean, m2)
     else:
@@ -579,7 +584,7 @@ def flush(state: AccumulatingTrainState) -> AccumulatingTrainState:
         reraised(error)
 
 
-def noise_value_and_grad(loss_fn: LossFn, *, statistics: str = "auto"
+def noise_value_and_grad(loss_fn: LossFn, *, path: str = "auto"
                          ) -> Callable[..., tuple[tuple[jax.Array, Any], dict]]:
     """``jax.value_and_grad`` of the mean loss, plus the batch's gradient noise terms from the
     same backward: ``f(params, batch, weights=None, *, rng=None) -> ((loss, grads), stats)``.
@@ -591,16 +596,17 @@ def noise_value_and_grad(loss_fn: LossFn, *, statistics: str = "auto"
     gradients of the weighted losses, from the norm path (``nn.Dense`` closed forms, per-layer
     VJPs, or the whole model's vmap: ``statistics_path`` says which). With ``rng`` (dropout),
     ``loss_fn(params, batch, rng)`` gets it as given: the loop owns its keys (on the vmap path
-    example ``i`` gets ``jax.random.fold_in(rng, i)``). Traceable: jit it.
+    example ``i`` gets ``jax.random.fold_in(rng, i)``). Traceable: jit it. ``path`` is as in
+    ``make_train_step`` (``"vmap"``: the whole model's per-example gradients always).
     """
-    check_choice("statistics", statistics, STATISTICS)
+    check_choice("path", path, PATHS)
 
     def value_grad_and_noise(params: Any, batch: Any, weights: Any = None, *, rng: Any = None
                              ) -> tuple[tuple[jax.Array, Any], dict]:
         size = _check_batch(batch, weights)
         weights = jnp.ones((size,), jnp.int32) if weights is None else jnp.asarray(weights).astype(jnp.int32)
         _check_losses(_with_key(loss_fn, rng), params, batch, size)
-        losses, n, grad_sum, total = _norm_increment(loss_fn, statistics, params, batch, weights, rng)
+        losses, n, grad_sum, total = _norm_increment(loss_fn, path, params, batch, weights, rng)
         items = jnp.maximum(weights.sum(dtype=jnp.int32), 1)
         grads = jax.tree.map(lambda g: g / items.astype(g.dtype), grad_sum)
         trace, squared = window_terms(n, total, squared_norm(grad_sum))

@@ -6,7 +6,7 @@ the rest of the train state and a run resumed mid-window goes on exactly.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,10 @@ class Window:
     sum_norms: Any = None
     measured: Any = None
     weighted: Any = None
+
+    if TYPE_CHECKING:  # added by flax.struct.dataclass, which mypy does not see
+
+        def replace(self, **changes: Any) -> Window: ...
 
     @classmethod
     def empty(cls, params: Any, kind: str | bool) -> Window:
@@ -200,15 +204,16 @@ def increment_norms(per_sample: Any, weights: jax.Array) -> tuple[jax.Array, Any
 
 
 def squared_norm(tree: Any) -> jax.Array:
-    """The squared norm of every leaf together, in float32 or wider."""
-    return sum(jnp.vdot(x, x).astype(jnp.promote_types(x.dtype, jnp.float32)) for x in jax.tree.leaves(tree))
+    """The squared norm of every leaf together, in float32 or wider (a float32 zero to start
+    from: it widens nothing, and a tree without leaves gives an array too)."""
+    start = jnp.zeros((), jnp.float32)
+    return sum((jnp.vdot(x, x).astype(jnp.promote_types(x.dtype, jnp.float32)) for x in jax.tree.leaves(tree)),
+               start)
 
 
 def unzip(pairs: Any, like: Any) -> tuple[Any, Any]:
     """Split a tree of (a, b) tuples, shaped like ``like``, into two trees."""
-    structure = jax.tree.structure(like)
-    leaves = structure.flatten_up_to(pairs)
-    return (structure.unflatten([a for a, _ in leaves]), structure.unflatten([b for _, b in leaves]))
+    return jax.tree.map(lambda _, pair: pair[0], like, pairs), jax.tree.map(lambda _, pair: pair[1], like, pairs)
 
 
 def weighted_sum(losses: jax.Array, weights: jax.Array) -> jax.Array:

@@ -139,15 +139,17 @@ def register_layer_stats(*types: type[nn.Module]) -> Callable[[LayerStats], Laye
 
     A subclass whose ``forward`` differs from the registered type's is not trusted
     blindly: the collector checks every call against the parameter's gradient and
-    moves parameters it cannot explain to the whole-model fallback.
+    moves parameters it cannot explain to the whole-model fallback. Everything is checked
+    before anything is registered: a refused call registers nothing.
     """
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"register_layer_stats: {t!r} is not an nn.Module subclass")
 
     def add(stats: LayerStats) -> LayerStats:
         if not isinstance(stats, LayerStats):
             raise TypeError(f"register_layer_stats takes a LayerStats, got {type(stats).__name__}")
         for t in types:
-            if not (isinstance(t, type) and issubclass(t, nn.Module)):
-                raise TypeError(f"register_layer_stats: {t!r} is not an nn.Module subclass")
             REGISTRY[t] = stats
         return stats
 
