@@ -189,3 +189,12 @@ def test_the_estimate() -> None:
     assert not per_sample_is_cheaper("embedding", (x,), d)  # no estimate: its closed form wherever it gives one
     big = (torch.empty(8, 2048, 4096, **meta),), torch.empty(8, 2048, 4096, **meta)
     assert not per_sample_is_cheaper("linear", *big)  # 134M per-sample elements: over the budget
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 16), (4, 16, 3), (512, 1024, 1024), (1, 1, 1)])
+def test_one_position_per_sample_always_takes_the_closed_form(shape: tuple[int, int, int]) -> None:
+    """``(D^2)^T X^2`` is one GEMM of the per-sample products' size and moves no per-sample buffer:
+    never dearer than per-sample gradients, for small layers as for large."""
+    b, n_in, n_out = shape
+    costs = linear_costs(b, 1, n_in, n_out)
+    assert costs.closed < costs.per_sample

@@ -78,14 +78,14 @@ def linear_costs(b: int, t: int, n_in: int, n_out: int) -> Costs:
     after the first and launches a GEMM per block and sample chunk."""
     elements = b * n_in * n_out
     products = 2.0 * b * t * n_in * n_out + elements  # the per-sample products, squared and summed
-    if t <= 1:
-        closed = 2.0 * elements + BALANCE * b * (n_in + n_out) + LAUNCH * 3  # (D^2)^T X^2
-        return Costs(closed, products + LAUNCH * 3, elements)
+    buffer = BALANCE * 3 * elements if elements > PRODUCTS else 0.0  # the per-sample buffer's passes
+    if t <= 1:  # both read X and D once; (D^2)^T X^2 is one GEMM
+        inputs = BALANCE * b * (n_in + n_out) + LAUNCH * 3
+        return Costs(2.0 * elements + inputs, products + buffer + inputs, elements)
     rows, blocks = row_blocks(n_out, n_in)
     launches = blocks * math.ceil(b / samples_per_product(rows, n_in))
     closed = products + BALANCE * b * t * n_in * (blocks - 1) + LAUNCH * 3 * launches
-    per_sample = products + (BALANCE * 3 * elements if elements > PRODUCTS else 0.0) + LAUNCH * 3
-    return Costs(closed, per_sample, elements)
+    return Costs(closed, products + buffer + LAUNCH * 3, elements)
 
 
 def _linear(args: tuple, d: torch.Tensor) -> Costs | None:
