@@ -66,6 +66,7 @@ def test_no_two_leaves_of_an_initial_state_share_a_buffer(rule) -> None:
         assert len(pointers) == len(set(pointers)), f"{rule!r} with {tx}: a buffer appears twice"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", RULES, ids=repr)
 def test_every_rule_and_planner_trains_with_a_donated_state(rule) -> None:
     """The donated step runs from the first micro-batch on (each state passed is consumed),
@@ -83,6 +84,7 @@ def test_every_rule_and_planner_trains_with_a_donated_state(rule) -> None:
     assert max_abs_diff(state.params, init_params()) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", [FixedSteps(2), NoiseScalePlanner(c=0.1, min_batch=4, max_batch=12, micro_batch=4)],
                          ids=repr)
 def test_a_donated_run_gives_the_plain_runs_states(rule) -> None:
@@ -118,6 +120,7 @@ def test_scale_by_items_refuses_a_bad_factor_called_eagerly(bad: float) -> None:
         tx.update(updates, tx.init(updates), items=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -0.5])
 def test_scale_by_items_refuses_a_bad_factor_in_the_jitted_step_and_changes_nothing(bad: float) -> None:
     """The first window (items_seen 0) gets factor 1, the second (items_seen 8) ``bad``: the
@@ -251,6 +254,7 @@ def test_noise_value_and_grad_refuses_an_integer_loss() -> None:
 # --- flush of an empty window -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_flushing_an_empty_window_leaves_a_step_ramp_where_it_was_as_torch_does() -> None:
     ramp = BatchRamp(4, 12, over=3, micro_batch=4, unit="steps", stages=2)
     model = mlp()
@@ -331,6 +335,7 @@ def square_loss(params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(SQUARE.apply({"params": params}, batch["x"]), batch["y"])
 
 
+@pytest.mark.slow
 def test_statistics_of_a_numpy_batch_without_jit_equal_the_jitted_ones() -> None:
     """Eagerly (``noise_value_and_grad`` unjitted, ``make_train_step(jit=False)``), a NumPy batch
     reaches the first layer as a NumPy array: it must still be one of the layers whose output
@@ -404,6 +409,7 @@ def reference_run(parts_per_window: list[list[dict]], per_example: bool, key=mic
     return params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("rule", "path"), [
     (FixedSteps(2), "auto"), (GSNR(1e9, increment=4, max_samples=8), "auto"),
     (GSNR(1e9, increment=4, max_samples=8), "vmap"), (NormTest(1e-9, increment=4, max_samples=8), "auto"),
@@ -433,6 +439,7 @@ def test_dropout_with_a_key_per_micro_batch_equals_the_reference(rule, path: str
     assert max_abs_diff(state.params, reference_run([parts[:2], parts[2:]], per_example, lambda s, j: BASE)) > 1e-3
 
 
+@pytest.mark.slow
 def test_the_same_key_at_every_call_gives_each_micro_batch_its_own_masks() -> None:
     """Two micro-batches of the same examples, the same rng passed: different masks, so
     different losses (a key reused as is would repeat the masks)."""
@@ -445,6 +452,7 @@ def test_the_same_key_at_every_call_gives_each_micro_batch_its_own_masks() -> No
     assert float(first["loss"]) != float(second["loss"])
 
 
+@pytest.mark.slow
 def test_noise_value_and_grad_passes_the_rng_as_given() -> None:
     part = take(data(4, seed=28), slice(0, 4))
     params = DROPOUT.init(jax.random.key(0), jnp.zeros((1, 6)), train=False)["params"]

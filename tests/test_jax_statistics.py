@@ -115,6 +115,7 @@ def reference_moments(losses, params, batch, mask):
     return mean, m2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("path", ["auto", "vmap"])
 def test_window_moments_equal_a_loop_over_samples(name: str, path: str) -> None:
@@ -139,6 +140,7 @@ def test_window_moments_equal_a_loop_over_samples(name: str, path: str) -> None:
                                                                      jax.tree.leaves(m2)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("path", ["auto", "vmap"])
 def test_norm_path_equals_a_loop_over_samples(name: str, path: str) -> None:
@@ -166,6 +168,7 @@ def test_norm_path_equals_a_loop_over_samples(name: str, path: str) -> None:
         assert set(layer_paths(losses, params, half[0], statistics="norms").values()) == {"norms"}
 
 
+@pytest.mark.slow
 def test_sum_of_squares_and_vmap_windows_decide_alike() -> None:
     """Both paths give the same GSNR and windows on a run of the reference MLP."""
     batch = data(240, seed=32)
@@ -198,6 +201,7 @@ class TrainBatchNorm(fnn.Module):
         return fnn.Dense(3, **F64)(h)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["auto", "vmap"])
 def test_train_mode_batch_norm_is_refused_for_statistics_but_fine_for_fixed_steps(path: str) -> None:
     model, batch = TrainBatchNorm(), data(8, seed=33)
@@ -218,6 +222,7 @@ def test_train_mode_batch_norm_is_refused_for_statistics_but_fine_for_fixed_step
     assert int(state.step) == 1 and bool(metrics["finite"])
 
 
+@pytest.mark.slow
 def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines() -> None:
     """A registered closed form that returns None for these shapes: the layer's own VJP
     runs, and ``statistics_path`` / ``layer_paths`` say so (they said "sum_of_squares")."""
@@ -257,6 +262,7 @@ def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines(
         REGISTRY.pop(Scaled, None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "sequence", "conv", "shared"])
 def test_noise_value_and_grad_is_value_and_grad_plus_the_loops_terms(name: str) -> None:
     """The JAX measure-only path: the mean loss and gradient of ``jax.value_and_grad`` and the
