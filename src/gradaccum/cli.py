@@ -7,9 +7,9 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 
 def _positive_int(text: str) -> int:
@@ -40,6 +40,15 @@ TUNING_RANGES = tuple(f"{name}_{end}" for name in ("lr", "tau", "tau_mean", "the
 """Settings only tuning reads: ``train`` takes the values themselves (``--lr``, ``--tau``, ...)."""
 
 
+def _field_default(f: Field[Any]) -> Any:
+    """The default a config field takes when no flag or YAML sets it (its value or its factory's)."""
+    if f.default is not MISSING:
+        return f.default
+    if callable(f.default_factory):
+        return f.default_factory()
+    raise TypeError(f"ExperimentConfig.{f.name} has no default: every setting needs one for its flag's help")
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per ExperimentConfig field (the YAML names, with dashes)."""
     from .experiments.config import ExperimentConfig
@@ -51,7 +60,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = _field_default(f)
         text = f"{f.metadata['help']} (default: {default})"
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None, help=text)
@@ -170,8 +179,10 @@ def _plan(args: argparse.Namespace) -> int:
 
     result = plan(args.model, args.effective_batch, args.max_memory, args.start, args.max_size, args.probes,
                   args.timeout)
-    probed = result["probed"]
-    low, high = result["peak_memory_mib_range"] or (float("nan"), float("nan"))
+    # plan() returns a dict[str, object] of a fixed layout: these two entries' types
+    probed = cast(list[int], result["probed"])
+    peak_range = cast("tuple[float, float] | None", result["peak_memory_mib_range"])
+    low, high = peak_range or (float("nan"), float("nan"))
     spread = (f"{len(probed)} probes gave {', '.join(map(str, probed))}; the smallest is used. "
               if len(set(probed)) > 1 else f"{len(probed)} probes agreed. ")
     print(f"micro-batch {result['micro_batch']} (peak memory {low:.1f}-{high:.1f} MiB of {args.max_memory:g} MiB); "

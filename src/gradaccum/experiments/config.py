@@ -19,6 +19,9 @@ from .errors import SettingsError
 
 BACKENDS = ("torch", "jax")
 SECTIONS = ("reference", "front", "lm", "critical")
+_KINDS: dict[str, type | tuple[type, ...]] = {"int": int, "float": (int, float), "str": str, "bool": bool,
+                                              "list": list}
+"""The Python types a field's value may have, by its annotation (a float field takes an int too)."""
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -78,11 +81,11 @@ class ExperimentConfig:
         """Raise SettingsError naming the first bad field (types first: YAML can say anything)."""
         for f in fields(self):
             value = getattr(self, f.name)
-            kind = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list}[str(f.type)]
+            kind = _KINDS[str(f.type)]
             if (kind is not bool and isinstance(value, bool)) or not isinstance(value, kind):
                 what = str(f.type).replace('list', f'a list of {f.name[:-1]} names')
                 raise SettingsError(f"{f.name} must be {what}, got {value!r} ({type(value).__name__})")
-            if kind is list:
+            if isinstance(value, list):  # a list field: its value passed the type check above
                 choices = f.metadata["choices"]
                 if not value or len(set(value)) != len(value) or any(v not in choices for v in value):
                     raise SettingsError(f"{f.name} must be a non-empty list of distinct names from "

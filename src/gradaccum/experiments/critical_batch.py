@@ -343,10 +343,11 @@ def _best(runs: Sequence[Branch], batch_size: int, seeds: Sequence[int]) -> tupl
     best: tuple[float, float, list[float]] | None = None
     for lr, of_seed in by_lr.items():
         steps = [of_seed[s].steps for s in seeds]
-        if all(x is not None for x in steps):
-            mean = float(np.mean(steps))
+        reached = [float(x) for x in steps if x is not None]
+        if len(reached) == len(steps):
+            mean = float(np.mean(reached))
             if best is None or mean < best[1]:
-                best = (lr, mean, [float(x) for x in steps])  # type: ignore[arg-type]
+                best = (lr, mean, reached)
     if best is None:
         why = "; ".join(f"lr {lr:.4g}: " + ", ".join(f"seed {s} {of_seed[s].why}" for s in dict.fromkeys(seeds))
                         for lr, of_seed in by_lr.items())

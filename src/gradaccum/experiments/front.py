@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -70,8 +70,9 @@ def open_front_study(task: FrontTask, arm: str, cfg: ExperimentConfig) -> optuna
     """The arm's study: one objective (the validation metric) for a fixed arm, two (the metric and
     optimizer steps, minimised) for an adaptive one."""
     optuna.logging.set_verbosity(logging.WARNING)
-    quality = "maximize" if task.higher_is_better else "minimize"
-    directions = [quality] if not ARM_TABLE[arm].adaptive else [quality, "minimize"]
+    quality: Literal["maximize", "minimize"] = "maximize" if task.higher_is_better else "minimize"
+    directions: list[Literal["maximize", "minimize"]] = [quality] if not ARM_TABLE[arm].adaptive \
+        else [quality, "minimize"]
     try:
         return optuna.create_study(study_name=f"gradaccum-{task.key}-{arm}-last{FINAL_EVALUATIONS}",
                                    storage=storage(cfg.storage_url), load_if_exists=True, directions=directions)
@@ -176,8 +177,8 @@ def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path,
     on ``pool`` beside them)."""
     tunings = [tuning(task, arm, cfg) for arm in task.arms]
     total = sum(t.target for t in tunings)
-    done = sum(min(complete(t.study), t.target) for t in tunings)
-    with tqdm(total=total, initial=done, desc=f"{task.name}: tuning trials", disable=cfg.quiet) as bar, \
+    finished = sum(min(complete(t.study), t.target) for t in tunings)
+    with tqdm(total=total, initial=finished, desc=f"{task.name}: tuning trials", disable=cfg.quiet) as bar, \
             storage_errors(cfg.storage_url):
         tune_in_rounds(pool, task.run, tunings, cfg.processes, on_trial=bar.update)
     best = max if task.higher_is_better else min
@@ -211,8 +212,8 @@ def run_front(task: FrontTask, cfg: ExperimentConfig, pool: Executor, out: Path,
                                               "tuned_values": list(tr.values), "runs": []} for tr in chosen[arm]]}
                             for i, arm in enumerate(task.arms)}
     timings: dict[str, Any] = {arm: [[] for _ in chosen[arm]] for arm in task.arms}
-    for (arm, k, _, _), record, again in zip(jobs, records, reused):
-        record = {**record, "evaluations": [dict(e) for e in record["evaluations"]], "reused": again}
+    for (arm, k, _, _), record, was_reused in zip(jobs, records, reused):
+        record = {**record, "evaluations": [dict(e) for e in record["evaluations"]], "reused": was_reused}
         timings[arm][k].append({"wall_seconds": record.pop("wall_seconds"),
                                 "evaluation_seconds": [e.pop("seconds") for e in record["evaluations"]]})
         arms[arm]["points"][k]["runs"].append(record)

@@ -173,22 +173,24 @@ def choices(front: dict[str, Any], timings: dict[str, Any]) -> dict[str, Any]:
     levels, and per level the fixed front's arm and each arm's point (None: not reached), with
     the per-seed values and the paired ratios of steps and of samples."""
     best, values, tops = levels(front)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for target in values:
         arms = {arm: best_point(front, timings, arm, target) for arm in front["arms"]}
-        fixed = [a for a, e in front["arms"].items() if not e["adaptive"] and arms[a] is not None]
-        reference = min(fixed, key=lambda a: (mean_of(arms[a], 0), a)) if fixed else None
+        reached = {a: point for a, point in arms.items() if point is not None}
+        fixed = [a for a, e in front["arms"].items() if not e["adaptive"] and a in reached]
+        reference = min(fixed, key=lambda a: (mean_of(reached[a], 0), a)) if fixed else None
         ratios: dict[str, Any] = {}
         for a, e in front["arms"].items():
-            if not e["adaptive"] or arms[a] is None or reference is None:
+            point = reached.get(a)
+            if not e["adaptive"] or point is None or reference is None:
                 ratios[a] = None
                 continue
-            ref = arms[reference]["seeds"]
-            seeds = sorted(set(arms[a]["seeds"]) & set(ref))
+            ref = reached[reference]["seeds"]
+            seeds = sorted(set(point["seeds"]) & set(ref))
             if not seeds:
                 raise SettingsError(f"{front.get('task', 'front')}_results.json: the arms {a} and {reference} share "
                                     "no seed, so there is no paired comparison; rerun with --force")
-            ratios[a] = {what: paired_ratio([arms[a]["seeds"][s][i] for s in seeds], [ref[s][i] for s in seeds])
+            ratios[a] = {what: paired_ratio([point["seeds"][s][i] for s in seeds], [ref[s][i] for s in seeds])
                          for i, what in enumerate(("steps", "samples"))}
         rows.append({"level": target, "target": len(rows) >= len(values) - tops, "arms": arms,
                      "reference": reference, "ratios": ratios})

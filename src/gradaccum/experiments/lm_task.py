@@ -60,7 +60,8 @@ class Corpus(NamedTuple):
 def load_corpus(root: str | None = None) -> Corpus:
     """The fixed files of the standard library at ``root`` (default: this Python's), by split."""
     base = Path(root or sysconfig.get_paths()["stdlib"])
-    splits, about = [], {"python": sys.version.split()[0], "root": str(base)}
+    splits: list[np.ndarray] = []
+    about: dict[str, Any] = {"python": sys.version.split()[0], "root": str(base)}
     for name, files in (("train", TRAIN_FILES), ("val", VALIDATION_FILES), ("test", TEST_FILES)):
         parts = []
         for file in files:
@@ -72,7 +73,8 @@ def load_corpus(root: str | None = None) -> Corpus:
         data = b"\n".join(parts)
         splits.append(np.frombuffer(data, dtype=np.uint8).copy())
         about[name] = {"files": list(files), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    return Corpus(*splits, about)
+    train, val, test = splits
+    return Corpus(train, val, test, about)
 
 
 class Block(nn.Module):
@@ -94,6 +96,8 @@ class Block(nn.Module):
 
 class ByteGPT(nn.Module):
     """A nanoGPT-style byte-level LM with a head tied to the token embedding."""
+
+    positions: torch.Tensor  # a buffer: 0, 1, ..., context - 1
 
     def __init__(self, context: int, dim: int, layers: int, heads: int = 4) -> None:
         super().__init__()

@@ -8,6 +8,7 @@ import json
 import math
 import statistics
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import matplotlib
@@ -109,10 +110,13 @@ def critical_section(out: Path) -> str | None:
     found = [t for t in CRITICAL_TASKS if (out / f"critical_batch_{t}.json").exists()]
     if not found:
         return None
+    module: ModuleType | None = None
     try:
-        from . import critical_batch_section as module
+        from . import critical_batch_section
+
+        module = critical_batch_section
     except ImportError:
-        module = None
+        pass
     lines = ["# The critical batch size, measured by branching, beside the online noise scale", ""]
     for task in found:
         path = out / f"critical_batch_{task}.json"
@@ -358,7 +362,8 @@ def check_results(results: Any, path: Path) -> None:
             for name, kind in _RUN_FIELDS.items():
                 value = run.get(name) if isinstance(run, dict) else None
                 ok = isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
-                if not ok or (kind is float and not math.isfinite(value)):
+                non_finite = isinstance(value, (int, float)) and not math.isfinite(value)
+                if not ok or (kind is float and non_finite):
                     raise bad(f"arms.{arm}.runs[{k}].{name} must be a finite {kind.__name__}, got {value!r}")
             where = f"arms.{arm}.runs[{k}]"
             for name in ("test_accuracy", "final_val_accuracy"):

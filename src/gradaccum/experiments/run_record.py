@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
@@ -107,7 +107,14 @@ class RunResult:
                    flushed_items=sum(w.items for w in windows if w.reason == "flush" and not w.skipped),
                    statistic=[w.statistic for w in windows], wall_seconds=trained.wall_seconds,
                    warnings=trained.warnings, diverged=trained.diverged, evaluations=trained.evaluations,
-                   noise_terms=[None if w.trace is None else [w.samples, w.trace, w.squared_norm] for w in windows])
+                   noise_terms=[_noise_terms(w) for w in windows])
+
+
+def _noise_terms(w: Window) -> list[float] | None:
+    """``[samples, tr(Sigma), |G|^2]`` of a window whose rule measured both, else None."""
+    if w.trace is None or w.squared_norm is None:
+        return None
+    return [w.samples, w.trace, w.squared_norm]
 
 
 _PROGRESS: ContextVar[Callable[[int], Any] | None] = ContextVar("gradaccum_progress", default=None)
@@ -179,6 +186,14 @@ def statistic(info: dict[str, Any]) -> float | None:
         if key in info:
             return float(info[key])
     return None
+
+
+@overload
+def increments(n: int, size: int, budget: int, generator: torch.Generator) -> Iterator[torch.Tensor]: ...
+
+
+@overload
+def increments(n: int, size: int, budget: int, generator: np.random.Generator) -> Iterator[np.ndarray]: ...
 
 
 def increments(n: int, size: int, budget: int, generator: torch.Generator | np.random.Generator

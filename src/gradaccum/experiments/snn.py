@@ -15,12 +15,12 @@ class _Spike(torch.autograd.Function):
     """Heaviside step forward; fast-sigmoid surrogate derivative backward."""
 
     @staticmethod
-    def forward(ctx, v: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, v: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(v)
         return (v > 0).to(v.dtype)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (v,) = ctx.saved_tensors
         return grad / (1.0 + 10.0 * v.abs()) ** 2
 
@@ -38,7 +38,7 @@ class SpikingClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         current = self.fc_in(x)
         mem = torch.zeros_like(current)
-        logits = 0.0
+        logits = torch.zeros((), dtype=current.dtype, device=current.device)  # broadcasts like 0.0
         for _ in range(self.steps):
             mem = self.beta * mem + current
             spikes = _Spike.apply(mem - 1.0)

@@ -9,7 +9,7 @@ numbers differ from the torch run's by seed, not by method.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as fnn
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .. import StoppingRule
 from .._core.monitor import DecisionMonitor
 from ..jax import AccumulatingTrainState, flush, make_train_step
 from .arms import ARM_TABLE
@@ -45,7 +46,9 @@ def per_example_loss(params: Any, batch: dict[str, jax.Array]) -> jax.Array:
 
 @jax.jit
 def _correct(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-    return (MODEL.apply({"params": params}, x).argmax(1) == y).sum()
+    # Module.apply is typed for mutable collections too (an (output, state) pair); none are asked for here
+    logits = cast(jax.Array, MODEL.apply({"params": params}, x))
+    return (logits.argmax(1) == y).sum()
 
 
 def accuracy(params: Any, x: np.ndarray, y: np.ndarray) -> float:
@@ -67,7 +70,8 @@ def train_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg:
     state = AccumulatingTrainState.create(
         apply_fn=MODEL.apply,
         params=MODEL.init(jax.random.key(seed), jnp.zeros((1, x.shape[1]), jnp.float32))["params"],
-        tx=optax.adam(params["lr"]), rule=rule)
+        # create() takes a planner too (as_rule passes it through), though its annotation names only rules
+        tx=optax.adam(params["lr"]), rule=cast(StoppingRule, rule))
     size = cfg.increment
     curve: list[tuple[int, float]] = []
     metrics_seen: list[dict[str, jax.Array]] = []

@@ -206,11 +206,20 @@ def counted_trials(study: optuna.Study, target: int) -> list[optuna.trial.Frozen
 
 
 def best_params(study: optuna.Study, target: int) -> dict[str, float]:
-    return dict(max(counted_trials(study, target), key=lambda t: t.value).params)
+    return dict(max(counted_trials(study, target), key=trial_value).params)
 
 
 def best_value(study: optuna.Study, target: int) -> float:
-    return max(t.value for t in counted_trials(study, target))
+    return max(trial_value(t) for t in counted_trials(study, target))
+
+
+def trial_value(trial: optuna.trial.FrozenTrial) -> float:
+    """A complete single-objective trial's value (a trial without one cannot be ranked)."""
+    value = trial.value
+    if value is None:
+        raise SettingsError(f"trial {trial.number} has no objective value (state {trial.state.name}): "
+                            "only complete trials are ranked")
+    return value
 
 
 def trial_table(study: optuna.Study, target: int) -> list[dict[str, Any]]:

@@ -205,9 +205,10 @@ def run_reusing(pool: Executor, fn: Callable[..., Any], jobs: Sequence[tuple], t
         for future in _as_completed(list(futures)):
             k = futures[future]
             records[k] = future.result().as_dict()
-            if paths[k] is not None:
-                paths[k].parent.mkdir(parents=True, exist_ok=True)
-                write_atomic(paths[k], json.dumps(records[k]) + "\n")
+            path = paths[k]
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, json.dumps(records[k]) + "\n")
             on_done()
     except BaseException:
         for future in futures:
