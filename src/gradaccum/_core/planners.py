@@ -85,10 +85,59 @@ def summarize(history: Sequence[StepRecord], decay: float = 0.9, every: int = 1)
     average = NoiseScaleEMA(decay)
     state = (0.0, 0.0, 0.0, 0.0)  # trace, squared, weight, signal
     for r in history[: len(history) - len(history) % every]:
-        if "trace" in r.info and not r.skipped and math.isfinite(r.info["trace"]):
-            measured = r.info["gsnr"] - 1 / r.info["samples"] if "gsnr" in r.info else 0.0
-            state = average.update(state, (r.info["trace"], r.info["squared_norm"], 1.0, measured))
+        state = _fold(average, state, r)
     return PlanSummary(sum(r.items for r in history), len(history), *state)
+
+
+def _fold(average: NoiseScaleEMA, state: tuple[Any, ...], r: StepRecord) -> tuple[Any, ...]:
+    """The averages after record ``r``: its noise terms join them where they count (applied,
+    finite trace)."""
+    if "trace" in r.info and not r.skipped and math.isfinite(r.info["trace"]):
+        measured = r.info["gsnr"] - 1 / r.info["samples"] if "gsnr" in r.info else 0.0
+        return average.update(state, (r.info["trace"], r.info["squared_norm"], 1.0, measured))
+    return state
+
+
+class PlanFold:
+    """``summarize(history, decay, every)`` kept as a history grows: each call folds only the
+    records it has not folded yet, so a plan at window 100,000 costs what one at window 10 does
+    (``summarize`` refolds every record at every close).
+
+    Bitwise ``summarize``'s result: the same records, folded in the same order. A history that
+    does not extend the one last seen (the record at the last folded place is another object: a
+    restored history, or a close whose step failed and whose record never joined it) is folded
+    anew from its start.
+    """
+
+    def __init__(self, decay: float = 0.9, every: int = 1) -> None:
+        self._average = NoiseScaleEMA(decay)
+        self._every = check_positive_int("every", every)
+        self._start()
+
+    def _start(self) -> None:
+        self._counted = 0  # records whose items are in _items
+        self._items = 0
+        self._folded = 0  # records folded into the averages (a multiple of every)
+        self._state: tuple[Any, ...] = (0.0, 0.0, 0.0, 0.0)
+        self._last: StepRecord | None = None  # the record at index _counted - 1
+
+    def __call__(self, history: Sequence[StepRecord], pending: StepRecord | None = None) -> PlanSummary:
+        """The summary of ``history`` followed by ``pending`` (a record not yet in it), if given."""
+        n = len(history) + (pending is not None)
+
+        def record(i: int) -> StepRecord:
+            return pending if pending is not None and i == len(history) else history[i]
+
+        if self._counted and (self._counted > n or record(self._counted - 1) is not self._last):
+            self._start()
+        for i in range(self._counted, n):
+            self._items += record(i).items
+        self._counted = n
+        self._last = record(n - 1) if n else None
+        for i in range(self._folded, n - n % self._every):
+            self._state = _fold(self._average, self._state, record(i))
+        self._folded = max(self._folded, n - n % self._every)
+        return PlanSummary(self._items, n, *self._state)
 
 
 REASONS = ("rule", "flush", "nonfinite", "failed")  # why a window closed (``StepRecord.reason``)
@@ -218,6 +267,11 @@ class BatchRamp:
     def plan(self, history: Sequence[StepRecord]) -> int:
         return int(self.plan_from(summarize(history)))
 
+    def fold(self) -> PlanFold:
+        """A ``PlanFold`` whose summaries give ``plan``'s answer through ``plan_from``, a close
+        at a time (the Accumulator keeps one)."""
+        return PlanFold()
+
     def plan_from(self, summary: PlanSummary) -> Any:
         """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""
         progress = summary.items if self.unit == "samples" else summary.steps
@@ -270,6 +324,11 @@ class _NoisePlanner:
 
     def plan(self, history: Sequence[StepRecord]) -> int:
         return int(self.plan_from(summarize(history, self.decay, self.every)))
+
+    def fold(self) -> PlanFold:
+        """A ``PlanFold`` whose summaries give ``plan``'s answer through ``plan_from``, a close
+        at a time (the Accumulator keeps one)."""
+        return PlanFold(self.decay, self.every)
 
     def plan_from(self, summary: PlanSummary) -> Any:
         """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""

@@ -15,7 +15,7 @@ import torch
 from .._core import Decision, DecisionMonitor, StepRecord, StoppingRule, WindowView
 from .._core.config import AccumulationConfig, as_rule
 from .._core.lr_scaling import LR_SCALINGS
-from .._core.planners import Planner, is_planner
+from .._core.planners import PlanFold, Planner, is_planner
 from .._core.rules import statistics_kind, statistics_source
 from .._core.validation import check_choice, check_positive_float, check_positive_int
 from ._checks import check_count, check_loss, check_model, tracked_parameters
@@ -188,6 +188,9 @@ class Accumulator(MicroBatchIntake, WindowClose):
         self._mode.connect(model, timeout)
         self.monitor = DecisionMonitor()
         self.history: list[StepRecord] = []
+        # a built-in planner's running summary of the history: each close folds one record
+        self._fold: PlanFold | None = self.planner.fold() \
+            if self.planner is not None and callable(getattr(self.planner, "fold", None)) else None
         self.last_record: StepRecord | None = None
         self._steps = 0
         self._items_seen = 0  # items of every closed window (the schedule's progress)

@@ -21,7 +21,7 @@ import torch
 from .._core import Decision, DecisionMonitor, StepRecord
 from .._core.lr_scaling import LR_SCALINGS, lr_factor
 from .._core.noise_scale import NormStatistics, NormSums, layer_noise_scales, noise_scale, noise_terms, pooled_terms
-from .._core.planners import Planner, check_history
+from .._core.planners import PlanFold, Planner, check_history
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_positive_int, real_number
 from ._distributed import CLOSE, FLUSH
@@ -83,6 +83,7 @@ class WindowClose(AccumulatorState):
     _planned: int | None
     optimizer: torch.optim.Optimizer
     planner: Planner | None
+    _fold: PlanFold | None  # a built-in planner's running summary of the history (None otherwise)
     scheduler: Any
     clip_grad_norm: float | None
     lr_scaling: str | None
@@ -207,8 +208,12 @@ class WindowClose(AccumulatorState):
         if self.planner is None:
             return None
         check_history([record], f"the window's record (window {self._steps})", start=self._steps)
+        # a built-in planner folds this record into its running summary (constant cost a close);
+        # a user's planner reads the whole history
+        planned = self.planner.plan([*self.history, record]) if self._fold is None \
+            else int(self.planner.plan_from(self._fold(self.history, record)))  # type: ignore[attr-defined]  # fold(): built-in
         return check_positive_int(f"{type(self.planner).__name__}.plan(history), the next window's micro-batches,",
-                                  self.planner.plan([*self.history, record]))
+                                  planned)
 
     def _step(self, pending: Pending) -> None:
         """The optimizer's step (through the scaler) with the lr scaled by the window's factor;
