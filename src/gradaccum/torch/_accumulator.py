@@ -218,7 +218,7 @@ class Accumulator(MicroBatchIntake, WindowClose):
             micro = MicroBatchSource([names.get(id(p), f"parameter #{i}") for i, p in enumerate(self._params)],
                                      group=self._mode.shard_group(self._params,
                                                                   [names.get(id(p), "?") for p in self._params]),
-                                     kind=kind)
+                                     statistics=kind)
             if kind == "elements":  # M2 by Chan's update against the window's sums before each add
                 micro.bind_window(lambda: self._window.sums, self._params)
             return micro

@@ -155,7 +155,7 @@ class WindowClose(AccumulatorState):
         info = dict(decision.info)
         if self.planner is not None:
             info.update(self._noise_info(self._window_statistics() if reduced is None else self._pooled(reduced[0])))
-        if self.source.kind == "norms":
+        if self.source.statistics == "norms":
             info.update(self._layer_noise_info(None if reduced is None else reduced[1]))
         return Decision(decision.stop, info)
 
@@ -284,7 +284,7 @@ class WindowClose(AccumulatorState):
         (every micro-batch skipped)."""
         source = self.source
         assert source is not None
-        if source.kind == "elements":
+        if source.statistics == "elements":
             return source.moments() if source.count else None
         sums = source.norm_sums(self._window.sums, self._statistics_scale())
         return self._pooled(self._mode.pool_norm_sums(sums, self._steps, self._micro_batches))

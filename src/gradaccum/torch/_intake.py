@@ -104,7 +104,7 @@ class MicroBatchIntake(AccumulatorState):
     @property
     def _reduces_moments(self) -> bool:
         """Per-element statistics whose increments the mode reduces over ranks (DDP)."""
-        return self._mode.reduces_increments and self.stats is not None and self.stats.kind == "elements"
+        return self._mode.reduces_increments and self.stats is not None and self.stats.statistics == "elements"
 
     def _reduce_increment(self, tensors: list[torch.Tensor], n: int) -> int:
         return self._mode.reduce_increment(tensors, n, self._steps, self._micro_batches)

@@ -8,7 +8,7 @@
   the window sum's squared norm gives the unbiased ``tr(Sigma)`` and ``|G|^2``
   (``_core.micro_batch``), for the model and per layer. No hooks: any model, compiled or not,
   with dropout (its noise is part of the gradient's) or not, any layer. For a per-element rule
-  (``kind="elements"``) it keeps instead each element's between-micro-batch ``M2`` (one
+  (``statistics="elements"``) it keeps instead each element's between-micro-batch ``M2`` (one
   parameter-sized buffer, Chan's update against the window sum before each micro-batch's add)
   and hands the rules ``element_moments``; on one process only.
 
@@ -43,8 +43,9 @@ class PerSampleSource:
         self.stats = stats
 
     @property
-    def kind(self) -> str:
-        return self.stats.kind
+    def statistics(self) -> str:
+        """What rules read: ``"norms"`` or ``"elements"`` (``PerSampleGradStats.statistics``)."""
+        return self.stats.statistics
 
     @property
     def count(self) -> int:
@@ -85,7 +86,7 @@ class PerSampleSource:
 
     def is_empty(self, checked: Any) -> bool:
         """Whether a checked state holds no samples."""
-        return checked is None or (self.kind == "norms" and checked[0] == 0)
+        return checked is None or (self.statistics == "norms" and checked[0] == 0)
 
     def load_state_dict(self, state: Any) -> None:
         self.stats.load_state_dict(state)
@@ -93,7 +94,7 @@ class PerSampleSource:
 
 class MicroBatchSource:
     """The micro-batch source: per-parameter ``sum_j |S_j|^2 / b_j`` over the window's micro-batches
-    (``kind="norms"``), or each element's between-micro-batch ``M2`` (``kind="elements"``).
+    (``statistics="norms"``), or each element's between-micro-batch ``M2`` (``statistics="elements"``).
 
     Args:
       names: each tracked parameter's name, in the Accumulator's order (a parameter's layer is
@@ -101,20 +102,20 @@ class MicroBatchSource:
       group: under FSDP2, the process group the gradients are sharded over: each micro-batch's
         squared norms and samples are summed over it (the shards' squares add up to the
         whole gradient's); None otherwise.
-      kind: ``"norms"`` (norm rules and planners) or ``"elements"`` (per-element rules: one
+      statistics: ``"norms"`` (norm rules and planners) or ``"elements"`` (per-element rules: one
         process only; ``bind_window`` gives it the window's sums).
     """
 
     lost = False
 
-    def __init__(self, names: list[str], group: Any = None, kind: str = "norms") -> None:
-        if kind == "elements" and group is not None:
+    def __init__(self, names: list[str], group: Any = None, statistics: str = "norms") -> None:
+        if statistics == "elements" and group is not None:
             raise ValueError("source='micro_batch': per-element statistics are taken on one process only")
         self.names = names
         self.layers = [name.rpartition(".")[0] or name for name in names]
         self.group = group
-        self.kind = kind  # what rules read: NormStatistics or per-element Moments
-        self.takes_norms = kind == "norms"  # the finiteness check takes the squared norms for it
+        self.statistics = statistics  # what rules read: NormStatistics or per-element Moments
+        self.takes_norms = statistics == "norms"  # the finiteness check takes the squared norms for it
         self._window: Callable[[], list[torch.Tensor | None]] | None = None
         self._params: list[torch.nn.Parameter] = []
         self.reset()
@@ -151,7 +152,7 @@ class MicroBatchSource:
         finiteness check), over ``samples`` samples (default: its ``count`` items). Returns the
         samples measured."""
         b = count if samples is None else samples
-        if self.kind == "elements":
+        if self.statistics == "elements":
             self._merge(grads, b, scale)
             self.micro_batches += 1
             self.samples += b
@@ -262,7 +263,7 @@ class MicroBatchSource:
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"micro_batch": (self.micro_batches, self.samples, list(self.weighted))}
-        if self.kind == "elements":
+        if self.statistics == "elements":
             state["m2"] = [None if m is None else m.clone() for m in self.m2]
             state["m2_scale"] = self.m2_scale
         return state
@@ -272,7 +273,7 @@ class MicroBatchSource:
         if not isinstance(state, dict) or "micro_batch" not in state:
             raise ValueError("statistics state must be a dict with 'micro_batch' (saved with source='micro_batch'); "
                              "build the Accumulator with the rule's source the state was saved with")
-        if (self.kind == "elements") != ("m2" in state):
+        if (self.statistics == "elements") != ("m2" in state):
             raise ValueError("statistics state: saved with source='micro_batch' for a "
                              f"{'per-element' if 'm2' in state else 'norm'} rule; build the Accumulator with the "
                              "rule the state was saved with")
@@ -293,7 +294,7 @@ class MicroBatchSource:
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < math.inf:
                 raise ValueError(f"statistics state: a micro-batch source's sum must be a finite float >= 0, got {w!r}")
         checked: tuple[Any, ...] = (k, n, [float(w) for w in weighted])
-        if self.kind == "elements":
+        if self.statistics == "elements":
             checked = (*checked, *self._check_m2(state["m2"], state.get("m2_scale")))
         return checked
 
@@ -323,6 +324,6 @@ class MicroBatchSource:
     def load_state_dict(self, state: Any) -> None:
         checked = self.check_state(state)
         self.micro_batches, self.samples, self.weighted = checked[:3]
-        if self.kind == "elements":
+        if self.statistics == "elements":
             self.m2, self.m2_scale = checked[3:]
         self._last = None

@@ -123,12 +123,6 @@ class PerSampleGradStats:
         return shard_group(self.params, self._names)
 
     @property
-    def kind(self) -> str:
-        """Read-only: the same as ``statistics``, under the name the statistics sources share
-        (``PerSampleSource.kind``, ``MicroBatchSource.kind``); not a constructor argument."""
-        return self.statistics
-
-    @property
     def chunk_elements(self) -> int:
         """Bound on the elements of per-sample gradients held at once by the per-sample paths."""
         return self._paths.chunk_elements

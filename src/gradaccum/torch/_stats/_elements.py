@@ -30,7 +30,7 @@ class ElementMoments(Statistic):
       params, names: the parameters (order of the increment's lists) and their names.
     """
 
-    kind = "elements"
+    statistics = "elements"
     norm_formulas = False
 
     def __init__(self, params: list[torch.nn.Parameter], names: list[str]) -> None:
