@@ -29,10 +29,14 @@ from ._train_state import make_train_step as make_train_step
 from ._train_state import noise_value_and_grad as noise_value_and_grad
 from ._train_state import window_kind as window_kind
 from ._transform import AccumulationState as AccumulationState
+from ._transform import MeasuringAccumulationState as MeasuringAccumulationState
+from ._transform import NoiseMeasurement as NoiseMeasurement
 from ._transform import accumulate as accumulate
+from ._transform import noise_scale as noise_scale
 from ._window import Window as Window
 
-__all__ = ["AccumulatingTrainState", "AccumulationState", "LayerStats", "Refused", "ScaleByItemsState", "Window",
-           "accumulate", "data_mesh", "flush", "layer_paths", "make_train_step", "noise_value_and_grad",
-           "register_decision", "register_layer_stats", "replicate", "scale_by_items", "shard_batch",
-           "statistics_path", "traced_decision", "window_kind"]
+__all__ = ["AccumulatingTrainState", "AccumulationState", "LayerStats", "MeasuringAccumulationState",
+           "NoiseMeasurement", "Refused", "ScaleByItemsState", "Window", "accumulate", "data_mesh", "flush",
+           "layer_paths", "make_train_step", "noise_scale", "noise_value_and_grad", "register_decision",
+           "register_layer_stats", "replicate", "scale_by_items", "shard_batch", "statistics_path",
+           "traced_decision", "window_kind"]
