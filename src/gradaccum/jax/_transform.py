@@ -132,10 +132,11 @@ def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedStep
                          f"{noise_decay!r}")
     ema = NoiseScaleEMA(float(noise_decay))
     if isinstance(every_k, AccumulationConfig):
-        every_k = every_k.make_rule()
-        if not isinstance(every_k, FixedSteps):
-            raise ValueError(f"every_k: accumulate closes windows by count only, got the rule {every_k!r}; "
+        rule = every_k.make_rule()
+        if not isinstance(rule, FixedSteps):
+            raise ValueError(f"every_k: accumulate closes windows by count only, got the rule {rule!r}; "
                              "use AccumulatingTrainState for adaptive rules")
+        every_k = rule
     k = every_k.k if isinstance(every_k, FixedSteps) else check_positive_int("every_k", every_k)
     inner = optax.with_extra_args_support(optimizer)
 
@@ -163,7 +164,7 @@ def accumulate(optimizer: optax.GradientTransformation, every_k: int | FixedStep
         total = state.items + count
         close = (state.mini_step + 1 >= k) | jnp.asarray(last, bool)
         noise = None
-        if measure_noise:
+        if isinstance(state, MeasuringAccumulationState):  # measure_noise (_check_measuring)
             noise = _measured(state.noise, count, squared)
 
         def make(mini_step: Any, items: Any, sums: Any, inner_state: Any, step: Any, bad: Any,

@@ -307,7 +307,8 @@ class MicroBatchSource:
             raise ValueError(f"statistics state: 'm2' must be a list of {len(self.names)} tensors or None "
                              "(one per parameter)")
         out: list[torch.Tensor | None] = []
-        for m, name, p in zip(m2, self.names, self._params or [None] * len(self.names)):
+        params: list[torch.nn.Parameter | None] = list(self._params) or [None] * len(self.names)
+        for m, name, p in zip(m2, self.names, params):
             if m is None:
                 out.append(None)
                 continue

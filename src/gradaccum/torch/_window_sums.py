@@ -121,7 +121,7 @@ class MomentWindowSums(WindowSums):
         self._moments = moments
         super().__init__(params, in_place=False)
 
-    @property  # type: ignore[override]
+    @property
     def sums(self) -> list[torch.Tensor | None]:
         moments = self._moments()
         if moments is None:
