@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -90,7 +90,7 @@ def _buffer(size: int, dtype: torch.dtype, device: torch.device, scratch: Scratc
     return scratch.take("blocks", size, dtype, device)
 
 
-def _seconds(block: list[Piece], params: list[torch.Tensor], squares: list[torch.Tensor | RowSquares | None],
+def _seconds(block: list[Piece], params: Sequence[torch.Tensor], squares: list[torch.Tensor | RowSquares | None],
              into: list[torch.Tensor] | None, scratch: Scratch) -> list[torch.Tensor]:
     """The block's ``S2``, which the guard overwrites: in ``into`` where given (a new window's
     ``M2`` rows); else rows of the tensors at hand (the increment's own, no copy), or made into
@@ -109,7 +109,7 @@ def _seconds(block: list[Piece], params: list[torch.Tensor], squares: list[torch
     return into
 
 
-def _targets(block: list[Piece], params: list[torch.Tensor], squares: list[torch.Tensor | RowSquares | None],
+def _targets(block: list[Piece], params: Sequence[torch.Tensor], squares: list[torch.Tensor | RowSquares | None],
              scratch: Scratch) -> list[torch.Tensor]:
     """Where each piece's ``S2`` goes: the rows of a tensor at hand, else consecutive views of
     the buffer (one per dtype and device)."""
@@ -121,9 +121,10 @@ def _targets(block: list[Piece], params: list[torch.Tensor], squares: list[torch
     buffers = {key: _buffer(size, *key, scratch) for key, size in sizes.items() if size}
     offsets = dict.fromkeys(buffers, 0)
     out: list[torch.Tensor] = []
-    for q, shape, key, m in zip(block, shapes, keys, made):
-        if not m:
-            out.append(rows(squares[q.param], q))  # type: ignore[arg-type]
+    for q, shape, key in zip(block, shapes, keys):
+        square = squares[q.param]
+        if isinstance(square, torch.Tensor):  # not made: the rows of the tensor at hand
+            out.append(rows(square, q))
             continue
         size = math.prod(shape)
         out.append(buffers[key][offsets[key]:offsets[key] + size].view(shape))
@@ -139,7 +140,7 @@ def _values_at(source: Values | None, piece: Piece, width: int) -> Values | None
     return lambda index: source(index + offset)
 
 
-def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], firsts: list[torch.Tensor],
+def commit_in_blocks(state: list[Moments] | None, params: Sequence[torch.Tensor], firsts: list[torch.Tensor],
                      squares: list[torch.Tensor | RowSquares | None], n: int, coefficients: list[float],
                      values: list[Values | None], names: list[str], unscale: float,
                      reduce: Callable[[list[torch.Tensor], list[torch.Tensor], int], tuple[list[torch.Tensor], int]]
@@ -175,7 +176,7 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
                               [_values_at(values[q.param], q, math.prod(params[q.param].shape[1:])) for q in block],
                               [names[q.param] for q in block], elements, kernels, scratch)
             if unscale != 1.0:
-                s1 = torch._foreach_div(s1, unscale)
+                s1 = list(torch._foreach_div(s1, unscale))
                 torch._foreach_div_(m2, unscale * unscale)
             if reduce is not None:
                 s1, total = reduce(s1, m2, n)
@@ -194,6 +195,7 @@ def commit_in_blocks(state: list[Moments] | None, params: list[torch.Tensor], fi
                                 f"({type(error).__name__}: {error}): the running moments are partly merged "
                                 "and lost; reset() starts a new window") from error
     merged = [Moments(n_a + total, m.mean, m.m2) for m in state]
-    if largest and all(x is not None for x in largest):
-        reductions.remember_largest(merged, torch.stack(largest).max())  # type: ignore[arg-type]
+    found = [x for x in largest if x is not None]
+    if largest and len(found) == len(largest):
+        reductions.remember_largest(merged, torch.stack(found).max())
     return merged

@@ -149,7 +149,7 @@ def vmap_per_sample(call: Replay, names: list[str], batch: int) -> Grads:
             leaves, _ = tree_flatten(functional_call(module, p, inputs, kwargs, strict=False))
             return tuple(leaves[k] for k in used)
 
-        _, pullback = vjp(outputs, params)
+        pullback = vjp(outputs, params)[1]
         return pullback(tuple(c.unsqueeze(call.out_dims[k]) for c, k in zip(cotangents, used)))[0]
 
     in_dims = (tuple(call.arg_dims), {k: call.kwarg_dims[k] for k in batched_kwargs},

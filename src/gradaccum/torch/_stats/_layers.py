@@ -7,23 +7,29 @@ tests compare each against a loop over samples in float64 (docs/design.md, "Per-
 
 from __future__ import annotations
 
+import functools
+import operator
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from ._choice import samples_per_product
-from ._registry import Grads, LayerStats, NormParts, Projector, RowSquares, channels_first_positions
+from ._registry import Grads, LayerStats, NormParts, Projector, RowSquares, Squares, channels_first_positions
 from ._registry import register_layer_stats as register
 
+_V = TypeVar("_V")
 
-def _with_bias(module: nn.Module, grads: Grads, bias: torch.Tensor) -> Grads:
+
+def _with_bias(module: nn.Module, grads: dict[str, _V], bias: _V) -> dict[str, _V]:
     if getattr(module, "bias", None) is not None and module.bias.requires_grad:
         grads["bias"] = bias
     return grads
 
 
-def _own(module: nn.Module, grads: Grads) -> Grads:
+def _own(module: nn.Module, grads: dict[str, _V]) -> dict[str, _V]:
     """Keep only the parameters that train."""
     return {k: v for k, v in grads.items() if getattr(module, k).requires_grad}
 
@@ -38,7 +44,7 @@ def _linear_per_sample(module: nn.Linear, args: tuple, d: torch.Tensor) -> Grads
 
 
 def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project: Projector
-                        ) -> tuple[Grads, Grads, Grads] | None:
+                        ) -> tuple[Squares, Grads, Grads] | None:
     """The closed form of ``sum_i g_i^2``, a block of rows at a time (``RowSquares``): at one position
     per sample ``(D^2)^T X^2`` (one GEMM), over T positions each sample's ``(D_i^T X_i)^2`` made for a
     block of rows and a few samples at a time and summed in place (``_choice`` says when per-sample
@@ -58,7 +64,7 @@ def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project
         write = _linear_sequence_rows(xf.view(b, positions, -1), df.view(b, positions, -1))
         bias_squares = df.view(b, positions, -1).sum(1).square_().sum(0)
         d_columns = df.square().sum(0).sqrt_()
-    squares = {"weight": RowSquares(module.weight.shape, write, x.dtype, x.device)}
+    squares: Squares = {"weight": RowSquares(module.weight.shape, write, x.dtype, x.device)}
     v = project.vector(xf.shape[-1], x.dtype, x.device)
     sums = {"weight": df.T @ (xf @ v)}  # (D^T X) v, two GEMVs
     magnitudes = _linear_magnitudes(module, d_columns, torch.linalg.vector_norm(xf), xf.shape[0],
@@ -131,8 +137,9 @@ def _linear_norms(module: nn.Linear, args: tuple, d: torch.Tensor, project: Proj
             weight = (torch.bmm(x3, x3.transpose(1, 2)) * torch.bmm(d3, d3.transpose(1, 2))).sum()
         else:
             chunk = max(1, (1 << 24) // (n_in * n_out))
-            weight = sum(_squared(torch.bmm(d3[s:s + chunk].transpose(1, 2), x3[s:s + chunk]))
-                         for s in range(0, b, chunk))
+            weight = functools.reduce(operator.add, (_squared(torch.bmm(d3[s:s + chunk].transpose(1, 2),
+                                                                        x3[s:s + chunk]))
+                                                     for s in range(0, b, chunk)))
         bias = _squared(d3.sum(1))
     v = project.vector(n_in, x.dtype, x.device)
     d_columns = df.square().sum(0).sqrt_()  # (vector_norm over dim 0 is a slow strided reduction)
@@ -172,7 +179,7 @@ def _conv_per_sample(module: nn.Module, args: tuple, d: torch.Tensor) -> Grads:
     params = {k: p.detach() for k, p in module.named_parameters(recurse=False)}
 
     def one(x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-        _, pull = vjp(lambda p: functional_call(module, p, (x.unsqueeze(0),)), params)
+        pull = vjp(lambda p: functional_call(module, p, (x.unsqueeze(0),)), params)[1]
         return pull(g.unsqueeze(0))[0]
 
     return _own(module, vmap(one)(args[0], d))
@@ -207,12 +214,13 @@ def _embedding_per_sample(module: nn.Embedding, args: tuple, d: torch.Tensor) ->
 
 
 def _embedding_sum_squares(module: nn.Embedding, args: tuple, d: torch.Tensor, project: Projector
-                           ) -> tuple[Grads, Grads]:
+                           ) -> tuple[Squares, Grads]:
     _, tokens, rows = _embedding_rows(module, args, d)
     squares = torch.zeros_like(module.weight, dtype=d.dtype).index_add_(0, tokens, rows * rows)
     projected = rows @ project.vector(rows.shape[-1], rows.dtype, rows.device)
     sums = torch.zeros(module.num_embeddings, dtype=d.dtype, device=d.device).index_add_(0, tokens, projected)
-    return _own(module, {"weight": squares}), _own(module, {"weight": sums})
+    squares_of: Squares = {"weight": squares}
+    return _own(module, squares_of), _own(module, {"weight": sums})
 
 
 def _embedding_norms(module: nn.Embedding, args: tuple, d: torch.Tensor, project: Projector) -> NormParts:

@@ -72,8 +72,7 @@ class LayerPaths:
             self._count_terms(unit, wanted, inc, n * positions(None, d))
             self._add_per_sample(unit, self._fallback(unit, call, n, sorted(wanted), dtype), inc, needs_per_sample)
             for k in wanted - needs_per_sample:
-                inc.values[self._index[id(unit.params[k])]] = \
-                    lambda index, k=k: self._fallback(unit, call, n, [k], dtype)[k].reshape(n, -1)[:, index]
+                inc.values[self._index[id(unit.params[k])]] = self._fallback_values(unit, call, n, k, dtype)
             return
         if d is None:
             return
@@ -144,10 +143,12 @@ class LayerPaths:
     # ------------------------------------------------------------------ registered layers
     def _add_norms(self, unit: Unit, args: tuple, d: torch.Tensor, wanted: set[str], inc: Increment) -> bool:
         """The layer's norm formula (``LayerStats.norms``); False where it gave none for this call."""
-        parts = unit.entry.norms(unit.module, args, d, self._project)  # type: ignore[union-attr, misc]
+        entry = unit.entry
+        assert entry is not None and entry.norms is not None  # add_call takes this path only then
+        parts = entry.norms(unit.module, args, d, self._project)
         if parts is None:
             return False
-        self._paths[unit.label] = f"{unit.entry.name}:norms"  # type: ignore[union-attr]
+        self._paths[unit.label] = f"{entry.name}:norms"
         for k in wanted & set(parts.squared_norms):
             i = self._index[id(unit.params[k])]
             inc.norms[i] = plus(inc.norms[i], parts.squared_norms[k])
@@ -159,10 +160,12 @@ class LayerPaths:
     def _add_sum_squares(self, unit: Unit, args: tuple, d: torch.Tensor, kwargs: dict[str, Any], n: int,
                          wanted: set[str], inc: Increment) -> bool:
         """The layer's sums of squares (``LayerStats.sum_squares``); False where it gave none."""
-        fast = unit.entry.sum_squares(unit.module, args, d, self._project)  # type: ignore[union-attr, misc]
+        entry = unit.entry
+        assert entry is not None and entry.sum_squares is not None  # add_call takes this path only then
+        fast = entry.sum_squares(unit.module, args, d, self._project)
         if fast is None:
             return False
-        self._paths[unit.label] = f"{unit.entry.name}:sum_squares"  # type: ignore[union-attr]
+        self._paths[unit.label] = f"{entry.name}:sum_squares"
         squares, sums, magnitudes = (*fast, {}) if len(fast) == 2 else fast
         for k in wanted & set(squares):
             i = self._index[id(unit.params[k])]
@@ -194,8 +197,9 @@ class LayerPaths:
         """The precision guard's per-sample values of one parameter of a registered layer's call."""
         entry = unit.entry
         assert entry is not None
-        if entry.values is not None and not entry.subtree:
-            return lambda index: entry.values(unit.module, args, d, name, index)  # type: ignore[misc]
+        registered = entry.values
+        if registered is not None and not entry.subtree:
+            return lambda index: registered(unit.module, args, d, name, index)
 
         def values(index: torch.Tensor) -> torch.Tensor:
             return torch.cat([g[name].reshape(len(g[name]), -1)[:, index]
@@ -219,6 +223,15 @@ class LayerPaths:
                 inc.tied[i][offset:offset + len(g)] += g
             else:
                 inc.add_squares(i, g, self._project)
+
+    def _fallback_values(self, unit: Unit, call: Call, n: int, name: str, dtype: torch.dtype) -> Values:
+        """The precision guard's per-sample values of one parameter, from the exact fallback run
+        again for that parameter alone when the guard asks."""
+
+        def values(index: torch.Tensor) -> torch.Tensor:
+            return self._fallback(unit, call, n, [name], dtype)[name].reshape(n, -1)[:, index]
+
+        return values
 
     def _fallback(self, unit: Unit, call: Call, n: int, names: list[str],
                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -244,7 +257,8 @@ def count_uses(calls: list[Call]) -> dict[int, int]:
     """How many of the calls used each parameter (by id)."""
     uses: dict[int, int] = {}
     for call in calls:
-        for p in call.unit.params.values():  # type: ignore[union-attr]
+        assert call.unit is not None  # the recorded layer calls: the model's own call is kept apart
+        for p in call.unit.params.values():
             uses[id(p)] = uses.get(id(p), 0) + 1
     return uses
 

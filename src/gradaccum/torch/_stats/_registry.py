@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -64,11 +64,17 @@ class RowSquares(NamedTuple):
         return out
 
 
-PerSample = Callable[[nn.Module, tuple, torch.Tensor], Grads]
-SumSquares = Callable[[nn.Module, tuple, torch.Tensor, Projector],
-                      "tuple[Grads, Grads] | tuple[Grads, Grads, Grads] | None"]
-Norms = Callable[[nn.Module, tuple, torch.Tensor, Projector], "NormParts | None"]
-Values = Callable[[nn.Module, tuple, torch.Tensor, str, torch.Tensor], torch.Tensor]
+Squares = dict[str, torch.Tensor | RowSquares]
+"""``sum_squares``' squares: per parameter a tensor, or a ``RowSquares`` that makes it in blocks."""
+
+# A layer's functions take the module type they are registered for (nn.Linear's take an nn.Linear):
+# the table dispatches by type (``lookup``), which a Callable's parameter type cannot say, so the
+# module parameter is Any here, as in the JAX table (gradaccum.jax._layer_stats).
+PerSample = Callable[[Any, tuple, torch.Tensor], Grads]
+SumSquares = Callable[[Any, tuple, torch.Tensor, Projector],
+                      "tuple[Squares, Grads] | tuple[Squares, Grads, Grads] | None"]
+Norms = Callable[[Any, tuple, torch.Tensor, Projector], "NormParts | None"]
+Values = Callable[[Any, tuple, torch.Tensor, str, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
