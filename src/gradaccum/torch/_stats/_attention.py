@@ -80,7 +80,7 @@ def _mha_per_sample(module: nn.MultiheadAttention, args: tuple, d: torch.Tensor,
     return {k: g for k, g in grads.items() if module.get_parameter(k).requires_grad}
 
 
-# A subtree entry takes the call's keyword arguments as a fourth argument (LayerStats.subtree), and
-# its functions take the registered type, narrower than the table's nn.Module.
+# A subtree entry's functions take the call's keyword arguments as a fourth argument (LayerStats.subtree),
+# which the table's three-argument PerSample does not say; `applies` is typed by nn.Module.
 register(nn.MultiheadAttention)(LayerStats("attention", cast(PerSample, _mha_per_sample), subtree=True,
                                           applies=cast(Callable[[nn.Module], bool], _supported)))
