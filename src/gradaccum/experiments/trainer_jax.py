@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import StoppingRule
 from .._core.monitor import DecisionMonitor
 from ..jax import AccumulatingTrainState, flush, make_train_step
 from .arms import ARM_TABLE
@@ -70,8 +69,7 @@ def train_jax(arm: str, params: dict[str, float], seed: int, data: MNIST1D, cfg:
     state = AccumulatingTrainState.create(
         apply_fn=MODEL.apply,
         params=MODEL.init(jax.random.key(seed), jnp.zeros((1, x.shape[1]), jnp.float32))["params"],
-        # create() takes a planner too (as_rule passes it through), though its annotation names only rules
-        tx=optax.adam(params["lr"]), rule=cast(StoppingRule, rule))
+        tx=optax.adam(params["lr"]), rule=rule)
     size = cfg.increment
     curve: list[tuple[int, float]] = []
     metrics_seen: list[dict[str, jax.Array]] = []

@@ -25,7 +25,7 @@ from .._core.config import AccumulationConfig, as_rule
 from .._core.micro_batch import micro_batch_terms
 from .._core.moments import moments_from_sums
 from .._core.noise_scale import noise_terms, window_terms
-from .._core.planners import PlanSummary, after_window, is_planner
+from .._core.planners import Planner, PlanSummary, after_window, is_planner
 from .._core.rules import FixedSteps, StoppingRule, statistics_kind, statistics_source
 from .._core.statistics import gsnr_of
 from .._core.validation import check_choice
@@ -110,7 +110,8 @@ class AccumulatingTrainState(train_state.TrainState):
     plan: PlanState | None = None
 
     @classmethod
-    def create(cls, *, apply_fn: Any, params: Any, tx: Any, rule: StoppingRule | AccumulationConfig | None = None,
+    def create(cls, *, apply_fn: Any, params: Any, tx: Any,
+               rule: StoppingRule | Planner | AccumulationConfig | None = None,
                nonfinite: str = "skip_micro_batch", **kwargs: Any) -> AccumulatingTrainState:
         """A new state with ``step=0``, ``tx.init(params)`` and an empty window shaped like ``params``."""
         if rule is None:
