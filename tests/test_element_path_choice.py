@@ -198,3 +198,11 @@ def test_one_position_per_sample_always_takes_the_closed_form(shape: tuple[int, 
     b, n_in, n_out = shape
     costs = linear_costs(b, 1, n_in, n_out)
     assert costs.closed < costs.per_sample
+
+
+def test_a_linear_without_inputs_or_outputs_keeps_its_closed_form() -> None:
+    """nn.Linear(0, k) or (k, 0): nothing to weigh (before, the estimate divided by zero)."""
+    from gradaccum.torch._stats._choice import per_sample_is_cheaper
+
+    assert not per_sample_is_cheaper("linear", (torch.zeros(2, 5, 0),), torch.zeros(2, 5, 4))
+    assert not per_sample_is_cheaper("linear", (torch.zeros(2, 5, 3),), torch.zeros(2, 5, 0))

@@ -237,3 +237,25 @@ def test_a_dropped_window_records_its_terms_and_does_not_join_the_averages() -> 
     assert float(state.noise.trace) == pytest.approx(want_trace, rel=1e-12)
     assert float(state.noise.squared_norm) == pytest.approx(want_squared, rel=1e-12)
     assert float(state.noise.weight) == 0.0 and math.isnan(float(noise_scale(state)))
+
+
+def test_float16_gradients_measure_their_window_as_float64_does_from_the_same_sums() -> None:
+    """A float16 window sum's |S|^2 passes float16's range (65504) long before float32's: it is
+    squared in float32, so the window's terms are finite and equal float64's from the same sums."""
+    from gradaccum._core.micro_batch import micro_batch_terms
+
+    opt = accumulate(optax.sgd(0.1), 2, measure_noise=True)
+    params = {"w": jnp.zeros(1000, jnp.float16)}
+    state = opt.init(params)
+    rng = np.random.default_rng(0)
+    weighted = 0.0
+    for _ in range(2):
+        u = jnp.asarray(1.0 + 0.1 * rng.normal(size=1000), jnp.float16)
+        weighted += 64 * float(np.sum(np.asarray(u, np.float64) ** 2))
+        window = state.grad_sum["w"] + u * jnp.asarray(64, jnp.float16)  # the sum the close sees
+        _, state = opt.update({"w": u}, state, params, items=64)
+    s = np.asarray(window, np.float64)
+    want = micro_batch_terms(2, 128, weighted, float(s @ s))
+    assert math.isfinite(float(state.noise.trace)) and math.isfinite(float(state.noise.squared_norm))
+    assert float(state.noise.trace) == pytest.approx(float(want[0]), rel=1e-3)
+    assert float(state.noise.squared_norm) == pytest.approx(float(want[1]), rel=1e-3)

@@ -121,3 +121,67 @@ def test_summarize_is_unchanged_for_a_users_planner() -> None:
     assert [r.micro_batches for r in acc.history] == [1 + k % 2 for k in range(len(acc.history))]
     assert seen[0] == 0 and seen[1:] == list(range(1, len(seen)))
     assert planners.summarize is summarize
+
+
+def test_an_interrupted_fold_leaves_the_fold_as_it_was(monkeypatch) -> None:
+    """A refold stopped half-way (Ctrl-C in a close, retried by flush()) must not count the
+    records it folded before the interruption twice."""
+    records = history(30, seed=4)
+    fold = PlanFold(0.9, 1)
+    fold(records[:10])
+    update = NoiseScaleEMA.update
+    calls = []
+
+    def interrupted(self, averages, values):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return update(self, averages, values)
+
+    monkeypatch.setattr(NoiseScaleEMA, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fold(records[:29], records[29])
+    monkeypatch.setattr(NoiseScaleEMA, "update", update)
+    assert fold(records[:29], records[29]) == summarize(records, 0.9, 1)
+    # and after a restored history (a refold from the start) interrupted the same way
+    other = history(30, seed=5)
+    calls.clear()
+    monkeypatch.setattr(NoiseScaleEMA, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fold(other)
+    monkeypatch.setattr(NoiseScaleEMA, "update", update)
+    assert fold(other) == summarize(other, 0.9, 1)
+
+
+def test_a_subclass_with_its_own_plan_is_asked_at_every_close() -> None:
+    class Warmup(NoiseScalePlanner):
+        def plan(self, records):
+            return 1 if len(records) < 5 else 3
+
+    planner = Warmup(1.0, min_batch=8, max_batch=64, micro_batch=8, source="per_sample")
+    assert planner.fold() is None
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), planner)
+    data = classification(400, seed=2)
+    start = 0
+    while len(acc.history) < 8:
+        acc.backward(*ce_mean(model, take(data, slice(start, start + 8))))
+        start += 8
+    assert [r.micro_batches for r in acc.history] == [1] * 5 + [3] * 3
+
+
+def test_a_planner_set_on_the_accumulator_later_plans_with_its_own_fold() -> None:
+    first = NoiseScalePlanner(0.1, min_batch=8, max_batch=256, micro_batch=8, source="per_sample", decay=0.99)
+    second = NoiseScalePlanner(0.3, min_batch=8, max_batch=256, micro_batch=8, source="per_sample", decay=0.1)
+    model = mlp()
+    acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), first)
+    data = classification(8000, seed=3)
+    start, switched = 0, None
+    while len(acc.history) < 16:
+        if len(acc.history) == 4 and switched is None:
+            acc.planner = acc.rule = second
+            switched = len(acc.history)
+        acc.backward(*ce_mean(model, take(data, slice(start, start + 8))))
+        start += 8
+    for n in range(switched + 1, len(acc.history)):
+        assert acc.history[n].micro_batches == second.plan(acc.history[:n]), n

@@ -128,16 +128,19 @@ class PlanFold:
         def record(i: int) -> StepRecord:
             return pending if pending is not None and i == len(history) else history[i]
 
-        if self._counted and (self._counted > n or record(self._counted - 1) is not self._last):
-            self._start()
-        for i in range(self._counted, n):
-            self._items += record(i).items
-        self._counted = n
+        counted, items, folded, state = self._counted, self._items, self._folded, self._state
+        if counted and (counted > n or record(counted - 1) is not self._last):
+            counted, items, folded, state = 0, 0, 0, (0.0, 0.0, 0.0, 0.0)  # folded anew
+        for i in range(counted, n):
+            items += record(i).items
+        boundary = n - n % self._every
+        for i in range(folded, boundary):
+            state = _fold(self._average, state, record(i))
+        # kept only once every record is folded: an interrupted call (Ctrl-C, a failed close
+        # retried by flush()) leaves the fold as it was
+        self._counted, self._items, self._folded, self._state = n, items, max(folded, boundary), state
         self._last = record(n - 1) if n else None
-        for i in range(self._folded, n - n % self._every):
-            self._state = _fold(self._average, self._state, record(i))
-        self._folded = max(self._folded, n - n % self._every)
-        return PlanSummary(self._items, n, *self._state)
+        return PlanSummary(items, n, *state)
 
 
 REASONS = ("rule", "flush", "nonfinite", "failed")  # why a window closed (``StepRecord.reason``)
@@ -267,10 +270,10 @@ class BatchRamp:
     def plan(self, history: Sequence[StepRecord]) -> int:
         return int(self.plan_from(summarize(history)))
 
-    def fold(self) -> PlanFold:
+    def fold(self) -> PlanFold | None:
         """A ``PlanFold`` whose summaries give ``plan``'s answer through ``plan_from``, a close
-        at a time (the Accumulator keeps one)."""
-        return PlanFold()
+        at a time (the Accumulator keeps one); None for a subclass with its own ``plan``."""
+        return PlanFold() if type(self).plan is BatchRamp.plan else None
 
     def plan_from(self, summary: PlanSummary) -> Any:
         """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""
@@ -325,10 +328,10 @@ class _NoisePlanner:
     def plan(self, history: Sequence[StepRecord]) -> int:
         return int(self.plan_from(summarize(history, self.decay, self.every)))
 
-    def fold(self) -> PlanFold:
+    def fold(self) -> PlanFold | None:
         """A ``PlanFold`` whose summaries give ``plan``'s answer through ``plan_from``, a close
-        at a time (the Accumulator keeps one)."""
-        return PlanFold(self.decay, self.every)
+        at a time (the Accumulator keeps one); None for a subclass with its own ``plan``."""
+        return PlanFold(self.decay, self.every) if type(self).plan is _NoisePlanner.plan else None
 
     def plan_from(self, summary: PlanSummary) -> Any:
         """The plan from a ``PlanSummary`` (Python numbers or arrays alike)."""

@@ -207,8 +207,11 @@ def squared_norm(tree: Any) -> jax.Array:
     """The squared norm of every leaf together, in float32 or wider (a float32 zero to start
     from: it widens nothing, and a tree without leaves gives an array too)."""
     start = jnp.zeros((), jnp.float32)
-    return sum((jnp.vdot(x, x).astype(jnp.promote_types(x.dtype, jnp.float32)) for x in jax.tree.leaves(tree)),
-               start)
+    def square(x: jax.Array) -> jax.Array:
+        wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # widened before the products: a float16
+        return jnp.vdot(wide, wide)  # sum's |S|^2 passes 65504 long before float32's range
+
+    return sum((square(x) for x in jax.tree.leaves(tree)), start)
 
 
 def unzip(pairs: Any, like: Any) -> tuple[Any, Any]:

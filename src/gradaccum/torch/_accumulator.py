@@ -188,9 +188,9 @@ class Accumulator(MicroBatchIntake, WindowClose):
         self._mode.connect(model, timeout)
         self.monitor = DecisionMonitor()
         self.history: list[StepRecord] = []
-        # a built-in planner's running summary of the history: each close folds one record
-        self._fold: PlanFold | None = self.planner.fold() \
-            if self.planner is not None and callable(getattr(self.planner, "fold", None)) else None
+        # a built-in planner's running summary of the history (each close folds one record), with
+        # the planner it was made for
+        self._fold: tuple[Planner, PlanFold | None] | None = None
         self.last_record: StepRecord | None = None
         self._steps = 0
         self._items_seen = 0  # items of every closed window (the schedule's progress)

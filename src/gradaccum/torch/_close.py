@@ -83,7 +83,7 @@ class WindowClose(AccumulatorState):
     _planned: int | None
     optimizer: torch.optim.Optimizer
     planner: Planner | None
-    _fold: PlanFold | None  # a built-in planner's running summary of the history (None otherwise)
+    _fold: tuple[Planner, PlanFold | None] | None  # (planner, its running summary or None), made at the first close
     scheduler: Any
     clip_grad_norm: float | None
     lr_scaling: str | None
@@ -209,9 +209,13 @@ class WindowClose(AccumulatorState):
             return None
         check_history([record], f"the window's record (window {self._steps})", start=self._steps)
         # a built-in planner folds this record into its running summary (constant cost a close);
-        # a user's planner reads the whole history
-        planned = self.planner.plan([*self.history, record]) if self._fold is None \
-            else int(self.planner.plan_from(self._fold(self.history, record)))  # type: ignore[attr-defined]  # fold(): built-in
+        # a user's planner, or a subclass with its own plan(), reads the whole history
+        if self._fold is None or self._fold[0] is not self.planner:  # made for this planner
+            make = getattr(self.planner, "fold", None)
+            self._fold = (self.planner, make() if callable(make) else None)
+        fold = self._fold[1]
+        planned = self.planner.plan([*self.history, record]) if fold is None \
+            else int(self.planner.plan_from(fold(self.history, record)))  # type: ignore[attr-defined]  # fold(): built-in
         return check_positive_int(f"{type(self.planner).__name__}.plan(history), the next window's micro-batches,",
                                   planned)
 

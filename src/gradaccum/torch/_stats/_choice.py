@@ -93,6 +93,8 @@ def _linear(args: tuple, d: torch.Tensor) -> Costs | None:
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or x.shape[0] == 0:
         return None
     b = x.shape[0]
+    if x.shape[-1] == 0 or d.shape[-1] == 0:  # nothing to choose between: the closed form
+        return None
     return linear_costs(b, x.numel() // (b * x.shape[-1]), x.shape[-1], d.shape[-1])
 
 
