@@ -209,3 +209,24 @@ def test_ddp_refuses_per_element_rules_from_micro_batches(monkeypatch: pytest.Mo
     for rule in (GSNR(1.0, source="micro_batch"), planner):
         with pytest.raises(ValueError, match="source='micro_batch'.*DistributedDataParallel.*source='per_sample'"):
             _accumulator(model, rule)
+
+
+def test_a_grad_scaler_is_divided_out_of_the_element_moments() -> None:
+    """With a GradScaler the micro-batches' gradients arrive scaled; the element moments (and the
+    GSNR read from them) are those of the unscaled run, measured after unscaling."""
+    seen = []
+    for scaled in (False, True):
+        model, batches = _model(), _batches()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
+        acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          GSNR(1e12, scale="mean", source="micro_batch", **NEVER), scaler=scaler)
+        for j, batch in enumerate(batches):
+            acc.backward(_loss(model, batch, 100 + j), len(batch[1]))
+        seen.append((_flat(acc.source.moments()), acc.rule.decide(_view(acc)).info["gsnr"]))
+    (mean0, m20), gsnr0 = seen[0]
+    (mean1, m21), gsnr1 = seen[1]
+    np.testing.assert_allclose(mean1, mean0, rtol=1e-12, atol=1e-16)
+    np.testing.assert_allclose(m21, m20, rtol=1e-10, atol=1e-16)
+    assert gsnr1 == pytest.approx(gsnr0, rel=1e-10)
+    mean, variance, _, n = _reference(*_loop(_model(), batches))
+    np.testing.assert_allclose(m21 / (n - 1), variance, rtol=1e-9, atol=1e-14)
