@@ -134,6 +134,7 @@ def squared_norms_if_finite(grads: list[torch.Tensor | None]) -> list[float] | N
     return out
 
 
+@torch.no_grad()  # a gradient made with create_graph=True carries a graph; no norm of it is recorded
 def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
     """Each tensor's squared norm as a Python float, in one read: NaN or Inf where an element is
     (or where the square overflows the tensor's dtype).
