@@ -160,6 +160,6 @@ def test_the_lm_studies_and_run_keys_name_the_model() -> None:
     from gradaccum.experiments.workers import run_key
 
     task, lm_cfg = lm_front(ExperimentConfig(quiet=True))
-    assert task.key == "lm-context16-dim64-layers2"
+    assert task.key == "lm-context12-dim64-layers2"
     job = ("baseline", {"lr": 1e-3}, 0, None, lm_cfg)
     assert run_key(task.key, job) != run_key("lm", job)

@@ -66,7 +66,7 @@ class ExperimentConfig:
     lm_seeds: int = _f(3, "seeds the LM section's chosen settings are trained over")
     workers: int = _f(0, "worker processes for trials and final runs, one thread each (0: one per core)")
     lm_budget: int = _f(3_200, "training sequences per run of the LM section (validated every 1/30 of it)")
-    lm_scale: int = _f(1, "size of the LM section's model: width 64k, depth 2k, context 16k bytes (k > 1 for a GPU)")
+    lm_scale: int = _f(1, "size of the LM section's model: width 64k, depth 2k, context 12k bytes (k > 1 for a GPU)")
     storage: str = _f("", "Optuna storage: an RDB URL (default: sqlite:///<out>/optuna.db; postgresql://... "
                           "for several machines) or journal:PATH (a file several local processes can share)")
     n_jobs: int = _f(1, "parallel Optuna trials in this process")

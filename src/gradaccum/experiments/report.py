@@ -174,6 +174,10 @@ def sections_table(out: Path) -> list[str]:
                      f"{seconds:.0f} | {entry.get('workers', '-')} | "
                      f"{'reused (finished earlier)' if entry.get('reused') else 'computed'} |"
                      if isinstance(seconds, (int, float)) else f"| {name} | - | - | - | - |")
+    entries = [e for e in status.values() if isinstance(e, dict)]
+    numbers = [(e.get("budget_seconds"), e.get("seconds")) for e in entries if not e.get("reused")]
+    if len(numbers) == len(status) > 1 and all(isinstance(x, (int, float)) for pair in numbers for x in pair):
+        lines.append(f"| all | {sum(b for b, _ in numbers):.0f} | {sum(t for _, t in numbers):.0f} | | computed |")
     return lines + [""]
 
 
