@@ -380,9 +380,8 @@ def about_lines(front: dict[str, Any]) -> list[str]:
         lines += ["", "Measured gradient noise scale B_simple (the noise-scale planner's final runs, in samples; per "
                   "quarter of the budget, the ratio of the mean tr(Sigma) to the mean |G|^2 over its windows): "
                   + ", ".join(f"{m:.0f}" for m in measured)
-                  + f". It is at or above 8x the smallest batch (8 x {cfg['increment']} = {eight}) in {above} of the 4 quarters; "
-                  "the arms' "
-                  f"batches span {cfg['increment']}-{cfg['max_samples']}."]
+                  + f". It is at or above 8x the smallest batch (8 x {cfg['increment']} = {eight}) in {above} of the "
+                  f"4 quarters; the arms' batches span {cfg['increment']}-{cfg['max_samples']}."]
     return lines
 
 
