@@ -175,8 +175,9 @@ def sections_table(out: Path) -> list[str]:
                      f"{'reused (finished earlier)' if entry.get('reused') else 'computed'} |"
                      if isinstance(seconds, (int, float)) else f"| {name} | - | - | - | - |")
     entries = [e for e in status.values() if isinstance(e, dict)]
-    numbers = [(e.get("budget_seconds"), e.get("seconds")) for e in entries if not e.get("reused")]
-    if len(numbers) == len(status) > 1 and all(isinstance(x, (int, float)) for pair in numbers for x in pair):
+    numbers = [(e["budget_seconds"], e["seconds"]) for e in entries if not e.get("reused")
+               and isinstance(e.get("budget_seconds"), (int, float)) and isinstance(e.get("seconds"), (int, float))]
+    if len(numbers) == len(status) > 1:
         lines.append(f"| all | {sum(b for b, _ in numbers):.0f} | {sum(t for _, t in numbers):.0f} | | computed |")
     return lines + [""]
 
