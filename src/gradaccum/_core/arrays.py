@@ -50,7 +50,12 @@ def ratio_or_inf(a: Any, b: Any) -> Any:
     """``a / b`` where ``b > 0``, NaN where ``a`` or ``b`` is NaN (nothing was measured, e.g. a
     window of one micro-batch), else ``inf`` (no signal), never dividing by a non-positive ``b``:
     the noise scale ``tr(Sigma) / |G|^2`` and every ratio whose denominator may have no signal.
-    Python numbers give a Python float; arrays an array of their dtype."""
+    Python numbers give a Python float (by Python's own float64 arithmetic, the same numbers,
+    without a round trip through arrays: a rule decides on them at every micro-batch); arrays
+    an array of their dtype."""
+    if is_python(a, b):
+        a, b = float(a), float(b)
+        return math.nan if math.isnan(a) or math.isnan(b) else a / b if b > 0 else math.inf
     host = is_python(a, b)
     xp = namespace(a, b)
     if isinstance(b, (int, float)):  # an array's dtype for a Python denominator

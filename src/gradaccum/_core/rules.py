@@ -268,12 +268,10 @@ class NormTest(_SampleRule):
         (arrays or Python floats), and ``|mu|^2`` where it is known directly (else
         ``|G|^2 + tr(Sigma) / n``): what both statistics paths and every backend run. Python
         numbers give Python numbers."""
-        host = is_python(trace, squared_norm)
-        xp = namespace(trace, squared_norm)
-        trace, squared_norm = host_array(trace), host_array(squared_norm)
-        nf = n if isinstance(n, (int, float)) else xp.astype(n, trace.dtype)
+        host = is_python(trace, squared_norm)  # Python numbers stay Python numbers: the same float64 arithmetic
+        nf = n if isinstance(n, (int, float)) else namespace(trace, squared_norm).astype(n, host_array(trace).dtype)
         variance = trace / at_least_1(nf)
-        mean_squared = squared_norm + variance if mean_squared is None else host_array(mean_squared)
+        mean_squared = squared_norm + variance if mean_squared is None else mean_squared
         bound = self.theta**2 * (squared_norm if self.unbiased else mean_squared)
         ratio = where_enough(n, ratio_or_inf(variance, bound))
         noise = where_enough(n, ratio_or_inf(trace, squared_norm))

@@ -150,7 +150,10 @@ def norm_test_of(means: Sequence[Any], m2s: Sequence[Any], n: Any) -> tuple[Any,
 
 
 def where_enough(n: Any, value: Any) -> Any:
-    """``value`` where the window has at least 2 samples (a variance exists), else NaN."""
+    """``value`` where the window has at least 2 samples (a variance exists), else NaN (a Python
+    NaN for a Python count and value)."""
+    if isinstance(n, (int, float)) and type(value) in (int, float, bool):
+        return value if n >= 2 else math.nan
     xp = array_namespace(value)
     nan = xp.asarray(math.nan, dtype=value.dtype)
     if isinstance(n, int):
