@@ -2,10 +2,14 @@
 noise scale measured, side by side in one process.
 
 Every runner closes windows of ``k`` micro-batches: ``FixedSteps(k)``; ``NoiseScalePlanner``
-pinned to ``k`` micro-batches (``min_batch = max_batch``) on the micro-batch source; and the
-same on the per-sample source. Rounds interleave the runners (their order rotating), and each
-ratio is the median over rounds of the per-round ratio, with the interval between the 25th and
-75th percentiles of those per-round ratios. Written as JSON beside the printed table.
+pinned to ``k`` micro-batches (``min_batch = max_batch``) on the micro-batch source; ``NormTest``
+pinned likewise (its test still made at every micro-batch) on the micro-batch source; and the
+planner on the per-sample source, each over the fixed Accumulator. Beside them a plain
+accumulation loop (``loss / k`` backward ``k`` times, ``optimizer.step()``, ``zero_grad``) with
+and without ``Monitor(source="micro_batch", accumulation=k)``, the Monitor over the plain
+loop. Rounds interleave the runners (their order rotating), and each ratio is the median over
+rounds of the per-round ratio, with the interval between the 25th and 75th percentiles of
+those per-round ratios. Written as JSON beside the printed table.
 
     python benchmarks/micro_batch_statistics.py [--rounds 15] [--windows 10] [--out FILE.json]
 """
@@ -21,8 +25,8 @@ import sys
 import torch
 from torch import nn
 
-from gradaccum import FixedSteps, NoiseScalePlanner
-from gradaccum.torch import Accumulator
+from gradaccum import FixedSteps, NoiseScalePlanner, NormTest
+from gradaccum.torch import Accumulator, Monitor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from _models import GPT, GPTConfig  # noqa: E402  (nanoGPT's model, cut down)
@@ -70,6 +74,24 @@ def runner(make, rule, data):
     return run
 
 
+def loop_runner(make, data, k: int, monitored: bool):
+    """The plain accumulation loop, with the micro-batch Monitor or without it."""
+    torch.manual_seed(0)
+    model = make()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if monitored:
+        Monitor(model, optimizer, source="micro_batch", accumulation=k)
+
+    def run() -> None:
+        for i, (x, y) in enumerate(data):
+            (loss_of(model, x, y) / k).backward()
+            if (i + 1) % k == 0:
+                optimizer.step()
+                optimizer.zero_grad()
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
@@ -77,28 +99,33 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/micro_batch_statistics.json")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| model | fixed ms/window | micro-batch source / fixed [IQR] | per-sample source / fixed [IQR] |")
-    print("|---|---|---|---|")
+    print("| model | fixed ms/window | planner, micro-batch source / fixed [IQR] | NormTest, micro-batch source / "
+          "fixed [IQR] | planner, per-sample source / fixed [IQR] | Monitor, micro-batch source / plain loop [IQR] |")
+    print("|---|---|---|---|---|---|")
     results = []
     for name, (make, m, k) in CASES.items():
         data = batches(name, m, k * args.windows)
         pinned = dict(c=1.0, min_batch=k * m, max_batch=k * m, micro_batch=m)
         runners = [runner(make, FixedSteps(k), data),
                    runner(make, NoiseScalePlanner(**pinned, source="micro_batch"), data),
-                   runner(make, NoiseScalePlanner(**pinned, source="per_sample"), data)]
+                   runner(make, NormTest(0.5, min_samples=k * m, max_samples=k * m), data),
+                   runner(make, NoiseScalePlanner(**pinned, source="per_sample"), data),
+                   loop_runner(make, data, k, monitored=False),
+                   loop_runner(make, data, k, monitored=True)]
         times = interleaved_seconds(runners, args.rounds, args.windows)
-        ratios = [[t / f for t, f in zip(times[j], times[0])] for j in (1, 2)]
-        quartiles = [statistics.quantiles(r, n=4) for r in ratios]
-        row = {"model": name, "fixed_ms_per_window": 1e3 * statistics.median(times[0]),
-               "micro_batch_over_fixed": statistics.median(ratios[0]),
-               "micro_batch_iqr": [quartiles[0][0], quartiles[0][2]],
-               "per_sample_over_fixed": statistics.median(ratios[1]),
-               "per_sample_iqr": [quartiles[1][0], quartiles[1][2]],
-               "rounds": args.rounds, "threads": torch.get_num_threads()}
+        pairs = {"micro_batch": (1, 0), "norm_test": (2, 0), "per_sample": (3, 0), "monitor": (5, 4)}
+        row: dict = {"model": name, "fixed_ms_per_window": 1e3 * statistics.median(times[0]),
+                     "plain_loop_ms_per_window": 1e3 * statistics.median(times[4]),
+                     "rounds": args.rounds, "threads": torch.get_num_threads()}
+        cells = []
+        for key, (j, base) in pairs.items():
+            ratios = [t / f for t, f in zip(times[j], times[base])]
+            q = statistics.quantiles(ratios, n=4)
+            row[f"{key}_over_{'plain' if key == 'monitor' else 'fixed'}"] = statistics.median(ratios)
+            row[f"{key}_iqr"] = [q[0], q[2]]
+            cells.append(f"{statistics.median(ratios):.3f}x [{q[0]:.3f}, {q[2]:.3f}]")
         results.append(row)
-        print(f"| {name} | {row['fixed_ms_per_window']:.1f} | {row['micro_batch_over_fixed']:.3f}x "
-              f"[{quartiles[0][0]:.3f}, {quartiles[0][2]:.3f}] | {row['per_sample_over_fixed']:.2f}x "
-              f"[{quartiles[1][0]:.2f}, {quartiles[1][2]:.2f}] |", flush=True)
+        print(f"| {name} | {row['fixed_ms_per_window']:.1f} | " + " | ".join(cells) + " |", flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

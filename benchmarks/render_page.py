@@ -40,13 +40,22 @@ def table(columns: list[str], rows: list[list[str]]) -> str:
 
 
 def micro_batch_statistics(result: dict[str, Any]) -> str:
-    """The statistics sources' cost against the fixed Accumulator, with their quartiles."""
-    rows = [[r["model"], f"{r['fixed_ms_per_window']:.1f}",
-             f"{r['micro_batch_over_fixed']:.3f}x [{r['micro_batch_iqr'][0]:.3f}, {r['micro_batch_iqr'][1]:.3f}]",
-             f"{r['per_sample_over_fixed']:.2f}x [{r['per_sample_iqr'][0]:.2f}, {r['per_sample_iqr'][1]:.2f}]"]
+    """The statistics sources' cost against the fixed Accumulator (the Monitor's against the plain
+    loop), with their quartiles; a result without a column shows a dash in it."""
+
+    def cell(r: dict[str, Any], key: str, base: str, digits: int) -> str:
+        if f"{key}_over_{base}" not in r:
+            return "-"
+        low, high = r[f"{key}_iqr"]
+        return f"{r[f'{key}_over_{base}']:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]"
+
+    rows = [[r["model"], f"{r['fixed_ms_per_window']:.1f}", cell(r, "micro_batch", "fixed", 3),
+             cell(r, "norm_test", "fixed", 3), cell(r, "monitor", "plain", 3), cell(r, "per_sample", "fixed", 2)]
             for r in result["results"]]
-    return table(["model", "fixed ms/window", "micro-batch source / fixed [quartiles]",
-                  "per-sample source / fixed [quartiles]"], rows)
+    return table(["model", "fixed ms/window", "`NoiseScalePlanner`, micro-batch source / fixed [quartiles]",
+                  "`NormTest`, micro-batch source / fixed [quartiles]",
+                  "`Monitor`, micro-batch source / plain loop [quartiles]",
+                  "`NoiseScalePlanner`, per-sample source / fixed [quartiles]"], rows)
 
 
 def statistics_efficiency(result: dict[str, Any]) -> str:

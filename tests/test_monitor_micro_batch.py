@@ -346,3 +346,26 @@ def test_what_the_micro_batch_source_cannot_measure_is_refused_by_name() -> None
         x, y = batch(4, 0)
         with pytest.raises(ValueError, match="2 forward passes"):
             (ce(model, x, y) + ce(model, x, y)).backward()
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_a_float32_or_bfloat16_model_measures_what_a_float64_loop_of_its_gradients_gives(dtype: torch.dtype,
+                                                                                         rel: float) -> None:
+    """The squared norms and products of a float32 model's gradients (one dot each) and of a
+    bfloat16 model's (summed in float32), against float64 over the very gradients it added."""
+    model = mlp().to(dtype)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    sizes = [4, 4, 4]
+    added: list[torch.Tensor] = []
+    with Monitor(model, opt, source="micro_batch", reduction="sum", accumulation="sum") as monitor:
+        for j, b in enumerate(sizes):
+            x, y = batch(b, j)
+            before = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+            ce(model, x.to(dtype), y, reduction="sum").backward()
+            added.append(torch.cat([(p.grad - g).double().reshape(-1) for p, g in zip(params, before)]))
+        opt.step()
+    (row,) = monitor.rows
+    trace, squared = loop_terms(added, sizes)
+    assert row["trace"] == pytest.approx(trace, rel=rel)
+    assert row["squared_norm"] == pytest.approx(squared, rel=rel, abs=rel * trace)

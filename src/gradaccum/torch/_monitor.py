@@ -308,10 +308,8 @@ class Monitor:
                              "source='per_sample'")
         samples = self._micro_batch_samples(ended)
         changed = [i for i in reached if ended.state.get(i) == "changed"]
-        device = ended.squares[reached[0]].device
-        values = torch.stack([t.to(device=device, dtype=torch.float64) for t in (
-            [ended.squares[i] for i in reached] + [ended.dots[i] for i in reached if i in ended.dots]
-            + [ended.sizes[i] for i in changed])]).tolist()
+        values = _as_floats([ended.squares[i] for i in reached] + [ended.dots[i] for i in reached if i in ended.dots]
+                            + [ended.sizes[i] for i in changed])
         squares = dict(zip(reached, values))
         dots = dict(zip([i for i in reached if i in ended.dots], values[len(reached):]))
         foreign = [i for i, size in zip(changed, values[len(reached) + len(dots):]) if size != 0]
@@ -521,12 +519,17 @@ class _Pass:
             self.twice.add(i)
             return
         added = added.detach()
-        self.squares[i] = torch.linalg.vector_norm(added).to(torch.float64).square()
+        flat = added.reshape(-1)
+        # float32 and float64: one dot each (both sum the squares in the tensor's dtype, as a float32
+        # vector_norm does: the same range); half precision sums in float32 through vector_norm
+        dotted = added.dtype in (torch.float32, torch.float64) and added.layout == torch.strided
+        self.squares[i] = (torch.dot(flat, flat) if dotted
+                           else torch.linalg.vector_norm(added, dtype=torch.float32).to(torch.float64).square())
         if grad is None:
             self.state[i] = "none"
         elif expected is not None and expected[0]() is grad and grad._version == expected[1]:
             self.state[i] = "same"
-            self.dots[i] = torch.dot(added.reshape(-1), grad.detach().reshape(-1).to(added.dtype)).to(torch.float64)
+            self.dots[i] = torch.dot(flat, grad.detach().reshape(-1).to(added.dtype))
         else:
             self.state[i] = "changed"
             self.sizes[i] = _size(grad)
@@ -635,6 +638,15 @@ def _check_accumulation(accumulation: Any) -> str | int:
     if isinstance(accumulation, bool) or not isinstance(accumulation, int):
         raise TypeError(f"accumulation must be 'mean', 'sum' or an int >= 1 (the loss's divisor), got {accumulation!r}")
     return check_positive_int("accumulation", accumulation)
+
+
+def _as_floats(values: list[torch.Tensor]) -> list[float]:
+    """0-dim tensors as Python floats in float64, with one synchronisation (one stack and one
+    conversion where they share a device and dtype, the usual case)."""
+    device, dtype = values[0].device, values[0].dtype
+    if all(v.device == device and v.dtype == dtype for v in values):
+        return torch.stack(values).to(torch.float64).tolist()
+    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).tolist()
 
 
 def _leading_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
