@@ -151,16 +151,19 @@ def _linear_norms(module: nn.Linear, args: tuple, d: torch.Tensor, project: Proj
 
 def _linear_values(module: nn.Linear, args: tuple, d: torch.Tensor, name: str, index: torch.Tensor) -> torch.Tensor:
     """Per-sample gradients at flat element indices, ``(B, len(index))``, without the rest:
-    ``g_i[r, c] = sum_t d_i[t, r] x_i[t, c]`` (the precision guard's recomputation)."""
+    ``g_i[r, c] = sum_t d_i[t, r] x_i[t, c]`` (the precision guard's recomputation). The columns
+    are gathered with ``index_select`` on the (samples x positions, features) matrices: the same
+    products and sums as advanced indexing of the last dimension, which measured 5x slower."""
     x = args[0]
     b = x.shape[0]
-    x3, d3 = x.reshape(b, -1, x.shape[-1]), d.reshape(b, -1, d.shape[-1])
+    xf, df = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
+    positions = xf.shape[0] // b if b else 0
     if name == "bias":
-        return d3[:, :, index].sum(1)
-    rows, cols = index // x3.shape[-1], index % x3.shape[-1]
-    chunk = max(1, (1 << 24) // max(1, b * x3.shape[1]))
-    return torch.cat([(d3[:, :, rows[s:s + chunk]] * x3[:, :, cols[s:s + chunk]]).sum(1)
-                      for s in range(0, len(index), chunk)], dim=1)
+        return df.index_select(1, index).view(b, positions, -1).sum(1)
+    rows, cols = index // xf.shape[-1], index % xf.shape[-1]
+    chunk = max(1, (1 << 24) // max(1, xf.shape[0]))
+    return torch.cat([(df.index_select(1, rows[s:s + chunk]) * xf.index_select(1, cols[s:s + chunk]))
+                      .view(b, positions, -1).sum(1) for s in range(0, len(index), chunk)], dim=1)
 
 
 def _squared(t: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ._recorder import Call, Recorder, Unit
 
 log = logging.getLogger("gradaccum")
 MODEL = "<model>"  # the label of the whole-model fallback in ``paths``
+KEEP_VALUES = 1 << 16  # elements of a parameter's per-sample gradients held for the guard rather than made again
 
 
 class LayerPaths:
@@ -91,11 +92,14 @@ class LayerPaths:
         if unit.entry.subtree and any(g is not None for g in call.grads[1:]):
             raise ValueError(f"{unit.label}: per-sample statistics use only the module's first output; "
                              "its other outputs (attention weights?) must not reach the loss")
+        kept: dict[str, torch.Tensor] = {}
         for start, per_sample in self._per_sample_chunks(unit, args, d, kwargs, n):
-            self._add_per_sample(unit, {k: g for k, g in per_sample.items() if k in wanted}, inc,
-                                 needs_per_sample, offset=start, batch=n)
+            mine = {k: g for k, g in per_sample.items() if k in wanted}
+            self._add_per_sample(unit, mine, inc, needs_per_sample, offset=start, batch=n)
+            kept = _small_whole(mine, n, unit.entry.values is None or unit.entry.subtree)
         for k in wanted - needs_per_sample:
-            inc.values[self._index[id(unit.params[k])]] = self._registered_values(unit, args, d, kwargs, n, k)
+            i = self._index[id(unit.params[k])]
+            inc.values[i] = gather(kept[k]) if k in kept else self._registered_values(unit, args, d, kwargs, n, k)
 
     def add_tied(self, inc: Increment) -> None:
         """The entries of parameters used by several calls, from their summed per-sample gradients."""
@@ -202,7 +206,7 @@ class LayerPaths:
             return lambda index: registered(unit.module, args, d, name, index)
 
         def values(index: torch.Tensor) -> torch.Tensor:
-            return torch.cat([g[name].reshape(len(g[name]), -1)[:, index]
+            return torch.cat([g[name].reshape(len(g[name]), -1).index_select(1, index)
                               for _, g in self._per_sample_chunks(unit, args, d, kwargs, n)])
 
         return values
@@ -218,9 +222,7 @@ class LayerPaths:
         for k, g in per_sample.items():
             i = self._index[id(unit.params[k])]
             if k in needs_per_sample:  # used more than once: sum per-sample gradients before squaring
-                if i not in inc.tied:
-                    inc.tied[i] = torch.zeros((batch or len(g)), *g.shape[1:], dtype=g.dtype, device=g.device)
-                inc.tied[i][offset:offset + len(g)] += g
+                inc.add_tied(i, g, offset, batch or len(g))
             else:
                 inc.add_squares(i, g, self._project)
 
@@ -229,7 +231,7 @@ class LayerPaths:
         again for that parameter alone when the guard asks."""
 
         def values(index: torch.Tensor) -> torch.Tensor:
-            return self._fallback(unit, call, n, [name], dtype)[name].reshape(n, -1)[:, index]
+            return self._fallback(unit, call, n, [name], dtype)[name].reshape(n, -1).index_select(1, index)
 
         return values
 
@@ -251,6 +253,16 @@ class LayerPaths:
                     log.info("gradaccum: vmap failed on %s (%s); using the per-sample loop", label, error)
                     self._paths[label] = "loop"
             return loop_per_sample(replay, names, n)
+
+
+def _small_whole(per_sample: dict[str, torch.Tensor], n: int, recomputed: bool) -> dict[str, torch.Tensor]:
+    """The per-sample gradients the precision guard reads as they are instead of making them again:
+    those of a layer without a registered ``values`` (its per-sample path would run again per
+    parameter flagged), made for all ``n`` samples at once and of at most ``KEEP_VALUES`` elements
+    (a LayerNorm's: a few thousand, held until the commit)."""
+    if not recomputed:
+        return {}
+    return {k: g for k, g in per_sample.items() if len(g) == n and g.numel() <= KEEP_VALUES}
 
 
 def count_uses(calls: list[Call]) -> dict[int, int]:
