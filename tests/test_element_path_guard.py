@@ -7,16 +7,14 @@ Also the sum of a tied weight's per-sample gradients over calls, whole or in chu
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn
 
 from gradaccum.torch import PerSampleGradStats
-from gradaccum.torch._stats import _choice, _guard, _layers
-from gradaccum.torch._stats._choice import Costs
+from gradaccum.torch._stats import _guard, _layers
 from gradaccum.torch._stats._increment import Increment
+from tests.test_element_path_choice import force
 
 CONTEXT, DIM = 5, 6
 
@@ -63,15 +61,6 @@ def loop_moments(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, 
         g = torch.stack([row[j] for row in grads])
         out.append((g.mean(0), ((g - g.mean(0)) ** 2).sum(0)))
     return out
-
-
-def force(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    cheap, dear = 0.0, math.inf
-
-    def estimate(args: tuple, d: torch.Tensor) -> Costs:
-        return Costs(cheap, dear, 0) if path == "closed" else Costs(dear, cheap, 0)
-
-    monkeypatch.setitem(_choice.ESTIMATES, "linear", estimate)
 
 
 @pytest.mark.parametrize("path", ["closed", "per_sample"])
