@@ -27,7 +27,6 @@ class Increment:
     scales: list[torch.Tensor | None] = field(default_factory=list)  # their projected magnitudes
     terms: list[int | None] = field(default_factory=list)  # their summed terms per element (default: samples)
     tied: dict[int, torch.Tensor] = field(default_factory=dict)  # per-sample gradients summed over calls
-    owned: set[int] = field(default_factory=set)  # the ``tied`` entries that are the increment's own buffers
     values: list[Values | None] = field(default_factory=list)  # per-sample values at given elements (the guard)
 
     def __post_init__(self) -> None:
@@ -80,22 +79,11 @@ class Increment:
 
     def add_tied(self, i: int, per_sample: torch.Tensor, offset: int, batch: int) -> None:
         """Add the per-sample gradients of samples ``offset:offset + len(per_sample)`` of one call
-        of parameter i (out of ``batch``) to its sum over the calls that use it. A call's whole
-        batch is held as it is (a layer's result, never written) until a second call's is added
-        out of place: no zero-filled buffer and no extra pass for the first call."""
-        whole = offset == 0 and len(per_sample) == batch
-        if i not in self.tied and whole:
-            self.tied[i] = per_sample
-            return
-        if i in self.tied and i not in self.owned and whole:
-            self.tied[i] = self.tied[i] + per_sample
-            self.owned.add(i)
-            return
+        of parameter i (out of ``batch``) to their sum over the calls that use it, in a buffer of
+        the increment's own (a layer's result is read, never written; holding it instead would
+        keep one more parameter-sized batch alive while the next call's is added)."""
         if i not in self.tied:
             self.tied[i] = torch.zeros(batch, *per_sample.shape[1:], dtype=per_sample.dtype, device=per_sample.device)
-        elif i not in self.owned:  # a layer's result held as it is: copied before chunks are added into it
-            self.tied[i] = self.tied[i].clone()
-        self.owned.add(i)
         self.tied[i][offset:offset + len(per_sample)] += per_sample
 
     def add_terms(self, i: int, terms: int) -> None:
