@@ -63,15 +63,16 @@ def loop_moments(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, 
     return out
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 40])  # 40: per-sample gradients in chunks of samples
 @pytest.mark.parametrize("path", ["closed", "per_sample"])
-def test_guarded_moments_equal_a_float64_loop(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+def test_guarded_moments_equal_a_float64_loop(monkeypatch: pytest.MonkeyPatch, path: str, chunk_elements: int) -> None:
     force(monkeypatch, path)
     recomputed: list[int] = []
     two_pass = _guard.two_pass_m2
     monkeypatch.setattr(_guard, "two_pass_m2", lambda v: recomputed.append(v.shape[1]) or two_pass(v))
     model = FloatGPT()
     x = near_copies(8, 1)
-    stats = PerSampleGradStats(model)
+    stats = PerSampleGradStats(model, chunk_elements=chunk_elements)
     for part in (slice(0, 3), slice(3, 8)):  # uneven micro-batches
         model.zero_grad(set_to_none=True)
         summed_loss(model, x[part]).backward()
