@@ -3,7 +3,8 @@ a GPT-like model whose samples barely differ (every element's per-sample GSNR is
 increments' M2 cancels and the guard takes the flagged elements from the layers' per-sample values:
 a Linear's gathered products, a LayerNorm's per-sample gradients held from its call, a tied
 weight's per-sample gradients summed over its two calls), against a float64 loop over samples.
-Also the sum of a tied weight's per-sample gradients over calls, whole or in chunks of samples."""
+Also the sum of a tied weight's per-sample gradients over calls, whole or in chunks of samples,
+and the sums of squares made a few rows at a time."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from gradaccum.torch import PerSampleGradStats
 from gradaccum.torch._stats import _guard, _layers
-from gradaccum.torch._stats._increment import Increment
+from gradaccum.torch._stats._increment import SQUARES_CHUNK, Increment, sum_of_squares
 from tests.test_element_path_choice import force
 
 CONTEXT, DIM = 5, 6
@@ -116,3 +117,11 @@ def test_tied_sum_over_calls_leaves_the_layers_results_as_they_were(order: tuple
     torch.testing.assert_close(inc.tied[0], kept[0] + kept[1], rtol=0, atol=0)
     for g, before in zip(calls, kept):
         assert torch.equal(g, before)  # the layers' results are read, never written
+
+
+@pytest.mark.parametrize("shape", [(16, 256, 128), (3, SQUARES_CHUNK + 5), (SQUARES_CHUNK // 3 + 7, 3), (4, 5), (0, 3)])
+def test_sum_of_squares_in_chunks_equals_the_whole_square(shape: tuple[int, ...]) -> None:
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(sum_of_squares(t), (t * t).sum(0), rtol=1e-13, atol=0)
+    strided = t.transpose(0, -1) if t.dim() > 1 else t
+    torch.testing.assert_close(sum_of_squares(strided), (strided * strided).sum(0), rtol=1e-13, atol=0)

@@ -74,7 +74,7 @@ class Increment:
 
     def add_squares(self, i: int, per_sample: torch.Tensor, project: Projector) -> None:
         """Add per-sample gradients of parameter i (samples on dim 0): their squares and projected sum."""
-        self.squares[i] = plus(self.squares[i], (per_sample * per_sample).sum(0))
+        self.squares[i] = plus(self.squares[i], sum_of_squares(per_sample))
         self.hooked[i] = plus(self.hooked[i], project(per_sample.sum(0)))
 
     def add_tied(self, i: int, per_sample: torch.Tensor, offset: int, batch: int) -> None:
@@ -89,6 +89,31 @@ class Increment:
     def add_terms(self, i: int, terms: int) -> None:
         """Autograd adds ``terms`` more terms into each element of parameter i."""
         self.terms[i] = (self.terms[i] or 0) + terms
+
+
+SQUARES_CHUNK = 1 << 16  # elements squared at a time by ``sum_of_squares`` on the CPU (256 KiB in float32)
+
+
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """``(t * t).sum(0)``. On the CPU a few rows at a time are squared into one small buffer and
+    added up, so that no temporary the size of ``t`` is made: a fresh buffer of a few MiB costs
+    its page faults on every increment (a 2 MiB square measured 1.2 ms inside a GPT's commit
+    against 0.2 ms warm), more than the arithmetic. The sum's order of additions differs (rows
+    in chunks): rounding only."""
+    rows = t.shape[0] if t.dim() else 0
+    width = t.numel() // rows if rows else 0
+    step = max(1, SQUARES_CHUNK // max(1, width))
+    if t.device.type != "cpu" or step >= rows or not t.is_contiguous():
+        return (t * t).sum(0)
+    flat = t.view(rows, width)
+    buffer = torch.empty(step, width, dtype=t.dtype, device=t.device)
+    total = torch.sum(torch.mul(flat[:step], flat[:step], out=buffer), 0)
+    partial = torch.empty_like(total)
+    for start in range(step, rows, step):
+        part = flat[start:start + step]
+        squares = torch.mul(part, part, out=buffer[:len(part)])
+        total.add_(torch.sum(squares, 0, out=partial))
+    return total.view(t.shape[1:])
 
 
 def plus(a: Any, b: Any) -> Any:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 
 from ._choice import samples_per_product
+from ._increment import sum_of_squares
 from ._registry import Grads, LayerStats, NormParts, Projector, RowSquares, Squares, channels_first_positions
 from ._registry import register_layer_stats as register
 
@@ -58,12 +59,12 @@ def _linear_sum_squares(module: nn.Linear, args: tuple, d: torch.Tensor, project
     positions = xf.shape[0] // b
     if positions == 1:
         write = _linear_rows(xf, df)
-        bias_squares = df.square().sum(0)  # the write squares D again: holding D^2 until then cost 2 MiB on the MLP
+        bias_squares = sum_of_squares(df)  # the write squares D again: holding D^2 until then cost 2 MiB on the MLP
         d_columns = bias_squares.sqrt()
     else:
         write = _linear_sequence_rows(xf.view(b, positions, -1), df.view(b, positions, -1))
         bias_squares = df.view(b, positions, -1).sum(1).square_().sum(0)
-        d_columns = df.square().sum(0).sqrt_()
+        d_columns = sum_of_squares(df).sqrt_()
     squares: Squares = {"weight": RowSquares(module.weight.shape, write, x.dtype, x.device)}
     v = project.vector(xf.shape[-1], x.dtype, x.device)
     sums = {"weight": df.T @ (xf @ v)}  # (D^T X) v, two GEMVs
@@ -142,7 +143,7 @@ def _linear_norms(module: nn.Linear, args: tuple, d: torch.Tensor, project: Proj
                                                      for s in range(0, b, chunk)))
         bias = _squared(d3.sum(1))
     v = project.vector(n_in, x.dtype, x.device)
-    d_columns = df.square().sum(0).sqrt_()  # (vector_norm over dim 0 is a slow strided reduction)
+    d_columns = sum_of_squares(df).sqrt_()  # (vector_norm over dim 0 is a slow strided reduction)
     squared = _with_bias(module, {"weight": weight}, bias)
     sums = _with_bias(module, {"weight": df.T @ (xf @ v)}, df.sum(0))
     magnitudes = _linear_magnitudes(module, d_columns, x_rows.sum().sqrt(), rows, project.norm(n_in))

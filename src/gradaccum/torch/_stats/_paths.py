@@ -24,7 +24,7 @@ from ._choice import per_sample_is_cheaper
 from ._explained import Projector
 from ._fallback import BATCHED_KWARGS, Replay, loop_per_sample, vmap_per_sample
 from ._guard import Values
-from ._increment import Increment, gather, plus, positions
+from ._increment import Increment, gather, plus, positions, sum_of_squares
 from ._recorder import Call, Recorder, Unit
 
 log = logging.getLogger("gradaccum")
@@ -104,7 +104,7 @@ class LayerPaths:
     def add_tied(self, inc: Increment) -> None:
         """The entries of parameters used by several calls, from their summed per-sample gradients."""
         for i, per_sample in inc.tied.items():
-            inc.squares[i] = (per_sample * per_sample).sum(0)
+            inc.squares[i] = sum_of_squares(per_sample)
             inc.hooked[i] = self._project(per_sample.sum(0))
             inc.values[i] = gather(per_sample)
 
@@ -136,7 +136,7 @@ class LayerPaths:
                 "(pos.expand(B, -1)), or use a rule without statistics") from error
         for i, name in zip(needed, local):
             g = per_sample[name]
-            inc.squares[i] = (g * g).sum(0)
+            inc.squares[i] = sum_of_squares(g)
             inc.hooked[i] = self._project(g.sum(0))
             inc.values[i] = gather(g)
             inc.norms[i] = inc.scales[i] = None  # what the layer paths said is replaced
