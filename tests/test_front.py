@@ -25,10 +25,11 @@ from gradaccum.experiments.front_report import (
     targets,
     verdict,
 )
+from gradaccum.experiments.lm_regime import POINTS
 from gradaccum.experiments.lm_task import TEST_FILES, TRAIN_FILES, VALIDATION_FILES, ByteGPT, load_corpus, sequences
 from gradaccum.experiments.mnist1d_data import load_mnist1d
-from gradaccum.experiments.reproduce import mnist1d_front
-from gradaccum.experiments.workers import InlineExecutor
+from gradaccum.experiments.reproduce import LM_INCREMENT, mnist1d_front
+from gradaccum.experiments.workers import executor
 
 
 def evaluations(*points: tuple[int, float]) -> list[dict]:
@@ -162,7 +163,8 @@ def test_a_missing_corpus_file_is_named(tmp_path: Path) -> None:
         load_corpus(str(tmp_path))
 
 
-TINY_FRONT = ["--quick", "--budget", "640", "--eval-every", "160", "--lm-budget", "96", "--front-trials", "2",
+LM_BUDGET = 64  # sequences per LM run: fewer steps of the smallest batch than the stated run's POINTS
+TINY_FRONT = ["--quick", "--budget", "640", "--eval-every", "160", "--lm-budget", str(LM_BUDGET), "--front-trials", "2",
               "--seeds", "2", "--quiet", "--sections", "front", "lm", "--workers", "2"]
 
 
@@ -185,7 +187,9 @@ def test_both_front_sections_write_results_plots_and_verdicts(fronts: Path) -> N
     with (fronts / "lm_sources.csv").open() as f:  # the stated LM run, both sources at every point
         rows = list(csv.DictReader(f))
     regime = json.loads((fronts / "lm_regime.json").read_text())
-    assert len(rows) == len(regime["points"]) == 24  # 96 sequences: 24 steps of 4, fewer than 32 points
+    steps = LM_BUDGET // LM_INCREMENT  # the stated run: the smallest batch, a point at every step up to POINTS
+    assert regime["batch"] == LM_INCREMENT and regime["steps"] == steps
+    assert len(rows) == len(regime["points"]) == min(steps, POINTS)
     assert all(float(r["per_sample_b_simple"]) > 0 and float(r["micro_batch_b_simple"]) > 0 for r in rows)
     assert (fronts / "lm_sources.png").stat().st_size > 0
     for task, arms in (("mnist1d", 9), ("lm", 10)):
@@ -248,21 +252,23 @@ def _choices_of(front: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_no_choice_reads_the_test_split(tmp_path: Path, data_dir: str) -> None:
+def test_no_choice_reads_the_test_split(fronts: Path, tmp_path: Path, data_dir: str) -> None:
     """Random test labels change the test column and nothing else: the settings, the points, the
-    targets, the fixed front at each level. (Targets and the best fixed arm came from test.)"""
-    cfg = dict(budget=640, eval_every=64, front_trials=2, seeds=2, quiet=True, workers=1, data_dir=data_dir)
+    targets, the fixed front at each level. (Targets and the best fixed arm came from test.) The
+    clean front is the module's; the poisoned one is run with its settings on a pool of as many
+    workers, the same seed."""
+    clean = json.loads((fronts / "mnist1d_results.json").read_text())
+    cfg = ExperimentConfig(**{**clean["config"], "out": str(tmp_path)})
+    assert cfg.processes == 2 and cfg.seeds == 2 and cfg.front_trials == 2
     data = load_mnist1d(Path(data_dir) / "mnist1d.npz")
     rng = np.random.default_rng(0)
     poisoned = data._replace(y_test=rng.integers(0, 10, size=len(data.y_test)).astype(data.y_test.dtype))
-    fronts = []
-    for name, d in (("clean", data), ("poisoned", poisoned)):
-        out = tmp_path / name
-        out.mkdir()
-        fronts.append(run_front(mnist1d_front(d), ExperimentConfig(out=str(out), **cfg), InlineExecutor(), out))
-    clean, bad = fronts
+    with executor(cfg.processes) as pool:
+        bad = json.loads(json.dumps(run_front(mnist1d_front(poisoned), cfg, pool, tmp_path)))
     assert _choices_of(clean) == _choices_of(bad)
-    tests = [[r["test_accuracy"] for e in f["arms"].values() for p in e["points"] for r in p["runs"]] for f in fronts]
+    assert any(any(arms.values()) for _, _, arms in _choices_of(clean)["rows"])  # levels reached: rows to compare
+    tests = [[r["test_accuracy"] for e in f["arms"].values() for p in e["points"] for r in p["runs"]]
+             for f in (clean, bad)]
     assert tests[0] != tests[1]  # the test split was read, once per run, and only there
 
 
