@@ -25,18 +25,21 @@ thread, on a shared machine where plain took about 100 ms: its forward 39 and ba
                                           gradient until the commit, so the allocator reuses none)
   the closed form's per-sample products   35  (RowSquares of the six closed-form Linears: the
                                           same 2 B T d_in d_out flops as the weight gradient
-                                          autograd already made, a second time)
+                                          autograd already made, a second time, as batched
+                                          GEMMs over T that run at about 40 % of its speed)
   per-sample gradients and their squares  16  (attention projections and tied head made whole,
                                           LayerNorm, embeddings)
   the closed form's other passes          12  (the check's two GEMVs, column norms, bias sums)
   the precision guard                     11  (about 1300 elements per increment flagged in
                                           float32 and made again from per-sample values)
   the check, the tied sums, the merge      4
+Since that profile the guard gathers a Linear's values with index_select and reads a LayerNorm's
+from its call, and the sums of squares over samples go through a small buffer (the 2 MiB
+temporaries' fresh pages cost about 1 ms each: about 7 ms of the figures above).
 vmap makes each Linear's weight-sized products once (its per-sample gradients replace the weight
-gradient); the hooks cannot stop autograd's own weight gradient, so the products are made twice:
-about 0.3x plain on this model, more than the whole 10 % target. A per-layer ``torch.func.vmap``
-of ``nn.Linear`` measured 2-3.5x slower than the batched per-sample GEMM at these shapes (and the
-closed form), so the choice has no vmap path for it.
+gradient); the hooks cannot stop autograd's own weight gradient, so the products are made twice.
+A per-layer ``torch.func.vmap`` of ``nn.Linear`` measured 2-3.5x slower than the batched
+per-sample GEMM at these shapes (and the closed form), so the choice has no vmap path for it.
 
     python benchmarks/element_path.py [--rounds 9] [--json benchmarks/results/element_path.json]
 """
