@@ -4,7 +4,9 @@ Each script's ``--check`` trains fixed windows in float64 and compares the weigh
 full-batch reference the script computes itself (one big batch per window, the framework's
 plain step); the script exits 1 when they differ by more than its tolerance. A control test per
 loop shows that the check catches a wrong count. Every mode runs once, and the planned and
-monitored runs end with the noise scale they measured.
+monitored runs end with the noise scale they measured. The runs of the tests selected run as many
+at a time as there are cores (each on one thread, in its own process), started when the first of
+them is reached; each test asserts on its own run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,39 @@ def run(*argv: str, code: str | None = None) -> subprocess.CompletedProcess[str]
     return subprocess.run(command, cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=TIMEOUT)
 
 
+def command_of(item: pytest.Item) -> tuple[tuple[str, ...], str | None] | None:
+    """The ``(argv, code)`` a test of this module runs through ``run``; None for one that runs none."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    name = getattr(item, "originalname", item.name)
+    if name == "test_fixed_windows_equal_the_full_batch_in_float64":
+        return (params["script"], "--check", "--dtype", "float64"), None
+    if name == "test_every_mode_runs_and_prints_its_noise_scale":
+        return (params["script"], "--mode", params["mode"]), None
+    if name == "test_the_check_fails_when_the_count_is_wrong":
+        return (), WRONG_COUNT.format(module=params["module"], what=params["what"], body=params["body"])
+    return None
+
+
+@pytest.fixture(scope="module")
+def launched(request: pytest.FixtureRequest) -> Iterator[dict[tuple[tuple[str, ...], str | None], Future]]:
+    """Every run the selected tests of this module need, started now, one per core at a time, in
+    the tests' order (a test then waits for its own run only)."""
+    wanted = [c for item in request.session.items if item.module is sys.modules[__name__]
+              if (c := command_of(item)) is not None]
+    with ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0))) as pool:
+        futures = {c: pool.submit(run, *c[0], code=c[1]) for c in dict.fromkeys(wanted)}
+        yield futures
+        for future in futures.values():
+            future.cancel()  # those not started (a test failed with -x): not run at all
+
+
+def result_of(launched: dict, request: pytest.FixtureRequest) -> subprocess.CompletedProcess[str]:
+    """This test's run, started by ``launched`` (or here, if it was not)."""
+    argv, code = command_of(request.node)
+    future = launched.get((argv, code))
+    return future.result() if future is not None else run(*argv, code=code)
+
+
 def succeeded(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
@@ -40,8 +77,9 @@ def succeeded(result: subprocess.CompletedProcess[str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_fixed_windows_equal_the_full_batch_in_float64(script: str) -> None:
-    out = succeeded(run(script, "--check", "--dtype", "float64"))
+def test_fixed_windows_equal_the_full_batch_in_float64(script: str, launched: dict,
+                                                       request: pytest.FixtureRequest) -> None:
+    out = succeeded(result_of(launched, request))
     match = CHECKED.search(out)
     assert match is not None, out[-2000:]
     windows, difference, tolerance = int(match[1]), float(match[2]), float(match[3])
@@ -52,8 +90,9 @@ def test_fixed_windows_equal_the_full_batch_in_float64(script: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["planned", "monitor"])  # fixed mode is what --check runs
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_mode_runs_and_prints_its_noise_scale(script: str, mode: str) -> None:
-    out = succeeded(run(script, "--mode", mode))
+def test_every_mode_runs_and_prints_its_noise_scale(script: str, mode: str, launched: dict,
+                                                    request: pytest.FixtureRequest) -> None:
+    out = succeeded(result_of(launched, request))
     found = NOISE_SCALE.findall(out)
     assert len(found) == 1, out[-2000:]
     value = float(found[0])
@@ -80,8 +119,9 @@ import {module}
     ("accelerate_lm", "labels != -100, each row's first label included (the model never predicts it)",
      "return right(labels, shift=False)"),
 ], ids=["nanogpt-mean-of-means", "accelerate-unshifted-count"])
-def test_the_check_fails_when_the_count_is_wrong(module: str, what: str, body: str) -> None:
-    result = run(code=WRONG_COUNT.format(module=module, what=what, body=body))
+def test_the_check_fails_when_the_count_is_wrong(module: str, what: str, body: str, launched: dict,
+                                                 request: pytest.FixtureRequest) -> None:
+    result = result_of(launched, request)
     assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
     assert re.search(r"^check: .* FAILED$", result.stdout, re.MULTILINE), result.stdout[-2000:]
 
