@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -288,9 +289,15 @@ def _consumers(target: Any, starts: list[list[Any]]) -> list[Any] | None:
 
 
 def _store_broadcast_grad(call: Call):
+    """The pre-hook of the addition a broadcast call's output went into. It holds its call weakly:
+    the call holds the graph's nodes (``out_node``), whose hooks the collector cannot see, so a
+    strong reference would keep every call, its model and its tensors alive after the graph."""
+    ref = weakref.ref(call)
+
     def hook(grad_outputs: tuple[torch.Tensor | None, ...]) -> None:
+        call = ref()
         g = grad_outputs[0]
-        if g is None:
+        if g is None or call is None:
             return
         g = g.detach()
         if call.broadcast_grad is None:
@@ -304,7 +311,13 @@ def _store_broadcast_grad(call: Call):
 
 
 def _store_grad(call: Call, k: int):
+    """The hook on the call's ``k``-th output; it holds its call weakly (``_store_broadcast_grad``)."""
+    ref = weakref.ref(call)
+
     def hook(grad: torch.Tensor) -> None:
+        call = ref()
+        if call is None:
+            return
         prior = call.grads[k]
         call.grads[k] = grad.detach() if prior is None else prior + grad.detach()
 
