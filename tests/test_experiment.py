@@ -16,6 +16,7 @@ import optuna
 import pytest
 
 from gradaccum.cli import main
+from gradaccum.experiments.reproduce import SECTION_BUDGETS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--quick", "--budget", "1600", "--eval-every", "400", "--quiet", "--sections", "reference"]
@@ -91,7 +92,7 @@ def test_a_finished_reproduce_is_not_run_again_unless_forced(reproduced: Path, d
     assert main(argv) == 0
     assert json.loads((reproduced / "sections.json").read_text())["reference"]["reused"] is True
     assert json.loads((reproduced / "results.json").read_text()) == results
-    assert "| reference | 120 |" in (reproduced / "report.md").read_text()
+    assert f"| reference | {SECTION_BUDGETS['reference']} |" in (reproduced / "report.md").read_text()
     assert "reused (finished earlier)" in (reproduced / "report.md").read_text()
     assert main([*argv, "--force"]) == 0  # forced: recomputed, the same numbers
     again = json.loads((reproduced / "results.json").read_text())
