@@ -125,3 +125,10 @@ def test_sum_of_squares_in_chunks_equals_the_whole_square(shape: tuple[int, ...]
     torch.testing.assert_close(sum_of_squares(t), (t * t).sum(0), rtol=1e-13, atol=0)
     strided = t.transpose(0, -1) if t.dim() > 1 else t
     torch.testing.assert_close(sum_of_squares(strided), (strided * strided).sum(0), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_squares_are_summed_whole_in_float32(dtype: torch.dtype) -> None:
+    """Partial sums in a half dtype would round at every chunk (errors of 2e-2 against 4e-3)."""
+    t = torch.randn(512, 4096, generator=torch.Generator().manual_seed(0)).to(dtype)
+    assert torch.equal(sum_of_squares(t), (t * t).sum(0))

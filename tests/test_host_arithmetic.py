@@ -49,3 +49,13 @@ def test_a_rule_decides_the_same_on_python_numbers_and_on_arrays(unbiased: bool,
     for key, value in info.items():
         assert type(value) in (bool, int, float)
         assert _same(float(value), float(info_a[key])), key
+
+
+@pytest.mark.parametrize("count", [np.int64(4), np.asarray(4), np.asarray(1)])
+def test_a_numpy_count_with_python_terms_decides_as_a_python_count(count: object) -> None:
+    rule = NormTest(0.5)
+    stop, info = rule.decision_from_terms(count, 1.0, 2.0)
+    want_stop, want = rule.decision_from_terms(int(count), 1.0, 2.0)  # type: ignore[call-overload]
+    assert stop == want_stop
+    for key, value in want.items():
+        assert _same(float(info[key]), float(value)), key

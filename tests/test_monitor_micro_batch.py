@@ -369,3 +369,14 @@ def test_a_float32_or_bfloat16_model_measures_what_a_float64_loop_of_its_gradien
     trace, squared = loop_terms(added, sizes)
     assert row["trace"] == pytest.approx(trace, rel=rel)
     assert row["squared_norm"] == pytest.approx(squared, rel=rel, abs=rel * trace)
+
+
+def test_complex_parameters_and_sparse_gradients_are_refused_by_name() -> None:
+    complex_model = nn.Sequential(nn.Linear(3, 2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match=r"parameter 0\.weight is complex"):
+        Monitor(complex_model, torch.optim.SGD(complex_model.parameters(), lr=0.1), source="micro_batch")
+    sparse_model = nn.Sequential(nn.Embedding(10, 3, sparse=True))
+    with pytest.raises(ValueError, match=r"0 makes sparse gradients"):
+        Monitor(sparse_model, torch.optim.SGD(sparse_model.parameters(), lr=0.1), source="micro_batch")
+    for model in (complex_model, sparse_model):  # nothing was left behind: a plain backward runs as before
+        assert not model._forward_hooks and not model._forward_pre_hooks

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
 
+from .arrays import host_array
 from .moments import Moments, at_least_1
 
 FLOOR_ULPS = 256
@@ -152,8 +153,10 @@ def norm_test_of(means: Sequence[Any], m2s: Sequence[Any], n: Any) -> tuple[Any,
 def where_enough(n: Any, value: Any) -> Any:
     """``value`` where the window has at least 2 samples (a variance exists), else NaN (a Python
     NaN for a Python count and value)."""
-    if isinstance(n, (int, float)) and type(value) in (int, float, bool):
-        return value if n >= 2 else math.nan
+    if type(value) in (int, float, bool):
+        if isinstance(n, (int, float)):
+            return value if n >= 2 else math.nan
+        value = host_array(value)  # an array count: the value as a host array, as before
     xp = array_namespace(value)
     nan = xp.asarray(math.nan, dtype=value.dtype)
     if isinstance(n, int):

@@ -202,9 +202,9 @@ def reproduce(cfg: ExperimentConfig, force: bool = False, quick: bool = False) -
                             "evaluations they read); use --sections reference with --backend jax")
     status = _status(out)
     todo = [s for s in cfg.sections if force or not finished(cfg, out, s)]
-    for section in cfg.sections:
-        if section not in todo:
-            status[section] = {**status[section], "reused": True}
+    for section, entry in status.items():  # every section this call does not compute, chosen or not
+        if section not in todo and isinstance(entry, dict):
+            status[section] = {**entry, "reused": True}
     if todo:
         with executor(cfg.processes) as pool:
             for section in todo:

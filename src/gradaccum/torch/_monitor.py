@@ -163,6 +163,7 @@ class Monitor:
             self.stats = PerSampleGradStats(model, params=params, statistics=statistics)
         else:
             names = {id(p): name for name, p in model.named_parameters()}
+            _refuse_unmeasurable(model, params, names)
             self._window = _Window([names.get(id(p), f"parameter #{i}") for i, p in enumerate(params)])
         if tensorboard is not None:
             try:
@@ -638,6 +639,21 @@ def _check_accumulation(accumulation: Any) -> str | int:
     if isinstance(accumulation, bool) or not isinstance(accumulation, int):
         raise TypeError(f"accumulation must be 'mean', 'sum' or an int >= 1 (the loss's divisor), got {accumulation!r}")
     return check_positive_int("accumulation", accumulation)
+
+
+def _refuse_unmeasurable(model: torch.nn.Module, params: list[torch.Tensor], names: dict[int, str]) -> None:
+    """The micro-batch source takes real dense gradients: a complex parameter (its products would
+    need conjugating) or a layer with sparse gradients is refused by name, before any hook."""
+    for i, p in enumerate(params):
+        if p.is_complex():
+            raise ValueError(f"Monitor(source='micro_batch'): parameter {names.get(id(p), f'#{i}')} is complex; "
+                             "the micro-batch source measures real parameters only (use source='per_sample' or "
+                             "view the parameter as real pairs)")
+    for name, module in model.named_modules():
+        if getattr(module, "sparse", False) is True:
+            raise ValueError(f"Monitor(source='micro_batch'): {name or type(module).__name__} makes sparse gradients "
+                             "(sparse=True); the micro-batch source measures dense gradients only (build the layer "
+                             "with sparse=False)")
 
 
 def _as_floats(values: list[torch.Tensor]) -> list[float]:
