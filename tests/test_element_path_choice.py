@@ -5,6 +5,7 @@ tiny memory budget keeping the closed form."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -45,10 +46,14 @@ def summed_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="sum")
 
 
-def loop_moments(model: nn.Module, tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-sample gradients one sample at a time; two-pass mean and M2 (the slow reference)."""
+def loop_moments(model: nn.Module, tokens: torch.Tensor,
+                 loss: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-sample gradients one sample at a time; two-pass mean and M2 (the slow reference).
+    ``loss``: a sample's summed loss (default: the next-token loss)."""
+    loss = loss or summed_loss
     params = list(model.parameters())
-    grads = [torch.autograd.grad(summed_loss(model, tokens[i:i + 1]), params) for i in range(len(tokens))]
+    grads = [torch.autograd.grad(loss(model, tokens[i:i + 1]), params) for i in range(len(tokens))]
     out = []
     for j in range(len(params)):
         g = torch.stack([row[j] for row in grads])

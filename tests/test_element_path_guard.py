@@ -15,7 +15,7 @@ from torch import nn
 from gradaccum.torch import PerSampleGradStats
 from gradaccum.torch._stats import _guard, _layers
 from gradaccum.torch._stats._increment import SQUARES_CHUNK, Increment, sum_of_squares
-from tests.test_element_path_choice import force
+from tests.test_element_path_choice import force, loop_moments
 
 CONTEXT, DIM = 5, 6
 
@@ -53,17 +53,6 @@ def near_copies(n: int, seed: int) -> torch.Tensor:
     return base + 1e-7 * torch.randn(n, CONTEXT, DIM, generator=g, dtype=torch.float64)
 
 
-def loop_moments(model: nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-sample gradients one sample at a time; two-pass mean and M2 (the slow reference)."""
-    params = list(model.parameters())
-    grads = [torch.autograd.grad(summed_loss(model, x[i:i + 1]), params) for i in range(len(x))]
-    out = []
-    for j in range(len(params)):
-        g = torch.stack([row[j] for row in grads])
-        out.append((g.mean(0), ((g - g.mean(0)) ** 2).sum(0)))
-    return out
-
-
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 40])  # 40: per-sample gradients in chunks of samples
 @pytest.mark.parametrize("path", ["closed", "per_sample"])
 def test_guarded_moments_equal_a_float64_loop(monkeypatch: pytest.MonkeyPatch, path: str, chunk_elements: int) -> None:
@@ -82,7 +71,7 @@ def test_guarded_moments_equal_a_float64_loop(monkeypatch: pytest.MonkeyPatch, p
     assert stats.paths["up"] == ("linear:sum_squares" if path == "closed" else "linear:per_sample")
     assert stats.paths["head"] == stats.paths["inp"] == "linear:per_sample"  # tied: per-sample gradients
     assert stats.paths["norm"] == "layer_norm:per_sample"
-    reference = loop_moments(model, x)
+    reference = loop_moments(model, x, summed_loss)
     for name, m, (mean, m2) in zip(dict(model.named_parameters()), stats.moments(), reference):
         assert m.n == 8
         torch.testing.assert_close(m.mean, mean, rtol=1e-9, atol=1e-12, msg=name)
