@@ -3,12 +3,18 @@
 - JAX computes in float64 (``jax_enable_x64``): exactness tests compare in float64. The
   torch tests build their models and data in float64 explicitly (``.double()``), so the
   float32 experiment code under test keeps its own dtype.
+- JAX keeps the programs it compiles in a compilation cache of the session's own (a
+  temporary directory, removed at exit): the many tests that build the same step for the
+  same model shapes compile it once. Subprocesses do not share it.
 - Warnings are errors (pyproject's ``filterwarnings``), and hypothesis draws the same
   examples on every run (``derandomize``): the same seed gives the same numbers.
 """
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +29,11 @@ except ImportError:  # pragma: no cover - the JAX tests are then skipped by thei
     pass
 else:
     jax.config.update("jax_enable_x64", True)
+    _jax_cache = tempfile.mkdtemp(prefix="gradaccum-tests-jax-cache-")
+    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _jax_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 @pytest.fixture(scope="session")

@@ -215,8 +215,9 @@ def test_every_yaml_the_library_reads_refuses_duplicate_keys() -> None:
     assert safe_load("base: &b {x: 1, y: 2}\nmine:\n  <<: *b\n  x: 3\n")["mine"] == {"x": 3, "y": 2}
 
 
-def test_unexpected_errors_keep_their_traceback(monkeypatch) -> None:
-    """The catch-all ``except ValueError`` swallowed real bugs as "bad input"."""
+def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path: Path) -> None:
+    """The catch-all ``except ValueError`` swallowed real bugs as "bad input". (An output
+    directory of its own: a finished reproduce in the working directory has nothing to do.)"""
     from gradaccum.experiments import reproduce
 
     def bug(cfg, **options):
@@ -224,7 +225,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch) -> None:
 
     monkeypatch.setattr(reproduce, "reproduce", bug)
     with pytest.raises(ValueError, match="a bug, not bad input"):
-        main(["reproduce", "--quiet"])
+        main(["reproduce", "--quiet", "--out", str(tmp_path / "reproduce")])
 
 
 @pytest.mark.slow
