@@ -165,10 +165,24 @@ def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
     return out
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _norms_squared(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors' squared norms in float64, one tensor on the first norm's device
-    (``_foreach_norm``: one dispatch; gradients and window sums, which no graph records)."""
-    norms = torch._foreach_norm(tensors)
+    (``_foreach_norm``: one dispatch; gradients and window sums, which no graph records).
+    Half-precision norms are returned in float32 (``_foreach_norm`` sums them in float32 but
+    would round the result to the tensor's dtype: a bfloat16 norm keeps 3 digits)."""
+    half = [i for i, t in enumerate(tensors) if t.dtype in _HALF]
+    if half:
+        rest = [i for i, t in enumerate(tensors) if t.dtype not in _HALF]
+        norms: list[torch.Tensor] = [torch.empty(0)] * len(tensors)
+        for i, n in zip(half, torch._foreach_norm([tensors[i] for i in half], 2, dtype=torch.float32)):
+            norms[i] = n
+        for i, n in zip(rest, torch._foreach_norm([tensors[i] for i in rest]) if rest else []):
+            norms[i] = n
+    else:
+        norms = list(torch._foreach_norm(tensors))
     device, dtype = norms[0].device, norms[0].dtype
     if all(n.device == device and n.dtype == dtype for n in norms):  # one stack, one conversion
         return torch.stack(norms).to(torch.float64).square()
