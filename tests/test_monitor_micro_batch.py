@@ -14,9 +14,21 @@ import pytest
 import torch
 from torch import nn
 
-from gradaccum.torch import Monitor
+from gradaccum.torch import Monitor, _monitor
 
 from .real_models import GPTConfig, TinyGPT
+
+
+@pytest.fixture(params=["held", "in_hooks", "mixed"])
+def reductions(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every gradient held and reduced at the end of its backward (the test models' gradients
+    are small), every one reduced in its hooks (as a large gradient is), or the first ones held
+    and the rest reduced in their hooks (past the held elements' cap)."""
+    if request.param == "in_hooks":
+        monkeypatch.setattr(_monitor, "_REDUCED_IN_HOOK_FROM", 0)
+    elif request.param == "mixed":
+        monkeypatch.setattr(_monitor, "_HELD_UP_TO", 30)
+    return str(request.param)
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -60,6 +72,7 @@ def ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mea
     return nn.functional.cross_entropy(model(x), y, reduction=reduction)
 
 
+@pytest.mark.usefixtures("reductions")
 @pytest.mark.parametrize(("reduction", "accumulation", "sizes"), [
     ("mean", "mean", [4, 4, 4]),
     ("mean", 3, [4, 4, 4]),
@@ -92,6 +105,7 @@ def test_each_window_equals_a_float64_loop_over_its_micro_batches(reduction: str
             assert row[f"noise_scale/{name}"] == pytest.approx(trace / squared if squared > 0 else math.inf, rel=1e-8)
 
 
+@pytest.mark.usefixtures("reductions")
 def test_clipping_and_the_step_leave_the_measurement_alone() -> None:
     """Clipped hard before an Adam step: the rows are the loop's terms at each window's weights,
     and the monitored run ends at bitwise the unmonitored weights."""
@@ -120,6 +134,7 @@ def test_clipping_and_the_step_leave_the_measurement_alone() -> None:
         assert_row(row, terms, 8)
 
 
+@pytest.mark.usefixtures("reductions")
 def test_a_grad_scaler_is_divided_out_and_an_overflowing_window_records_nothing() -> None:
     """The scaled loop's rows equal the unscaled loop's; a window with an overflowing micro-batch
     is skipped by the scaler and records no row, and the window after it is measured alone."""
@@ -258,6 +273,45 @@ def test_nanogpt_with_dropout_compiled_or_not(compiled: bool) -> None:
         assert_row(row, loop_terms(sums, sizes), sum(sizes))
 
 
+class TwoHeads(nn.Module):
+    """A trunk and two heads; the second head only where the forward is asked to use it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.a, self.b = nn.Linear(5, 6).double(), nn.Linear(6, 3).double(), nn.Linear(6, 3).double()
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        return self.a(h) + self.b(h) if use_b else self.a(h)
+
+
+@pytest.mark.usefixtures("reductions")
+@pytest.mark.parametrize("uses_b", [0, 2], ids=["first_micro_batch_only", "last_only"])
+def test_a_parameter_only_some_micro_batches_reach_is_measured_with_zeros_elsewhere(uses_b: int) -> None:
+    """A head that one micro-batch's loss uses and the others' do not: its gradient is zero
+    there, as in the float64 loop, whether its only gradient came first (``.grad`` was empty:
+    the window's sum is the added gradient itself) or last."""
+    model = TwoHeads()
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+
+    def loss(j: int) -> torch.Tensor:
+        x, y = batch(4, j)
+        return nn.functional.cross_entropy(model(x, j == uses_b), y, reduction="sum")
+
+    with Monitor(model, opt, source="micro_batch", reduction="sum", accumulation="sum") as monitor:
+        for j in range(3):
+            loss(j).backward()
+        opt.step()
+    sums = [torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                       for p, g in zip(params, torch.autograd.grad(loss(j), params, allow_unused=True))])
+            for j in range(3)]
+    (row,) = monitor.rows
+    assert_row(row, loop_terms(sums, [4, 4, 4]), 12)
+
+
+@pytest.mark.usefixtures("reductions")
 def test_unbiased_on_linear_regression() -> None:
     """Known answer (``|G|^2 = |u|^2``, ``tr(Sigma) = d (|u|^2 + noise^2) + |u|^2`` at
     ``w = w* + u``): over 400 windows of two micro-batches the means lie within 3 standard
@@ -310,6 +364,7 @@ def test_a_short_last_window_of_one_micro_batch_records_nan_terms() -> None:
     assert monitor.rows[1]["samples"] == 4 and math.isnan(monitor.rows[1]["trace"])
 
 
+@pytest.mark.usefixtures("reductions")
 def test_gradients_not_cleared_after_a_step_are_refused_and_the_monitor_goes_on() -> None:
     """A backward into the last window's .grad (no zero_grad after the step) raises from that
     backward; after zero_grad the next window is measured as the loop's."""
@@ -348,6 +403,7 @@ def test_what_the_micro_batch_source_cannot_measure_is_refused_by_name() -> None
             (ce(model, x, y) + ce(model, x, y)).backward()
 
 
+@pytest.mark.usefixtures("reductions")
 @pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_a_float32_or_bfloat16_model_measures_what_a_float64_loop_of_its_gradients_gives(dtype: torch.dtype,
                                                                                          rel: float) -> None:
