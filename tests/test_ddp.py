@@ -8,8 +8,10 @@ other micro-steps (DeepSpeed #2252, Transformers PR #34645).
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from .reference import ce_mean, classification, full_batch_grad, mlp, take
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every test runs two gloo ranks in processes of their own
+Ranks = Callable[[str], list[dict]]  # a mode's name -> its two ranks' saved results
 
 
 def windows_of(sizes: list[int], k: int) -> list[slice]:
@@ -41,9 +44,42 @@ def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+def run_modes(out: Path, modes: list[str], timeout: float = 300) -> Ranks:
+    """Run ``modes`` of tests/_multi_worker.py in turn on two gloo ranks (one start-up for all);
+    kill both ranks if either overruns. Returns each mode's two ranks' saved results by name; a
+    mode that failed raises there, with the rank's traceback."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._multi_worker", str(r), "2", str(out), ",".join(modes)],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]  # wait for both before judging: no orphan left behind
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def ranks(mode: str) -> list[dict]:
+        errors = sorted((out / mode).glob("error*.txt"))
+        assert not errors, "\n".join(e.read_text() for e in errors)
+        assert codes == [0, 0], f"the ranks ended with {codes} ({mode!r} finished on both)"
+        return [torch.load(out / mode / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    return ranks
+
+
+MODES = ["raise", "skip_window", "gsnr", "gsnr_skip", "gsnr_heads", "probe", "ramp", "norms", "norms_micro",
+         "norms_skip", "micro_planner", "gsnr_compiled"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Ranks:
+    """Every mode these tests read, run once on one pair of ranks; each test judges its own mode's files."""
+    return run_modes(tmp_path_factory.mktemp("ddp"), MODES)
+
+
 @pytest.mark.parametrize("nonfinite", ["raise", "skip_window"])  # buffered and in-place window sums
-def test_two_gloo_ranks_equal_one_process(tmp_path: Path, nonfinite: str) -> None:
-    ranks = run_two_ranks(tmp_path, nonfinite)
+def test_two_gloo_ranks_equal_one_process(two_ranks: Ranks, nonfinite: str) -> None:
+    ranks = two_ranks(nonfinite)
 
     # single-process reference: window w = rank 0's window w + rank 1's window w
     model = mlp()
@@ -74,13 +110,13 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path, nonfinite: str) -> Non
 
 @pytest.mark.parametrize("mode", ["gsnr", "gsnr_skip", "gsnr_compiled"],
                          ids=["all_finite", "rank1_skips_a_micro_batch", "fused_kernels"])
-def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_path: Path, mode: str) -> None:
+def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(two_ranks: Ranks, mode: str) -> None:
     """Statistics are reduced over ranks at every increment: both ranks take the same
     decisions, at the same increments, as one process that sees both halves at once. A
     rank that skips a non-finite micro-batch still joins the increment (no deadlock). The
     ranks' fused kernels (the ranks' moments reduced between the guard and the merge) too."""
     skip = mode == "gsnr_skip"
-    ranks = run_two_ranks(tmp_path, mode)
+    ranks = two_ranks(mode)
     model = mlp()
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), worker.gsnr_rule())
     data = worker.gsnr_data()
@@ -104,12 +140,12 @@ def test_gsnr_on_two_ranks_equals_one_process_with_the_doubled_increment(tmp_pat
         assert len(ranks[r]["large"]) == 2 * increments
 
 
-def test_a_parameter_one_rank_reached_gets_the_window_gradient_on_every_rank(tmp_path: Path) -> None:
+def test_a_parameter_one_rank_reached_gets_the_window_gradient_on_every_rank(two_ranks: Ranks) -> None:
     """Per-element rule, each rank through its own head: the statistics' mean (every rank's) is
     the window sum, and the ranks agree at the close on which parameters any of them reached, so
     both heads step on both ranks, equal to one process routing each rank's samples to its head;
     a layer no rank used gets no gradient."""
-    ranks = run_two_ranks(tmp_path, "gsnr_heads")
+    ranks = two_ranks("gsnr_heads")
     model = worker.Routed()
     data = classification(8 * worker.GSNR_INC, seed=30)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -135,8 +171,8 @@ def test_a_parameter_one_rank_reached_gets_the_window_gradient_on_every_rank(tmp
     assert all(g is None for g in ranks[0]["seen"][0][-2:])  # the spare layer
 
 
-def test_ranks_agree_on_the_smallest_micro_batch_that_fits(tmp_path: Path) -> None:
-    ranks = run_two_ranks(tmp_path, "probe")
+def test_ranks_agree_on_the_smallest_micro_batch_that_fits(two_ranks: Ranks) -> None:
+    ranks = two_ranks("probe")
     assert [r["size"] for r in ranks] == [min(worker.PROBE_LIMITS.values())] * 2
 
 
@@ -179,17 +215,30 @@ def test_ranks_that_would_step_differently_raise_instead_of_diverging(tmp_path: 
 
 
 def test_a_rank_that_never_arrives_times_out_with_the_contract_named(tmp_path: Path) -> None:
-    seconds, outcome = contract_outcomes(tmp_path, "contract_late")[0]
+    """Rank 1 stops calling and lingers for 8 s: rank 0 raises at its 3 s timeout while rank 1 is
+    still alive (a timeout, not a closed connection); rank 1 is then ended, not waited for."""
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path), "contract_late"],
+                              cwd=ROOT) for r in range(2)]
+    try:
+        assert procs[0].wait(timeout=120) == 0
+        assert procs[1].poll() is None  # the peer lingers still: rank 0 did not see it leave
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    elapsed, outcome = (tmp_path / "rank0.txt").read_text().splitlines()
+    seconds = float(elapsed)
     assert outcome.startswith("ContractError: rank 0: the Accumulator's collective for the window's close")
     assert "call Accumulator.backward the same number of times per window" in outcome
     assert seconds < 7  # the 3 s timeout, not the peer's exit after 8 s
 
 
-def test_planned_windows_on_two_ranks_equal_one_process_with_one_reduce_per_window(tmp_path: Path) -> None:
+def test_planned_windows_on_two_ranks_equal_one_process_with_one_reduce_per_window(two_ranks: Ranks) -> None:
     """A planner under DDP: both ranks plan the same windows from the global history, the
     gradient is reduced once per window (on its last micro-batch), and the run equals one
     process that sees both halves of every micro-batch."""
-    ranks = run_two_ranks(tmp_path, "ramp")
+    ranks = two_ranks("ramp")
     model = mlp()
     acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.05), worker.ramp_rule())
     data = worker.gsnr_data()
@@ -205,13 +254,13 @@ def test_planned_windows_on_two_ranks_equal_one_process_with_one_reduce_per_wind
             torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)
 
 
-def test_norm_rules_reduce_scalars_per_increment_and_the_gradient_once_per_window(tmp_path: Path) -> None:
+def test_norm_rules_reduce_scalars_per_increment_and_the_gradient_once_per_window(two_ranks: Ranks) -> None:
     """The norm path under DDP: each increment's decision pools every rank's norm sums from
     the contract's header (one small all-gather, no all-reduce), and the gradient is
     all-reduced once per window, at its close. The pooled ``tr(Sigma)`` and ``|G|^2`` are
     unbiased: on linear regression with Gaussian noise (known answer) their means over 240
     windows lie within 3 standard errors of the truth, and both ranks see the same values."""
-    ranks = run_two_ranks(tmp_path, "norms")
+    ranks = two_ranks("norms")
     assert ranks[0]["seen"] == ranks[1]["seen"]  # every rank decides on the same pooled numbers
     windows = worker.NORM_WINDOWS
     for r in ranks:
@@ -227,12 +276,12 @@ def test_norm_rules_reduce_scalars_per_increment_and_the_gradient_once_per_windo
         assert abs(float(values.mean()) - truth) < 3 * error, (float(values.mean()), truth, error)
 
 
-def test_micro_batch_source_pools_every_ranks_micro_batches_unbiased(tmp_path: Path) -> None:
+def test_micro_batch_source_pools_every_ranks_micro_batches_unbiased(two_ranks: Ranks) -> None:
     """The micro-batch source under DDP: each rank's micro-batches (their gradients before the
     window's all-reduce) are groups whose sums travel in the contract's header; the pooled
     ``tr(Sigma)`` and ``|G|^2`` are unbiased on linear regression (within 3 standard errors
     over 120 windows of 3 micro-batches per rank), and both ranks decide on the same numbers."""
-    ranks = run_two_ranks(tmp_path, "norms_micro")
+    ranks = two_ranks("norms_micro")
     assert repr(ranks[0]["seen"]) == repr(ranks[1]["seen"])  # NaN where one micro-batch per rank: no variance
     assert all(math.isnan(s[1]) for s in ranks[0]["seen"] if s[0] == 2 * worker.NORM_PER_RANK)
     closing = [s for s in ranks[0]["seen"] if s[0] == 2 * 3 * worker.NORM_PER_RANK]
@@ -243,11 +292,11 @@ def test_micro_batch_source_pools_every_ranks_micro_batches_unbiased(tmp_path: P
         assert abs(float(values.mean()) - truth) < 3 * error, (float(values.mean()), truth, error)
 
 
-def test_a_skipped_micro_batch_under_ddp_norm_rules_keeps_ranks_in_step(tmp_path: Path) -> None:
+def test_a_skipped_micro_batch_under_ddp_norm_rules_keeps_ranks_in_step(two_ranks: Ranks) -> None:
     """Rank 1 skips a NaN micro-batch: its norm sums are as before, both ranks still pool at
     every increment, decide the same windows and end at the same weights; the window with
     the skipped micro-batch counts 4 fewer samples."""
-    ranks = run_two_ranks(tmp_path, "norms_skip")
+    ranks = two_ranks("norms_skip")
     assert ranks[0]["history"] == ranks[1]["history"]
     assert ranks[0]["layers"] == ranks[1]["layers"]  # per-layer noise scales pooled over the ranks
     assert all(set(layers) == {"noise_scale/0", "noise_scale/2", "noise_scale/4"} for layers in ranks[0]["layers"][:-1])
@@ -271,13 +320,13 @@ class Replay:
         return self.windows[min(len(history), len(self.windows) - 1)]
 
 
-def test_micro_batch_planner_on_two_ranks_equals_one_process(tmp_path: Path) -> None:
+def test_micro_batch_planner_on_two_ranks_equals_one_process(two_ranks: Ranks) -> None:
     """NoiseScalePlanner(source="micro_batch") under DDP: each rank's micro-batches are micro-
     batches of the one window, so every record's noise terms and each layer's noise scale are one
     process's over both ranks' micro-batches as micro-batches of their own (rank 0's, then rank
     1's, each of 2 samples), measured from the window sum after the close's all-reduce; the
     planner's windows follow from them, and the weights are the one process's."""
-    ranks = run_two_ranks(tmp_path, "micro_planner")
+    ranks = two_ranks("micro_planner")
     history = ranks[0]["history"]
     assert ranks[1]["history"] == history
     assert len(history) >= 3 and all(r["info"]["trace"] > 0 for r in history[:-1])
@@ -306,7 +355,7 @@ def test_micro_batch_planner_on_two_ranks_equals_one_process(tmp_path: Path) -> 
             torch.testing.assert_close(p, q.detach(), rtol=1e-10, atol=1e-10)
 
 
-def test_micro_batch_layer_columns_under_ddp_are_named_as_on_one_process(tmp_path: Path) -> None:
-    history = run_two_ranks(tmp_path, "micro_planner")[0]["history"]
+def test_micro_batch_layer_columns_under_ddp_are_named_as_on_one_process(two_ranks: Ranks) -> None:
+    history = two_ranks("micro_planner")[0]["history"]
     assert {k for k in history[0]["info"] if k.startswith("noise_scale/")} == \
         {"noise_scale/0", "noise_scale/2", "noise_scale/4"}

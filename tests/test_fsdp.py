@@ -21,7 +21,17 @@ import torch
 
 from . import _ddp_worker as worker
 from .reference import full_batch_grad, mlp
-from .test_ddp import ROOT, run_two_ranks, windows_of
+from .test_ddp import ROOT, Ranks, run_modes, windows_of
+
+MODES = ["fsdp_raise", "fsdp_skip_window", "fsdp_nan", "fsdp_refusals", "fsdp_norms", "fsdp_resume", "float32",
+         "micro_batch"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Ranks:
+    """Every two-rank mode these tests read, run once on one pair of ranks (tests/_multi_worker.py);
+    each test judges its own mode's files."""
+    return run_modes(tmp_path_factory.mktemp("fsdp"), MODES)
 
 
 def union_micro_batches() -> list:
@@ -82,17 +92,17 @@ def check(ranks: list[dict], want: list[list[torch.Tensor]]) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["raise", "skip_window"])  # sums apart from .grad, and in it
-def test_fully_shard_windows_equal_one_process_over_both_ranks(tmp_path: Path, policy: str) -> None:
-    ranks = run_two_ranks(tmp_path, f"fsdp_{policy}")
+def test_fully_shard_windows_equal_one_process_over_both_ranks(two_ranks: Ranks, policy: str) -> None:
+    ranks = two_ranks(f"fsdp_{policy}")
     assert windows_of(worker.SIZES[0], worker.K) and ranks[0]["items"] == ranks[1]["items"]
     check(ranks, reference_grads())
 
 
 @pytest.mark.slow
-def test_a_nan_on_one_rank_drops_that_increment_on_both(tmp_path: Path) -> None:
+def test_a_nan_on_one_rank_drops_that_increment_on_both(two_ranks: Ranks) -> None:
     """Rank 1's micro-batch 4 (window 1, its second) is NaN under skip_micro_batch: the
     reduce-scatter has summed it into every rank's shard, so both drop the increment."""
-    ranks = run_two_ranks(tmp_path, "fsdp_nan")
+    ranks = two_ranks("fsdp_nan")
     check(ranks, reference_grads(drop=(1, 1)))
     window = sum(worker.SIZES[r][j] for r in range(2) for j in range(3, 6))
     assert ranks[0]["items"][1] == ranks[1]["items"][1] == window - worker.SIZES[0][4] - worker.SIZES[1][4]
@@ -100,8 +110,8 @@ def test_a_nan_on_one_rank_drops_that_increment_on_both(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_what_cannot_work_under_fully_shard_is_refused_on_every_rank(tmp_path: Path) -> None:
-    ranks = run_two_ranks(tmp_path, "fsdp_refusals")
+def test_what_cannot_work_under_fully_shard_is_refused_on_every_rank(two_ranks: Ranks) -> None:
+    ranks = two_ranks("fsdp_refusals")
     for rank in ranks:
         assert "rule: GSNR needs per-element statistics" in rank["rule"]
         assert "scaler" in rank["scaler"]
@@ -111,7 +121,7 @@ def test_what_cannot_work_under_fully_shard_is_refused_on_every_rank(tmp_path: P
 
 
 @pytest.mark.slow
-def test_norm_test_on_shards_decides_as_one_process_over_both_ranks(tmp_path: Path) -> None:
+def test_norm_test_on_shards_decides_as_one_process_over_both_ranks(two_ranks: Ranks) -> None:
     """NormTest under fully_shard: each rank's per-sample norms and its shard of the summed
     gradient, added up over the ranks, are the window's terms over both ranks' samples, so the
     windows, the statistic and the steps are one process's over the union of the micro-batches."""
@@ -120,7 +130,7 @@ def test_norm_test_on_shards_decides_as_one_process_over_both_ranks(tmp_path: Pa
 
     from .reference import GradCapture, ce_mean
 
-    ranks = run_two_ranks(tmp_path, "fsdp_norms")
+    ranks = two_ranks("fsdp_norms")
     model = mlp()
     opt = GradCapture(model.parameters())
     acc = Accumulator(model, opt, NormTest(worker.FSDP_THETA, source="per_sample"))
@@ -140,8 +150,8 @@ def test_norm_test_on_shards_decides_as_one_process_over_both_ranks(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_a_mid_window_checkpoint_of_the_sharded_run_resumes_bitwise(tmp_path: Path) -> None:
-    ranks = run_two_ranks(tmp_path, "fsdp_resume")
+def test_a_mid_window_checkpoint_of_the_sharded_run_resumes_bitwise(two_ranks: Ranks) -> None:
+    ranks = two_ranks("fsdp_resume")
     for rank in ranks:
         assert rank["window_at_save"] == 1  # saved with one micro-batch of the second window in it
         for whole, resumed in zip(rank["whole"], rank["resumed"]):
@@ -166,12 +176,12 @@ def run_fsdp_worker(tmp_path: Path, mode: str, world: int = 2, env: dict[str, st
 
 
 @pytest.mark.slow
-def test_float32_on_gloo_equals_one_float64_process_to_float32_precision(tmp_path: Path) -> None:
+def test_float32_on_gloo_equals_one_float64_process_to_float32_precision(two_ranks: Ranks) -> None:
     """float32 gradients go through FSDP's reduce-scatter as a plain sum on gloo too (FSDP would
     fold the divide factor into a PREMUL_SUM, which gloo refuses at the first backward): the
     applied gradients and the weights are one float64 process's over both ranks' micro-batches,
     to float32 rounding (the gradients are 1e-2 to 0.3; a rank weighted wrong is off by 1e-2)."""
-    ranks = run_fsdp_worker(tmp_path, "float32")
+    ranks = two_ranks("float32")
     want, params = reference_run()
     items = [sum(sum(worker.SIZES[r][w * worker.K:(w + 1) * worker.K]) for r in range(2)) for w in range(3)]
     for rank in ranks:
@@ -242,7 +252,7 @@ def test_the_fsdp2_example_under_torchrun_trains_one_run_over_both_ranks(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_micro_batch_source_on_shards_equals_one_process_over_both_ranks(tmp_path: Path) -> None:
+def test_the_micro_batch_source_on_shards_equals_one_process_over_both_ranks(two_ranks: Ranks) -> None:
     """NormTest and NoiseScalePlanner with ``source="micro_batch"`` under fully_shard: each
     micro-batch's gradient is the sum over ranks, sharded; its squared norm is the sum of the
     shards' (one small all-reduce), so every record's noise terms, each layer's noise scale, the
@@ -252,7 +262,7 @@ def test_the_micro_batch_source_on_shards_equals_one_process_over_both_ranks(tmp
     from . import _fsdp_worker
     from .reference import ce_mean
 
-    ranks = run_fsdp_worker(tmp_path, "micro_batch")
+    ranks = two_ranks("micro_batch")
     for index, rule in enumerate(_fsdp_worker.micro_batch_rules()):
         model = mlp()
         acc = Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), rule)
