@@ -222,9 +222,9 @@ def test_reproduce_leaves_a_live_tune_workers_trial_alone(tmp_path: Path, data: 
     of the same study (as ``reproduce`` does when it starts); the tune finishes normally."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     load_mnist1d(tmp_path / "data" / "mnist1d.npz")
-    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "1", "--budget", "96000",
-            "--eval-every", "32000", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"), "--storage",
-            storage, "--quiet"]
+    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "1", "--budget", "32000",
+            "--eval-every", "16000", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"), "--storage",
+            storage, "--quiet"]  # a trial of ~2 s: seen running, then left to finish
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -238,6 +238,7 @@ def test_reproduce_leaves_a_live_tune_workers_trial_alone(tmp_path: Path, data: 
             running = study.get_trials(states=(TrialState.RUNNING,))
         assert running, "the tune process never started a trial"
         assert workers.fail_stale(study) == []
+        assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]  # judged while its owner was mid-trial
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
     finally:
         proc.kill()

@@ -511,11 +511,17 @@ def rank_samples(rank: int, micro_batches: range) -> list[int]:
     return [4 * j + 2 * rank + k for j in micro_batches for k in range(2)]
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_equal_one_process_stepping_on_both(tmp_path) -> None:
-    from .test_ddp import run_two_ranks
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory):
+    """Both PlannedTrainer runs under DDP, once, on one pair of ranks (tests/_multi_worker.py)."""
+    from .test_ddp import run_modes
 
-    ranks = run_two_ranks(tmp_path, "transformers")
+    return run_modes(tmp_path_factory.mktemp("transformers_ddp"), ["transformers", "transformers_noise"])
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_stepping_on_both(two_ranks) -> None:
+    ranks = two_ranks("transformers")
     assert [r["micro_batches"] for r in ranks[0]["history"]] == [1, 2, 2, 1]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 4
     data = dataset(DDP_SAMPLES)
@@ -533,14 +539,12 @@ def test_two_gloo_processes_equal_one_process_stepping_on_both(tmp_path) -> None
 
 
 @pytest.mark.slow
-def test_under_ddp_the_noise_terms_pool_each_process_norm_sums(tmp_path) -> None:
+def test_under_ddp_the_noise_terms_pool_each_process_norm_sums(two_ranks) -> None:
     """Each process's per-sample norms and |S1_r|^2, added over the processes: the pooled
     unbiased estimates, equal to the loop's over each process's samples."""
     from gradaccum._core.noise_scale import NormSums, pooled_terms
 
-    from .test_ddp import run_two_ranks
-
-    ranks = run_two_ranks(tmp_path, "transformers_noise")
+    ranks = two_ranks("transformers_noise")
     first = ranks[0]["history"][0]
     assert first["micro_batches"] == 2 and first["samples"] == 8
     net, data = model(), dataset(DDP_SAMPLES)
