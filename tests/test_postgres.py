@@ -94,7 +94,7 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tmp_path: Pa
 
 
 def test_a_killed_study_resumes_on_postgres(postgres_url: str, tmp_path: Path) -> None:
-    args = tune_args("baseline", 4, tmp_path, postgres_url, budget=25600)  # ~1.5 s a trial: time to kill
+    args = tune_args("baseline", 3, tmp_path, postgres_url, budget=25600)  # ~1.5 s a trial: time to kill
     proc = subprocess.Popen(args, cwd=ROOT)
     deadline, before = time.time() + 240, {}
     while time.time() < deadline and not before:
@@ -106,9 +106,11 @@ def test_a_killed_study_resumes_on_postgres(postgres_url: str, tmp_path: Path) -
         before = {t.number: (t.params, t.value) for t in complete(study)}
     proc.kill()
     proc.wait()
-    assert 1 <= len(before) < 4
-    assert subprocess.run(args, cwd=ROOT, timeout=300).returncode == 0
+    assert 1 <= len(before) < 3
+    from gradaccum.cli import main
+
+    assert main(args[3:]) == 0  # the same command resumes, here in this process (only the kill needs its own)
     study = optuna.load_study(study_name="gradaccum-baseline", storage=postgres_url)
     after = {t.number: (t.params, t.value) for t in complete(study)}
-    assert len(after) == 4 and all(after[k] == v for k, v in before.items())
-    assert len({params["lr"] for params, _ in after.values()}) == 4
+    assert len(after) == 3 and all(after[k] == v for k, v in before.items())
+    assert len({params["lr"] for params, _ in after.values()}) == 3

@@ -5,6 +5,7 @@ Transformers #22143 lost the partial window on resume; the Accumulator's state_d
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +13,34 @@ from pathlib import Path
 import pytest
 import torch
 
+from . import _resume_worker as worker
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*jobs: tuple[str, Path]) -> None:
-    """Run the worker once per ``(mode, out)``, the jobs side by side (they share no file)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._resume_worker", mode, str(out)], cwd=ROOT)
-             for mode, out in jobs]
-    assert [p.wait(timeout=300) for p in procs] == [0] * len(jobs)
+def start(*jobs: tuple[str, Path]) -> list[subprocess.Popen]:
+    """Start the worker once per ``(mode, out)``, each in a fresh process on one thread, the jobs side
+    by side (they share no file)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-m", "tests._resume_worker", mode, str(out)], cwd=ROOT, env=env)
+            for mode, out in jobs]
+
+
+def run_here(mode: str, out: Path) -> None:
+    """The worker's ``mode`` in this process, on one thread as the workers run; this process's
+    random state and thread count are left as they were."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            worker.main(mode, out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
 def test_resume_mid_window_in_fresh_process_is_bitwise_identical(tmp_path: Path) -> None:
-    run(("full", tmp_path), ("first", tmp_path))
+    run_here("first", tmp_path)  # saved here, loaded and continued in a process that never trained
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["acc"]["micro_batches"] == 2 and ckpt["acc"]["items"] > 0
     # control: resuming without the partial window (Transformers #22143), from a copy of the checkpoint
@@ -33,7 +49,12 @@ def test_resume_mid_window_in_fresh_process_is_bitwise_identical(tmp_path: Path)
     ckpt["acc"]["sums"] = [None for _ in ckpt["acc"]["sums"]]
     ckpt["acc"]["items"] = 0
     torch.save(ckpt, lost_dir / "ckpt.pt")
-    run(("second", tmp_path), ("second", lost_dir))
+    procs = start(("full", tmp_path), ("second", tmp_path))
+    try:
+        run_here("second", lost_dir)  # meanwhile
+    finally:
+        codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0, 0]
     full = torch.load(tmp_path / "full.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
     assert full.keys() == resumed.keys()
