@@ -32,8 +32,9 @@ TINY = ["--quick", "--budget", "640", "--eval-every", "320", "--quiet", "--secti
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data")
+def data_dir(data_dir: str) -> Path:
+    """The session's mnist1d cache (tests/conftest.py), generated here if no test has yet."""
+    path = Path(data_dir)
     load_mnist1d(path / "mnist1d.npz")
     return path
 

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory) -> MNIST1D:
-    return load_mnist1d(tmp_path_factory.mktemp("data") / "mnist1d.npz")
+def data(data_dir: str) -> MNIST1D:
+    return load_mnist1d(Path(data_dir) / "mnist1d.npz")  # the session's cache (tests/conftest.py)
 
 
 def fake_result(arm: str, params: dict, seed: int, *_: object, diverged: bool = False) -> RunResult:
@@ -217,13 +217,12 @@ def test_only_a_trial_whose_owner_is_gone_is_failed(kind: str, tmp_path: Path, m
 
 
 @pytest.mark.slow
-def test_reproduce_leaves_a_live_tune_workers_trial_alone(tmp_path: Path, data: MNIST1D) -> None:
+def test_reproduce_leaves_a_live_tune_workers_trial_alone(tmp_path: Path, data: MNIST1D, data_dir: str) -> None:
     """End to end: a ``gradaccum tune`` process mid-trial, another process failing stale trials
     of the same study (as ``reproduce`` does when it starts); the tune finishes normally."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    load_mnist1d(tmp_path / "data" / "mnist1d.npz")
     args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "1", "--budget", "32000",
-            "--eval-every", "16000", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"), "--storage",
+            "--eval-every", "16000", "--out", str(tmp_path), "--data-dir", data_dir, "--storage",
             storage, "--quiet"]  # a trial of ~2 s: seen running, then left to finish
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:

@@ -99,14 +99,29 @@ def _check_probe(step, start: int, limit: int, tried: list[int]) -> None:
     assert len(tried) <= 2 * (limit.bit_length() + 2)  # doubling, then binary search
 
 
+@pytest.fixture
+def frees(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The probe's release of memory, recorded instead of run (a full garbage collection per failed
+    try takes seconds in a large test session): each test checks that it followed every failed try."""
+    from gradaccum.torch import _memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(_memory, "_free_memory", lambda: calls.append(1))
+    return calls
+
+
 @pytest.mark.slow
-def test_probing_respects_max_size_and_runtime_oom_messages() -> None:
+def test_probing_respects_max_size_and_runtime_oom_messages(frees: list[int]) -> None:
+    failed: list[int] = []
+
     def step(m: int) -> None:
         if m > 300:
+            failed.append(m)
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate ... out of memory")
 
     assert find_micro_batch_size(step, 8, max_size=100) == 100
     assert find_micro_batch_size(step, 8) == 300
+    assert len(frees) == len(failed) > 0
 
 
 def test_other_errors_propagate_and_arguments_are_checked() -> None:
@@ -198,15 +213,19 @@ def test_lr_scaling_helper() -> None:
 
 
 @pytest.mark.slow
-def test_plan_accumulation_in_one_call_and_budget_checks() -> None:
+def test_plan_accumulation_in_one_call_and_budget_checks(frees: list[int]) -> None:
     from gradaccum.torch import plan_accumulation
+
+    failed: list[int] = []
 
     def step(m: int) -> None:
         if m > 96:
+            failed.append(m)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
     assert plan_accumulation(step, 256) == [96, 96, 64]
     assert plan_accumulation(step, 64) == [64]
+    assert len(frees) == len(failed) > 0
     with pytest.raises(ValueError, match="max_memory must be a positive int"):
         find_micro_batch_size(step, 1, max_memory=0)
     with pytest.raises(ValueError, match="effective_batch must be a positive int"):
@@ -214,7 +233,7 @@ def test_plan_accumulation_in_one_call_and_budget_checks() -> None:
 
 
 @pytest.mark.slow
-def test_probe_leaves_no_gradients_and_the_accumulator_names_stale_ones() -> None:
+def test_probe_leaves_no_gradients_and_the_accumulator_names_stale_ones(frees: list[int]) -> None:
     """Memory planning ran backward passes on the model; the Accumulator built afterwards
     then refused every backward with a misleading "stray backward" message."""
     from gradaccum import FixedSteps
@@ -222,9 +241,11 @@ def test_probe_leaves_no_gradients_and_the_accumulator_names_stale_ones() -> Non
 
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
+    failed: list[int] = []
 
     def step(m: int) -> None:
         if m > 8:
+            failed.append(m)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         model(torch.randn(m, 3)).sum().backward()
 
@@ -235,6 +256,7 @@ def test_probe_leaves_no_gradients_and_the_accumulator_names_stale_ones() -> Non
     assert find_micro_batch_size(step, 1, 16, model=model) == 8
     assert all(p.grad is None for p in model.parameters())
     Accumulator(model, torch.optim.SGD(model.parameters(), lr=0.1), FixedSteps(2))
+    assert len(frees) == len(failed) > 0
 
 
 @pytest.mark.parametrize("error", [RuntimeError("failed to allocate a port for the logger"),

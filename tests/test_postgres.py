@@ -70,9 +70,13 @@ def postgres_url():
         shutil.rmtree(base, ignore_errors=True)
 
 
-def tune_args(arm: str, trials: int, out: Path, storage: str, budget: int = 1600) -> list[str]:
+def tune_args(arm: str, trials: int, out: Path, storage: str, data_dir: str, budget: int = 1600) -> list[str]:
+    """``gradaccum tune`` on the session's mnist1d cache (tests/conftest.py), generated here if no test has yet."""
+    from gradaccum.experiments.mnist1d_data import load_mnist1d
+
+    load_mnist1d(Path(data_dir) / "mnist1d.npz")
     return [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", arm, "--trials", str(trials), "--budget",
-            str(budget), "--eval-every", "800", "--out", str(out), "--data-dir", str(out / "data"), "--storage",
+            str(budget), "--eval-every", "800", "--out", str(out), "--data-dir", data_dir, "--storage",
             storage, "--quiet"]
 
 
@@ -80,8 +84,8 @@ def complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
 
 
-def test_two_workers_share_one_study_on_postgres(postgres_url: str, tmp_path: Path) -> None:
-    args = tune_args("gaga", 6, tmp_path, postgres_url)
+def test_two_workers_share_one_study_on_postgres(postgres_url: str, tmp_path: Path, data_dir: str) -> None:
+    args = tune_args("gaga", 6, tmp_path, postgres_url, data_dir)
     workers = [subprocess.Popen(args, cwd=ROOT) for _ in range(2)]
     assert [w.wait(timeout=300) for w in workers] == [0, 0]
     study = optuna.load_study(study_name="gradaccum-gaga", storage=postgres_url)
@@ -93,8 +97,8 @@ def test_two_workers_share_one_study_on_postgres(postgres_url: str, tmp_path: Pa
     assert len(counted_trials(study, 6)) == 6
 
 
-def test_a_killed_study_resumes_on_postgres(postgres_url: str, tmp_path: Path) -> None:
-    args = tune_args("baseline", 3, tmp_path, postgres_url, budget=25600)  # ~1.5 s a trial: time to kill
+def test_a_killed_study_resumes_on_postgres(postgres_url: str, tmp_path: Path, data_dir: str) -> None:
+    args = tune_args("baseline", 3, tmp_path, postgres_url, data_dir, budget=25600)  # ~1.5 s a trial: time to kill
     proc = subprocess.Popen(args, cwd=ROOT)
     deadline, before = time.time() + 240, {}
     while time.time() < deadline and not before:
