@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as fnn
@@ -106,34 +107,45 @@ def losses_of(model: fnn.Module, extra=None):
 
 
 def reference_moments(losses, params, batch, mask):
-    """One jax.grad per kept sample, then mean and M2 by their definitions."""
-    grads = [jax.grad(lambda p, i=i: losses(p, {k: v[i:i + 1] for k, v in batch.items()})[0])(params)
-             for i in np.flatnonzero(mask)]
+    """One jax.grad per kept sample, then mean and M2 by their definitions (the one-sample
+    gradient is compiled once and called per sample, not traced per sample)."""
+    sample_grad = jax.jit(jax.grad(lambda p, one: losses(p, one)[0]))
+    grads = [sample_grad(params, {k: v[i:i + 1] for k, v in batch.items()}) for i in np.flatnonzero(mask)]
     stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads)
     mean = jax.tree.map(lambda g: g.mean(0), stacked)
     m2 = jax.tree.map(lambda g, m: ((g - m) ** 2).sum(0), stacked, mean)
     return mean, m2
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("path", ["auto", "vmap"])
-def test_window_moments_equal_a_loop_over_samples(name: str, path: str) -> None:
+MASK = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1])
+
+
+@functools.cache
+def masked_case(name: str):
+    """The model ``name`` on 10 examples, 8 of them kept by ``MASK``: its parameters, losses and
+    the loop's moments, computed once for the tests of both paths and both kinds of window."""
     model, batch = MODELS[name], data(10, seed=31)
-    variables = model.init(jax.random.key(1), batch["x"][:1])
+    variables = jax.jit(model.init)(jax.random.key(1), batch["x"][:1])
     params = variables["params"]
     # BatchNorm keeps its statistics in float32 whatever param_dtype says: cast them for a float64 test
     extra = jax.tree.map(lambda v: v.astype(jnp.float64), {k: v for k, v in variables.items() if k != "params"})
     losses = losses_of(model, extra)
+    return model, batch, params, losses, reference_moments(losses, params, batch, MASK)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("path", ["auto", "vmap"])
+def test_window_moments_equal_a_loop_over_samples(name: str, path: str) -> None:
+    model, batch, params, losses, (mean, m2) = masked_case(name)
     assert statistics_path(losses, params, batch).startswith(PATHS[name])
-    mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1])
+    mask = MASK
     rule = GSNR(1e9, increment=10, max_samples=100)
     state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rule=rule)
     step = make_train_step(losses, path=path)
     half = {k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}
     state, _ = step(state, half[0], mask[:5])
     state, metrics = step(state, half[1], mask[5:])  # two increments, merged
-    mean, m2 = reference_moments(losses, params, batch, mask)
     assert int(metrics["items"]) == 8
     assert max_abs_diff(state.window.mean, mean) < 1e-12
     assert max_abs_diff(state.window.m2, m2) < 1e-10 * max(1.0, max(float(jnp.abs(x).max()) for x in
@@ -146,12 +158,8 @@ def test_window_moments_equal_a_loop_over_samples(name: str, path: str) -> None:
 def test_norm_path_equals_a_loop_over_samples(name: str, path: str) -> None:
     """NormTest on the norm path (no per-element moments in the window): after two masked
     increments its ratio and noise scale equal the core rule's on the loop's moments."""
-    model, batch = MODELS[name], data(10, seed=31)
-    variables = model.init(jax.random.key(1), batch["x"][:1])
-    params = variables["params"]
-    extra = jax.tree.map(lambda v: v.astype(jnp.float64), {k: v for k, v in variables.items() if k != "params"})
-    losses = losses_of(model, extra)
-    mask = np.array([1, 1, 0, 1, 1, 1, 1, 0, 1, 1])
+    model, batch, params, losses, (mean, m2) = masked_case(name)
+    mask = MASK
     rule = NormTest(1e-9, increment=10, max_samples=100, source="per_sample")
     state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rule=rule)
     assert state.window.mean is None and state.window.sum_norms is not None
@@ -159,7 +167,6 @@ def test_norm_path_equals_a_loop_over_samples(name: str, path: str) -> None:
     half = {k: v[:5] for k, v in batch.items()}, {k: v[5:] for k, v in batch.items()}
     state, _ = step(state, half[0], mask[:5])
     state, metrics = step(state, half[1], mask[5:])
-    mean, m2 = reference_moments(losses, params, batch, mask)
     want = rule.decide(WindowView(2, 8, [Moments(8, m, v) for m, v in zip(jax.tree.leaves(mean), jax.tree.leaves(m2))]))
     assert int(metrics["samples"]) == 8
     for key in ("norm_test", "noise_scale"):
@@ -247,14 +254,14 @@ def test_statistics_path_reports_the_path_that_runs_when_a_closed_form_declines(
 
     try:
         batch = data(6, seed=2)
-        params = model.init(jax.random.key(0), batch["x"][:1])["params"]
+        params = jax.jit(model.init)(jax.random.key(0), batch["x"][:1])["params"]
         assert statistics_path(losses, params, batch) == "layers"
         assert layer_paths(losses, params, batch) == {"Scaled_0": "vmap", "Dense_0": "sum_of_squares"}
         state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1),
                                               rule=GSNR(1e9, increment=6, max_samples=64))
         state, _ = make_train_step(losses)(state, batch)
-        per_sample = jax.vmap(
-            lambda b: jax.grad(lambda p: losses(p, jax.tree.map(lambda v: v[None], b))[0])(params))(batch)
+        per_sample = jax.jit(jax.vmap(
+            lambda b: jax.grad(lambda p: losses(p, jax.tree.map(lambda v: v[None], b))[0])(params)))(batch)
         mean = jax.tree.map(lambda g: g.mean(0), per_sample)
         m2 = jax.tree.map(lambda g, m: ((g - m) ** 2).sum(0), per_sample, mean)
         assert max_abs_diff(state.window.mean, mean) < 1e-12 and max_abs_diff(state.window.m2, m2) < 1e-10
@@ -272,7 +279,7 @@ def test_noise_value_and_grad_is_value_and_grad_plus_the_loops_terms(name: str) 
     from gradaccum.jax import noise_value_and_grad
 
     model, batch = MODELS[name], data(9, seed=33)
-    params = model.init(jax.random.key(2), batch["x"][:1])["params"]
+    params = jax.jit(model.init)(jax.random.key(2), batch["x"][:1])["params"]
     losses = losses_of(model)
     (loss, grads), stats = jax.jit(noise_value_and_grad(losses))(params, batch)
     want_loss, want_grads = jax.value_and_grad(lambda p: losses(p, batch).mean())(params)
