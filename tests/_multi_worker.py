@@ -6,9 +6,12 @@ Usage: python -m tests._multi_worker RANK WORLD OUT_DIR MODE[,MODE...]
 Each mode runs as it does alone, on fresh models, and writes its files to ``OUT_DIR/MODE``; the
 ranks meet at a barrier between modes. A mode that raises writes its traceback to
 ``OUT_DIR/MODE/error{RANK}.txt`` and ends the process at once with exit code 1 (the other rank
-then fails at its next collective instead of waiting for the group's timeout). Modes that end a
-process or break the ranks' contract on purpose (``contract_*``, ``backward_raises``) and modes
-with a launcher's environment of their own are not for this worker.
+then fails at its next collective instead of waiting for the group's timeout); after both ranks
+finished a mode, rank 0 writes ``OUT_DIR/MODE/done``. The modes whose ranks disagree on what they
+call (``contract_flush``, ``contract_gsnr``) or on what the step applies (``contract_schedule``,
+``contract_clip``) raise on both ranks at the same collective, so the group goes on to the next
+mode; a rank that stops calling (``contract_late``) or whose process ends (``backward_raises``),
+and modes with a launcher of their own, are not for this worker.
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ MODES: dict[str, Callable[[int, Path], None]] = {
     "fsdp_resume": ddp.run_fsdp_resume,
     "float32": fsdp.run_float32,
     "micro_batch": fsdp.run_micro_batch,
+    "contract_flush": lambda rank, out: ddp.run_contract(rank, out, "contract_flush"),
+    "contract_gsnr": lambda rank, out: ddp.run_contract(rank, out, "contract_gsnr"),
+    "contract_schedule": lambda rank, out: ddp.run_contract(rank, out, "contract_schedule"),
+    "contract_clip": lambda rank, out: ddp.run_contract(rank, out, "contract_clip"),
     "transformers": lambda rank, out: ddp.run_transformers(rank, out, "transformers"),
     "transformers_noise": lambda rank, out: ddp.run_transformers(rank, out, "transformers_noise"),
 }
@@ -91,6 +98,8 @@ def main(rank: int, world: int, out: Path, modes: list[str]) -> None:
             sys.stderr.flush()
             os._exit(1)
         dist.barrier()  # both ranks done with this mode before either starts the next
+        if rank == 0:
+            (target / "done").touch()
     dist.destroy_process_group()
     sys.stdout.flush()
     sys.stderr.flush()

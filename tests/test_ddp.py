@@ -11,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from .reference import ce_mean, classification, full_batch_grad, mlp, take
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every test runs two gloo ranks in processes of their own
-Ranks = Callable[[str], list[dict]]  # a mode's name -> its two ranks' saved results
 
 
 def windows_of(sizes: list[int], k: int) -> list[slice]:
@@ -44,31 +42,44 @@ def run_two_ranks(tmp_path: Path, mode: str) -> list[dict]:
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+class Ranks:
+    """Each mode's results from one run of tests/_multi_worker.py on two ranks."""
+
+    def __init__(self, out: Path, codes: list[int]) -> None:
+        self.out, self.codes = out, codes
+
+    def directory(self, mode: str) -> Path:
+        """``mode``'s files, once both ranks finished it; a mode that failed raises here, with the
+        ranks' tracebacks (a failure in another mode leaves this one's results standing)."""
+        errors = sorted((self.out / mode).glob("error*.txt"))
+        assert not errors, "\n".join(e.read_text() for e in errors)
+        assert (self.out / mode / "done").exists(), f"{mode!r} did not finish; the ranks ended with {self.codes}"
+        return self.out / mode
+
+    def __call__(self, mode: str) -> list[dict]:
+        """Both ranks' saved results of ``mode``."""
+        return [torch.load(self.directory(mode) / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
 def run_modes(out: Path, modes: list[str], timeout: float = 300) -> Ranks:
     """Run ``modes`` of tests/_multi_worker.py in turn on two gloo ranks (one start-up for all);
-    kill both ranks if either overruns. Returns each mode's two ranks' saved results by name; a
-    mode that failed raises there, with the rank's traceback."""
+    kill both ranks if either overruns."""
     procs = [subprocess.Popen([sys.executable, "-m", "tests._multi_worker", str(r), "2", str(out), ",".join(modes)],
                               cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
     try:
-        codes = [p.wait(timeout=timeout) for p in procs]  # wait for both before judging: no orphan left behind
+        for p in procs:
+            p.wait(timeout=timeout)  # wait for both before judging: no orphan left behind
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-
-    def ranks(mode: str) -> list[dict]:
-        errors = sorted((out / mode).glob("error*.txt"))
-        assert not errors, "\n".join(e.read_text() for e in errors)
-        assert codes == [0, 0], f"the ranks ended with {codes} ({mode!r} finished on both)"
-        return [torch.load(out / mode / f"rank{r}.pt", weights_only=True) for r in range(2)]
-
-    return ranks
+    return Ranks(out, [p.returncode for p in procs])
 
 
 MODES = ["raise", "skip_window", "gsnr", "gsnr_skip", "gsnr_heads", "probe", "ramp", "norms", "norms_micro",
-         "norms_skip", "micro_planner", "gsnr_compiled"]
+         "norms_skip", "micro_planner", "gsnr_compiled", "contract_flush", "contract_gsnr", "contract_schedule",
+         "contract_clip"]
 
 
 @pytest.fixture(scope="module")
@@ -176,12 +187,9 @@ def test_ranks_agree_on_the_smallest_micro_batch_that_fits(two_ranks: Ranks) -> 
     assert [r["size"] for r in ranks] == [min(worker.PROBE_LIMITS.values())] * 2
 
 
-def contract_outcomes(tmp_path: Path, mode: str) -> list[tuple[float, str]]:
-    """Run the two ranks of a contract-breaking mode; each rank's (seconds, outcome)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "tests._ddp_worker", str(r), "2", str(tmp_path), mode],
-                              cwd=ROOT) for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    lines = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
+def contract_outcomes(two_ranks: Ranks, mode: str) -> list[tuple[float, str]]:
+    """Each rank's (seconds, outcome) in a contract-breaking mode."""
+    lines = [(two_ranks.directory(mode) / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
     return [(float(seconds), outcome) for seconds, outcome in lines]
 
 
@@ -190,12 +198,12 @@ def contract_outcomes(tmp_path: Path, mode: str) -> list[tuple[float, str]]:
     ("contract_flush", "rank 1: the window's close (the rule) at window 0, micro-batch 3"),
     ("contract_gsnr", "rank 1: a statistics increment (backward) at window 0, micro-batch 2"),
 ])
-def test_ranks_that_break_the_contract_raise_instead_of_hanging(tmp_path: Path, mode: str, rank1_did: str) -> None:
+def test_ranks_that_break_the_contract_raise_instead_of_hanging(two_ranks: Ranks, mode: str, rank1_did: str) -> None:
     """One rank flushes while the other goes on: before, the ranks paired different
     collectives (a hang for the 30-minute timeout; with GSNR's per-increment reduce of a
     different size, a C++ abort). The header all-gathered before each collective makes both
     raise, naming what each did."""
-    for _, outcome in contract_outcomes(tmp_path, mode):
+    for _, outcome in contract_outcomes(two_ranks, mode):
         assert outcome.startswith("ContractError: data-parallel ranks disagree")
         assert "rank 0: flush() at window 0, micro-batch 1" in outcome and rank1_did in outcome
 
@@ -204,11 +212,12 @@ def test_ranks_that_break_the_contract_raise_instead_of_hanging(tmp_path: Path, 
     ("contract_schedule", ("rank 0: lr_schedule's factor 1.0", "rank 1: lr_schedule's factor 0.5")),
     ("contract_clip", ("rank 0: clip_grad_norm 1.0", "rank 1: clip_grad_norm 2.0")),
 ])
-def test_ranks_that_would_step_differently_raise_instead_of_diverging(tmp_path: Path, mode: str, said: tuple) -> None:
+def test_ranks_that_would_step_differently_raise_instead_of_diverging(two_ranks: Ranks, mode: str,
+                                                                       said: tuple) -> None:
     """Each rank applied its own lr_schedule factor (or clipping) at the step: the weights
     diverged with no error. The close's header carries what every rank's step applies, so
     both raise before the window changes, naming each rank's value."""
-    for _, outcome in contract_outcomes(tmp_path, mode):
+    for _, outcome in contract_outcomes(two_ranks, mode):
         assert outcome.startswith("ContractError: data-parallel ranks disagree on what the step applies")
         assert all(part in outcome for part in said)
         assert outcome.endswith("| window 3 micro-batches, 0 steps, weights unchanged: True")
