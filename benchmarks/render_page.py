@@ -50,11 +50,13 @@ def micro_batch_statistics(result: dict[str, Any]) -> str:
         return f"{r[f'{key}_over_{base}']:.{digits}f}x [{low:.{digits}f}, {high:.{digits}f}]"
 
     rows = [[r["model"], f"{r['fixed_ms_per_window']:.1f}", cell(r, "micro_batch", "fixed", 3),
-             cell(r, "norm_test", "fixed", 3), cell(r, "monitor", "plain", 3), cell(r, "per_sample", "fixed", 2)]
+             cell(r, "norm_test", "fixed", 3), cell(r, "monitor", "plain", 3), cell(r, "read_once", "plain", 3),
+             cell(r, "per_sample", "fixed", 2)]
             for r in result["results"]]
     return table(["model", "fixed ms/window", "`NoiseScalePlanner`, micro-batch source / fixed [quartiles]",
                   "`NormTest`, micro-batch source / fixed [quartiles]",
                   "`Monitor`, micro-batch source / plain loop [quartiles]",
+                  "one read of each added gradient / plain loop [quartiles]",
                   "`NoiseScalePlanner`, per-sample source / fixed [quartiles]"], rows)
 
 
