@@ -42,9 +42,9 @@ class ResNetLike(fnn.Module):
     @fnn.compact
     def __call__(self, x):
         h = fnn.relu(fnn.Conv(4, (3, 3), **F64)(x))
-        for _ in range(2):
-            r = fnn.relu(fnn.GroupNorm(num_groups=2, **F64)(fnn.Conv(4, (3, 3), use_bias=False, **F64)(h)))
-            h = fnn.relu(h + fnn.GroupNorm(num_groups=2, **F64)(fnn.Conv(4, (3, 3), use_bias=False, **F64)(r)))
+        # one residual block: a second, identical one adds compile time, not a pattern
+        r = fnn.relu(fnn.GroupNorm(num_groups=2, **F64)(fnn.Conv(4, (3, 3), use_bias=False, **F64)(h)))
+        h = fnn.relu(h + fnn.GroupNorm(num_groups=2, **F64)(fnn.Conv(4, (3, 3), use_bias=False, **F64)(r)))
         return fnn.Dense(3, **F64)(h.mean(axis=(1, 2)))
 
 
@@ -107,7 +107,7 @@ CASES = {
 def test_jax_zoo_window_moments_equal_the_loop(name: str) -> None:
     model, losses, make_batch, weights_of, first = CASES[name]()
     increments = [make_batch(6, 1), make_batch(6, 2)]
-    params = model.init(jax.random.key(0), first(increments[0]))["params"]
+    params = jax.jit(model.init)(jax.random.key(0), first(increments[0]))["params"]
     rule = GSNR(1e9, increment=6, max_samples=64, scale="mean")
     state = AccumulatingTrainState.create(apply_fn=model.apply, params=params, tx=optax.sgd(0.1), rule=rule)
     step = make_train_step(losses)
@@ -127,6 +127,6 @@ def test_jax_zoo_window_moments_equal_the_loop(name: str) -> None:
     assert max_abs_diff(state.window.m2, m2) < 1e-9 * max(float(jnp.abs(x).max()) for x in jax.tree.leaves(m2))
     want = rule.decision(12, jax.tree.leaves(mean), jax.tree.leaves(m2))[1]["gsnr"]
     assert float(metrics["gsnr"]) == pytest.approx(float(want), rel=1e-9)
-    path = statistics_path(losses, params, increments[0])
     if name.startswith("nanogpt"):  # the broadcast position embedding is found, also for B == T
+        path = statistics_path(losses, params, increments[0])
         assert path.startswith("vmap") and ("broadcast" in path or "attend" in path), path
