@@ -8,6 +8,7 @@ with ``donate=True``, and resumed mid-window from a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as fnn
@@ -66,11 +67,17 @@ def _state(rule, params=None, lr: float = 0.0) -> AccumulatingTrainState:
                                          tx=optax.sgd(lr), rule=rule)
 
 
+@functools.cache
+def _summed_grad(loss):
+    """The gradient of ``sum_i w_i l_i``, compiled once per loss for all the loops that use it."""
+    return jax.jit(jax.grad(lambda p, batch, w: (loss(p, batch) * w).sum()))
+
+
 def _loop(params, loss, parts) -> tuple[list[np.ndarray], list[int]]:
     """Each micro-batch's gradient sum ``S_j`` (of ``sum_i w_i l_i``, flattened, float64 NumPy) and
     samples ``b_j`` (examples of non-zero weight), one micro-batch at a time."""
     sums, sizes = [], []
-    grad = jax.jit(jax.grad(lambda p, batch, w: (loss(p, batch) * w).sum()))
+    grad = _summed_grad(loss)
     for batch, w in parts:
         grads = grad(params, batch, w)
         sums.append(np.concatenate([np.asarray(g, np.float64).ravel() for g in jax.tree.leaves(grads)]))
