@@ -14,21 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradaccum.torch import Monitor, _monitor
+from gradaccum.torch import Monitor
 
 from .real_models import GPTConfig, TinyGPT
-
-
-@pytest.fixture(params=["held", "in_hooks", "mixed"])
-def reductions(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every gradient held and reduced at the end of its backward (the test models' gradients
-    are small), every one reduced in its hooks (as a large gradient is), or the first ones held
-    and the rest reduced in their hooks (past the held elements' cap)."""
-    if request.param == "in_hooks":
-        monkeypatch.setattr(_monitor, "_REDUCED_IN_HOOK_FROM", 0)
-    elif request.param == "mixed":
-        monkeypatch.setattr(_monitor, "_HELD_UP_TO", 30)
-    return str(request.param)
 
 
 def mlp(seed: int = 0) -> nn.Module:
@@ -72,7 +60,6 @@ def ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mea
     return nn.functional.cross_entropy(model(x), y, reduction=reduction)
 
 
-@pytest.mark.usefixtures("reductions")
 @pytest.mark.parametrize(("reduction", "accumulation", "sizes"), [
     ("mean", "mean", [4, 4, 4]),
     ("mean", 3, [4, 4, 4]),
@@ -105,7 +92,6 @@ def test_each_window_equals_a_float64_loop_over_its_micro_batches(reduction: str
             assert row[f"noise_scale/{name}"] == pytest.approx(trace / squared if squared > 0 else math.inf, rel=1e-8)
 
 
-@pytest.mark.usefixtures("reductions")
 def test_clipping_and_the_step_leave_the_measurement_alone() -> None:
     """Clipped hard before an Adam step: the rows are the loop's terms at each window's weights,
     and the monitored run ends at bitwise the unmonitored weights."""
@@ -134,7 +120,6 @@ def test_clipping_and_the_step_leave_the_measurement_alone() -> None:
         assert_row(row, terms, 8)
 
 
-@pytest.mark.usefixtures("reductions")
 def test_a_grad_scaler_is_divided_out_and_an_overflowing_window_records_nothing() -> None:
     """The scaled loop's rows equal the unscaled loop's; a window with an overflowing micro-batch
     is skipped by the scaler and records no row, and the window after it is measured alone."""
@@ -286,7 +271,6 @@ class TwoHeads(nn.Module):
         return self.a(h) + self.b(h) if use_b else self.a(h)
 
 
-@pytest.mark.usefixtures("reductions")
 @pytest.mark.parametrize("uses_b", [0, 2], ids=["first_micro_batch_only", "last_only"])
 def test_a_parameter_only_some_micro_batches_reach_is_measured_with_zeros_elsewhere(uses_b: int) -> None:
     """A head that one micro-batch's loss uses and the others' do not: its gradient is zero
@@ -311,7 +295,6 @@ def test_a_parameter_only_some_micro_batches_reach_is_measured_with_zeros_elsewh
     assert_row(row, loop_terms(sums, [4, 4, 4]), 12)
 
 
-@pytest.mark.usefixtures("reductions")
 def test_unbiased_on_linear_regression() -> None:
     """Known answer (``|G|^2 = |u|^2``, ``tr(Sigma) = d (|u|^2 + noise^2) + |u|^2`` at
     ``w = w* + u``): over 400 windows of two micro-batches the means lie within 3 standard
@@ -364,7 +347,6 @@ def test_a_short_last_window_of_one_micro_batch_records_nan_terms() -> None:
     assert monitor.rows[1]["samples"] == 4 and math.isnan(monitor.rows[1]["trace"])
 
 
-@pytest.mark.usefixtures("reductions")
 def test_gradients_not_cleared_after_a_step_are_refused_and_the_monitor_goes_on() -> None:
     """A backward into the last window's .grad (no zero_grad after the step) raises from that
     backward; after zero_grad the next window is measured as the loop's."""
@@ -403,7 +385,6 @@ def test_what_the_micro_batch_source_cannot_measure_is_refused_by_name() -> None
             (ce(model, x, y) + ce(model, x, y)).backward()
 
 
-@pytest.mark.usefixtures("reductions")
 @pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
 def test_a_float32_or_bfloat16_model_measures_what_a_float64_loop_of_its_gradients_gives(dtype: torch.dtype,
                                                                                          rel: float) -> None:

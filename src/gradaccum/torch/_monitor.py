@@ -42,12 +42,9 @@ one backward of one batch through ``model``: a backward that adds to gradients a
 then ``optimizer.step()``. Each micro-batch's own gradient is an estimate of the gradient, and
 their spread gives the terms (docs/design.md, "Micro-batch statistics"): no layer hooks, any
 model, compiled or with dropout (its noise is part of the gradient noise). A hook on each
-parameter sees the gradient a backward adds to ``.grad`` before it is added (its squared norm),
-and another sees ``.grad`` after the add (the squared norm of the window's sum so far, read while
-it is fresh in cache): two reductions per parameter and backward, no buffer. A large gradient
-is reduced in its hooks; the small ones (biases, norms, small layers: up to ``_HELD_UP_TO``
-elements a backward) are kept until the backward ends and reduced together in one dispatch.
-The terms of the window are made at the step. A step after a single backward has no
+parameter sees the gradient a backward adds to ``.grad`` before it is added, and takes its
+squared norm and its product with ``.grad`` so far (two reductions per parameter and backward,
+no buffer); the terms of the window are made at the step. A step after a single backward has no
 between-micro-batch variance: the first one is refused (use ``source="per_sample"`` or accumulate
 two or more micro-batches), a later window of one micro-batch (a short last window) records NaN
 terms. ``accumulation`` says how the loop scaled each backward's loss. Each micro-batch's
@@ -73,7 +70,7 @@ from .._core.rules import SOURCES
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice, check_positive_int
 from ._accumulator import stepping_accumulator
-from ._nonfinite import all_finite, stacked_squared_norms
+from ._nonfinite import all_finite
 from ._stats import PerSampleGradStats
 
 ACCUMULATED = (
@@ -250,9 +247,6 @@ class Monitor:
                 current.accumulated.add(i)
                 if param.grad is not None:
                     current.after[i] = (weakref.ref(param.grad), param.grad._version)
-                    if i in current.squares:  # a large gradient: .grad's squared norm while it is in cache
-                        current.totals[i] = (current.squares[i] if current.state.get(i) == "none"
-                                             else _squared_norm(param.grad.detach()))
                 current.queue(torch._C._current_graph_task_id(), self._end_of_backward)  # no-op when queued
 
         return hook
@@ -306,7 +300,7 @@ class Monitor:
         self._refuse_accumulator()
         window = self._window
         assert window is not None
-        reached = sorted(i for i in ended.accumulated if i in ended.squares or i in ended.held)
+        reached = sorted(i for i in ended.accumulated if i in ended.squares)
         if ended.twice:
             names = ", ".join(window.names[i] for i in sorted(ended.twice)[:3])
             raise ValueError(f"Monitor(source='micro_batch'): {names} received gradients in two parts of one backward "
@@ -315,49 +309,25 @@ class Monitor:
                              "source='per_sample'")
         samples = self._micro_batch_samples(ended)
         changed = [i for i in reached if ended.state.get(i) == "changed"]
-        squares, totals, sizes = self._read(ended, reached, changed)
-        if any(size != 0 for size in sizes):
+        values = _as_floats([ended.squares[i] for i in reached] + [ended.dots[i] for i in reached if i in ended.dots]
+                            + [ended.sizes[i] for i in changed])
+        squares = dict(zip(reached, values))
+        dots = dict(zip([i for i in reached if i in ended.dots], values[len(reached):]))
+        foreign = [i for i, size in zip(changed, values[len(reached) + len(dots):]) if size != 0]
+        if foreign:
             raise ValueError(ACCUMULATED_OUTSIDE)
         cleared = [i for i in reached if ended.state.get(i) in ("none", "changed") and window.expected[i] is not None]
-        if cleared and any(ended.state.get(i) == "same" for i in reached):
+        if cleared and dots:
             raise ValueError(ACCUMULATED_OUTSIDE)
         if cleared:
             window.reset()  # gradients cleared without a step (a skipped step): that window is gone
         scale = 1.0 if self._scaler is None else float(self._scaler.get_scale())
-        if not all(math.isfinite(v) for v in (*squares.values(), *totals.values())):
+        if not all(math.isfinite(v) for v in values[:len(reached) + len(dots)]):
             if self._scaler is not None and _enabled(self._scaler):
                 window.overflow = True  # the scaler skips this window's step
             else:
                 window.nonfinite = True
-        window.add(samples, squares, totals, scale, {i: ended.after[i] for i in reached if i in ended.after})
-
-    def _read(self, ended: _Pass, reached: list[int], changed: list[int]
-              ) -> tuple[dict[int, float], dict[int, float], list[float]]:
-        """The backward's reductions as floats (one synchronisation where they share a device):
-        each reached parameter's ``|added|^2`` and ``|.grad|^2`` after the add, the small ones
-        reduced now in one dispatch (a ``.grad`` that was empty before is the added gradient
-        itself), and each changed ``.grad``'s largest magnitude before the backward."""
-        held = [i for i in reached if i in ended.held]
-        held_after = [i for i in held if ended.state.get(i) != "none"]
-        large = [i for i in reached if i in ended.squares]
-        zero_dim = [*(ended.squares[i] for i in large), *(ended.totals[i] for i in large),
-                    *(ended.sizes[i] for i in changed)]
-        grads = [self.params[i].grad for i in held_after]
-        if any(g is None for g in grads):  # cleared inside the backward, after its add
-            raise ValueError(ACCUMULATED_OUTSIDE)
-        norms = (stacked_squared_norms([*(ended.held[i] for i in held), *(g.detach() for g in grads if g is not None)])
-                 if held else None)
-        if norms is not None and zero_dim and all(t.device == norms.device for t in zero_dim):
-            values = torch.cat([norms, torch.stack([t.to(torch.float64) for t in zero_dim])]).tolist()
-        else:
-            values = (norms.tolist() if norms is not None else []) + (_as_floats(zero_dim) if zero_dim else [])
-        squares = dict(zip(held, values))
-        totals = dict(zip(held_after, values[len(held):]))
-        totals.update((i, squares[i]) for i in held if i not in totals)
-        rest = values[len(held) + len(held_after):]
-        squares.update(zip(large, rest))
-        totals.update(zip(large, rest[len(large):]))
-        return squares, totals, rest[2 * len(large):]
+        window.add(samples, squares, dots, scale, {i: ended.after[i] for i in reached if i in ended.after})
 
     def _micro_batch_samples(self, ended: _Pass) -> int:
         """The samples of the backward's micro-batch: the leading size of the input of the one
@@ -523,9 +493,8 @@ class _Row:
 class _Pass:
     """One backward as the Monitor's hooks see it: where its end callback is queued, each
     parameter's ``.grad`` before the backward added to it, and which parameters it reached.
-    With the micro-batch source also, per parameter, the added gradient's squared norm and
-    ``.grad``'s after the add (0-dim tensors of a large gradient, reduced in the hooks; a small
-    gradient is held and reduced with the others at the end: one synchronisation), and the
+    With the micro-batch source also, per parameter, the added gradient's squared norm and its
+    product with ``.grad`` so far (0-dim tensors: one synchronisation at the end), and the
     forwards whose outputs reached the loss."""
 
     def __init__(self) -> None:
@@ -533,10 +502,8 @@ class _Pass:
         self.priors: dict[int, torch.Tensor | None] = {}  # parameter index -> its .grad's size before (None: none)
         self.accumulated: set[int] = set()
         self.forwards: dict[int, _Forward] = {}
-        self.squares: dict[int, torch.Tensor] = {}  # a large added gradient's squared norm
-        self.totals: dict[int, torch.Tensor] = {}  # a large gradient's .grad's squared norm after the add
-        self.held: dict[int, torch.Tensor] = {}  # a small added gradient, reduced at the end
-        self.held_size = 0  # the elements held
+        self.squares: dict[int, torch.Tensor] = {}
+        self.dots: dict[int, torch.Tensor] = {}
         self.state: dict[int, str] = {}  # .grad before: "none", "same" (the window's, untouched) or "changed"
         self.after: dict[int, tuple[Any, int]] = {}  # .grad after the add: (weak reference, version)
         self.sizes: dict[int, torch.Tensor] = {}  # a changed .grad's largest magnitude
@@ -547,23 +514,23 @@ class _Pass:
             self.priors[i] = None if grad is None else _size(grad)
 
     def take(self, i: int, added: torch.Tensor, grad: torch.Tensor | None, expected: tuple[Any, int] | None) -> None:
-        """The micro-batch source's view of the gradient ``added`` to ``grad`` (``.grad`` now;
-        ``expected``: what the open window left in it): a large one's squared norm now, while it
-        is in cache; a small one is held for the end of the backward."""
-        if i in self.squares or i in self.held:
+        """The micro-batch source's reductions of the gradient ``added`` to ``grad`` (``.grad``
+        now; ``expected``: what the open window left in it)."""
+        if i in self.squares:
             self.twice.add(i)
             return
         added = added.detach()
-        size = added.numel()
-        if size >= _REDUCED_IN_HOOK_FROM or self.held_size + size > _HELD_UP_TO:
-            self.squares[i] = _squared_norm(added)
-        else:
-            self.held[i] = added
-            self.held_size += size
+        flat = added.reshape(-1)
+        # float32 and float64: one dot each (both sum the squares in the tensor's dtype, as a float32
+        # vector_norm does: the same range); half precision sums in float32 through vector_norm
+        dotted = added.dtype in (torch.float32, torch.float64) and added.layout == torch.strided
+        self.squares[i] = (torch.dot(flat, flat) if dotted
+                           else torch.linalg.vector_norm(added, dtype=torch.float32).to(torch.float64).square())
         if grad is None:
             self.state[i] = "none"
         elif expected is not None and expected[0]() is grad and grad._version == expected[1]:
             self.state[i] = "same"
+            self.dots[i] = torch.dot(flat, grad.detach().reshape(-1).to(added.dtype))
         else:
             self.state[i] = "changed"
             self.sizes[i] = _size(grad)
@@ -583,8 +550,8 @@ class _Forward:
 
 class _Window:
     """The micro-batch source's open window: per backward its samples and, per parameter, the
-    squared norm of the gradient it added; per parameter the squared norm of ``.grad`` after its
-    last add (the window's sum), the scale divided out; what ``.grad`` should hold now.
+    squared norm of the gradient it added and that gradient's product with ``.grad`` before it
+    (the earlier backwards' sum), the scale divided out; what ``.grad`` should hold now.
 
     Args:
       names: each parameter's name (its layer is the name's prefix).
@@ -599,18 +566,18 @@ class _Window:
     def reset(self) -> None:
         self.samples: list[int] = []
         self.squares: list[dict[int, float]] = []
-        self.totals: dict[int, float] = {}
+        self.dots: list[dict[int, float]] = []
         self.params: set[int] = set()
         self.expected: list[tuple[Any, int] | None] = [None] * len(self.names)
         self.overflow = False  # a micro-batch overflowed under an enabled GradScaler: its step is skipped
         self.nonfinite = False
 
-    def add(self, samples: int, squares: dict[int, float], totals: dict[int, float], scale: float,
+    def add(self, samples: int, squares: dict[int, float], dots: dict[int, float], scale: float,
             after: dict[int, tuple[Any, int]]) -> None:
         factor = 1.0 / (scale * scale)
         self.samples.append(samples)
         self.squares.append({i: v * factor for i, v in squares.items()})
-        self.totals.update((i, v * factor) for i, v in totals.items())
+        self.dots.append({i: v * factor for i, v in dots.items()})
         self.params.update(squares)
         for i, state in after.items():
             self.expected[i] = state
@@ -635,18 +602,19 @@ class _Window:
         divisor = k if accumulation == "mean" else 1 if accumulation == "sum" else int(accumulation)
         units = float(divisor * divisor)  # each backward's loss was its micro-batch's over the divisor
         squares = [math.fsum(s.get(i, 0.0) for i in indices) * units for s in self.squares]
-        total = math.fsum(self.totals.get(i, 0.0) for i in indices) * units
+        dots = [math.fsum(d.get(i, 0.0) for i in indices) * units for d in self.dots]
         weights = self.samples if reduction == "mean" else [1] * k
-        return micro_batch_norm_sums(self.samples, weights, squares, total)
+        return micro_batch_norm_sums(self.samples, weights, squares, dots)
 
 
-def micro_batch_norm_sums(samples: list[int], weights: list[int], squares: list[float], total: float) -> NormSums:
+def micro_batch_norm_sums(samples: list[int], weights: list[int], squares: list[float],
+                          dots: list[float]) -> NormSums:
     """The norm sums of a window of micro-batches from what an accumulation loop's hooks see.
 
     Micro-batch ``j`` (``b_j`` samples) added ``u_j`` to ``.grad``, its gradient sum
     ``S_j = w_j u_j`` (``w_j = b_j`` for a mean loss, 1 for a summed one); ``squares[j] = |u_j|^2``
-    and ``total = |u_1 + ... + u_k|^2``. With equal weights ``|S|^2 = w^2 total`` and these are the
-    micro-batch estimator's sums (``MicroBatchSums``). A mean
+    and ``dots[j] = u_j . (u_1 + ... + u_{j-1})``. With equal weights ``|S|^2 = w^2 (sum_j |u_j|^2
+    + 2 sum_j dots[j])`` and these are the micro-batch estimator's sums (``MicroBatchSums``). A mean
     loss over micro-batches of unequal sizes leaves the weighted cross products out of reach
     without a parameter-sized buffer: the means' pairwise products then give
     ``|G|^2 = sum_{j<l} g_j . g_l / C(k, 2)`` and ``tr(Sigma) = (sum_j |g_j|^2 - k |G|^2) /
@@ -658,8 +626,9 @@ def micro_batch_norm_sums(samples: list[int], weights: list[int], squares: list[
     if k == 1 or len(set(weights)) == 1:
         w = float(weights[0])
         weighted = math.fsum(w * w * u / b for u, b in zip(squares, samples))
-        return MicroBatchSums(k, n, weighted).norm_sums(w * w * total)
-    signal = (total - math.fsum(squares)) / (k * (k - 1))  # sum_{j<l} 2 u_j . u_l = total - sum_j |u_j|^2
+        squared_sum = w * w * (math.fsum(squares) + 2.0 * math.fsum(dots))
+        return MicroBatchSums(k, n, weighted).norm_sums(max(squared_sum, 0.0))
+    signal = 2.0 * math.fsum(dots) / (k * (k - 1))
     trace = max((math.fsum(squares) - k * signal) / math.fsum(1.0 / b for b in samples), 0.0)
     return NormSums(float(n), trace * (k - 1), float(k - 1), n * signal + trace, 1.0)
 
@@ -685,19 +654,6 @@ def _refuse_unmeasurable(model: torch.nn.Module, params: list[torch.Tensor], nam
             raise ValueError(f"Monitor(source='micro_batch'): {name or type(module).__name__} makes sparse gradients "
                              "(sparse=True); the micro-batch source measures dense gradients only (build the layer "
                              "with sparse=False)")
-
-
-_REDUCED_IN_HOOK_FROM = 1 << 17  # elements from which a gradient is reduced in its hook, not held
-_HELD_UP_TO = 1 << 20  # elements of small gradients a backward holds for its end
-
-
-def _squared_norm(t: torch.Tensor) -> torch.Tensor:
-    """``|t|^2`` as a 0-dim tensor, no synchronisation: float32 and float64 as one dot (summed in
-    their dtype, as a float32 ``vector_norm`` is: the same range), half precision summed in float32."""
-    if t.dtype in (torch.float32, torch.float64) and t.layout == torch.strided:
-        flat = t.reshape(-1)
-        return torch.dot(flat, flat)
-    return torch.linalg.vector_norm(t, dtype=torch.float32).to(torch.float64).square()
 
 
 def _as_floats(values: list[torch.Tensor]) -> list[float]:
