@@ -50,6 +50,11 @@ def gsnr_compiled(rank: int, out: Path) -> None:
     assert made and all(k.broken is None for k in made) and any(k.checked for k in made)
 
 
+def by_name(run: Callable[[int, Path, str], None], *modes: str) -> dict[str, Callable[[int, Path], None]]:
+    """Modes one worker function tells apart by their name: each calls ``run(rank, out, mode)``."""
+    return {mode: (lambda rank, out, mode=mode: run(rank, out, mode)) for mode in modes}
+
+
 MODES: dict[str, Callable[[int, Path], None]] = {
     "raise": lambda rank, out: ddp.run_fixed(rank, out, "raise"),
     "skip_window": lambda rank, out: ddp.run_fixed(rank, out, "skip_window"),
@@ -63,20 +68,12 @@ MODES: dict[str, Callable[[int, Path], None]] = {
     "norms_micro": lambda rank, out: ddp.run_norms(rank, out, micro=True),
     "norms_skip": ddp.run_norms_skip,
     "micro_planner": ddp.run_micro_planner,
-    "fsdp_raise": lambda rank, out: ddp.run_fsdp(rank, out, "fsdp_raise"),
-    "fsdp_skip_window": lambda rank, out: ddp.run_fsdp(rank, out, "fsdp_skip_window"),
-    "fsdp_nan": lambda rank, out: ddp.run_fsdp(rank, out, "fsdp_nan"),
-    "fsdp_refusals": lambda rank, out: ddp.run_fsdp(rank, out, "fsdp_refusals"),
-    "fsdp_norms": lambda rank, out: ddp.run_fsdp(rank, out, "fsdp_norms"),
+    **by_name(ddp.run_fsdp, "fsdp_raise", "fsdp_skip_window", "fsdp_nan", "fsdp_refusals", "fsdp_norms"),
     "fsdp_resume": ddp.run_fsdp_resume,
     "float32": fsdp.run_float32,
     "micro_batch": fsdp.run_micro_batch,
-    "contract_flush": lambda rank, out: ddp.run_contract(rank, out, "contract_flush"),
-    "contract_gsnr": lambda rank, out: ddp.run_contract(rank, out, "contract_gsnr"),
-    "contract_schedule": lambda rank, out: ddp.run_contract(rank, out, "contract_schedule"),
-    "contract_clip": lambda rank, out: ddp.run_contract(rank, out, "contract_clip"),
-    "transformers": lambda rank, out: ddp.run_transformers(rank, out, "transformers"),
-    "transformers_noise": lambda rank, out: ddp.run_transformers(rank, out, "transformers_noise"),
+    **by_name(ddp.run_contract, "contract_flush", "contract_gsnr", "contract_schedule", "contract_clip"),
+    **by_name(ddp.run_transformers, "transformers", "transformers_noise"),
 }
 
 
