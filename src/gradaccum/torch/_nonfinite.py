@@ -147,12 +147,12 @@ def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
     squared in float64."""
     flags = [_dots(t) for t in tensors]
     if not any(flags):
-        return stacked_squared_norms(tensors).tolist()
+        return _norms_squared(tensors).tolist()
     dots = [i for i, dot in enumerate(flags) if dot]
     rest = [i for i, dot in enumerate(flags) if not dot]
     squares = torch.stack([torch.dot(f, f).to(torch.float64) for f in (tensors[i].detach().reshape(-1) for i in dots)])
     if rest:
-        others = stacked_squared_norms([tensors[i] for i in rest])
+        others = _norms_squared([tensors[i] for i in rest])
         if others.device == squares.device:
             values = torch.cat([squares, others]).tolist()  # one read back
         else:
@@ -168,7 +168,7 @@ def squared_norms(tensors: list[torch.Tensor]) -> list[float]:
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def stacked_squared_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _norms_squared(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The tensors' squared norms in float64, one tensor on the first norm's device
     (``_foreach_norm``: one dispatch; gradients and window sums, which no graph records).
     Half-precision norms are returned in float32 (``_foreach_norm`` sums them in float32 but
