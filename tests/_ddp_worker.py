@@ -535,3 +535,76 @@ def run_fixed(rank: int, out: Path, nonfinite: str) -> None:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
+
+
+MONITOR_WINDOWS, MONITOR_MICRO, MONITOR_SIZE = 3, 3, 4
+
+
+def monitor_data(rank: int):
+    return classification(MONITOR_WINDOWS * MONITOR_MICRO * MONITOR_SIZE, seed=40 + rank)
+
+
+def run_monitor(rank: int, out: Path) -> None:
+    """Monitor(source="micro_batch") on a plain DDP accumulation loop. First a loop that lets
+    DDP all-reduce at every backward, refused at its second backward; then, on the same model,
+    the usual loop (every backward of a window but its last under ``no_sync()``, clipping, the
+    step). Saves what was refused, each window's starting parameters and the rows."""
+    from gradaccum.torch import Monitor
+
+    model = DistributedDataParallel(mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, opt, source="micro_batch", accumulation=MONITOR_MICRO)
+    data = monitor_data(rank)
+
+    def micro(w: int, j: int) -> torch.Tensor:
+        start = (w * MONITOR_MICRO + j) * MONITOR_SIZE
+        return ce_mean(model, take(data, slice(start, start + MONITOR_SIZE)))[0] / MONITOR_MICRO
+
+    refused = ""
+    micro(0, 0).backward()
+    try:
+        micro(0, 1).backward()  # DDP replaced .grad with the ranks' mean after the first backward
+    except ValueError as error:
+        refused = str(error)
+    opt.zero_grad()
+    starts = []
+    for w in range(MONITOR_WINDOWS):
+        starts.append([p.detach().clone() for p in model.module.parameters()])
+        for j in range(MONITOR_MICRO - 1):
+            with model.no_sync():
+                micro(w, j).backward()
+        micro(w, MONITOR_MICRO - 1).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad()
+    monitor.close()
+    per_sample = run_monitor_per_sample(data)
+    torch.save({"refused": refused, "starts": starts, "rows": monitor.rows, "per_sample": per_sample,
+                "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
+
+
+def run_monitor_per_sample(data) -> dict:
+    """The per-sample Monitor on DDP, one backward per step: a second backward without
+    ``zero_grad`` is refused, and the steps go on; each step's weights and row are saved."""
+    from gradaccum.torch import Monitor
+
+    model = DistributedDataParallel(mlp())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, opt)
+    batches = [take(data, slice(MONITOR_SIZE * s, MONITOR_SIZE * (s + 1))) for s in range(MONITOR_WINDOWS)]
+    ce_mean(model, batches[0])[0].backward()
+    refused = ""
+    try:
+        ce_mean(model, batches[1])[0].backward()
+    except ValueError as error:
+        refused = str(error)
+    opt.zero_grad()
+    starts = []
+    for batch in batches:
+        starts.append([p.detach().clone() for p in model.module.parameters()])
+        ce_mean(model, batch)[0].backward()
+        opt.step()
+        opt.zero_grad()
+    monitor.close()
+    return {"refused": refused, "starts": starts, "rows": monitor.rows,
+            "params": [p.detach() for p in model.module.parameters()]}

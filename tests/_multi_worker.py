@@ -68,6 +68,7 @@ MODES: dict[str, Callable[[int, Path], None]] = {
     "norms_micro": lambda rank, out: ddp.run_norms(rank, out, micro=True),
     "norms_skip": ddp.run_norms_skip,
     "micro_planner": ddp.run_micro_planner,
+    "monitor": ddp.run_monitor,
     **by_name(ddp.run_fsdp, "fsdp_raise", "fsdp_skip_window", "fsdp_nan", "fsdp_refusals", "fsdp_norms"),
     "fsdp_resume": ddp.run_fsdp_resume,
     "float32": fsdp.run_float32,

@@ -20,6 +20,7 @@ from gradaccum.torch import Accumulator
 
 from . import _ddp_worker as worker
 from .reference import ce_mean, classification, full_batch_grad, mlp, take
+from .test_monitor_micro_batch import flat_grad, loop_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # every test runs two gloo ranks in processes of their own
@@ -78,8 +79,8 @@ def run_modes(out: Path, modes: list[str], timeout: float = 300) -> Ranks:
 
 
 MODES = ["raise", "skip_window", "gsnr", "gsnr_skip", "gsnr_heads", "probe", "ramp", "norms", "norms_micro",
-         "norms_skip", "micro_planner", "gsnr_compiled", "contract_flush", "contract_gsnr", "contract_schedule",
-         "contract_clip"]
+         "norms_skip", "micro_planner", "monitor", "gsnr_compiled", "contract_flush", "contract_gsnr",
+         "contract_schedule", "contract_clip"]
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +369,64 @@ def test_micro_batch_layer_columns_under_ddp_are_named_as_on_one_process(two_ran
     history = two_ranks("micro_planner")[0]["history"]
     assert {k for k in history[0]["info"] if k.startswith("noise_scale/")} == \
         {"noise_scale/0", "noise_scale/2", "noise_scale/4"}
+
+
+def test_monitor_on_a_ddp_loop_measures_each_ranks_micro_batches(two_ranks: Ranks) -> None:
+    """Monitor(source="micro_batch") on a plain DDP loop: a loop that lets DDP all-reduce at
+    every backward is refused at its second backward, naming ``no_sync()``, and the model trains
+    on after it; with ``no_sync()`` on all but a window's last backward, each rank's rows are a
+    float64 loop over that rank's own micro-batches at the window's weights (the rank's local
+    gradients, before the all-reduce), whatever clipping does to ``.grad`` before the step."""
+    ranks = two_ranks("monitor")
+    for r in range(2):
+        assert "no_sync()" in ranks[r]["refused"]
+        for p, q in zip(ranks[r]["params"], ranks[0]["params"]):
+            assert torch.equal(p, q)  # DDP's steps went on in step on both ranks
+        rows = ranks[r]["rows"]
+        assert len(rows) == worker.MONITOR_WINDOWS
+        data = worker.monitor_data(r)
+        for w, (row, start) in enumerate(zip(rows, ranks[r]["starts"])):
+            model = mlp()
+            with torch.no_grad():
+                for p, value in zip(model.parameters(), start):
+                    p.copy_(value)
+            params = list(model.parameters())
+            size = worker.MONITOR_SIZE
+            sums = []
+            for j in range(worker.MONITOR_MICRO):
+                start = (w * worker.MONITOR_MICRO + j) * size
+                part = take(data, slice(start, start + size))
+                loss = torch.nn.functional.cross_entropy(model(part.x), part.y, reduction="sum")
+                sums.append(flat_grad(loss, params))
+            trace, squared = loop_terms(sums, [size] * worker.MONITOR_MICRO)
+            assert row["samples"] == size * worker.MONITOR_MICRO
+            assert row["trace"] == pytest.approx(trace, rel=1e-9)
+            assert row["squared_norm"] == pytest.approx(squared, rel=1e-8, abs=1e-12 * trace)
+
+
+def test_the_per_sample_monitor_on_ddp_refuses_accumulation_and_trains_on(two_ranks: Ranks) -> None:
+    """The per-sample Monitor under DDP (one backward per step): a second backward before the step
+    is refused and DDP's model trains on; each rank's rows are the per-sample terms of its own
+    batch at the step's weights (float64 loop over the samples)."""
+    ranks = [r["per_sample"] for r in two_ranks("monitor")]
+    for r in range(2):
+        assert "gradient accumulation" in ranks[r]["refused"]
+        assert all(torch.equal(p, q) for p, q in zip(ranks[r]["params"], ranks[0]["params"]))
+        data = worker.monitor_data(r)
+        assert len(ranks[r]["rows"]) == worker.MONITOR_WINDOWS
+        for s, (row, start) in enumerate(zip(ranks[r]["rows"], ranks[r]["starts"])):
+            model = mlp()
+            with torch.no_grad():
+                for p, value in zip(model.parameters(), start):
+                    p.copy_(value)
+            params = list(model.parameters())
+            size = worker.MONITOR_SIZE
+            part = take(data, slice(size * s, size * (s + 1)))
+            grads = torch.stack([flat_grad(torch.nn.functional.cross_entropy(model(part.x[i:i + 1]), part.y[i:i + 1]),
+                                           params) for i in range(size)])
+            mean = grads.mean(0)
+            trace = float(((grads - mean) ** 2).sum()) / (size - 1)
+            assert row["samples"] == size
+            assert row["trace"] == pytest.approx(trace, rel=1e-9)
+            assert row["squared_norm"] == pytest.approx(float(mean @ mean) - trace / size, rel=1e-8, abs=1e-12 * trace)
+

@@ -48,11 +48,15 @@ no buffer); the terms of the window are made at the step. A step after a single 
 between-micro-batch variance: the first one is refused (use ``source="per_sample"`` or accumulate
 two or more micro-batches), a later window of one micro-batch (a short last window) records NaN
 terms. ``accumulation`` says how the loop scaled each backward's loss. Each micro-batch's
-samples are the leading size of the model's first tensor input.
+samples are the leading size of the model's first tensor input. Under DistributedDataParallel
+each rank measures its own micro-batches (its local gradients, before the all-reduce), so all
+but a window's last backward run under ``model.no_sync()``; a backward into a ``.grad`` that DDP
+replaced with the ranks' mean is refused.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -84,7 +88,9 @@ ACCUMULATED_OUTSIDE = (
     "Monitor(source='micro_batch'): this backward added to a .grad that did not come from the backwards of the "
     "open window alone (not cleared since the last optimizer.step(), changed between backwards, or partly "
     "cleared): the micro-batches' gradients cannot be told apart. Clear the gradients after each step "
-    "(optimizer.zero_grad()) and leave .grad alone between a window's backwards; the window is as before")
+    "(optimizer.zero_grad()) and leave .grad alone between a window's backwards; under DistributedDataParallel run "
+    "every backward of a window but its last inside model.no_sync() (DDP replaces .grad with the ranks' mean at "
+    "each backward it synchronises). The window is as before")
 ONE_MICRO_BATCH = (
     "Monitor(source='micro_batch'): this optimizer step follows a single backward, and one micro-batch has no "
     "between-micro-batch variance to measure. Use source='per_sample' for a loop with one backward per step, or "
@@ -257,6 +263,16 @@ class Monitor:
         return self._pass
 
     def _end_of_backward(self) -> None:
+        """Measure the backward that just ended. It runs before the callbacks a wrapper queued
+        during the backward (DistributedDataParallel's, which finishes its all-reduce and writes
+        ``.grad``), so it sees this process's gradients; a refusal is raised from a callback
+        queued behind those, so the wrapper's backward is complete and the model trains on."""
+        try:
+            self._measure_ended()
+        except Exception as error:
+            torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_raise, error))
+
+    def _measure_ended(self) -> None:
         ended, self._pass = self._pass, None
         if ended is None or not ended.accumulated:
             return  # no gradient reached .grad (torch.autograd.grad)
@@ -631,6 +647,10 @@ def micro_batch_norm_sums(samples: list[int], weights: list[int], squares: list[
     signal = 2.0 * math.fsum(dots) / (k * (k - 1))
     trace = max((math.fsum(squares) - k * signal) / math.fsum(1.0 / b for b in samples), 0.0)
     return NormSums(float(n), trace * (k - 1), float(k - 1), n * signal + trace, 1.0)
+
+
+def _raise(error: Exception) -> None:
+    raise error
 
 
 def _check_accumulation(accumulation: Any) -> str | int:
