@@ -371,6 +371,15 @@ def test_micro_batch_layer_columns_under_ddp_are_named_as_on_one_process(two_ran
         {"noise_scale/0", "noise_scale/2", "noise_scale/4"}
 
 
+def mlp_at(weights: list[torch.Tensor]) -> torch.nn.Module:
+    """The test MLP with the given parameters."""
+    model = mlp()
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), weights):
+            p.copy_(value)
+    return model
+
+
 def test_monitor_on_a_ddp_loop_measures_each_ranks_micro_batches(two_ranks: Ranks) -> None:
     """Monitor(source="micro_batch") on a plain DDP loop: a loop that lets DDP all-reduce at
     every backward is refused at its second backward, naming ``no_sync()``, and the model trains
@@ -386,10 +395,7 @@ def test_monitor_on_a_ddp_loop_measures_each_ranks_micro_batches(two_ranks: Rank
         assert len(rows) == worker.MONITOR_WINDOWS
         data = worker.monitor_data(r)
         for w, (row, start) in enumerate(zip(rows, ranks[r]["starts"])):
-            model = mlp()
-            with torch.no_grad():
-                for p, value in zip(model.parameters(), start):
-                    p.copy_(value)
+            model = mlp_at(start)
             params = list(model.parameters())
             size = worker.MONITOR_SIZE
             sums = []
@@ -415,10 +421,7 @@ def test_the_per_sample_monitor_on_ddp_refuses_accumulation_and_trains_on(two_ra
         data = worker.monitor_data(r)
         assert len(ranks[r]["rows"]) == worker.MONITOR_WINDOWS
         for s, (row, start) in enumerate(zip(ranks[r]["rows"], ranks[r]["starts"])):
-            model = mlp()
-            with torch.no_grad():
-                for p, value in zip(model.parameters(), start):
-                    p.copy_(value)
+            model = mlp_at(start)
             params = list(model.parameters())
             size = worker.MONITOR_SIZE
             part = take(data, slice(size * s, size * (s + 1)))
