@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from gradaccum import GSNR, BatchRamp, Decision, FixedSteps, NoiseScalePlanner, NormTest
-from gradaccum.torch import Accumulator, find_micro_batch_size
+from gradaccum.torch import Accumulator, Monitor, find_micro_batch_size
 
 from .reference import GradCapture, ce_mean, classification, mlp, take
 
@@ -172,7 +172,9 @@ def run_fsdp(rank: int, out: Path, mode: str) -> None:
     if mode == "fsdp_refusals":
         for name, make in (
                 ("rule", lambda: Accumulator(model, opt, GSNR(1.0, increment=2))),
-                ("scaler", lambda: Accumulator(model, opt, FixedSteps(K), scaler=torch.amp.GradScaler("cpu")))):
+                ("scaler", lambda: Accumulator(model, opt, FixedSteps(K), scaler=torch.amp.GradScaler("cpu"))),
+                ("monitor", lambda: Monitor(model, opt, source="micro_batch")),
+                ("monitor_per_sample", lambda: Monitor(model, opt))):
             try:
                 make()
             except ValueError as error:
@@ -549,8 +551,6 @@ def run_monitor(rank: int, out: Path) -> None:
     DDP all-reduce at every backward, refused at its second backward; then, on the same model,
     the usual loop (every backward of a window but its last under ``no_sync()``, clipping, the
     step). Saves what was refused, each window's starting parameters and the rows."""
-    from gradaccum.torch import Monitor
-
     model = DistributedDataParallel(mlp())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, opt, source="micro_batch", accumulation=MONITOR_MICRO)
@@ -586,8 +586,6 @@ def run_monitor(rank: int, out: Path) -> None:
 def run_monitor_per_sample(data) -> dict:
     """The per-sample Monitor on DDP, one backward per step: a second backward without
     ``zero_grad`` is refused, and the steps go on; each step's weights and row are saved."""
-    from gradaccum.torch import Monitor
-
     model = DistributedDataParallel(mlp())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, opt)

@@ -74,6 +74,7 @@ from .._core.rules import SOURCES
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice, check_positive_int
 from ._accumulator import stepping_accumulator
+from ._distributed import is_fsdp
 from ._nonfinite import all_finite
 from ._stats import PerSampleGradStats
 
@@ -159,6 +160,7 @@ class Monitor:
         self._scaler = scaler
         if _stepped_by_accumulator(self._optimizer):
             raise ValueError(UNDER_ACCUMULATOR)
+        _refuse_sharded(model)
         params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
         self.params = params
         self._board: Any = None
@@ -659,6 +661,17 @@ def _check_accumulation(accumulation: Any) -> str | int:
     if isinstance(accumulation, bool) or not isinstance(accumulation, int):
         raise TypeError(f"accumulation must be 'mean', 'sum' or an int >= 1 (the loss's divisor), got {accumulation!r}")
     return check_positive_int("accumulation", accumulation)
+
+
+def _refuse_sharded(model: torch.nn.Module) -> None:
+    """A fully_shard-ed model is refused by name: its parameters are DTensor shards whose
+    gradients come from FSDP's reduce-scatter, not from the backward's hooks a Monitor reads."""
+    sharded = next((name or type(module).__name__ for name, module in model.named_modules() if is_fsdp(module)), None)
+    if sharded is not None:
+        raise ValueError(f"Monitor: the model is sharded by FSDP2 (fully_shard on {sharded}): its parameters are "
+                         "shards whose gradients come from FSDP's reduce-scatter, which a Monitor's hooks do not see. "
+                         "Measure it with gradaccum.torch.Accumulator and NoiseScalePlanner or NormTest "
+                         "(source='micro_batch'): its step records hold each window's noise terms, exact on FSDP2")
 
 
 def _refuse_unmeasurable(model: torch.nn.Module, params: list[torch.Tensor], names: dict[int, str]) -> None:
