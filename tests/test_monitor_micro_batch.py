@@ -14,7 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from gradaccum._core.noise_scale import pooled_terms
 from gradaccum.torch import Monitor
+from gradaccum.torch._monitor import micro_batch_norm_sums
 
 from .real_models import GPTConfig, TinyGPT
 
@@ -417,3 +419,37 @@ def test_complex_parameters_and_sparse_gradients_are_refused_by_name() -> None:
         Monitor(sparse_model, torch.optim.SGD(sparse_model.parameters(), lr=0.1), source="micro_batch")
     for model in (complex_model, sparse_model):  # nothing was left behind: a plain backward runs as before
         assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_products_are_summed_in_float32(dtype: torch.dtype) -> None:
+    """Each added gradient's squared norm and its product with ``.grad`` before the add, of a
+    half-precision model, equal float64 over the very tensors the backward added and held (a
+    product summed in half precision keeps 3 digits)."""
+    model = mlp(seed=3).to(dtype)
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.0)
+    squares: list[float] = []
+    dots: list[float] = []
+
+    def capture(p: nn.Parameter):
+        def hook(added: torch.Tensor) -> None:
+            squares[-1] += float(added.double().square().sum())
+            if p.grad is not None:
+                dots[-1] += float((added.double() * p.grad.double()).sum())
+        return hook
+
+    for p in params:
+        p.register_hook(capture(p))  # before the Monitor's: sees the same tensors first
+    sizes = [8, 8, 8]
+    with Monitor(model, opt, source="micro_batch", reduction="sum", accumulation="sum") as monitor:
+        for j, b in enumerate(sizes):
+            squares.append(0.0)
+            dots.append(0.0)
+            x, y = batch(b, 20 + j)
+            ce(model, x.to(dtype), y, reduction="sum").backward()
+        opt.step()
+    (row,) = monitor.rows
+    want = pooled_terms(micro_batch_norm_sums(sizes, [1] * 3, squares, dots))
+    assert row["trace"] == pytest.approx(want.trace, rel=1e-6)
+    assert row["squared_norm"] == pytest.approx(want.squared_norm, rel=1e-6, abs=1e-6 * want.trace)

@@ -540,15 +540,16 @@ class _Pass:
         added = added.detach()
         flat = added.reshape(-1)
         # float32 and float64: one dot each (both sum the squares in the tensor's dtype, as a float32
-        # vector_norm does: the same range); half precision sums in float32 through vector_norm
-        dotted = added.dtype in (torch.float32, torch.float64) and added.layout == torch.strided
-        self.squares[i] = (torch.dot(flat, flat) if dotted
+        # vector_norm does: the same range); half precision sums in float32
+        wide = added.dtype in (torch.float32, torch.float64) and added.layout == torch.strided
+        self.squares[i] = (torch.dot(flat, flat) if wide
                            else torch.linalg.vector_norm(added, dtype=torch.float32).to(torch.float64).square())
         if grad is None:
             self.state[i] = "none"
         elif expected is not None and expected[0]() is grad and grad._version == expected[1]:
             self.state[i] = "same"
-            self.dots[i] = torch.dot(flat, grad.detach().reshape(-1).to(added.dtype))
+            other = grad.detach().reshape(-1)
+            self.dots[i] = torch.dot(flat, other.to(added.dtype)) if wide else torch.dot(flat.float(), other.float())
         else:
             self.state[i] = "changed"
             self.sizes[i] = _size(grad)
