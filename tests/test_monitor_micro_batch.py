@@ -16,7 +16,7 @@ from torch import nn
 
 from gradaccum._core.noise_scale import pooled_terms
 from gradaccum.torch import Monitor
-from gradaccum.torch._monitor import micro_batch_norm_sums
+from gradaccum.torch._monitor_window import micro_batch_norm_sums
 
 from .real_models import GPTConfig, TinyGPT
 

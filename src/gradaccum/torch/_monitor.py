@@ -67,14 +67,15 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from .._core.micro_batch import MicroBatchSums
 from .._core.monitor_log import MonitorLog
-from .._core.noise_scale import NormSums, layer_noise_scales, noise_scale, noise_terms, pooled_terms
+from .._core.noise_scale import layer_noise_scales, noise_scale, noise_terms, pooled_terms
 from .._core.rules import SOURCES
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice, check_positive_int
 from ._accumulator import stepping_accumulator
 from ._distributed import is_fsdp
+from ._monitor_pass import BackwardPass, ForwardCall, as_floats, largest_magnitude
+from ._monitor_window import MicroBatchWindow
 from ._nonfinite import all_finite
 from ._stats import PerSampleGradStats
 
@@ -166,13 +167,13 @@ class Monitor:
         self._board: Any = None
         self.log = MonitorLog(csv, decay, sink=self._to_board)  # checks the path; the file opens at the first row
         self.stats: PerSampleGradStats | None = None  # the per-sample source's hooks on the layers
-        self._window: _Window | None = None  # the micro-batch source's open window
+        self._window: MicroBatchWindow | None = None  # the micro-batch source's open window
         if self.source == "per_sample":
             self.stats = PerSampleGradStats(model, params=params, statistics=statistics)
         else:
             names = {id(p): name for name, p in model.named_parameters()}
             _refuse_unmeasurable(model, params, names)
-            self._window = _Window([names.get(id(p), f"parameter #{i}") for i, p in enumerate(params)])
+            self._window = MicroBatchWindow([names.get(id(p), f"parameter #{i}") for i, p in enumerate(params)])
         if tensorboard is not None:
             try:
                 self._board = _summary_writer(tensorboard)
@@ -180,7 +181,7 @@ class Monitor:
                 if self.stats is not None:
                     self.stats.remove()  # no hook left behind
                 raise
-        self._pass: _Pass | None = None  # the backward running now, from its first hook to its end
+        self._pass: BackwardPass | None = None  # the backward running now, from its first hook to its end
         self._pending: _Row | None = None  # the last backward's row, recorded at the step that applies it
         self._refusal: str | None = None  # the optimizer turned out to be an Accumulator's
         self._scanned = False  # looked for an Accumulator at the first backward
@@ -219,12 +220,12 @@ class Monitor:
         see what ``.grad`` held before, which is how accumulation is told apart.)"""
         if self._busy or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return  # a replay of the statistics, no_grad, or a recomputation inside a backward
-        forward = _Forward(_leading_size(args, kwargs))
+        forward = ForwardCall(_leading_size(args, kwargs))
         for t in tree_flatten(output)[0]:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 t.register_hook(self._on_output_grad(forward))
 
-    def _on_output_grad(self, forward: _Forward):
+    def _on_output_grad(self, forward: ForwardCall):
         def hook(grad: torch.Tensor) -> None:
             if self._busy:
                 return
@@ -259,9 +260,9 @@ class Monitor:
 
         return hook
 
-    def _open(self) -> _Pass:
+    def _open(self) -> BackwardPass:
         if self._pass is None:
-            self._pass = _Pass()
+            self._pass = BackwardPass()
         return self._pass
 
     def _end_of_backward(self) -> None:
@@ -290,7 +291,7 @@ class Monitor:
                 self.stats.reset()
             self._busy = False
 
-    def _measure_backward(self, ended: _Pass) -> _Row | None:
+    def _measure_backward(self, ended: BackwardPass) -> _Row | None:
         """The row of the backward that just ended (None: its step will be skipped), or raise."""
         self._refuse_accumulator()
         if self._accumulated(ended):
@@ -311,7 +312,7 @@ class Monitor:
         n = self.stats.commit(grads, scale=scale)
         return self._row(n, grads, scale, ended.accumulated)
 
-    def _measure_micro_batch(self, ended: _Pass) -> None:
+    def _measure_micro_batch(self, ended: BackwardPass) -> None:
         """Add the backward that just ended to the open window (one synchronisation), or raise
         with the window as it was. A backward into gradients cleared since the window's last
         one starts a new window (the last one's step never came: a GradScaler skipped it)."""
@@ -327,7 +328,7 @@ class Monitor:
                              "source='per_sample'")
         samples = self._micro_batch_samples(ended)
         changed = [i for i in reached if ended.state.get(i) == "changed"]
-        values = _as_floats([ended.squares[i] for i in reached] + [ended.dots[i] for i in reached if i in ended.dots]
+        values = as_floats([ended.squares[i] for i in reached] + [ended.dots[i] for i in reached if i in ended.dots]
                             + [ended.sizes[i] for i in changed])
         squares = dict(zip(reached, values))
         dots = dict(zip([i for i in reached if i in ended.dots], values[len(reached):]))
@@ -347,7 +348,7 @@ class Monitor:
                 window.nonfinite = True
         window.add(samples, squares, dots, scale, {i: ended.after[i] for i in reached if i in ended.after})
 
-    def _micro_batch_samples(self, ended: _Pass) -> int:
+    def _micro_batch_samples(self, ended: BackwardPass) -> int:
         """The samples of the backward's micro-batch: the leading size of the input of the one
         forward of the model whose output reached the loss."""
         forwards = list(ended.forwards.values())
@@ -362,10 +363,10 @@ class Monitor:
                              "the batch on dim 0 (build the Monitor on the module whose forward takes the batch)")
         return samples
 
-    def _accumulated(self, ended: _Pass) -> bool:
+    def _accumulated(self, ended: BackwardPass) -> bool:
         """Whether ``.grad`` held a nonzero gradient before this backward (one synchronisation)."""
         sizes = [s for i, s in ended.priors.items() if i in ended.accumulated and s is not None]
-        sizes += [_size(p.grad) for i, p in enumerate(self.params) if i not in ended.accumulated
+        sizes += [largest_magnitude(p.grad) for i, p in enumerate(self.params) if i not in ended.accumulated
                   and p.grad is not None]
         if not sizes:
             return False
@@ -508,150 +509,6 @@ class _Row:
     params: set[int]
 
 
-class _Pass:
-    """One backward as the Monitor's hooks see it: where its end callback is queued, each
-    parameter's ``.grad`` before the backward added to it, and which parameters it reached.
-    With the micro-batch source also, per parameter, the added gradient's squared norm and its
-    product with ``.grad`` so far (0-dim tensors: one synchronisation at the end), and the
-    forwards whose outputs reached the loss."""
-
-    def __init__(self) -> None:
-        self.task: int | None = None  # the autograd graph task the end callback runs at the end of
-        self.priors: dict[int, torch.Tensor | None] = {}  # parameter index -> its .grad's size before (None: none)
-        self.accumulated: set[int] = set()
-        self.forwards: dict[int, _Forward] = {}
-        self.squares: dict[int, torch.Tensor] = {}
-        self.dots: dict[int, torch.Tensor] = {}
-        self.state: dict[int, str] = {}  # .grad before: "none", "same" (the window's, untouched) or "changed"
-        self.after: dict[int, tuple[Any, int]] = {}  # .grad after the add: (weak reference, version)
-        self.sizes: dict[int, torch.Tensor] = {}  # a changed .grad's largest magnitude
-        self.twice: set[int] = set()
-
-    def before(self, i: int, grad: torch.Tensor | None) -> None:
-        if i not in self.priors:  # a parameter reached twice (reentrant checkpoints): its first add counts
-            self.priors[i] = None if grad is None else _size(grad)
-
-    def take(self, i: int, added: torch.Tensor, grad: torch.Tensor | None, expected: tuple[Any, int] | None) -> None:
-        """The micro-batch source's reductions of the gradient ``added`` to ``grad`` (``.grad``
-        now; ``expected``: what the open window left in it)."""
-        if i in self.squares:
-            self.twice.add(i)
-            return
-        added = added.detach()
-        flat = added.reshape(-1)
-        # float32 and float64: one dot each (both sum the squares in the tensor's dtype, as a float32
-        # vector_norm does: the same range); half precision sums in float32
-        wide = added.dtype in (torch.float32, torch.float64) and added.layout == torch.strided
-        self.squares[i] = (torch.dot(flat, flat) if wide
-                           else torch.linalg.vector_norm(added, dtype=torch.float32).to(torch.float64).square())
-        if grad is None:
-            self.state[i] = "none"
-        elif expected is not None and expected[0]() is grad and grad._version == expected[1]:
-            self.state[i] = "same"
-            other = grad.detach().reshape(-1)
-            self.dots[i] = torch.dot(flat, other.to(added.dtype)) if wide else torch.dot(flat.float(), other.float())
-        else:
-            self.state[i] = "changed"
-            self.sizes[i] = _size(grad)
-
-    def queue(self, task: int, callback: Any) -> None:
-        if self.task is None:
-            self.task = task
-            torch.autograd.Variable._execution_engine.queue_callback(callback)
-
-
-@dataclass
-class _Forward:
-    """One forward of the model: its input's leading size (None: no tensor input with a batch dim)."""
-
-    samples: int | None
-
-
-class _Window:
-    """The micro-batch source's open window: per backward its samples and, per parameter, the
-    squared norm of the gradient it added and that gradient's product with ``.grad`` before it
-    (the earlier backwards' sum), the scale divided out; what ``.grad`` should hold now.
-
-    Args:
-      names: each parameter's name (its layer is the name's prefix).
-    """
-
-    def __init__(self, names: list[str]) -> None:
-        self.names = names
-        self.layers = [name.rpartition(".")[0] or name for name in names]
-        self.measured = False  # a window of >= 2 micro-batches was recorded
-        self.reset()
-
-    def reset(self) -> None:
-        self.samples: list[int] = []
-        self.squares: list[dict[int, float]] = []
-        self.dots: list[dict[int, float]] = []
-        self.params: set[int] = set()
-        self.expected: list[tuple[Any, int] | None] = [None] * len(self.names)
-        self.overflow = False  # a micro-batch overflowed under an enabled GradScaler: its step is skipped
-        self.nonfinite = False
-
-    def add(self, samples: int, squares: dict[int, float], dots: dict[int, float], scale: float,
-            after: dict[int, tuple[Any, int]]) -> None:
-        factor = 1.0 / (scale * scale)
-        self.samples.append(samples)
-        self.squares.append({i: v * factor for i, v in squares.items()})
-        self.dots.append({i: v * factor for i, v in dots.items()})
-        self.params.update(squares)
-        for i, state in after.items():
-            self.expected[i] = state
-
-    def row(self, accumulation: str | int, reduction: str) -> tuple[float, float, float, dict[str, float]]:
-        """(samples, tr(Sigma), |G|^2, the per-layer noise scales) of the window."""
-        groups: dict[str, list[int]] = {}
-        for i in sorted(self.params):
-            groups.setdefault(self.layers[i], []).append(i)
-        n = float(sum(self.samples))
-        if self.nonfinite:
-            return n, math.nan, math.nan, {f"noise_scale/{name}": math.nan for name in groups}
-        everything = sorted(self.params)
-        pooled = pooled_terms(self._norm_sums(everything, accumulation, reduction))
-        layers = {name: self._norm_sums(indices, accumulation, reduction) for name, indices in groups.items()}
-        extra = {f"noise_scale/{name}": math.nan for name in groups}
-        extra.update(layer_noise_scales(layers))
-        return n, pooled.trace, pooled.squared_norm, extra
-
-    def _norm_sums(self, indices: list[int], accumulation: str | int, reduction: str) -> NormSums:
-        k = len(self.samples)
-        divisor = k if accumulation == "mean" else 1 if accumulation == "sum" else int(accumulation)
-        units = float(divisor * divisor)  # each backward's loss was its micro-batch's over the divisor
-        squares = [math.fsum(s.get(i, 0.0) for i in indices) * units for s in self.squares]
-        dots = [math.fsum(d.get(i, 0.0) for i in indices) * units for d in self.dots]
-        weights = self.samples if reduction == "mean" else [1] * k
-        return micro_batch_norm_sums(self.samples, weights, squares, dots)
-
-
-def micro_batch_norm_sums(samples: list[int], weights: list[int], squares: list[float],
-                          dots: list[float]) -> NormSums:
-    """The norm sums of a window of micro-batches from what an accumulation loop's hooks see.
-
-    Micro-batch ``j`` (``b_j`` samples) added ``u_j`` to ``.grad``, its gradient sum
-    ``S_j = w_j u_j`` (``w_j = b_j`` for a mean loss, 1 for a summed one); ``squares[j] = |u_j|^2``
-    and ``dots[j] = u_j . (u_1 + ... + u_{j-1})``. With equal weights ``|S|^2 = w^2 (sum_j |u_j|^2
-    + 2 sum_j dots[j])`` and these are the micro-batch estimator's sums (``MicroBatchSums``). A mean
-    loss over micro-batches of unequal sizes leaves the weighted cross products out of reach
-    without a parameter-sized buffer: the means' pairwise products then give
-    ``|G|^2 = sum_{j<l} g_j . g_l / C(k, 2)`` and ``tr(Sigma) = (sum_j |g_j|^2 - k |G|^2) /
-    sum_j 1 / b_j`` (``g_j = u_j``), also unbiased with ``k - 1`` degrees of freedom, the same
-    numbers when the sizes agree (docs/design.md, "Micro-batch statistics")."""
-    k, n = len(samples), sum(samples)
-    if k == 0:
-        return NormSums(0.0, 0.0, 0.0, 0.0, 0.0)
-    if k == 1 or len(set(weights)) == 1:
-        w = float(weights[0])
-        weighted = math.fsum(w * w * u / b for u, b in zip(squares, samples))
-        squared_sum = w * w * (math.fsum(squares) + 2.0 * math.fsum(dots))
-        return MicroBatchSums(k, n, weighted).norm_sums(max(squared_sum, 0.0))
-    signal = 2.0 * math.fsum(dots) / (k * (k - 1))
-    trace = max((math.fsum(squares) - k * signal) / math.fsum(1.0 / b for b in samples), 0.0)
-    return NormSums(float(n), trace * (k - 1), float(k - 1), n * signal + trace, 1.0)
-
-
 def _raise(error: Exception) -> None:
     raise error
 
@@ -690,28 +547,12 @@ def _refuse_unmeasurable(model: torch.nn.Module, params: list[torch.Tensor], nam
                              "with sparse=False)")
 
 
-def _as_floats(values: list[torch.Tensor]) -> list[float]:
-    """0-dim tensors as Python floats in float64, with one synchronisation (one stack and one
-    conversion where they share a device and dtype, the usual case)."""
-    device, dtype = values[0].device, values[0].dtype
-    if all(v.device == device and v.dtype == dtype for v in values):
-        return torch.stack(values).to(torch.float64).tolist()
-    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).tolist()
-
-
 def _leading_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
     """The leading size of the first tensor among a forward's arguments (None: no such tensor)."""
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor):
             return int(value.shape[0]) if value.dim() > 0 else None
     return None
-
-
-def _size(grad: torch.Tensor) -> torch.Tensor:
-    """The largest magnitude in ``grad``, without a synchronisation (0 for an empty tensor)."""
-    if grad.numel() == 0:
-        return torch.zeros((), device=grad.device)
-    return torch.linalg.vector_norm(grad.detach(), float("inf"))
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
