@@ -6,6 +6,9 @@ against ``optax.MultiSteps`` where both apply (equal micro-batches).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +44,19 @@ def splits(total: int):
         lambda cuts: [0, *sorted(cuts), total])
 
 
+# micro-batches per window where the count is compiled in (a FixedSteps rule, ``accumulate``'s
+# every_k): one compilation each, so a few counts: a window of one, the counts of the named
+# splits above (compiled once for both), uneven windows of 8, and 24 micro-batches of one item
+COUNTS = (1, 2, 3, 8, 24)
+
+
+def splits_into(total: int, counts: tuple[int, ...] = COUNTS):
+    """Random cut points of ``total`` samples into one of ``counts`` micro-batches (random, uneven sizes)."""
+    return st.sampled_from(counts).flatmap(
+        lambda k: st.sets(st.integers(1, total - 1), min_size=k - 1, max_size=k - 1)).map(
+        lambda cuts: [0, *sorted(cuts), total])
+
+
 def new_state(rule, params=None):
     return AccumulatingTrainState.create(apply_fn=MODEL.apply, params=init_params() if params is None else params,
                                          tx=SGD, rule=rule)
@@ -61,9 +77,9 @@ def test_train_state_uneven_micro_batches_equal_full_batch(bounds: list[int]) ->
 
 @pytest.mark.slow
 @settings(max_examples=25, deadline=None)
-@given(bounds=splits(24))
+@given(bounds=splits_into(24))
 def test_train_state_fixed_steps_equals_full_batch(bounds: list[int]) -> None:
-    """Random splits, each micro-batch given as a mask over the 24 examples (one compilation)."""
+    """Random splits, each micro-batch given as a mask over the 24 examples (one compilation per count)."""
     batch = data(24)
     state = new_state(FixedSteps(len(bounds) - 1))
     for mask in split_masks(bounds):
@@ -145,13 +161,20 @@ def micro_grads(params, batch, bounds):
     return [(masked_mean_grad(params, batch, mask), int(mask.sum())) for mask in split_masks(bounds)]
 
 
+@functools.cache
+def accumulated_sgd(every_k: int) -> tuple[optax.GradientTransformation, Callable]:
+    """``accumulate(sgd, every_k)`` and its jitted update, made once per count (a new one recompiles)."""
+    tx = accumulate(optax.sgd(LR), every_k)
+    return tx, jax.jit(tx.update)
+
+
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None)
-@given(bounds=splits(24))
+@given(bounds=splits_into(24))
 def test_accumulate_weights_micro_batches_by_items(bounds: list[int]) -> None:
     params, batch = init_params(), data(24, seed=5)
-    tx = accumulate(optax.sgd(LR), len(bounds) - 1)
-    state, update = tx.init(params), jax.jit(tx.update)
+    tx, update = accumulated_sgd(len(bounds) - 1)
+    state = tx.init(params)
     for grads, items in micro_grads(params, batch, bounds):
         updates, state = update(grads, state, params, items=items)
     want = sgd_step(params, full_batch_grad(params, batch), LR)
