@@ -453,3 +453,24 @@ def test_half_precision_products_are_summed_in_float32(dtype: torch.dtype) -> No
     want = pooled_terms(micro_batch_norm_sums(sizes, [1] * 3, squares, dots))
     assert row["trace"] == pytest.approx(want.trace, rel=1e-6)
     assert row["squared_norm"] == pytest.approx(want.squared_norm, rel=1e-6, abs=1e-6 * want.trace)
+
+
+@pytest.mark.filterwarnings("ignore:Using backward.. with create_graph=True")
+def test_a_backward_with_create_graph_measures_what_a_plain_one_does() -> None:
+    """``backward(create_graph=True)`` hands the hooks gradients that require grad: the rows are
+    the plain backward's."""
+    rows = []
+    for create_graph in (False, True):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Monitor(model, opt, source="micro_batch") as monitor:
+            for w in range(2):
+                for j in range(3):
+                    (ce(model, *batch(4, 10 * w + j)) / 3).backward(create_graph=create_graph)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        rows.append(monitor.rows)
+    assert len(rows[0]) == 2
+    for plain, graphed in zip(*rows):
+        assert graphed["trace"] == pytest.approx(plain["trace"], rel=1e-12)
+        assert graphed["squared_norm"] == pytest.approx(plain["squared_norm"], rel=1e-12, abs=1e-14)

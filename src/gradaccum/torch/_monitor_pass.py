@@ -44,7 +44,8 @@ class BackwardPass:
         if i in self.squares:
             self.twice.add(i)
             return
-        added = added.detach()
+        if added.requires_grad:  # a backward with create_graph=True
+            added = added.detach()
         flat = added.reshape(-1)
         # float32 and float64: one dot each (both sum the squares in the tensor's dtype, as a float32
         # vector_norm does: the same range); half precision sums in float32
@@ -55,8 +56,11 @@ class BackwardPass:
             self.state[i] = "none"
         elif expected is not None and expected[0]() is grad and grad._version == expected[1]:
             self.state[i] = "same"
-            other = grad.detach().reshape(-1)
-            self.dots[i] = torch.dot(flat, other.to(added.dtype)) if wide else torch.dot(flat.float(), other.float())
+            other = (grad.detach() if grad.requires_grad else grad).reshape(-1)
+            if not wide:
+                self.dots[i] = torch.dot(flat.float(), other.float())
+            else:
+                self.dots[i] = torch.dot(flat, other if other.dtype == added.dtype else other.to(added.dtype))
         else:
             self.state[i] = "changed"
             self.sizes[i] = largest_magnitude(grad)
