@@ -1,6 +1,6 @@
 """The float32 per-element statistics against a float64 computation over a whole run.
 
-A training run of the reference MLP (Adam, increments of 32, windows of 16 increments) in
+A training run of the reference MLP (Adam, increments of 32, windows of 8 increments) in
 float32 through the Accumulator; at every decision the mean GSNR the rule sees is compared with
 the same definition evaluated in float64 on per-sample gradients computed in float64 from the
 same weights and data. The live-element floor is the float32 one in both (the definition's
@@ -48,7 +48,10 @@ class Seen:
 def float64_gsnr(per_sample: dict[str, torch.Tensor]) -> tuple[float, float]:
     """The mean GSNR (mean scale) of float64 per-sample gradients with float32's live floor, and
     the largest per-sample GSNR of an element (an element whose samples are all zero counts 0)."""
-    moments = [Moments(len(g), g.mean(0), ((g - g.mean(0)) ** 2).sum(0)) for g in per_sample.values()]
+    moments = []
+    for g in per_sample.values():
+        mean = g.mean(0)
+        moments.append(Moments(len(g), mean, ((g - mean) ** 2).sum(0)))
     n = moments[0].n
     largest = max(float((m.mean ** 2 + m.m2 / n).max()) for m in moments)
     floor = max((256 * torch.finfo(torch.float32).eps) ** 2 * largest, torch.finfo(torch.float32).tiny)
@@ -62,10 +65,38 @@ def float64_gsnr(per_sample: dict[str, torch.Tensor]) -> tuple[float, float]:
     return n * total / count, highest
 
 
-def float32_and_float64_gsnr(regression: bool, reference: bool = True) -> tuple[list[float], list[float], float]:
+# (task, first increment) -> the window's float32 weights and its float64 values at each decision
+REFERENCES: dict[tuple[bool, int], tuple[list[torch.Tensor], list[tuple[float, float]]]] = {}
+
+
+def window_reference(model: nn.Module, criterion, regression: bool, x: torch.Tensor, y: torch.Tensor,
+                     first: int) -> list[tuple[float, float]]:
+    """``float64_gsnr`` at each decision of the window of increments ``first`` onwards (samples
+    ``x``, ``y``): per-sample gradients in float64 at the window's weights, the decision's
+    samples the first ``INCREMENT * (j + 1)``. The reference is a function of the weights and the
+    data only, so a run that reaches the very same weights (the other kernels, the run without
+    the guard: the statistics decide only where a window ends) reuses it."""
+    weights = [p.detach().clone() for p in model.parameters()]
+    cached = REFERENCES.get((regression, first))
+    if cached is not None and all(torch.equal(a, b) for a, b in zip(cached[0], weights, strict=True)):
+        return cached[1]
+    twin = copy.deepcopy(model).double()
+    params = {name: p.detach() for name, p in twin.named_parameters()}
+
+    def loss(p, xi, yi):
+        target = yi[None].double() if regression else yi[None]
+        return criterion(functional_call(twin, p, (xi[None].double(),)), target)
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    values = [float64_gsnr({name: g[:INCREMENT * (j + 1)] for name, g in per_sample.items()})
+              for j in range(PER_WINDOW)]
+    REFERENCES[(regression, first)] = (weights, values)
+    return values
+
+
+def float32_and_float64_gsnr(regression: bool) -> tuple[list[float], list[float], float]:
     """The run's decisions in float32 and in float64, and the largest per-sample GSNR of an
-    element at a decision (the regression's output bias: targets near 30, outputs near 0).
-    Without ``reference`` only the float32 run: no float64 values, largest 0."""
+    element at a decision (the regression's output bias: targets near 30, outputs near 0)."""
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(10, 40, generator=g)
     y = torch.randint(0, 10, (INCREMENT * PER_WINDOW * WINDOWS,), generator=g)
@@ -85,21 +116,11 @@ def float32_and_float64_gsnr(regression: bool, reference: bool = True) -> tuple[
     largest = 0.0
     for k in range(PER_WINDOW * WINDOWS):
         xb, yb = x[k * INCREMENT:(k + 1) * INCREMENT], y[k * INCREMENT:(k + 1) * INCREMENT]
-        if reference:
-            if k % PER_WINDOW == 0:  # the weights of this window, in float64
-                twin = copy.deepcopy(model).double()
-                params = {name: p.detach() for name, p in twin.named_parameters()}
-                window: list[dict[str, torch.Tensor]] = []
-
-            def loss(p, xi, yi, twin=twin):  # called in this iteration: binds this window's twin
-                target = yi[None].double() if regression else yi[None]
-                return criterion(functional_call(twin, p, (xi[None].double(),)), target)
-
-            window.append(vmap(grad(loss), in_dims=(None, 0, 0))(params, xb, yb))
-            per_sample = {name: torch.cat([w[name] for w in window]) for name in params}
-            value, highest = float64_gsnr(per_sample)
-            want.append(value)
-            largest = max(largest, highest)
+        if k % PER_WINDOW == 0:  # the weights of this window
+            window = slice(k * INCREMENT, (k + PER_WINDOW) * INCREMENT)
+            for value, highest in window_reference(model, criterion, regression, x[window], y[window], k):
+                want.append(value)
+                largest = max(largest, highest)
         acc.backward(criterion(model(xb), yb), INCREMENT)
     return rule.values, want, largest
 
@@ -121,7 +142,8 @@ def test_elements_above_gsnr_1e4_within_1e_4_thanks_to_the_guard(kernels: str, m
     assert largest > 1e4 and min(want) > 10  # the output bias dominates the mean GSNR
     assert max(errors) < 1e-4, max(errors)
     monkeypatch.setattr(_guard, "TOLERANCE", 1e30)  # no element flagged: the raw one-pass form
-    got, _, _ = float32_and_float64_gsnr(regression=True, reference=False)  # the float64 run is as before
+    got, again, _ = float32_and_float64_gsnr(regression=True)
+    assert again == want  # the same weights: the float64 reference is as before
     assert max(abs(a - b) / b for a, b in zip(got, want)) > 1e-3  # what the guard prevents
 
 
