@@ -69,8 +69,21 @@ def split_masks(bounds: list[int]) -> list[np.ndarray]:
     return masks
 
 
+def moments_of(per_sample) -> tuple:
+    """Mean and M2 by their definitions of per-sample gradient trees (a list of trees, or one tree
+    of stacked leaves), in NumPy float64 on the host: jax.numpy would compile each operation
+    once per leaf shape, seconds on a model of many parameters."""
+    host = jax.device_get(per_sample)
+    stacked = jax.tree.map(lambda *g: np.stack(g), *host) if isinstance(host, list) else host
+    mean = jax.tree.map(lambda g: g.mean(0), stacked)
+    return mean, jax.tree.map(lambda g, m: ((g - m) ** 2).sum(0), stacked, mean)
+
+
 def max_abs_diff(a, b) -> float:
-    return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """The largest absolute difference of two trees' leaves, in NumPy on the host: the same
+    numbers as in jax.numpy, without compiling an operation per leaf shape."""
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def sgd_step(params, grads, lr: float):

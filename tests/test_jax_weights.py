@@ -15,7 +15,7 @@ import pytest
 from gradaccum import GSNR, FixedSteps
 from gradaccum.jax import AccumulatingTrainState, make_train_step, statistics_path
 
-from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff, sgd_step, take
+from .jax_reference import MODEL, data, init_params, loss_fn, max_abs_diff, moments_of, sgd_step, take
 
 LR = 0.1
 SGD = optax.sgd(LR)
@@ -55,9 +55,7 @@ def test_weighted_statistics_are_those_of_the_weighted_per_sample_gradients() ->
     assert statistics_path(loss_fn, params, take(batch, slice(0, 4))) == "sum_of_squares"
     sample_grad = jax.jit(jax.grad(lambda p, one, w: w * loss_fn(p, one)[0]))  # compiled once, called per sample
     per_sample = [sample_grad(params, take(batch, slice(i, i + 1)), weights[i]) for i in range(8) if weights[i] > 0]
-    stacked = jax.tree.map(lambda *g: jnp.stack(g), *per_sample)
-    mean = jax.tree.map(lambda g: g.mean(0), stacked)
-    m2 = jax.tree.map(lambda g, m: ((g - m) ** 2).sum(0), stacked, mean)
+    mean, m2 = moments_of(per_sample)
     assert int(state.window.samples) == 7 and int(state.window.items) == 14
     assert max_abs_diff(state.window.mean, mean) < 1e-12
     assert max_abs_diff(state.window.m2, m2) < 1e-10
