@@ -371,6 +371,35 @@ def test_gradients_not_cleared_after_a_step_are_refused_and_the_monitor_goes_on(
     assert_row(monitor.rows[1], loop_terms(sums, [4, 4]), 8)
 
 
+def test_a_first_step_after_refused_backwards_says_they_were_refused() -> None:
+    """A loop that catches the refusals of a window's later backwards (``.grad`` changed between
+    them, as DDP's all-reduce does outside ``no_sync()``) has one measured micro-batch: its step
+    is refused saying how many backwards were refused, not that the step followed one backward;
+    after ``zero_grad`` the next window is measured."""
+    model = mlp()
+    reference = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with Monitor(model, opt, source="micro_batch", accumulation=3) as monitor:
+        for j in range(3):
+            try:
+                (ce(model, *batch(4, j)) / 3).backward()
+            except ValueError as error:
+                assert "no_sync()" in str(error)
+            if j == 0:
+                with torch.no_grad():
+                    model[0].weight.grad.add_(1.0)
+        with pytest.raises(ValueError, match=r"only one of this window's backwards was measured \(2 more were refused"):
+            opt.step()
+        opt.zero_grad()
+        for j in range(3):
+            (ce(model, *batch(4, 10 + j)) / 3).backward()
+        opt.step()
+    assert len(monitor.rows) == 1
+    params = list(reference.parameters())
+    sums = [flat_grad(ce(reference, *batch(4, 10 + j), reduction="sum"), params) for j in range(3)]
+    assert_row(monitor.rows[0], loop_terms(sums, [4, 4, 4]), 12)
+
+
 def test_what_the_micro_batch_source_cannot_measure_is_refused_by_name() -> None:
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)

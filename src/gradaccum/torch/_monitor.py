@@ -273,6 +273,8 @@ class Monitor:
         try:
             self._measure_ended()
         except Exception as error:
+            if self._window is not None:
+                self._window.refused += 1
             torch.autograd.Variable._execution_engine.queue_callback(functools.partial(_raise, error))
 
     def _measure_ended(self) -> None:
@@ -391,7 +393,7 @@ class Monitor:
             return
         window = self._window
         if window is not None and self._refusal is None and len(window.samples) == 1 and not window.measured:
-            raise ValueError(ONE_MICRO_BATCH)
+            raise ValueError(_one_micro_batch(window.refused))
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         step, self._steps = self._steps, self._steps + 1
@@ -422,7 +424,7 @@ class Monitor:
                               stacklevel=3)
                 return
             if k == 1 and not window.measured:
-                raise ValueError(f"{ONE_MICRO_BATCH} (the optimizer has stepped)")
+                raise ValueError(f"{_one_micro_batch(window.refused)} (the optimizer has stepped)")
             if window.overflow:
                 return
             row = window.row(self.accumulation, self.reduction)
@@ -507,6 +509,17 @@ class _Row:
     squared_norm: float
     extra: dict[str, float]
     params: set[int]
+
+
+def _one_micro_batch(refused: int) -> str:
+    """Why a first step after one measured backward is refused: one backward, or one measured
+    among others that were refused."""
+    if not refused:
+        return ONE_MICRO_BATCH
+    return (f"Monitor(source='micro_batch'): only one of this window's backwards was measured ({refused} more were "
+            "refused: see the errors they raised), and one micro-batch has no between-micro-batch variance to "
+            "measure. Fix what those errors name; clearing the gradients (optimizer.zero_grad()) instead of stepping "
+            "starts the next window whole")
 
 
 def _raise(error: Exception) -> None:

@@ -33,6 +33,7 @@ class MicroBatchWindow:
         self.expected: list[tuple[Any, int] | None] = [None] * len(self.names)
         self.overflow = False  # a micro-batch overflowed under an enabled GradScaler: its step is skipped
         self.nonfinite = False
+        self.refused = 0  # backwards refused since the window opened (not measured, not in the window)
 
     def add(self, samples: int, squares: dict[int, float], dots: dict[int, float], scale: float,
             after: dict[int, tuple[Any, int]]) -> None:
