@@ -4,9 +4,12 @@ Each script's ``--check`` trains fixed windows in float64 and compares the weigh
 full-batch reference the script computes itself (one big batch per window, the framework's
 plain step); the script exits 1 when they differ by more than its tolerance. A control test per
 loop shows that the check catches a wrong count. Every mode runs once, and the planned and
-monitored runs end with the noise scale they measured. The runs of the tests selected run as many
-at a time as there are cores (each on one thread, in its own process), started when the first of
-them is reached; each test asserts on its own run.
+monitored runs end with the noise scale they measured. A script's three runs (planned, monitor,
+then the check, which switches the process to float64) are its ``main(argv)`` called in turn in
+one process, as ``python <script> <args>`` calls it, so that the frameworks are imported once per
+script; each run's output and exit code are its own. The processes of the tests selected run as
+many at a time as there are cores (each on one thread), started when the first of them is
+reached; each test asserts on its own run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,27 @@ CHECKED = re.compile(r"^check: (\d+) windows against the full batch, max \|w - w
                      re.MULTILINE)
 NOISE_SCALE = re.compile(r"^noise_scale=(\S+) \(", re.MULTILINE)
 TIMEOUT = 600  # seconds; a tiny run takes a few seconds of CPU, more on a loaded machine
+CHECK = ("--check", "--dtype", "float64")
+RUNS = (("--mode", "planned"), ("--mode", "monitor"), CHECK)  # the check last: it sets float64 for the process
+BEGIN, END = "=== gradaccum example run: ", "=== gradaccum example exit: "
+EVERY_RUN = """
+import sys, traceback
+import {module}
+for argv in {runs!r}:
+    print({begin!r} + " ".join(argv), flush=True)
+    try:
+        {module}.main(list(argv))
+        code = 0
+    except SystemExit as done:  # the exit status the interpreter would make of it
+        code = done.code if isinstance(done.code, int) else int(done.code is not None)
+        if done.code is not None and not isinstance(done.code, int):
+            print(done.code, file=sys.stderr)
+    except Exception:
+        traceback.print_exc(file=sys.stdout)
+        code = 1
+    sys.stderr.flush()
+    print({end!r} + str(int(code)), flush=True)
+"""
 
 
 def run(*argv: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -41,10 +65,9 @@ def command_of(item: pytest.Item) -> tuple[tuple[str, ...], str | None] | None:
     """The ``(argv, code)`` a test of this module runs through ``run``; None for one that runs none."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     name = getattr(item, "originalname", item.name)
-    if name == "test_fixed_windows_equal_the_full_batch_in_float64":
-        return (params["script"], "--check", "--dtype", "float64"), None
-    if name == "test_every_mode_runs_and_prints_its_noise_scale":
-        return (params["script"], "--mode", params["mode"]), None
+    if name in ("test_fixed_windows_equal_the_full_batch_in_float64",
+                "test_every_mode_runs_and_prints_its_noise_scale"):
+        return (), EVERY_RUN.format(module=params["script"].removesuffix(".py"), runs=RUNS, begin=BEGIN, end=END)
     if name == "test_the_check_fails_when_the_count_is_wrong":
         return (), WRONG_COUNT.format(module=params["module"], what=params["what"], body=params["body"])
     return None
@@ -70,6 +93,17 @@ def result_of(launched: dict, request: pytest.FixtureRequest) -> subprocess.Comp
     return future.result() if future is not None else run(*argv, code=code)
 
 
+def run_of(result: subprocess.CompletedProcess[str], argv: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+    """The run ``argv`` of a script's process (``EVERY_RUN``): its own output and exit code; the
+    whole output and the process's exit code (1 if it was 0) when the run did not finish."""
+    begin = result.stdout.find(BEGIN + " ".join(argv) + "\n")
+    end = result.stdout.find(END, begin) if begin >= 0 else -1
+    if end < 0:
+        return subprocess.CompletedProcess(result.args, result.returncode or 1, result.stdout, result.stderr)
+    code = int(result.stdout[end + len(END):].split("\n", 1)[0])
+    return subprocess.CompletedProcess(result.args, code, result.stdout[begin:end], result.stderr)
+
+
 def succeeded(result: subprocess.CompletedProcess[str]) -> str:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout
@@ -79,7 +113,7 @@ def succeeded(result: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_fixed_windows_equal_the_full_batch_in_float64(script: str, launched: dict,
                                                        request: pytest.FixtureRequest) -> None:
-    out = succeeded(result_of(launched, request))
+    out = succeeded(run_of(result_of(launched, request), CHECK))
     match = CHECKED.search(out)
     assert match is not None, out[-2000:]
     windows, difference, tolerance = int(match[1]), float(match[2]), float(match[3])
@@ -92,7 +126,7 @@ def test_fixed_windows_equal_the_full_batch_in_float64(script: str, launched: di
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_mode_runs_and_prints_its_noise_scale(script: str, mode: str, launched: dict,
                                                     request: pytest.FixtureRequest) -> None:
-    out = succeeded(result_of(launched, request))
+    out = succeeded(run_of(result_of(launched, request), ("--mode", mode)))
     found = NOISE_SCALE.findall(out)
     assert len(found) == 1, out[-2000:]
     value = float(found[0])
