@@ -503,3 +503,23 @@ def test_a_backward_with_create_graph_measures_what_a_plain_one_does() -> None:
     for plain, graphed in zip(*rows):
         assert graphed["trace"] == pytest.approx(plain["trace"], rel=1e-12)
         assert graphed["squared_norm"] == pytest.approx(plain["squared_norm"], rel=1e-12, abs=1e-14)
+
+
+def test_the_window_is_read_from_the_device_once_at_the_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No host read per backward (on a GPU each would wait for the backward to finish): the
+    window's squares and products are read in one ``tolist`` at the step."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reads: list[str] = []
+    tolist, item = torch.Tensor.tolist, torch.Tensor.item
+    with Monitor(model, opt, source="micro_batch") as monitor:
+        monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append("tolist") or tolist(self))
+        monkeypatch.setattr(torch.Tensor, "item", lambda self: reads.append("item") or item(self))
+        for w in range(2):
+            for j in range(3):
+                (ce(model, *batch(4, 10 * w + j)) / 3).backward()
+            assert reads == [] if w == 0 else reads == ["tolist"]
+            opt.step()
+            assert reads == ["tolist"] * (w + 1)
+            opt.zero_grad()
+    assert len(monitor.rows) == 2

@@ -44,10 +44,10 @@ their spread gives the terms (docs/design.md, "Micro-batch statistics"): no laye
 model, compiled or with dropout (its noise is part of the gradient noise). A hook on each
 parameter sees the gradient a backward adds to ``.grad`` before it is added, and takes its
 squared norm and its product with ``.grad`` so far (two reductions per parameter and backward,
-no buffer); the terms of the window are made at the step. A step after a single backward has no
-between-micro-batch variance: the first one is refused (use ``source="per_sample"`` or accumulate
-two or more micro-batches), a later window of one micro-batch (a short last window) records NaN
-terms. ``accumulation`` says how the loop scaled each backward's loss. Each micro-batch's
+no buffer); they are read from the device once per window, at the step, which makes the
+window's terms. A step after a single backward has no between-micro-batch variance: the first
+one is refused (use ``source="per_sample"`` or accumulate two or more micro-batches), a later
+window of one micro-batch (a short last window) records NaN terms. ``accumulation`` says how the loop scaled each backward's loss. Each micro-batch's
 samples are the leading size of the model's first tensor input. Under DistributedDataParallel
 each rank measures its own micro-batches (its local gradients, before the all-reduce), so all
 but a window's last backward run under ``model.no_sync()``; a backward into a ``.grad`` that DDP
@@ -74,7 +74,7 @@ from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice, check_positive_int
 from ._accumulator import stepping_accumulator
 from ._distributed import is_fsdp
-from ._monitor_pass import BackwardPass, ForwardCall, as_floats, largest_magnitude
+from ._monitor_pass import BackwardPass, ForwardCall, as_floats, largest_magnitude, stacked
 from ._monitor_window import MicroBatchWindow
 from ._nonfinite import all_finite
 from ._stats import PerSampleGradStats
@@ -315,9 +315,11 @@ class Monitor:
         return self._row(n, grads, scale, ended.accumulated)
 
     def _measure_micro_batch(self, ended: BackwardPass) -> None:
-        """Add the backward that just ended to the open window (one synchronisation), or raise
-        with the window as it was. A backward into gradients cleared since the window's last
-        one starts a new window (the last one's step never came: a GradScaler skipped it)."""
+        """Add the backward that just ended to the open window, or raise with the window as it
+        was. Its squares and products stay on the device until the step reads the window's at
+        once (no synchronisation per backward; only a ``.grad`` changed since the window's last
+        backward is read here). A backward into gradients cleared since the window's last one
+        starts a new window (the last one's step never came: a GradScaler skipped it)."""
         self._refuse_accumulator()
         window = self._window
         assert window is not None
@@ -330,25 +332,17 @@ class Monitor:
                              "source='per_sample'")
         samples = self._micro_batch_samples(ended)
         changed = [i for i in reached if ended.state.get(i) == "changed"]
-        values = as_floats([ended.squares[i] for i in reached] + [ended.dots[i] for i in reached if i in ended.dots]
-                            + [ended.sizes[i] for i in changed])
-        squares = dict(zip(reached, values))
-        dots = dict(zip([i for i in reached if i in ended.dots], values[len(reached):]))
-        foreign = [i for i, size in zip(changed, values[len(reached) + len(dots):]) if size != 0]
-        if foreign:
+        if changed and any(size != 0 for size in as_floats([ended.sizes[i] for i in changed])):
             raise ValueError(ACCUMULATED_OUTSIDE)
+        dotted = [i for i in reached if i in ended.dots]
         cleared = [i for i in reached if ended.state.get(i) in ("none", "changed") and window.expected[i] is not None]
-        if cleared and dots:
+        if cleared and dotted:
             raise ValueError(ACCUMULATED_OUTSIDE)
         if cleared:
             window.reset()  # gradients cleared without a step (a skipped step): that window is gone
         scale = 1.0 if self._scaler is None else float(self._scaler.get_scale())
-        if not all(math.isfinite(v) for v in values[:len(reached) + len(dots)]):
-            if self._scaler is not None and _enabled(self._scaler):
-                window.overflow = True  # the scaler skips this window's step
-            else:
-                window.nonfinite = True
-        window.add(samples, squares, dots, scale, {i: ended.after[i] for i in reached if i in ended.after})
+        values = stacked([ended.squares[i] for i in reached] + [ended.dots[i] for i in dotted])
+        window.add(samples, reached, dotted, values, scale, {i: ended.after[i] for i in reached if i in ended.after})
 
     def _micro_batch_samples(self, ended: BackwardPass) -> int:
         """The samples of the backward's micro-batch: the leading size of the input of the one
@@ -425,6 +419,7 @@ class Monitor:
                 return
             if k == 1 and not window.measured:
                 raise ValueError(f"{_one_micro_batch(window.refused)} (the optimizer has stepped)")
+            window.read(overflow_skips=self._scaler is not None and _enabled(self._scaler))
             if window.overflow:
                 return
             row = window.row(self.accumulation, self.reduction)

@@ -19,7 +19,7 @@ class BackwardPass:
     """One backward as the Monitor's hooks see it: where its end callback is queued, each
     parameter's ``.grad`` before the backward added to it, and which parameters it reached.
     With the micro-batch source also, per parameter, the added gradient's squared norm and its
-    product with ``.grad`` so far (0-dim tensors: one synchronisation at the end), and the
+    product with ``.grad`` so far (0-dim tensors on the device, read with the window's at the step), and the
     forwards whose outputs reached the loss."""
 
     def __init__(self) -> None:
@@ -78,6 +78,17 @@ def as_floats(values: list[torch.Tensor]) -> list[float]:
     if all(v.device == device and v.dtype == dtype for v in values):
         return torch.stack(values).to(torch.float64).tolist()
     return torch.stack([v.to(device=device, dtype=torch.float64) for v in values]).tolist()
+
+
+def stacked(values: list[torch.Tensor]) -> torch.Tensor | None:
+    """0-dim tensors as one float64 vector on the first one's device, without a synchronisation
+    (None for none)."""
+    if not values:
+        return None
+    device, dtype = values[0].device, values[0].dtype
+    if all(v.device == device and v.dtype == dtype for v in values):
+        return torch.stack(values).to(torch.float64)
+    return torch.stack([v.to(device=device, dtype=torch.float64) for v in values])
 
 
 def largest_magnitude(grad: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from .._core.micro_batch import MicroBatchSums
 from .._core.noise_scale import NormSums, layer_noise_scales, pooled_terms
 
@@ -13,7 +15,9 @@ from .._core.noise_scale import NormSums, layer_noise_scales, pooled_terms
 class MicroBatchWindow:
     """The micro-batch source's open window: per backward its samples and, per parameter, the
     squared norm of the gradient it added and that gradient's product with ``.grad`` before it
-    (the earlier backwards' sum), the scale divided out; what ``.grad`` should hold now.
+    (the earlier backwards' sum), the scale divided out; what ``.grad`` should hold now. The
+    backwards' values stay on the device until ``read`` takes the window's in one
+    synchronisation, at the step.
 
     Args:
       names: each parameter's name (its layer is the name's prefix).
@@ -34,16 +38,36 @@ class MicroBatchWindow:
         self.overflow = False  # a micro-batch overflowed under an enabled GradScaler: its step is skipped
         self.nonfinite = False
         self.refused = 0  # backwards refused since the window opened (not measured, not in the window)
+        # per backward not yet read: the parameters reached, those with a product, their values, the scale
+        self._unread: list[tuple[list[int], list[int], torch.Tensor | None, float]] = []
 
-    def add(self, samples: int, squares: dict[int, float], dots: dict[int, float], scale: float,
+    def add(self, samples: int, reached: list[int], dotted: list[int], values: torch.Tensor | None, scale: float,
             after: dict[int, tuple[Any, int]]) -> None:
-        factor = 1.0 / (scale * scale)
+        """One backward: the squares of the parameters ``reached`` then the products of those
+        ``dotted``, in ``values`` (float64, on the device), under the loss scale ``scale``."""
         self.samples.append(samples)
-        self.squares.append({i: v * factor for i, v in squares.items()})
-        self.dots.append({i: v * factor for i, v in dots.items()})
-        self.params.update(squares)
+        self._unread.append((reached, dotted, values, scale))
+        self.params.update(reached)
         for i, state in after.items():
             self.expected[i] = state
+
+    def read(self, overflow_skips: bool) -> None:
+        """The backwards' squares and products as Python floats, the scale divided out, in one
+        synchronisation. A non-finite value marks the window: ``overflow`` where an enabled
+        GradScaler skips its step (``overflow_skips``), else ``nonfinite`` (NaN terms)."""
+        unread, self._unread = self._unread, []
+        tensors = [values for _, _, values, _ in unread if values is not None]
+        floats = torch.cat([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else []
+        position = 0
+        for reached, dotted, _, scale in unread:
+            values = floats[position:position + len(reached) + len(dotted)]
+            position += len(values)
+            if not all(math.isfinite(v) for v in values):
+                self.overflow = self.overflow or overflow_skips
+                self.nonfinite = self.nonfinite or not overflow_skips
+            factor = 1.0 / (scale * scale)
+            self.squares.append({i: v * factor for i, v in zip(reached, values)})
+            self.dots.append({i: v * factor for i, v in zip(dotted, values[len(reached):])})
 
     def row(self, accumulation: str | int, reduction: str) -> tuple[float, float, float, dict[str, float]]:
         """(samples, tr(Sigma), |G|^2, the per-layer noise scales) of the window."""
