@@ -47,8 +47,9 @@ squared norm and its product with ``.grad`` so far (two reductions per parameter
 no buffer); they are read from the device once per window, at the step, which makes the
 window's terms. A step after a single backward has no between-micro-batch variance: the first
 one is refused (use ``source="per_sample"`` or accumulate two or more micro-batches), a later
-window of one micro-batch (a short last window) records NaN terms. ``accumulation`` says how the loop scaled each backward's loss. Each micro-batch's
-samples are the leading size of the model's first tensor input. Under DistributedDataParallel
+window of one micro-batch (a short last window) records NaN terms. ``accumulation`` says how
+the loop scaled each backward's loss. Each micro-batch's samples are the leading size of the
+model's first tensor input. Under DistributedDataParallel
 each rank measures its own micro-batches (its local gradients, before the all-reduce), so all
 but a window's last backward run under ``model.no_sync()``; a backward into a ``.grad`` that DDP
 replaced with the ranks' mean is refused.
