@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -19,7 +20,19 @@ from gradaccum.cli import main
 from gradaccum.experiments.reproduce import SECTION_BUDGETS
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--quick", "--budget", "1600", "--eval-every", "400", "--quiet", "--sections", "reference"]
+# one worker: the runs inline in this process, no pool of processes to start for each call; the
+# same settings with a pool of two give the same numbers (test_same_seed_gives_the_same_results)
+TINY = ["--quick", "--budget", "1600", "--eval-every", "400", "--quiet", "--sections", "reference", "--workers", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_threads() -> Iterator[None]:
+    """The thread count as it was before this module: one worker computes inline on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +74,12 @@ def test_reproduce_writes_every_output(reproduced: Path) -> None:
 
 @pytest.mark.slow
 def test_same_seed_gives_the_same_results(reproduced: Path, tmp_path: Path, data_dir: str) -> None:
-    assert main(["reproduce", *TINY, "--out", str(tmp_path), "--data-dir", data_dir, "--arms", "baseline", "gaga"]) == 0
+    """Inline (the module's run) or on a pool of two worker processes: the same numbers."""
+    assert main(["reproduce", *TINY[:-1], "2", "--out", str(tmp_path), "--data-dir", data_dir,
+                 "--arms", "baseline", "gaga"]) == 0
     first = json.loads((reproduced / "results.json").read_text())
     second = json.loads((tmp_path / "results.json").read_text())
+    assert (first["config"].pop("workers"), second["config"].pop("workers")) == (1, 2)
     first["config"].pop("out"), second["config"].pop("out")
     assert first == second
 
