@@ -162,8 +162,14 @@ def test_a_full_disk_during_reproduce_exits_2_without_temporaries(tmp_path: Path
         return real(src, dst, *args, **kwargs)
 
     monkeypatch.setattr(os, "replace", full_for_reports)
-    assert main(["reproduce", *TINY, "--trials", "1", "--seeds", "1", "--arms", "baseline", "--out", str(tmp_path),
-                 "--data-dir", str(data_dir)]) == 2
+    import torch
+
+    threads = torch.get_num_threads()
+    try:  # one worker: the run inline in this process (on one thread), no pool of processes to start
+        assert main(["reproduce", *TINY, "--trials", "1", "--seeds", "1", "--arms", "baseline", "--workers", "1",
+                     "--out", str(tmp_path), "--data-dir", str(data_dir)]) == 2
+    finally:
+        torch.set_num_threads(threads)
     assert "report.md: [Errno 28] No space left on device" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tmp"))
 
