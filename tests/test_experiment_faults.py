@@ -165,11 +165,10 @@ def test_a_full_disk_during_reproduce_exits_2_without_temporaries(tmp_path: Path
     import torch
 
     threads = torch.get_num_threads()
-    try:  # one worker: the run inline in this process (on one thread), no pool of processes to start
-        assert main(["reproduce", *TINY, "--trials", "1", "--seeds", "1", "--arms", "baseline", "--workers", "1",
-                     "--out", str(tmp_path), "--data-dir", str(data_dir)]) == 2
-    finally:
-        torch.set_num_threads(threads)
+    # one worker: the run inline in this process (on one thread), no pool of processes to start
+    assert main(["reproduce", *TINY, "--trials", "1", "--seeds", "1", "--arms", "baseline", "--workers", "1",
+                 "--out", str(tmp_path), "--data-dir", str(data_dir)]) == 2
+    assert torch.get_num_threads() == threads  # the inline worker's one thread was this process's for the run only
     assert "report.md: [Errno 28] No space left on device" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -327,3 +326,20 @@ def test_every_pool_worker_ignores_ctrl_c_from_its_start() -> None:
             assert ignored & (1 << (2 - 1)), "SIGINT is not ignored"
     finally:
         pool.shutdown()
+
+
+def test_one_inline_worker_computes_on_one_thread_and_gives_the_threads_back() -> None:
+    """``workers=1`` runs the jobs in this process on one thread, as a worker process would, and
+    the process has its thread count back when the pool's ``with`` block ends."""
+    import torch
+
+    from gradaccum.experiments.workers import executor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with executor(1) as pool:
+            assert pool.submit(torch.get_num_threads).result() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

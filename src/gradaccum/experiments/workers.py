@@ -115,7 +115,20 @@ class _Pool(ProcessPoolExecutor):
 
 
 class InlineExecutor(Executor):
-    """Runs each job at once in this process (``workers=1``: no process to start)."""
+    """Runs each job at once in this process (``workers=1``: no process to start), on one thread
+    as a worker would; the thread count it found is restored at ``shutdown`` (the end of its
+    ``with`` block)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        import torch
+
+        torch.set_num_threads(self._threads)
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
         future: Future = Future()
@@ -129,7 +142,6 @@ class InlineExecutor(Executor):
 def executor(processes: int) -> Executor:
     """A pool of ``processes`` one-thread workers (the same code inline for 1)."""
     if processes == 1:
-        _one_thread()
         return InlineExecutor()
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' OpenMP when they start
