@@ -221,23 +221,27 @@ def test_reproduce_leaves_a_live_tune_workers_trial_alone(tmp_path: Path, data: 
     """End to end: a ``gradaccum tune`` process mid-trial, another process failing stale trials
     of the same study (as ``reproduce`` does when it starts); the tune finishes normally."""
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "1", "--budget", "32000",
+    args = [sys.executable, "-m", "gradaccum.cli", "tune", "--arm", "baseline", "--trials", "1", "--budget", "48000",
             "--eval-every", "16000", "--out", str(tmp_path), "--data-dir", data_dir, "--storage",
-            storage, "--quiet"]  # a trial of ~2 s: seen running, then left to finish
+            storage, "--quiet"]  # a trial of ~3 s: seen running, held there, then left to finish
     proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         running = []
         while time.time() < deadline and not running and proc.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.05)
             try:
                 study = optuna.load_study(study_name="gradaccum-baseline", storage=tuning.storage(storage))
             except Exception:  # noqa: BLE001 - not created yet
                 continue
             running = study.get_trials(states=(TrialState.RUNNING,))
-        assert running, "the tune process never started a trial"
-        assert workers.fail_stale(study) == []
-        assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]  # judged while its owner was mid-trial
+        proc.send_signal(signal.SIGSTOP)  # held mid-trial (alive, not computing) while it is judged
+        assert running, f"the tune process never started a trial (exit code {proc.poll()})"
+        try:
+            assert workers.fail_stale(study) == []
+            assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]  # judged while its owner was mid-trial
+        finally:
+            proc.send_signal(signal.SIGCONT)
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
     finally:
         proc.kill()
