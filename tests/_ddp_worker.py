@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from gradaccum import GSNR, BatchRamp, Decision, FixedSteps, NoiseScalePlanner, NormTest
 from gradaccum.torch import Accumulator, Monitor, find_micro_batch_size
 
-from .reference import GradCapture, ce_mean, classification, mlp, take
+from .reference import Classification, GradCapture, ce_mean, classification, mlp, take
 
 K = 3
 # Micro-batch sizes per rank differ: DDP's plain average over ranks would be wrong here.
@@ -155,6 +155,13 @@ def sharded_mlp():
     return fully_shard(model)
 
 
+def holding(weight: torch.nn.Parameter) -> torch.nn.Module:
+    """A plain module (not sharded itself) whose one parameter is ``weight``."""
+    module = torch.nn.Module()
+    module.weight = weight
+    return module
+
+
 def run_fsdp(rank: int, out: Path, mode: str) -> None:
     """FixedSteps(K) over this rank's uneven micro-batches on a fully_shard-ed model: "fsdp_raise"
     and "fsdp_skip_window" (sums apart from .grad, or in it); "fsdp_nan" puts a NaN in rank 1's
@@ -174,7 +181,8 @@ def run_fsdp(rank: int, out: Path, mode: str) -> None:
                 ("rule", lambda: Accumulator(model, opt, GSNR(1.0, increment=2))),
                 ("scaler", lambda: Accumulator(model, opt, FixedSteps(K), scaler=torch.amp.GradScaler("cpu"))),
                 ("monitor", lambda: Monitor(model, opt, source="micro_batch")),
-                ("monitor_per_sample", lambda: Monitor(model, opt))):
+                ("monitor_per_sample", lambda: Monitor(model, opt)),
+                ("monitor_shards", lambda: Monitor(holding(model[0].weight), opt, source="micro_batch"))):
             try:
                 make()
             except ValueError as error:
@@ -535,14 +543,10 @@ def run_fixed(rank: int, out: Path, nonfinite: str) -> None:
                 "items": [r.items for r in acc.history]}, out / f"rank{rank}.pt")
 
 
-if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
-
-
 MONITOR_WINDOWS, MONITOR_MICRO, MONITOR_SIZE = 3, 3, 4
 
 
-def monitor_data(rank: int):
+def monitor_data(rank: int) -> Classification:
     return classification(MONITOR_WINDOWS * MONITOR_MICRO * MONITOR_SIZE, seed=40 + rank)
 
 
@@ -583,7 +587,7 @@ def run_monitor(rank: int, out: Path) -> None:
                 "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
 
 
-def run_monitor_per_sample(data) -> dict:
+def run_monitor_per_sample(data: Classification) -> dict:
     """The per-sample Monitor on DDP, one backward per step: a second backward without
     ``zero_grad`` is refused, and the steps go on; each step's weights and row are saved."""
     model = DistributedDataParallel(mlp())
@@ -606,3 +610,7 @@ def run_monitor_per_sample(data) -> dict:
     monitor.close()
     return {"refused": refused, "starts": starts, "rows": monitor.rows,
             "params": [p.detach() for p in model.module.parameters()]}
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])

@@ -394,8 +394,8 @@ def test_monitor_on_a_ddp_loop_measures_each_ranks_micro_batches(two_ranks: Rank
         rows = ranks[r]["rows"]
         assert len(rows) == worker.MONITOR_WINDOWS
         data = worker.monitor_data(r)
-        for w, (row, start) in enumerate(zip(rows, ranks[r]["starts"])):
-            model = mlp_at(start)
+        for w, (row, weights) in enumerate(zip(rows, ranks[r]["starts"])):
+            model = mlp_at(weights)
             params = list(model.parameters())
             size = worker.MONITOR_SIZE
             sums = []
@@ -420,8 +420,8 @@ def test_the_per_sample_monitor_on_ddp_refuses_accumulation_and_trains_on(two_ra
         assert all(torch.equal(p, q) for p, q in zip(ranks[r]["params"], ranks[0]["params"]))
         data = worker.monitor_data(r)
         assert len(ranks[r]["rows"]) == worker.MONITOR_WINDOWS
-        for s, (row, start) in enumerate(zip(ranks[r]["rows"], ranks[r]["starts"])):
-            model = mlp_at(start)
+        for s, (row, weights) in enumerate(zip(ranks[r]["rows"], ranks[r]["starts"])):
+            model = mlp_at(weights)
             params = list(model.parameters())
             size = worker.MONITOR_SIZE
             part = take(data, slice(size * s, size * (s + 1)))
@@ -432,4 +432,3 @@ def test_the_per_sample_monitor_on_ddp_refuses_accumulation_and_trains_on(two_ra
             assert row["samples"] == size
             assert row["trace"] == pytest.approx(trace, rel=1e-9)
             assert row["squared_norm"] == pytest.approx(float(mean @ mean) - trace / size, rel=1e-8, abs=1e-12 * trace)
-

@@ -116,7 +116,9 @@ def test_what_cannot_work_under_fully_shard_is_refused_on_every_rank(two_ranks: 
         assert "rule: GSNR needs per-element statistics" in rank["rule"]
         assert "scaler" in rank["scaler"]
         for monitor in ("monitor", "monitor_per_sample"):  # refused before any hook: the run goes on unmeasured
-            assert "Monitor: the model is sharded by FSDP2" in rank[monitor] and "Accumulator" in rank[monitor]
+            assert "Monitor: the model is sharded by FSDP2 (fully_shard on the model)" in rank[monitor]
+            assert "Accumulator" in rank[monitor]
+        assert "parameter weight is a DTensor shard" in rank["monitor_shards"]  # a module of the sharded model
         assert "count: rank(s) [1] have no items" in rank["count"]
         assert rank["window_after_refusal"] == 2  # micro-batches 0 and 1: the refused call left it as it was
     check(ranks, reference_grads())

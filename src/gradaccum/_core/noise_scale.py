@@ -155,14 +155,12 @@ def averaged_noise_scale(trace: Any, squared: Any, weight: Any) -> Any:
     """``B_simple`` of the moving averages of the noise terms (not yet divided by their common
     ``weight``): NaN before any window counted (weight 0), infinite where the averaged ``|G|^2``
     is not positive, never a division by it. Python numbers give a Python float; arrays an array."""
-    host = is_python(trace, squared, weight)
-    if host:  # Python's float64 arithmetic, as NumPy's, without a round trip through arrays
+    if is_python(trace, squared, weight):  # Python's float64 arithmetic, as NumPy's, without arrays
         return ratio_or_inf(trace / weight, squared / weight) if weight > 0 else math.nan
     xp = namespace(trace, squared, weight)
     (trace, seen), (squared, _) = averaged(trace, weight), averaged(squared, weight)
     ratio = ratio_or_inf(trace, squared)
-    out = xp.where(seen, ratio, xp.asarray(math.nan, dtype=ratio.dtype))
-    return python(out) if host else out
+    return xp.where(seen, ratio, xp.asarray(math.nan, dtype=ratio.dtype))
 
 
 @dataclass(frozen=True)

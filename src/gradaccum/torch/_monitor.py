@@ -93,7 +93,8 @@ ACCUMULATED_OUTSIDE = (
     "cleared): the micro-batches' gradients cannot be told apart. Clear the gradients after each step "
     "(optimizer.zero_grad()) and leave .grad alone between a window's backwards; under DistributedDataParallel run "
     "every backward of a window but its last inside model.no_sync() (DDP replaces .grad with the ranks' mean at "
-    "each backward it synchronises). The window is as before")
+    "each backward it synchronises; with gradient_as_bucket_view=True clear the gradients with "
+    "zero_grad(set_to_none=True), the default). The window is as before")
 ONE_MICRO_BATCH = (
     "Monitor(source='micro_batch'): this optimizer step follows a single backward, and one micro-batch has no "
     "between-micro-batch variance to measure. Use source='per_sample' for a loop with one backward per step, or "
@@ -162,8 +163,8 @@ class Monitor:
         self._scaler = scaler
         if _stepped_by_accumulator(self._optimizer):
             raise ValueError(UNDER_ACCUMULATOR)
-        _refuse_sharded(model)
         params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
+        _refuse_sharded(model, params)
         self.params = params
         self._board: Any = None
         self.log = MonitorLog(csv, decay, sink=self._to_board)  # checks the path; the file opens at the first row
@@ -268,9 +269,11 @@ class Monitor:
 
     def _end_of_backward(self) -> None:
         """Measure the backward that just ended. It runs before the callbacks a wrapper queued
-        during the backward (DistributedDataParallel's, which finishes its all-reduce and writes
-        ``.grad``), so it sees this process's gradients; a refusal is raised from a callback
-        queued behind those, so the wrapper's backward is complete and the model trains on."""
+        during the backward (DistributedDataParallel's, which finishes its all-reduce), and what
+        it measures was taken before each gradient's add (with ``gradient_as_bucket_view=True``
+        DDP divides and reduces ``.grad`` itself during the backward). A refusal is raised from a
+        callback queued behind the wrapper's, so the wrapper's backward is complete when the loop
+        sees the error and the model trains on."""
         try:
             self._measure_ended()
         except Exception as error:
@@ -339,8 +342,9 @@ class Monitor:
         cleared = [i for i in reached if ended.state.get(i) in ("none", "changed") and window.expected[i] is not None]
         if cleared and dotted:
             raise ValueError(ACCUMULATED_OUTSIDE)
-        if cleared:
-            window.reset()  # gradients cleared without a step (a skipped step): that window is gone
+        if cleared or (window.refused and not dotted):
+            # gradients cleared without a step (a skipped step, or after refused backwards): that window is gone
+            window.reset()
         scale = 1.0 if self._scaler is None else float(self._scaler.get_scale())
         values = stacked([ended.squares[i] for i in reached] + [ended.dots[i] for i in dotted])
         window.add(samples, reached, dotted, values, scale, {i: ended.after[i] for i in reached if i in ended.after})
@@ -387,8 +391,9 @@ class Monitor:
             self._refusal, self._pending = UNDER_ACCUMULATOR, None
             return
         window = self._window
-        if window is not None and self._refusal is None and len(window.samples) == 1 and not window.measured:
-            raise ValueError(_one_micro_batch(window.refused))
+        if (window is not None and self._refusal is None and len(window.samples) == 1 and not window.measured
+                and not window.refused):
+            raise ValueError(ONE_MICRO_BATCH)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         step, self._steps = self._steps, self._steps + 1
@@ -407,19 +412,25 @@ class Monitor:
 
     def _record_window(self, step: int) -> None:
         """The micro-batch source's row of the window this step applied; the next window opens.
-        A step after one backward (the loop's first was refused before it ran: a step whose
-        backward ran in its closure) raises once the step is taken."""
+        A window some of whose backwards were refused records no row (a warning says so). A step
+        after one backward (the loop's first was refused before it ran: a step whose backward ran
+        in its closure) raises once the step is taken."""
         window = self._window
         assert window is not None
         k = len(window.samples)
         try:
+            if window.refused:
+                warnings.warn(f"gradaccum Monitor: {window.refused} of this window's backwards were refused (see the "
+                              "errors they raised), so this step applied micro-batches the Monitor did not measure: "
+                              "it records no row", RuntimeWarning, stacklevel=3)
+                return
             if k == 0 or any(self.params[i].grad is None for i in window.params):
                 warnings.warn("gradaccum Monitor: an optimizer step without a backward of its own since the previous "
                               "step (or whose gradient was cleared before it) records no row", RuntimeWarning,
                               stacklevel=3)
                 return
             if k == 1 and not window.measured:
-                raise ValueError(f"{_one_micro_batch(window.refused)} (the optimizer has stepped)")
+                raise ValueError(f"{ONE_MICRO_BATCH} (the optimizer has stepped)")
             window.read(overflow_skips=self._scaler is not None and _enabled(self._scaler))
             if window.overflow:
                 return
@@ -507,19 +518,14 @@ class _Row:
     params: set[int]
 
 
-def _one_micro_batch(refused: int) -> str:
-    """Why a first step after one measured backward is refused: one backward, or one measured
-    among others that were refused."""
-    if not refused:
-        return ONE_MICRO_BATCH
-    return (f"Monitor(source='micro_batch'): only one of this window's backwards was measured ({refused} more were "
-            "refused: see the errors they raised), and one micro-batch has no between-micro-batch variance to "
-            "measure. Fix what those errors name; clearing the gradients (optimizer.zero_grad()) instead of stepping "
-            "starts the next window whole")
-
-
 def _raise(error: Exception) -> None:
-    raise error
+    """Raise ``error`` from an autograd callback without keeping it in this frame (its traceback
+    holds the frame: the error, the Monitor and the backward's tensors would wait for the
+    garbage collector)."""
+    try:
+        raise error
+    finally:
+        del error
 
 
 def _check_accumulation(accumulation: Any) -> str | int:
@@ -530,15 +536,29 @@ def _check_accumulation(accumulation: Any) -> str | int:
     return check_positive_int("accumulation", accumulation)
 
 
-def _refuse_sharded(model: torch.nn.Module) -> None:
-    """A fully_shard-ed model is refused by name: its parameters are DTensor shards whose
-    gradients come from FSDP's reduce-scatter, not from the backward's hooks a Monitor reads."""
-    sharded = next((name or type(module).__name__ for name, module in model.named_modules() if is_fsdp(module)), None)
+def _refuse_sharded(model: torch.nn.Module, params: list[torch.Tensor]) -> None:
+    """A fully_shard-ed model (or one whose optimizer's parameters are DTensor shards: a Monitor on
+    a submodule of one) is refused by name: the shards' gradients come from FSDP's
+    reduce-scatter, not from the backward's hooks a Monitor reads."""
+    sharded = next((f"fully_shard on {name}" if name else "fully_shard on the model"
+                    for name, module in model.named_modules() if is_fsdp(module)), None)
+    if sharded is None:
+        names = {id(p): name for name, p in model.named_parameters()}
+        sharded = next((f"parameter {names.get(id(p), f'#{i}')} is a DTensor shard"
+                        for i, p in enumerate(params) if _is_dtensor(p)), None)
     if sharded is not None:
-        raise ValueError(f"Monitor: the model is sharded by FSDP2 (fully_shard on {sharded}): its parameters are "
-                         "shards whose gradients come from FSDP's reduce-scatter, which a Monitor's hooks do not see. "
-                         "Measure it with gradaccum.torch.Accumulator and NoiseScalePlanner or NormTest "
-                         "(source='micro_batch'): its step records hold each window's noise terms, exact on FSDP2")
+        raise ValueError(f"Monitor: the model is sharded by FSDP2 ({sharded}): its parameters are shards whose "
+                         "gradients come from FSDP's reduce-scatter, which a Monitor's hooks do not see. Measure it "
+                         "with gradaccum.torch.Accumulator and NoiseScalePlanner or NormTest (source='micro_batch'): "
+                         "its step records hold each window's noise terms, exact on FSDP2")
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(tensor, DTensor)
 
 
 def _refuse_unmeasurable(model: torch.nn.Module, params: list[torch.Tensor], names: dict[int, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,8 @@ class BackwardPass:
         self.twice: set[int] = set()
 
     def before(self, i: int, grad: torch.Tensor | None) -> None:
+        """The per-sample source's note of parameter ``i``'s ``.grad`` before the add (its largest
+        magnitude: whether the backward accumulates)."""
         if i not in self.priors:  # a parameter reached twice (reentrant checkpoints): its first add counts
             self.priors[i] = None if grad is None else largest_magnitude(grad)
 
@@ -65,7 +68,8 @@ class BackwardPass:
             self.state[i] = "changed"
             self.sizes[i] = largest_magnitude(grad)
 
-    def queue(self, task: int, callback: Any) -> None:
+    def queue(self, task: int, callback: Callable[[], None]) -> None:
+        """Queue ``callback`` for the end of the autograd graph task ``task`` (once a backward)."""
         if self.task is None:
             self.task = task
             torch.autograd.Variable._execution_engine.queue_callback(callback)

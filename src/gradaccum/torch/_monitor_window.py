@@ -30,6 +30,7 @@ class MicroBatchWindow:
         self.reset()
 
     def reset(self) -> None:
+        """An empty window: after a step, or when the gradients were cleared without one."""
         self.samples: list[int] = []
         self.squares: list[dict[int, float]] = []
         self.dots: list[dict[int, float]] = []
