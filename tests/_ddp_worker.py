@@ -583,6 +583,10 @@ def run_monitor(rank: int, out: Path) -> None:
         opt.zero_grad()
     monitor.close()
     per_sample = run_monitor_per_sample(data)
+    try:
+        Monitor(DistributedDataParallel(mlp(), gradient_as_bucket_view=True), opt)
+    except ValueError as error:
+        per_sample["bucket_views"] = str(error)
     torch.save({"refused": refused, "starts": starts, "rows": monitor.rows, "per_sample": per_sample,
                 "params": [p.detach() for p in model.module.parameters()]}, out / f"rank{rank}.pt")
 

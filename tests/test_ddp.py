@@ -417,6 +417,8 @@ def test_the_per_sample_monitor_on_ddp_refuses_accumulation_and_trains_on(two_ra
     ranks = [r["per_sample"] for r in two_ranks("monitor")]
     for r in range(2):
         assert "gradient accumulation" in ranks[r]["refused"]
+        # DDP dividing .grad in place during the backward: refused when built, naming the setting
+        assert "gradient_as_bucket_view=True" in ranks[r]["bucket_views"]
         assert all(torch.equal(p, q) for p, q in zip(ranks[r]["params"], ranks[0]["params"]))
         data = worker.monitor_data(r)
         assert len(ranks[r]["rows"]) == worker.MONITOR_WINDOWS

@@ -74,7 +74,7 @@ from .._core.rules import SOURCES
 from .._core.statistics import mean_gsnr
 from .._core.validation import check_choice, check_positive_int
 from ._accumulator import stepping_accumulator
-from ._distributed import is_fsdp
+from ._distributed import is_ddp, is_fsdp
 from ._monitor_pass import BackwardPass, ForwardCall, as_floats, largest_magnitude, stacked
 from ._monitor_window import MicroBatchWindow
 from ._nonfinite import all_finite
@@ -99,6 +99,11 @@ ONE_MICRO_BATCH = (
     "Monitor(source='micro_batch'): this optimizer step follows a single backward, and one micro-batch has no "
     "between-micro-batch variance to measure. Use source='per_sample' for a loop with one backward per step, or "
     "accumulate >= 2 micro-batches (loss.backward() on each) before every optimizer.step()")
+BUCKET_VIEWS = (
+    "Monitor(source='per_sample'): model is DistributedDataParallel with gradient_as_bucket_view=True, which divides "
+    "and all-reduces .grad in place during the backward, before the Monitor checks its per-sample statistics against "
+    "it. Build DDP with gradient_as_bucket_view=False (the default), or use source='micro_batch' with two or more "
+    "micro-batches per step (every backward but a window's last under model.no_sync())")
 UNDER_ACCUMULATOR = (
     "Monitor: optimizer is stepped by a gradaccum Accumulator, whose windows a Monitor cannot measure (several "
     "micro-batches, scaled losses). The Accumulator's own step records hold the same statistics "
@@ -165,6 +170,8 @@ class Monitor:
             raise ValueError(UNDER_ACCUMULATOR)
         params = [p for group in self._optimizer.param_groups for p in group["params"] if p.requires_grad]
         _refuse_sharded(model, params)
+        if self.source == "per_sample" and is_ddp(model) and getattr(model, "gradient_as_bucket_view", False):
+            raise ValueError(BUCKET_VIEWS)
         self.params = params
         self._board: Any = None
         self.log = MonitorLog(csv, decay, sink=self._to_board)  # checks the path; the file opens at the first row
